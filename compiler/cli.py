@@ -1,0 +1,237 @@
+"""The `nnslim` command line. Each command parses its options into a config and calls one library
+function; heavy imports happen inside the commands so `--help` is instant."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+EPILOG_MAIN = """\b
+Examples:
+  nnslim prepare-dataset mni-tissue artifacts/data/mni-tissue
+  nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny
+  nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
+"""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from compiler.runtime.errors import NnslimError
+    from training.checkpoint import CheckpointError
+    from training.config import ConfigError
+    from training.data import DatasetError
+
+    return (NnslimError, CheckpointError, ConfigError, DatasetError)
+
+
+def _path(exists: bool = True, **kwargs) -> click.Path:
+    return click.Path(exists=exists, path_type=Path, **kwargs)
+
+
+@click.group(epilog=EPILOG_MAIN)
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+@click.version_option(package_name="nnslim")
+def cli(verbose: int) -> None:
+    """nnslim: compile 3D U-Nets into small, fast engines and segment volumes with them."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def progress_option(f):
+    return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
+
+
+@cli.command("prepare-dataset", epilog="""\b
+Example:
+  nnslim prepare-dataset mni-tissue artifacts/data/mni-tissue
+""")
+@click.argument("name", type=click.Choice(["mni-tissue"]))
+@click.argument("out_dir", type=_path(exists=False, file_okay=False))
+def prepare_dataset(name: str, out_dir: Path) -> None:
+    """Write a built-in dataset in nnU-Net's raw layout (imagesTr/, labelsTr/, dataset.json).
+
+    mni-tissue also gets holdout_mask.nii.gz, the band held out from training, for `evaluate --mask`.
+    """
+    from training.data import write_mni_tissue_raw
+
+    out = write_mni_tissue_raw(out_dir)
+    click.echo(f"wrote {out}/imagesTr/mni_0000.nii.gz, labelsTr/mni.nii.gz, holdout_mask.nii.gz, dataset.json")
+
+
+@cli.command(epilog="""\b
+Examples:
+  nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny
+  nnslim train --preset tiny --dataset path/to/Dataset001_X --out runs/x --epochs 100
+  nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny --resume
+""")
+@click.option("--preset", required=True, help="Architecture preset: tiny, nnunet-3d-fullres, flare22-small.")
+@click.option("--dataset", required=True, help="'mni-tissue' or an nnU-Net raw-layout folder.")
+@click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Run folder.")
+@click.option("--epochs", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--iterations-per-epoch", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--batch-size", default=2, show_default=True, type=click.IntRange(1))
+@click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help="Patch size (default: the preset's).")
+@click.option("--lr", "learning_rate", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--validate-every", default=5, show_default=True, type=click.IntRange(1), help="Epochs between validations.")
+@click.option("--no-deep-supervision", is_flag=True, help="Train the full-resolution head only.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint_latest.pt if present.")
+@progress_option
+def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, patch, learning_rate,
+          validate_every, no_deep_supervision, seed, resume, progress) -> None:
+    """Train a U-Net (Dice + CE, SGD Nesterov 0.99, poly LR); writes OUT/checkpoint_final.pt."""
+    from tqdm import tqdm
+
+    from training.train import TrainConfig
+    from training.train import train as run_training
+
+    config = TrainConfig(
+        preset=preset, dataset=dataset, out_dir=str(out_dir), epochs=epochs,
+        iterations_per_epoch=iterations_per_epoch, batch_size=batch_size,
+        patch_size=tuple(patch) if patch else None, learning_rate=learning_rate,
+        deep_supervision=not no_deep_supervision, validate_every=validate_every, seed=seed, resume=resume,
+    )
+    with tqdm(total=epochs * iterations_per_epoch, unit="it", disable=None if progress else True) as bar:
+        def on_iteration(event: dict) -> None:
+            bar.update(1)
+            bar.set_postfix(epoch=event["epoch"], loss=f"{event['loss']:.3f}")
+
+        result = run_training(config, on_iteration=on_iteration)
+    click.echo(f"checkpoint: {result.checkpoint}")
+    if result.final_validation_dice is not None:
+        click.echo(f"validation mean Dice (held out): {result.final_validation_dice:.4f}")
+
+
+@cli.command("build-engine", epilog="""\b
+Examples:
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny
+  nnslim build-engine model.pt --out engines/m --patch 64 64 64 --batch 4 \\
+      --parity-volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz
+""")
+@click.argument("checkpoint", type=_path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Engine directory.")
+@click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help="Tile size (default: training patch).")
+@click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1), help="Tiles per call (max batch).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--parity-volume", type=_path(dir_okay=False), default=None,
+              help="A real volume to cut parity tiles from (default: synthetic tiles).")
+@click.option("--parity-tiles", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--parity-atol", default=1e-2, show_default=True, type=click.FloatRange(min=0), help="Max |logit error| allowed.")
+@click.option("--min-agreement", default=0.999, show_default=True, type=click.FloatRange(0, 1), help="Min argmax agreement.")
+def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, parity_atol, min_agreement) -> None:
+    """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
+
+    Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
+    """
+    from compiler.parity import ParityTolerance
+    from compiler.pipeline import BuildConfig
+    from compiler.pipeline import build_engine as run_build
+
+    config = BuildConfig(
+        checkpoint=checkpoint, out_dir=out_dir, patch_size=tuple(patch) if patch else None, batch_size=batch_size,
+        backend=backend, parity_volume=parity_volume, parity_tiles=parity_tiles,
+        tolerance=ParityTolerance(parity_atol, min_agreement),
+    )
+    result = run_build(config)
+    p, m = result.parity, result.manifest["model"]
+    click.echo(f"engine: {result.out_dir} (backend {result.manifest['backend']})")
+    click.echo(f"parameters {m['parameters']:,}, conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
+    click.echo(
+        f"parity vs PyTorch on {p.tiles} tiles: max |logit error| {p.max_abs_logit_error:.2e}, "
+        f"argmax agreement {p.argmax_agreement:.6f}"
+    )
+
+
+@cli.command(epilog="""\b
+Examples:
+  nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --mirror
+  nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_torch.nii.gz --torch-checkpoint model.pt
+""")
+@click.argument("engine_dir", type=_path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=_path())
+@click.option("-o", "--output", required=True, type=_path(exists=False), help="Output file, or folder for a folder input.")
+@click.option("--step", "step_fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Window step as a fraction of the patch.")
+@click.option("--batch", "batch_size", default=None, type=click.IntRange(1), help="Tiles per call (default: engine max).")
+@click.option("--mirror", is_flag=True, help="Mirror test-time augmentation (8 passes for 3 axes).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores).")
+@click.option("--torch-checkpoint", type=_path(dir_okay=False), default=None,
+              help="Run this PyTorch checkpoint instead of the engine, with the engine's settings (parity checks).")
+@progress_option
+def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads, torch_checkpoint, progress) -> None:
+    """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
+
+    INPUTS is one file (3D, or 4D with channels last), the channel files of one case
+    (CASE_0000.nii.gz CASE_0001.nii.gz ...), or one folder of cases.
+    """
+    from compiler.runtime.engine import InferenceOptions, load_engine, segment_files
+
+    engine = load_engine(engine_dir, threads=threads)
+    predictor = None
+    if torch_checkpoint:
+        from compiler.runtime.predictors import TorchPredictor
+        from training.checkpoint import load_model
+
+        predictor = TorchPredictor(load_model(torch_checkpoint)[0])
+    options = InferenceOptions(step_fraction=step_fraction, batch_size=batch_size, mirror=mirror, progress=progress)
+    results = segment_files(engine, list(inputs), output, options, predictor=predictor)
+    runner = f"PyTorch ({torch_checkpoint})" if torch_checkpoint else f"{engine.manifest['backend']} engine"
+    for r in results:
+        click.echo(f"{r.name}: {r.output} shape {r.shape}, {r.tiles} tiles, {r.seconds:.2f} s with {runner}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  nnslim evaluate seg.nii.gz artifacts/data/mni-tissue/labelsTr/mni.nii.gz \\
+      --mask artifacts/data/mni-tissue/holdout_mask.nii.gz --labels-from artifacts/engines/tiny
+  nnslim evaluate seg_onnxruntime.nii.gz seg_torch.nii.gz --json artifacts/parity.json
+""")
+@click.argument("prediction", type=_path(dir_okay=False))
+@click.argument("reference", type=_path(dir_okay=False))
+@click.option("--mask", type=_path(dir_okay=False), default=None, help="Evaluate only where this volume is nonzero.")
+@click.option("--labels-from", type=_path(file_okay=False), default=None, help="Engine directory whose label names to use.")
+@click.option("--json", "json_out", type=_path(exists=False, dir_okay=False), default=None, help="Also write the figures here.")
+def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
+    """Dice per label and voxel agreement between two label volumes."""
+    from compiler.runtime.manifest import read_manifest
+    from compiler.runtime.metrics import evaluate_files
+
+    names = read_manifest(labels_from, verify=False)["labels"] if labels_from else None
+    result = evaluate_files(prediction, reference, mask, names)
+    where = f" inside {mask}" if mask else ""
+    click.echo(f"{prediction} vs {reference}{where} ({result.voxels:,} voxels)")
+    for name, score in result.dice.items():
+        click.echo(f"  Dice {name:<16} {score:.4f}")
+    click.echo(f"  mean Dice          {result.mean_dice:.4f}")
+    click.echo(f"  voxel agreement    {result.agreement:.6f}")
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(result.to_dict(), indent=2))
+        tmp.replace(json_out)
+
+
+def main() -> None:
+    """Console entry point: library errors become one message and exit code 1."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

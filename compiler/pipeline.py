@@ -1,0 +1,261 @@
+"""build-engine: checkpoint -> engine directory, top to bottom in one function.
+
+Stages (each recorded in the manifest with its settings and time):
+    load checkpoint -> export ONNX -> graph passes -> parity vs PyTorch -> write manifest/report
+The directory is assembled under a temporary name beside the destination and renamed into
+place only when every stage has passed, so an interrupted or failed build leaves nothing that
+looks like an engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+import torch
+
+from compiler.export import ExportError, ExportSettings, export_onnx
+from compiler.model_stats import conv_macs, conv_weight_sparsity, parameter_count
+from compiler.parity import ParityError, ParityReport, ParityTolerance, check_onnx_parity, parity_tiles
+from compiler.runtime.errors import NnslimError
+from compiler.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from compiler.tensorrt_engine import BackendUnavailable, import_tensorrt
+from training.checkpoint import build_model, read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnxruntime", "tensorrt")
+
+
+class BuildError(NnslimError):
+    """A build setting or input that cannot produce an engine."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    checkpoint: Path
+    out_dir: Path
+    patch_size: tuple[int, int, int] | None = None  # None: the checkpoint's training patch
+    batch_size: int = 2
+    backend: str = "auto"
+    parity_volume: Path | None = None
+    parity_tiles: int = 4
+    tolerance: ParityTolerance = field(default_factory=ParityTolerance)
+    opset: int = 18
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict[str, Any]
+    parity: ParityReport
+
+
+def build_engine(config: BuildConfig) -> BuildResult:
+    """Build an engine directory from a checkpoint (see module docstring)."""
+    stages: list[dict[str, Any]] = []
+    backend = _resolve_backend(config.backend)                                   # backend first: fail fast
+    with _timed(stages, "load", checkpoint=str(config.checkpoint)):              # load the checkpoint
+        payload = read_checkpoint(config.checkpoint)
+        model = build_model(payload).eval()
+        metadata = payload["metadata"]
+    arch = model.config
+    patch = _check_patch(config.patch_size or tuple(metadata["patch_size"]), arch.total_stride)
+    if config.batch_size < 1:
+        raise BuildError(f"--batch must be >= 1, got {config.batch_size}")
+
+    with _staging_dir(config.out_dir) as staging:
+        settings = ExportSettings(patch_size=patch, in_channels=arch.in_channels, opset=config.opset)
+        with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
+            export_onnx(model, staging / "model.onnx", settings)
+        with _timed(stages, "passes", passes=["onnx.shape_inference"]):               # graph passes
+            optimized = onnx.shape_inference.infer_shapes(onnx.load(str(staging / "model.onnx")), strict_mode=True)
+            onnx.save(optimized, str(staging / "model.opt.onnx"))
+        tiles, source = parity_tiles(patch, arch.in_channels, config.parity_tiles, config.parity_volume,
+                                     metadata["normalization"])
+        with _timed(stages, "parity", tiles=source, tolerance=vars(config.tolerance)):  # ONNX Runtime vs PyTorch
+            parity = check_onnx_parity(model, staging / "model.opt.onnx", tiles, source, config.batch_size)
+        if not parity.within(config.tolerance):
+            raise ParityError(
+                f"ONNX Runtime disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} "
+                f"(allowed {config.tolerance.max_abs_logit_error:.3g}), argmax agreement "
+                f"{parity.argmax_agreement:.5f} (needed {config.tolerance.min_argmax_agreement}); engine not written"
+            )
+        model_stats = {
+            "parameters": parameter_count(model),
+            "macs_per_patch": conv_macs(model, (arch.in_channels, *patch)),
+            "conv_weight_sparsity": conv_weight_sparsity(model),
+        }
+        manifest = _manifest(config, backend, payload, patch, stages, parity, model_stats)
+        _write_report(staging / "report.md", manifest)
+        manifest["files"] = {
+            p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(staging.iterdir())
+            if p.is_file()
+        }
+        _write_json(staging / MANIFEST, manifest)                                      # last: marks it complete
+    logger.info("engine written to %s", config.out_dir)
+    return BuildResult(config.out_dir, manifest, parity)
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise BuildError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "tensorrt":
+        import_tensorrt()  # raises with the install hint when missing
+        raise BackendUnavailable(
+            "building TensorRT plans is not implemented in this nnslim version; use --backend onnxruntime"
+        )
+    return "onnxruntime"
+
+
+def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[int, int, int]:
+    if len(patch) != 3 or any(p < 1 for p in patch):
+        raise BuildError(f"patch must be three positive sizes, got {patch}")
+    bad = [p for p, s in zip(patch, stride) if p % s]
+    if bad:
+        raise BuildError(
+            f"patch {tuple(patch)} is not a multiple of the network's total stride {stride}; "
+            f"try {tuple(max(s, round(p / s) * s) for p, s in zip(patch, stride))}"
+        )
+    return (int(patch[0]), int(patch[1]), int(patch[2]))
+
+
+@contextmanager
+def _timed(stages: list[dict[str, Any]], name: str, **settings: Any) -> Iterator[None]:
+    started = time.perf_counter()
+    logger.info("stage %s ...", name)
+    yield
+    stages.append({"name": name, "settings": settings, "seconds": round(time.perf_counter() - started, 3)})
+
+
+@contextmanager
+def _staging_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh sibling directory; on success replace `out_dir` with it, else delete it."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise BuildError(f"{out_dir} exists, is not empty and is not an engine directory; refusing to overwrite it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def _tool_versions() -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tensorrt": None,
+        "platform": platform.platform(),
+    }
+
+
+def _manifest(
+    config: BuildConfig,
+    backend: str,
+    payload: dict[str, Any],
+    patch: tuple[int, int, int],
+    stages: list[dict[str, Any]],
+    parity: ParityReport,
+    model_stats: dict[str, Any],
+) -> dict[str, Any]:
+    metadata, arch = payload["metadata"], payload["architecture"]
+    in_channels, num_classes = arch["config"]["in_channels"], arch["config"]["num_classes"]
+    command = f"nnslim build-engine {config.checkpoint} --out {config.out_dir} --patch {' '.join(map(str, patch))} --batch {config.batch_size} --backend {config.backend}"
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "backend": backend,
+        "runtime_model": "model.opt.onnx",
+        "io": {
+            "input": {"name": "image", "dtype": "float32", "shape": ["batch", in_channels, *patch]},
+            "output": {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, *patch]},
+            "batch": {"min": 1, "opt": config.batch_size, "max": config.batch_size},
+        },
+        "preprocessing": {
+            "normalization": metadata["normalization"],
+            "spacing": metadata.get("spacing"),
+            "mirror_axes": metadata.get("mirror_axes", []),
+            "axis_order": "array axes of the NIfTI data as nibabel reads them",
+        },
+        "labels": list(metadata["label_names"]),
+        "model": {"architecture": arch, **model_stats},
+        "source": {
+            "checkpoint": str(config.checkpoint),
+            "checkpoint_sha256": sha256_file(Path(config.checkpoint)),
+            "dataset": metadata.get("dataset"),
+            "training": metadata.get("training"),
+        },
+        "stages": stages,
+        "parity": {**parity.to_dict(), "tolerance": vars(config.tolerance)},
+        "tools": _tool_versions(),
+        "build": {"command": command, "argv": sys.argv},
+    }
+
+
+def _write_report(path: Path, manifest: dict[str, Any]) -> None:
+    parity, model = manifest["parity"], manifest["model"]
+    lines = [
+        f"# nnslim engine ({manifest['backend']})",
+        "",
+        f"Built {manifest['created']} from `{manifest['source']['checkpoint']}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| input | `{manifest['io']['input']['name']}` {manifest['io']['input']['shape']} |",
+        f"| output | `{manifest['io']['output']['name']}` {manifest['io']['output']['shape']} |",
+        f"| labels | {', '.join(manifest['labels'])} |",
+        f"| parameters | {model['parameters']:,} |",
+        f"| conv MACs per patch | {model['macs_per_patch'] / 1e9:.2f} G |",
+        f"| conv weight sparsity | {model['conv_weight_sparsity']:.1%} |",
+        "",
+        "## Parity (ONNX Runtime vs PyTorch)",
+        "",
+        f"- tiles: {parity['source']}",
+        f"- max |logit error|: {parity['max_abs_logit_error']:.3g} (tolerance {parity['tolerance']['max_abs_logit_error']:.3g})",
+        f"- mean |logit error|: {parity['mean_abs_logit_error']:.3g}",
+        f"- argmax agreement: {parity['argmax_agreement']:.6f} (needed {parity['tolerance']['min_argmax_agreement']})",
+        "",
+        "## Stages",
+        "",
+        "| stage | seconds | settings |",
+        "|---|---|---|",
+        *(f"| {s['name']} | {s['seconds']} | `{json.dumps(s['settings'])}` |" for s in manifest["stages"]),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+
+
+__all__ = ["BuildConfig", "BuildError", "BuildResult", "ExportError", "build_engine"]

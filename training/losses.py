@@ -1,0 +1,59 @@
+"""nnU-Net's loss: soft Dice (batch Dice, foreground classes) + cross-entropy, with deep supervision."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """1 - mean over foreground classes of the soft Dice, summed over the whole batch.
+
+    Args:
+        logits: `[B, K, *spatial]`.
+        target: `[B, *spatial]` integer labels.
+    """
+    probs = torch.softmax(logits, dim=1)[:, 1:]
+    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+    axes = (0, *range(2, probs.ndim))
+    intersection = (probs * onehot).sum(axes)
+    denominator = probs.sum(axes) + onehot.sum(axes)
+    dice = (2 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
+    return 1 - dice.mean()
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return soft_dice_loss(logits, target) + F.cross_entropy(logits, target)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's weights: 1/2^i, the lowest resolution output dropped, normalized to sum 1."""
+    weights = [1 / 2**i for i in range(n)]
+    if n > 1:
+        weights[-1] = 0.0
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+    """Weighted Dice+CE over outputs (full resolution first); targets by nearest downsampling."""
+    total = outputs[0].new_zeros(())
+    for weight, logits in zip(deep_supervision_weights(len(outputs)), outputs):
+        if weight == 0:
+            continue
+        if logits.shape[2:] != target.shape[1:]:
+            scaled = F.interpolate(target[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+        else:
+            scaled = target
+        total = total + weight * dice_ce_loss(logits, scaled)
+    return total
+
+
+def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
+    """Hard Dice of each foreground class (NaN where both are empty)."""
+    scores = []
+    for cls in range(1, num_classes):
+        p, t = prediction == cls, target == cls
+        denominator = int(p.sum()) + int(t.sum())
+        scores.append(float("nan") if denominator == 0 else 2 * int((p & t).sum()) / denominator)
+    return scores

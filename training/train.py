@@ -1,0 +1,208 @@
+"""The training loop: nnU-Net's recipe (Dice + CE, SGD Nesterov 0.99, poly LR), resumable.
+
+Determinism: the network is initialised from `seed`, and the batch of iteration `i` of epoch `e`
+is drawn from `numpy.random.default_rng([seed, e, i])`, so a resumed run sees the same batches
+as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.checkpoint import build_model, read_checkpoint, save_checkpoint
+from training.config import ConfigError, get_preset
+from training.data import Case, Dataset, PatchSampler, augment, load_dataset
+from training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
+from training.unet import UNet3d, count_parameters
+
+logger = logging.getLogger(__name__)
+
+LATEST = "checkpoint_latest.pt"
+FINAL = "checkpoint_final.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; defaults are nnU-Net's where nnU-Net has one."""
+
+    preset: str
+    dataset: str
+    out_dir: str
+    epochs: int = 50
+    iterations_per_epoch: int = 50
+    batch_size: int = 2
+    patch_size: tuple[int, int, int] | None = None  # None: the preset's
+    learning_rate: float = 0.01
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    poly_exponent: float = 0.9
+    deep_supervision: bool = True
+    oversample_foreground: float = 0.33
+    validate_every: int = 5
+    seed: int = 0
+    resume: bool = False
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final_validation_dice(self) -> float | None:
+        scores = [h["val_mean_dice"] for h in self.history if "val_mean_dice" in h]
+        return scores[-1] if scores else None
+
+
+def poly_lr(initial: float, epoch: int, max_epochs: int, exponent: float) -> float:
+    return initial * (1 - epoch / max_epochs) ** exponent
+
+
+def train(
+    config: TrainConfig,
+    dataset: Dataset | None = None,
+    on_iteration: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a U-Net and write `checkpoint_latest.pt` (each epoch) and `checkpoint_final.pt`.
+
+    Args:
+        config: the run's settings.
+        dataset: an already loaded dataset (otherwise `config.dataset` is loaded).
+        on_iteration: called after each iteration with epoch, iteration and loss (progress bars).
+    """
+    out = Path(config.out_dir)
+    preset = get_preset(config.preset)
+    dataset = dataset or load_dataset(config.dataset)
+    patch = tuple(config.patch_size or preset.patch_size)
+    arch = preset.build(
+        in_channels=len(dataset.channel_names),
+        num_classes=len(dataset.label_names),
+        deep_supervision=config.deep_supervision,
+    )
+    bad = [p for p, s in zip(patch, arch.total_stride) if p % s]
+    if bad:
+        raise ConfigError(f"patch {patch} must be a multiple of the network's total stride {arch.total_stride}")
+
+    torch.manual_seed(config.seed)
+    model = UNet3d(arch)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.learning_rate,
+        momentum=config.momentum,
+        nesterov=True,
+        weight_decay=config.weight_decay,
+    )
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if config.resume and (out / LATEST).is_file():
+        payload = read_checkpoint(out / LATEST)
+        model = build_model(payload, deep_supervision=config.deep_supervision)
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                    nesterov=True, weight_decay=config.weight_decay)
+        optimizer.load_state_dict(payload["optimizer"])
+        start_epoch = int(payload["epoch"]) + 1
+        history = json.loads(payload["history"])
+        logger.info("resuming %s at epoch %d", out / LATEST, start_epoch)
+    elif config.resume:
+        logger.info("no %s in %s; starting fresh", LATEST, out)
+
+    sampler = PatchSampler(dataset.train, patch, config.oversample_foreground)
+    logger.info("training %s (%d parameters) on %s, patch %s", arch.preset, count_parameters(model), dataset.name, patch)
+    started = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        lr = poly_lr(config.learning_rate, epoch, config.epochs, config.poly_exponent)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        losses = []
+        for iteration in range(config.iterations_per_epoch):
+            rng = np.random.default_rng([config.seed, epoch, iteration])
+            images, labels = augment(*sampler.sample(config.batch_size, rng), rng)
+            outputs = model(torch.from_numpy(images))
+            target = torch.from_numpy(labels)
+            loss = deep_supervision_loss(outputs, target) if isinstance(outputs, list) else dice_ce_loss(outputs, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)  # nnU-Net clips at 12
+            optimizer.step()
+            losses.append(loss.detach().item())
+            if on_iteration:
+                on_iteration({"epoch": epoch, "iteration": iteration, "loss": losses[-1]})
+        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses))}
+        last_epoch = epoch == config.epochs - 1
+        if dataset.validation and ((epoch + 1) % config.validate_every == 0 or last_epoch):
+            dice = validate(model, dataset.validation, len(dataset.label_names))
+            record["val_dice"] = dict(zip(dataset.label_names[1:], dice))
+            record["val_mean_dice"] = float(np.nanmean(dice))
+        history.append(record)
+        logger.info("epoch %d: %s", epoch, record)
+        metadata = _metadata(config, dataset, patch, history, time.perf_counter() - started)
+        save_checkpoint(out / LATEST, model, metadata, extra={
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "history": json.dumps(history),
+        })
+    final = save_checkpoint(out / FINAL, _without_deep_supervision(model), _metadata(
+        config, dataset, patch, history, time.perf_counter() - started))
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    return TrainResult(final, history)
+
+
+def _without_deep_supervision(model: UNet3d) -> UNet3d:
+    model.set_deep_supervision(False)
+    model.config = dataclasses.replace(model.config, deep_supervision=False)
+    return model
+
+
+def _metadata(config: TrainConfig, dataset: Dataset, patch: tuple, history: list, seconds: float) -> dict[str, Any]:
+    last_val = next((h for h in reversed(history) if "val_dice" in h), None)
+    return {
+        "patch_size": list(patch),
+        "spacing": list(dataset.spacing),
+        "normalization": dict(dataset.normalization),
+        "label_names": list(dataset.label_names),
+        "channel_names": list(dataset.channel_names),
+        "mirror_axes": [0, 1, 2],
+        "dataset": dataset.describe(),
+        "training": {
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+            "epochs_done": len(history),
+            "seconds": round(seconds, 1),
+            "torch": torch.__version__,
+            "validation_dice": last_val["val_dice"] if last_val else None,
+            "validation_mean_dice": last_val["val_mean_dice"] if last_val else None,
+        },
+    }
+
+
+@torch.no_grad()
+def validate(model: UNet3d, cases: list[Case], num_classes: int) -> list[float]:
+    """Mean per-class Dice over validation cases.
+
+    Each case goes through the network in one forward pass, zero-padded to a multiple of the
+    total stride (the fully convolutional net accepts any such size), which avoids depending on
+    the runtime's sliding window from inside training.
+    """
+    was_training, deep = model.training, model.decoder.deep_supervision
+    model.eval()
+    model.set_deep_supervision(False)
+    stride = model.config.total_stride
+    scores = []
+    for case in cases:
+        shape = case.label.shape
+        pad = [(-s) % t for s, t in zip(shape, stride)]
+        image = torch.from_numpy(case.image)[None]
+        image = F.pad(image, [p for axis_pad in reversed(pad) for p in (0, axis_pad)])
+        logits = model(image)[0, :, : shape[0], : shape[1], : shape[2]]
+        scores.append(dice_per_class(logits.argmax(0), torch.from_numpy(case.label), num_classes))
+    model.train(was_training)
+    model.set_deep_supervision(deep)
+    return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]
