@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 
 import click
@@ -32,7 +31,21 @@ def _path(exists: bool = True, **kwargs) -> click.Path:
     return click.Path(exists=exists, path_type=Path, **kwargs)
 
 
-@click.group(epilog=EPILOG_MAIN)
+class NnslimGroup(click.Group):
+    """Turns library errors (bad input, stale engine, failed parity) into one message, exit 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.ClickException:
+            raise
+        except Exception as exc:
+            if isinstance(exc, _user_errors()):
+                raise click.ClickException(str(exc)) from exc
+            raise
+
+
+@click.group(cls=NnslimGroup, epilog=EPILOG_MAIN)
 @click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
 @click.version_option(package_name="nnslim")
 def cli(verbose: int) -> None:
@@ -217,20 +230,8 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
 
 
 def main() -> None:
-    """Console entry point: library errors become one message and exit code 1."""
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-        raise
+    """Console entry point."""
+    cli(prog_name="nnslim")
 
 
 if __name__ == "__main__":

@@ -87,8 +87,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        lines = str(exc).splitlines() or [""]
-        reason = next((ln.strip() for ln in lines if "Unsupported global" in ln), lines[0])[:300]
+        reason = _torch_load_reason(exc)
         raise CheckpointError(
             f"cannot read checkpoint {path} ({type(exc).__name__}: {reason}); "
             "the file is truncated, corrupt or not a weights-only torch file. Re-save it with nnslim train."
@@ -108,6 +107,17 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         if key not in payload:
             raise CheckpointError(f"{path} lacks the {key!r} entry; the file is incomplete")
     return payload
+
+
+def _torch_load_reason(exc: Exception) -> str:
+    """The informative line of torch.load's message (it leads with advice to unpickle unsafely)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        if "Unsupported global" in line:
+            return line[:300]
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return f"not a weights-only pickle: {lines[i + 1][:200]}"
+    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def build_model(payload: dict[str, Any], deep_supervision: bool = False) -> UNet3d:

@@ -141,12 +141,14 @@ def sliding_window_inference(
         progress: called with the number of tiles just done (for progress bars).
 
     Returns:
-        Logits `[K, *spatial]` (float32) on `device`.
+        Logits `[K, *spatial]` in `config.accumulate_dtype` on `device`.
     """
     if image.ndim != 4:
         raise ValueError(f"expected an image [C, X, Y, Z], got shape {tuple(image.shape)}")
     device = torch.device(device or getattr(predictor, "device", "cpu"))
-    image = image.to(device=device, dtype=torch.float32)
+    image = image.to(device=device)
+    if not image.is_floating_point():
+        image = image.float()
     padded, region = pad_to_patch(image, config.patch_size)
     slices = tile_slices(padded.shape[1:], config)
     weight = (
@@ -181,7 +183,7 @@ def sliding_window_inference(
             progress(len(batch_slices))
 
     logits /= weights
-    return logits[region].float()
+    return logits[region]
 
 
 def count_tiles(image_size: Sequence[int], config: SlidingWindowConfig) -> int:

@@ -1,0 +1,66 @@
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from compiler.runtime.errors import InputError
+from compiler.runtime.volume_io import find_cases, load_volume, save_segmentation
+
+
+def _save(path, data, affine=None):
+    nib.save(nib.Nifti1Image(data, np.diag([1.5, 2.0, 2.5, 1.0]) if affine is None else affine), path)
+    return path
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="not found"):
+        load_volume(tmp_path / "nope.nii.gz", 1)
+
+
+def test_nan_volume_is_refused(tmp_path):
+    data = np.ones((8, 8, 8), dtype=np.float32)
+    data[1, 2, 3] = np.nan
+    with pytest.raises(InputError, match="1 NaN or infinite"):
+        load_volume(_save(tmp_path / "nan.nii.gz", data), 1)
+
+
+def test_wrong_channel_count(tmp_path):
+    path = _save(tmp_path / "two.nii.gz", np.ones((8, 8, 8, 2), dtype=np.float32))
+    with pytest.raises(InputError, match="gives 2 channel"):
+        load_volume(path, 1)
+    assert load_volume(path, 2).data.shape == (2, 8, 8, 8)
+
+
+def test_two_dimensional_file(tmp_path):
+    with pytest.raises(InputError, match="2 dimensions"):
+        load_volume(_save(tmp_path / "flat.nii.gz", np.ones((8, 8), dtype=np.float32)), 1)
+
+
+def test_corrupt_file(tmp_path):
+    path = tmp_path / "broken.nii.gz"
+    path.write_bytes(gzip.compress(b"not a nifti header at all"))
+    with pytest.raises(InputError, match="cannot read"):
+        load_volume(path, 1)
+
+
+def test_channel_files_are_grouped_into_cases(tmp_path):
+    for name in ("b_0001", "b_0000", "a_0000", "single"):
+        _save(tmp_path / f"{name}.nii.gz", np.zeros((4, 4, 4), dtype=np.float32))
+    (tmp_path / "notes.txt").write_text("ignored")
+    cases = find_cases(tmp_path)
+    assert list(cases) == ["a", "b", "single"]
+    assert [p.name for p in cases["b"]] == ["b_0000.nii.gz", "b_0001.nii.gz"]
+    assert load_volume(cases["b"], 2).name == "b"
+
+
+def test_segmentation_keeps_affine_and_writes_atomically(tmp_path):
+    affine = np.array([[0, -1.5, 0, 10], [2, 0, 0, -4], [0, 0, 2.5, 7], [0, 0, 0, 1]], dtype=float)
+    source = nib.load(_save(tmp_path / "in.nii.gz", np.zeros((5, 6, 7), dtype=np.float32), affine))
+    labels = np.random.default_rng(0).integers(0, 3, (5, 6, 7))
+    out = save_segmentation(labels, source, tmp_path / "out" / "seg.nii.gz")
+    written = nib.load(out)
+    np.testing.assert_array_equal(written.affine, affine)
+    np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
+    assert written.get_data_dtype() == np.uint8
+    assert [p.name for p in out.parent.iterdir()] == ["seg.nii.gz"]  # no temp file left behind

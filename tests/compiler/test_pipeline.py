@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+from compiler.parity import ParityError, ParityTolerance
+from compiler.pipeline import BuildConfig, BuildError, build_engine
+from compiler.runtime.engine import load_engine
+from compiler.runtime.errors import EngineError
+from compiler.runtime.manifest import read_manifest, sha256_file
+from compiler.tensorrt_engine import BackendUnavailable
+
+
+def test_manifest_records_io_stages_tools_and_hashes(engine_dir, checkpoint_path):
+    manifest = read_manifest(engine_dir)
+    assert manifest["backend"] == "onnxruntime" and manifest["runtime_model"] == "model.opt.onnx"
+    assert manifest["io"]["input"] == {"name": "image", "dtype": "float32", "shape": ["batch", 1, 16, 16, 16]}
+    assert manifest["io"]["output"]["shape"] == ["batch", 3, 16, 16, 16]
+    assert manifest["io"]["batch"] == {"min": 1, "opt": 2, "max": 2}
+    assert [s["name"] for s in manifest["stages"]] == ["load", "export", "passes", "parity"]
+    assert set(manifest["files"]) == {"model.onnx", "model.opt.onnx", "report.md"}
+    for name, record in manifest["files"].items():
+        assert record["sha256"] == sha256_file(engine_dir / name)
+    assert manifest["source"]["checkpoint_sha256"] == sha256_file(checkpoint_path)
+    assert manifest["tools"]["torch"] and manifest["tools"]["onnxruntime"]
+    assert manifest["parity"]["argmax_agreement"] >= 0.999
+    assert "crops of" in manifest["parity"]["source"]  # real tiles, not synthetic
+    assert manifest["model"]["parameters"] > 0 and manifest["model"]["macs_per_patch"] > 0
+    assert "Parity" in (engine_dir / "report.md").read_text()
+
+
+def test_tampered_engine_is_refused_with_rebuild_hint(engine_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine_dir, copy)
+    with open(copy / "model.opt.onnx", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(EngineError, match="does not match the sha256.*nnslim build-engine"):
+        load_engine(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(EngineError, match="no manifest.json"):
+        load_engine(copy)
+
+
+def test_failed_parity_writes_nothing(checkpoint_path, tmp_path):
+    out = tmp_path / "engine"
+    strict = ParityTolerance(max_abs_logit_error=0.0, min_argmax_agreement=1.0)
+    with pytest.raises(ParityError, match="engine not written"):
+        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, tolerance=strict))
+    assert list(tmp_path.iterdir()) == []  # no engine and no staging directory left behind
+
+
+def test_refuses_to_overwrite_a_foreign_directory(checkpoint_path, tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(BuildError, match="not an engine directory"):
+        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path))
+    assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_patch_must_fit_the_network_stride(checkpoint_path, tmp_path):
+    with pytest.raises(BuildError, match=r"not a multiple of the network's total stride \(4, 4, 4\)"):
+        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path / "e", patch_size=(18, 16, 16)))
+
+
+def test_tensorrt_backend_without_tensorrt_says_how_to_install(checkpoint_path, tmp_path):
+    pytest.importorskip("compiler.tensorrt_engine")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendUnavailable, match=r"pip install 'nnslim\[tensorrt\]'"):
+            build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path / "e", backend="tensorrt"))
+    else:
+        pytest.skip("TensorRT is installed here")
+
+
+def test_engine_from_another_backend_is_refused(engine_dir, tmp_path):
+    import shutil
+
+    copy = tmp_path / "engine"
+    shutil.copytree(engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["backend"] = "tensorrt"
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="cannot run"):
+        load_engine(copy)

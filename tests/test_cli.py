@@ -1,0 +1,84 @@
+"""The CLI end to end on a small model: build an engine, segment real MNI crops, evaluate."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import cli
+
+COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate"]
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_help_shows_a_real_example(command):
+    result = run(*command, "--help")
+    assert result.exit_code == 0
+    assert "nnslim " in result.output.split("Example")[-1]
+
+
+def test_build_infer_evaluate(checkpoint_path, small_volume, tmp_path):
+    engine = tmp_path / "engine"
+    result = run("build-engine", checkpoint_path, "--out", engine, "--parity-volume", small_volume, "--batch", "3")
+    assert result.exit_code == 0, result.output
+    assert "argmax agreement" in result.output
+
+    seg = tmp_path / "seg.nii.gz"
+    result = run("infer", engine, small_volume, "-o", seg, "--no-progress")
+    assert result.exit_code == 0, result.output
+    written, source = nib.load(seg), nib.load(small_volume)
+    assert written.shape == source.shape == (37, 41, 29)
+    np.testing.assert_array_equal(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+
+    seg_torch = tmp_path / "seg_torch.nii.gz"
+    result = run("infer", engine, small_volume, "-o", seg_torch, "--torch-checkpoint", checkpoint_path, "--no-progress")
+    assert result.exit_code == 0, result.output
+    result = run("evaluate", seg, seg_torch, "--labels-from", engine, "--json", tmp_path / "parity.json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    figures = json.loads((tmp_path / "parity.json").read_text())
+    assert figures["agreement"] >= 0.999  # ONNX Runtime engine vs PyTorch over the whole volume
+
+
+def test_mirror_and_folder_input(engine_dir, small_volume, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    image = nib.load(small_volume)
+    nib.save(image, folder / "a_0000.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:10, :12, :8], image.affine), folder / "tiny_0000.nii.gz")
+    result = run("infer", engine_dir, folder, "-o", tmp_path / "out", "--mirror", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert nib.load(tmp_path / "out" / "a.nii.gz").shape == (37, 41, 29)
+    assert nib.load(tmp_path / "out" / "tiny.nii.gz").shape == (10, 12, 8)  # smaller than the patch: padded
+
+
+def test_bad_inputs_give_one_clear_error(engine_dir, checkpoint_path, tmp_path):
+    nan = np.ones((20, 20, 20), dtype=np.float32)
+    nan[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), tmp_path / "nan.nii.gz")
+    result = run("infer", engine_dir, tmp_path / "nan.nii.gz", "-o", tmp_path / "o.nii.gz")
+    assert result.exit_code == 1 and "NaN" in result.output
+    assert not (tmp_path / "o.nii.gz").exists()
+
+    nib.save(nib.Nifti1Image(np.ones((20, 20, 20, 2), np.float32), np.eye(4)), tmp_path / "two.nii.gz")
+    result = run("infer", engine_dir, tmp_path / "two.nii.gz", "-o", tmp_path / "o.nii.gz")
+    assert result.exit_code == 1 and "gives 2 channel(s) but the model expects 1" in result.output
+
+    result = run("infer", engine_dir, tmp_path / "missing.nii.gz", "-o", tmp_path / "o.nii.gz")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(checkpoint_path.read_bytes()[:4096])
+    result = run("build-engine", truncated, "--out", tmp_path / "e")
+    assert result.exit_code == 1 and "truncated, corrupt" in result.output
+    assert not (tmp_path / "e").exists()
+
+    result = run("build-engine", checkpoint_path, "--out", tmp_path / "e", "--backend", "tensorrt")
+    assert result.exit_code == 1 and "--backend onnxruntime" in result.output

@@ -1,0 +1,66 @@
+import json
+
+import numpy as np
+
+from training.data import (
+    HOLDOUT_MARGIN,
+    MNI_HOLDOUT,
+    PatchSampler,
+    augment,
+    load_mni_tissue,
+    load_raw_dataset,
+)
+
+
+def test_mni_tissue_holdout_band_is_never_trained_on():
+    dataset = load_mni_tissue()
+    before, after = dataset.train
+    (band,) = dataset.validation
+    lo, hi = MNI_HOLDOUT
+    assert before.label.shape[1] == lo - HOLDOUT_MARGIN
+    assert after.label.shape[1] == 233 - (hi + HOLDOUT_MARGIN)
+    assert band.label.shape == (197, hi - lo, 189)
+    assert set(np.unique(band.label)) == {0, 1, 2}
+    # the band holds a real share of both tissues
+    fractions = np.bincount(band.label.ravel()) / band.label.size
+    assert fractions[1] > 0.1 and fractions[2] > 0.1
+
+
+def test_raw_layout_written_by_prepare_loads(mni_raw):
+    meta = json.loads((mni_raw / "dataset.json").read_text())
+    assert meta["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2}
+    dataset = load_raw_dataset(mni_raw)
+    assert dataset.label_names == ("background", "grey_matter", "white_matter")
+    assert [c.name for c in dataset.train] == ["mni"] and dataset.validation == []
+    assert dataset.train[0].image.shape == (1, 197, 233, 189)
+
+
+def test_sampler_oversamples_foreground_and_pads_small_cases():
+    rng = np.random.default_rng(0)
+    label = np.zeros((40, 40, 40), dtype=np.int16)
+    label[30:33, 5:8, 20:23] = 1  # a tiny object, rarely hit by uniform sampling
+    from training.data import Case
+
+    case = Case("c", rng.normal(size=(1, 40, 40, 40)).astype(np.float32), label)
+    sampler = PatchSampler([case], (16, 16, 16), oversample_foreground=0.5)
+    hits = 0
+    for i in range(20):
+        images, labels = sampler.sample(2, np.random.default_rng(i))
+        assert images.shape == (2, 1, 16, 16, 16) and labels.shape == (2, 16, 16, 16)
+        hits += int(labels[1].any())  # the second half of the batch is forced onto foreground
+    assert hits == 20
+    small = Case("s", np.ones((1, 8, 20, 8), np.float32), np.ones((8, 20, 8), np.int16))
+    images, labels = PatchSampler([small], (16, 16, 16)).sample(1, rng)
+    assert images.sum() == labels.sum() == 8 * 16 * 8  # zero padding outside the case
+
+
+def test_flips_move_image_and_label_together():
+    rng = np.random.default_rng(3)
+    labels = (rng.random((6, 8, 8, 8)) > 0.7).astype(np.int64)
+    images = (labels[:, None] * 100.0).astype(np.float32)  # two clusters far apart
+    out_images, out_labels = augment(images, labels, rng)
+    for image, label in zip(out_images[:, 0], out_labels):
+        # every intensity transform is monotonic and the noise is small against the gap
+        midpoint = (image.min() + image.max()) / 2
+        assert np.array_equal(image > midpoint, label.astype(bool))
+    assert not np.array_equal(out_labels, labels)  # some flip happened
