@@ -88,3 +88,19 @@ def engine_dir(checkpoint_path, small_volume, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("engines") / "small"
     build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, parity_volume=small_volume))
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skip `gpu` tests without CUDA and `tensorrt` tests without the TensorRT package."""
+    has_cuda = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+
+        has_tensorrt = True
+    except ImportError:
+        has_tensorrt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none on this machine"))
+        if "tensorrt" in item.keywords and not has_tensorrt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT: pip install 'nnslim[tensorrt]' on a GPU machine"))

@@ -73,6 +73,7 @@ def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        _chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -151,3 +152,10 @@ def load_model(path: str | os.PathLike) -> tuple[UNet3d, dict[str, Any]]:
 def as_module(model: nn.Module) -> nn.Module:
     """Unwrap DistributedDataParallel / compiled wrappers."""
     return getattr(model, "module", model)
+
+
+def _chmod_default(path: str) -> None:
+    """mkstemp creates files 0600; give the final file the permissions a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

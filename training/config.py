@@ -183,7 +183,7 @@ PRESETS: dict[str, Preset] = {
             kernel_sizes=_isotropic(4, 3),
             strides=_strides(4),
             convs_per_stage=(2, 2, 2, 2),
-            patch_size=(64, 64, 64),
+            patch_size=(96, 96, 96),
             spacing=None,
         ),
     )

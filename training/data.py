@@ -42,6 +42,7 @@ class Case:
     name: str
     image: np.ndarray  # [C, X, Y, Z] float32
     label: np.ndarray  # [X, Y, Z] int16
+    score_mask: np.ndarray | None = None  # validation: score only these voxels (None: all)
 
 
 @dataclass
@@ -143,7 +144,13 @@ def load_mni_tissue() -> Dataset:
         Case("mni_before_band", *crop(0, lo - HOLDOUT_MARGIN)),
         Case("mni_after_band", *crop(hi + HOLDOUT_MARGIN, size)),
     ]
-    validation = [Case("mni_holdout_band", *crop(lo, hi))]
+    # the band is scored in place, inside the whole volume, so it is predicted with the same
+    # context the deployed model has; its labels are never sampled for training
+    band = np.zeros(label.shape, dtype=bool)
+    index = [slice(None)] * 3
+    index[axis] = slice(lo, hi)
+    band[tuple(index)] = True
+    validation = [Case("mni_holdout_band", image, label.astype(np.int16), score_mask=band)]
     return Dataset(
         name="mni-tissue",
         channel_names=("T1",),

@@ -8,6 +8,7 @@ as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import time
@@ -141,7 +142,7 @@ def train(
         record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses))}
         last_epoch = epoch == config.epochs - 1
         if dataset.validation and ((epoch + 1) % config.validate_every == 0 or last_epoch):
-            dice = validate(model, dataset.validation, len(dataset.label_names))
+            dice = validate(model, dataset.validation, len(dataset.label_names), patch)
             record["val_dice"] = dict(zip(dataset.label_names[1:], dice))
             record["val_mean_dice"] = float(np.nanmean(dice))
         history.append(record)
@@ -184,25 +185,33 @@ def _metadata(config: TrainConfig, dataset: Dataset, patch: tuple, history: list
 
 
 @torch.no_grad()
-def validate(model: UNet3d, cases: list[Case], num_classes: int) -> list[float]:
-    """Mean per-class Dice over validation cases.
+def validate(model: UNet3d, cases: list[Case], num_classes: int, patch: tuple[int, int, int]) -> list[float]:
+    """Mean per-class Dice over validation cases, predicted patch by patch.
 
-    Each case goes through the network in one forward pass, zero-padded to a multiple of the
-    total stride (the fully convolutional net accepts any such size), which avoids depending on
-    the runtime's sliding window from inside training.
+    Each case is cut into non-overlapping patches of the training size (zero-padded at the far
+    end), so the network sees inputs like the deployed sliding window does; a case's
+    `score_mask` restricts scoring to its held-out voxels. (The runtime's Gaussian-weighted
+    sliding window lives in `compiler.runtime`, which training must not import.)
     """
     was_training, deep = model.training, model.decoder.deep_supervision
     model.eval()
     model.set_deep_supervision(False)
-    stride = model.config.total_stride
     scores = []
     for case in cases:
         shape = case.label.shape
-        pad = [(-s) % t for s, t in zip(shape, stride)]
-        image = torch.from_numpy(case.image)[None]
-        image = F.pad(image, [p for axis_pad in reversed(pad) for p in (0, axis_pad)])
-        logits = model(image)[0, :, : shape[0], : shape[1], : shape[2]]
-        scores.append(dice_per_class(logits.argmax(0), torch.from_numpy(case.label), num_classes))
+        pad = [(-s) % p for s, p in zip(shape, patch)]
+        image = torch.from_numpy(case.image)
+        image = F.pad(image, [v for axis_pad in reversed(pad) for v in (0, axis_pad)])
+        prediction = torch.empty(image.shape[1:], dtype=torch.long)
+        for start in itertools.product(*(range(0, s, p) for s, p in zip(image.shape[1:], patch))):
+            window = tuple(slice(a, a + p) for a, p in zip(start, patch))
+            prediction[window] = model(image[(slice(None), *window)][None])[0].argmax(0)
+        prediction = prediction[: shape[0], : shape[1], : shape[2]]
+        target = torch.from_numpy(case.label.astype(np.int64))
+        if case.score_mask is not None:
+            mask = torch.from_numpy(case.score_mask)
+            prediction, target = prediction[mask], target[mask]
+        scores.append(dice_per_class(prediction, target, num_classes))
     model.train(was_training)
     model.set_deep_supervision(deep)
     return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]

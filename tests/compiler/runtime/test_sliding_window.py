@@ -106,3 +106,15 @@ def test_wrong_predictor_output_shape_is_reported():
     config = SlidingWindowConfig(patch_size=(16, 16, 16))
     with pytest.raises(ValueError, match="predictor returned shape"):
         sliding_window_inference(torch.zeros(1, 16, 16, 16), Elementwise(lambda t: t), 2, config)
+
+
+@pytest.mark.gpu
+def test_cuda_accumulation_matches_cpu():
+    from compiler.runtime.predictors import TorchPredictor
+    from tests.conftest import random_model
+
+    image = torch.randn(1, 30, 20, 18)
+    config = SlidingWindowConfig(patch_size=(16, 16, 16), batch_size=2)
+    cpu = sliding_window_inference(image, TorchPredictor(random_model(), "cpu"), 3, config)
+    gpu = sliding_window_inference(image, TorchPredictor(random_model(), "cuda"), 3, config)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-4, rtol=1e-4)
