@@ -1,7 +1,8 @@
 """build-engine: checkpoint -> engine directory, top to bottom in one function.
 
 Stages (each recorded in the manifest with its settings and time):
-    load checkpoint -> export ONNX -> graph passes -> parity vs PyTorch -> write manifest/report
+    load checkpoint -> reparameterize -> export ONNX -> graph passes -> parity vs the trained
+    PyTorch model -> write manifest/report
 The directory is assembled under a temporary name beside the destination and renamed into
 place only when every stage has passed, so an interrupted or failed build leaves nothing that
 looks like an engine.
@@ -27,6 +28,7 @@ import torch
 
 from compiler.export import ExportError, ExportSettings, export_onnx
 from compiler.model_stats import conv_macs, conv_weight_sparsity, parameter_count
+from compiler.reparam import reparameterize_for_deploy
 from compiler.parity import ParityError, ParityReport, ParityTolerance, check_onnx_parity, parity_tiles
 from compiler.runtime.errors import NnslimError
 from compiler.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
@@ -70,6 +72,9 @@ def build_engine(config: BuildConfig) -> BuildResult:
         payload = read_checkpoint(config.checkpoint)
         model = build_model(payload).eval()
         metadata = payload["metadata"]
+    with _timed(stages, "reparameterize") as record:                             # fuse blocks, fold BN
+        deployed, fused = reparameterize_for_deploy(model)
+        record.update(fused.to_dict())
     arch = model.config
     patch = _check_patch(config.patch_size or tuple(metadata["patch_size"]), arch.total_stride)
     if config.batch_size < 1:
@@ -78,13 +83,13 @@ def build_engine(config: BuildConfig) -> BuildResult:
     with _staging_dir(config.out_dir) as staging:
         settings = ExportSettings(patch_size=patch, in_channels=arch.in_channels, opset=config.opset)
         with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
-            export_onnx(model, staging / "model.onnx", settings)
+            export_onnx(deployed, staging / "model.onnx", settings)
         with _timed(stages, "passes", passes=["onnx.shape_inference"]):               # graph passes
             optimized = onnx.shape_inference.infer_shapes(onnx.load(str(staging / "model.onnx")), strict_mode=True)
             onnx.save(optimized, str(staging / "model.opt.onnx"))
         tiles, source = parity_tiles(patch, arch.in_channels, config.parity_tiles, config.parity_volume,
                                      metadata["normalization"])
-        with _timed(stages, "parity", tiles=source, tolerance=vars(config.tolerance)):  # ONNX Runtime vs PyTorch
+        with _timed(stages, "parity", tiles=source, tolerance=vars(config.tolerance)):  # vs the trained model
             parity = check_onnx_parity(model, staging / "model.opt.onnx", tiles, source, config.batch_size)
         if not parity.within(config.tolerance):
             raise ParityError(
@@ -93,9 +98,11 @@ def build_engine(config: BuildConfig) -> BuildResult:
                 f"{parity.argmax_agreement:.5f} (needed {config.tolerance.min_argmax_agreement}); engine not written"
             )
         model_stats = {
-            "parameters": parameter_count(model),
-            "macs_per_patch": conv_macs(model, (arch.in_channels, *patch)),
-            "conv_weight_sparsity": conv_weight_sparsity(model),
+            "parameters": parameter_count(deployed),
+            "parameters_trained": parameter_count(model),
+            "macs_per_patch": conv_macs(deployed, (arch.in_channels, *patch)),
+            "conv_weight_sparsity": conv_weight_sparsity(deployed),
+            "reparameterization": fused.to_dict(),
         }
         manifest = _manifest(config, backend, payload, patch, stages, parity, model_stats)
         _write_report(staging / "report.md", manifest)
@@ -133,11 +140,13 @@ def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[
 
 
 @contextmanager
-def _timed(stages: list[dict[str, Any]], name: str, **settings: Any) -> Iterator[None]:
+def _timed(stages: list[dict[str, Any]], name: str, **settings: Any) -> Iterator[dict[str, Any]]:
+    """Time a stage and append it to `stages`; the yielded dict collects what the stage reports."""
     started = time.perf_counter()
     logger.info("stage %s ...", name)
-    yield
-    stages.append({"name": name, "settings": settings, "seconds": round(time.perf_counter() - started, 3)})
+    results: dict[str, Any] = {}
+    yield results
+    stages.append({"name": name, "settings": settings, **results, "seconds": round(time.perf_counter() - started, 3)})
 
 
 @contextmanager

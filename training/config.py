@@ -13,6 +13,7 @@ from typing import Any
 Triple = tuple[int, int, int]
 
 NORMS = ("instance", "batch", "group")
+BLOCKS = ("conv", "faster_fusion")
 
 
 class ConfigError(ValueError):
@@ -37,6 +38,10 @@ class UNetConfig:
         group_norm_groups: groups for norm="group".
         negative_slope: LeakyReLU slope.
         deep_supervision: build the lower-resolution segmentation outputs (training only).
+        blocks: conv unit of each encoder stage, "conv" (conv-norm-act) or "faster_fusion"
+            (seed 000); a decoder stage uses the block of the encoder stage of its width.
+            None: all "conv".
+        reparameterized: the deploy form (FasterFusion fused, BatchNorm folded into convs).
         preset: name of the preset this came from, if any.
         paper: citation of the paper a preset reproduces, if any.
     """
@@ -53,6 +58,8 @@ class UNetConfig:
     group_norm_groups: int = 8
     negative_slope: float = 0.01
     deep_supervision: bool = False
+    blocks: tuple[str, ...] | None = None
+    reparameterized: bool = False
     preset: str | None = None
     paper: str | None = None
 
@@ -71,6 +78,9 @@ class UNetConfig:
                 f"convs_per_decoder_stage needs {n - 1} entries (one per decoder stage), "
                 f"got {len(self.convs_per_decoder_stage)}"
             )
+        if self.blocks is not None:
+            if len(self.blocks) != n or any(b not in BLOCKS for b in self.blocks):
+                raise ConfigError(f"blocks must give one of {BLOCKS} per stage ({n}), got {self.blocks}")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.in_channels < 1 or self.num_classes < 2:
@@ -101,6 +111,8 @@ class UNetConfig:
         for key in ("features_per_stage", "convs_per_stage", "convs_per_decoder_stage"):
             if key in values:
                 values[key] = tuple(int(v) for v in values[key])
+        if values.get("blocks") is not None:
+            values["blocks"] = tuple(values["blocks"])
         for key in ("kernel_sizes", "strides"):
             if key in values:
                 values[key] = tuple(tuple(int(v) for v in triple) for triple in values[key])
@@ -120,10 +132,20 @@ class Preset:
     patch_size: Triple
     spacing: tuple[float, float, float] | None
     paper: str | None = None
+    fusion_threshold: int | None = None  # FasterFusion in stages with at least this many channels
 
-    def build(self, in_channels: int, num_classes: int, **overrides: Any) -> UNetConfig:
-        """The architecture for a dataset with these channels and classes."""
-        n = len(self.features_per_stage)
+    def build(
+        self, in_channels: int, num_classes: int, fusion_threshold: int | None = None, **overrides: Any
+    ) -> UNetConfig:
+        """The architecture for a dataset with these channels and classes.
+
+        Args:
+            fusion_threshold: overrides the preset's FasterFusion channel threshold.
+        """
+        threshold = fusion_threshold if fusion_threshold is not None else self.fusion_threshold
+        blocks = None
+        if threshold is not None:
+            blocks = tuple("faster_fusion" if f >= threshold else "conv" for f in self.features_per_stage)
         fields = dict(
             in_channels=in_channels,
             num_classes=num_classes,
@@ -131,7 +153,8 @@ class Preset:
             kernel_sizes=self.kernel_sizes,
             strides=self.strides,
             convs_per_stage=self.convs_per_stage,
-            convs_per_decoder_stage=tuple(self.convs_per_stage[:-1][::-1])[: n - 1],
+            convs_per_decoder_stage=tuple(self.convs_per_stage[:-1][::-1]),
+            blocks=blocks,
             preset=self.name,
             paper=self.paper,
         )
@@ -188,6 +211,33 @@ PRESETS: dict[str, Preset] = {
         ),
     )
 }
+
+
+SEED_000 = "Heinrich & Hagenah, Make nnUNets Small Again (FasterFusion, MIDL short paper)"
+
+
+def _faster(base: Preset, name: str, threshold: int = 160) -> Preset:
+    """The base with FasterFusion units in stages of >= `threshold` channels (seed 000: 160)."""
+    return dataclasses.replace(
+        base, name=name, fusion_threshold=threshold, paper=SEED_000,
+        description=f"{base.name} with FasterFusion units in stages of >= {threshold} channels",
+    )
+
+
+def _half(base: Preset, name: str) -> Preset:
+    """The base with every width halved: seed 000's small-model comparison."""
+    return dataclasses.replace(
+        base, name=name, features_per_stage=tuple(f // 2 for f in base.features_per_stage), paper=SEED_000,
+        description=f"{base.name} with halved widths (seed 000's comparison)",
+    )
+
+
+for _name, _base in (("nnunet", PRESETS["nnunet-3d-fullres"]), ("flare22-small", PRESETS["flare22-small"])):
+    for _derived in (_faster(_base, f"faster-{_name}"), _half(_base, f"half-{_name}")):
+        PRESETS[_derived.name] = _derived
+# tiny has no stage of 160 channels; this variant puts FasterFusion where tiny is widest, for
+# training comparisons on a CPU
+PRESETS["tiny-faster"] = _faster(PRESETS["tiny"], "tiny-faster", threshold=32)
 
 
 def get_preset(name: str) -> Preset:

@@ -12,14 +12,18 @@ Module names follow nnU-Net's (`encoder.stages.0.0.convs.0.conv`, `decoder.trans
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Callable
 
 import torch
 from torch import nn
 
+from training.blocks import ConvNormAct, FasterFusionBlock, NormFactory
 from training.config import UNetConfig
+from training.reparam import Reparameterizable
 
-NormFactory = Callable[[int], nn.Module]
+UnitFactory = Callable[[int, int, tuple[int, int, int], tuple[int, int, int]], nn.Module]
 
 
 def norm_factory(config: UNetConfig) -> NormFactory:
@@ -32,31 +36,8 @@ def norm_factory(config: UNetConfig) -> NormFactory:
     return lambda channels: nn.GroupNorm(min(groups, channels), channels, eps=1e-5)
 
 
-class ConvNormAct(nn.Module):
-    """Conv3d -> norm -> LeakyReLU, "same" padding."""
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: tuple[int, int, int],
-        stride: tuple[int, int, int],
-        bias: bool,
-        norm: NormFactory,
-        negative_slope: float,
-    ) -> None:
-        super().__init__()
-        padding = tuple(k // 2 for k in kernel_size)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, bias=bias)
-        self.norm = norm(out_channels)
-        self.nonlin = nn.LeakyReLU(negative_slope, inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nonlin(self.norm(self.conv(x)))
-
-
 class StackedConvBlocks(nn.Module):
-    """`n` ConvNormAct units; only the first one strides."""
+    """`n` units; only the first one strides."""
 
     def __init__(
         self,
@@ -65,31 +46,43 @@ class StackedConvBlocks(nn.Module):
         out_channels: int,
         kernel_size: tuple[int, int, int],
         first_stride: tuple[int, int, int],
-        bias: bool,
-        norm: NormFactory,
-        negative_slope: float,
+        unit: UnitFactory,
     ) -> None:
         super().__init__()
-        units = [ConvNormAct(in_channels, out_channels, kernel_size, first_stride, bias, norm, negative_slope)]
-        units += [
-            ConvNormAct(out_channels, out_channels, kernel_size, (1, 1, 1), bias, norm, negative_slope)
-            for _ in range(n - 1)
-        ]
+        units = [unit(in_channels, out_channels, kernel_size, first_stride)]
+        units += [unit(out_channels, out_channels, kernel_size, (1, 1, 1)) for _ in range(n - 1)]
         self.convs = nn.Sequential(*units)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convs(x)
 
 
+def unit_factory(config: UNetConfig, block: str) -> UnitFactory:
+    """Builds one unit of the given block type, in train or deploy form per the config."""
+    norm = norm_factory(config)
+    deploy = config.reparameterized
+    if block == "faster_fusion":
+        return lambda cin, cout, kernel, stride: FasterFusionBlock(
+            cin, cout, kernel, stride, config.negative_slope, deploy=deploy
+        )
+    return lambda cin, cout, kernel, stride: ConvNormAct(
+        cin, cout, kernel, stride, config.conv_bias, norm, config.negative_slope, deploy=deploy
+    )
+
+
+def stage_blocks(config: UNetConfig) -> tuple[str, ...]:
+    return config.blocks or ("conv",) * len(config.features_per_stage)
+
+
 class Encoder(nn.Module):
-    def __init__(self, config: UNetConfig, norm: NormFactory) -> None:
+    def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         stages = []
         channels = config.in_channels
-        for features, kernel, stride, n in zip(
-            config.features_per_stage, config.kernel_sizes, config.strides, config.convs_per_stage
+        for features, kernel, stride, n, block_type in zip(
+            config.features_per_stage, config.kernel_sizes, config.strides, config.convs_per_stage, stage_blocks(config)
         ):
-            block = StackedConvBlocks(n, channels, features, kernel, stride, config.conv_bias, norm, config.negative_slope)
+            block = StackedConvBlocks(n, channels, features, kernel, stride, unit_factory(config, block_type))
             stages.append(nn.Sequential(block))  # the extra level mirrors nnU-Net's module names
             channels = features
         self.stages = nn.ModuleList(stages)
@@ -103,7 +96,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: UNetConfig, norm: NormFactory) -> None:
+    def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         features = config.features_per_stage
         n = len(features)
@@ -120,9 +113,7 @@ class Decoder(nn.Module):
                     skip,
                     config.kernel_sizes[-(s + 1)],
                     (1, 1, 1),
-                    config.conv_bias,
-                    norm,
-                    config.negative_slope,
+                    unit_factory(config, stage_blocks(config)[-(s + 1)]),
                 )
             )
             seg_layers.append(nn.Conv3d(skip, config.num_classes, 1, bias=True))
@@ -155,10 +146,16 @@ class UNet3d(nn.Module):
     def __init__(self, config: UNetConfig) -> None:
         super().__init__()
         self.config = config
-        norm = norm_factory(config)
-        self.encoder = Encoder(config, norm)
-        self.decoder = Decoder(config, norm)
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
         self.apply(_init_he)
+
+    def reparameterize(self) -> None:
+        """Collapse every unit into its deploy form in place (idempotent); the config follows."""
+        for module in self.modules():
+            if module is not self and isinstance(module, Reparameterizable):
+                module.reparameterize()
+        self.config = dataclasses.replace(self.config, reparameterized=True)
 
     def set_deep_supervision(self, enabled: bool) -> None:
         """Switch the training-only heads on or off (the weights always exist)."""

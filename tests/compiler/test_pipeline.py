@@ -16,7 +16,7 @@ def test_manifest_records_io_stages_tools_and_hashes(engine_dir, checkpoint_path
     assert manifest["io"]["input"] == {"name": "image", "dtype": "float32", "shape": ["batch", 1, 16, 16, 16]}
     assert manifest["io"]["output"]["shape"] == ["batch", 3, 16, 16, 16]
     assert manifest["io"]["batch"] == {"min": 1, "opt": 2, "max": 2}
-    assert [s["name"] for s in manifest["stages"]] == ["load", "export", "passes", "parity"]
+    assert [s["name"] for s in manifest["stages"]] == ["load", "reparameterize", "export", "passes", "parity"]
     assert set(manifest["files"]) == {"model.onnx", "model.opt.onnx", "report.md"}
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_file(engine_dir / name)
@@ -83,3 +83,33 @@ def test_engine_from_another_backend_is_refused(engine_dir, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="cannot run"):
         load_engine(copy)
+
+
+def test_build_engine_fuses_faster_fusion_and_batchnorm_first(tmp_path):
+    from collections import Counter
+
+    import onnx
+    import torch
+    from torch import nn
+
+    from tests.conftest import metadata, small_config
+    from training.checkpoint import save_checkpoint
+    from training.unet import UNet3d
+
+    torch.manual_seed(0)
+    model = UNet3d(small_config(features_per_stage=(8, 16, 32), norm="batch", blocks=("conv", "faster_fusion", "faster_fusion")))
+    generator = torch.Generator().manual_seed(1)
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm3d):
+            bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.3)
+            bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
+    checkpoint = save_checkpoint(tmp_path / "ff.pt", model, metadata())
+    result = build_engine(BuildConfig(checkpoint=checkpoint, out_dir=tmp_path / "engine"))
+    fused = result.manifest["model"]["reparameterization"]
+    # FasterFusion: 2 + 2 encoder units (widths 16, 32) + 1 decoder unit (width 16); the width-8
+    # stage keeps conv-BN units: 2 encoder + 1 decoder
+    assert fused["faster_fusion_blocks_fused"] == 5 and fused["batchnorms_folded"] == 3
+    assert fused["parameters_after"] == result.manifest["model"]["parameters"]
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "engine" / "model.opt.onnx")).graph.node)
+    assert "BatchNormalization" not in ops and ops["Slice"] == 10 and ops["Add"] >= 5
+    assert result.parity.argmax_agreement >= 0.999  # ONNX Runtime vs the *trained* (unfused) model
