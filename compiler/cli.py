@@ -9,6 +9,13 @@ from pathlib import Path
 
 import click
 
+# preset names without importing torch (kept in step with training.config.PRESETS by a test)
+PRESET_NAMES = [
+    "nnunet-3d-fullres", "faster-nnunet", "half-nnunet",
+    "flare22-small", "faster-flare22-small", "half-flare22-small",
+    "tiny", "tiny-faster",
+]
+
 EPILOG_MAIN = """\b
 Examples:
   nnslim prepare-dataset mni-tissue artifacts/data/mni-tissue
@@ -80,8 +87,10 @@ Examples:
   nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny
   nnslim train --preset tiny --dataset path/to/Dataset001_X --out runs/x --epochs 100
   nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny --resume
+  nnslim train --preset faster-nnunet --dataset path/to/Dataset001_X --out runs/faster
 """)
-@click.option("--preset", required=True, help="Architecture preset: tiny, nnunet-3d-fullres, flare22-small.")
+@click.option("--preset", required=True, type=click.Choice(PRESET_NAMES),
+              help="Architecture preset (faster-*: FasterFusion units, half-*: halved widths).")
 @click.option("--dataset", required=True, help="'mni-tissue' or an nnU-Net raw-layout folder.")
 @click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Run folder.")
 @click.option("--epochs", default=50, show_default=True, type=click.IntRange(1))
@@ -91,11 +100,13 @@ Examples:
 @click.option("--lr", "learning_rate", default=0.01, show_default=True, type=click.FloatRange(min=0, min_open=True))
 @click.option("--validate-every", default=5, show_default=True, type=click.IntRange(1), help="Epochs between validations.")
 @click.option("--no-deep-supervision", is_flag=True, help="Train the full-resolution head only.")
+@click.option("--fusion-threshold", type=click.IntRange(1), default=None,
+              help="Use FasterFusion units in stages with at least this many channels (default: the preset's).")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint_latest.pt if present.")
 @progress_option
 def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, patch, learning_rate,
-          validate_every, no_deep_supervision, seed, resume, progress) -> None:
+          validate_every, no_deep_supervision, fusion_threshold, seed, resume, progress) -> None:
     """Train a U-Net (Dice + CE, SGD Nesterov 0.99, poly LR); writes OUT/checkpoint_final.pt."""
     from tqdm import tqdm
 
@@ -106,7 +117,8 @@ def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, pa
         preset=preset, dataset=dataset, out_dir=str(out_dir), epochs=epochs,
         iterations_per_epoch=iterations_per_epoch, batch_size=batch_size,
         patch_size=tuple(patch) if patch else None, learning_rate=learning_rate,
-        deep_supervision=not no_deep_supervision, validate_every=validate_every, seed=seed, resume=resume,
+        deep_supervision=not no_deep_supervision, validate_every=validate_every, fusion_threshold=fusion_threshold,
+        seed=seed, resume=resume,
     )
     with tqdm(total=epochs * iterations_per_epoch, unit="it", disable=None if progress else True) as bar:
         def on_iteration(event: dict) -> None:
@@ -152,7 +164,12 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
     result = run_build(config)
     p, m = result.parity, result.manifest["model"]
     click.echo(f"engine: {result.out_dir} (backend {result.manifest['backend']})")
-    click.echo(f"parameters {m['parameters']:,}, conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
+    r = m["reparameterization"]
+    click.echo(
+        f"reparameterized: {r['faster_fusion_blocks_fused']} FasterFusion blocks fused, {r['batchnorms_folded']} "
+        f"BatchNorms folded; parameters {r['parameters_before']:,} -> {r['parameters_after']:,}"
+    )
+    click.echo(f"conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
     click.echo(
         f"parity vs PyTorch on {p.tiles} tiles: max |logit error| {p.max_abs_logit_error:.2e}, "
         f"argmax agreement {p.argmax_agreement:.6f}"

@@ -99,7 +99,6 @@ def build_engine(config: BuildConfig) -> BuildResult:
             )
         model_stats = {
             "parameters": parameter_count(deployed),
-            "parameters_trained": parameter_count(model),
             "macs_per_patch": conv_macs(deployed, (arch.in_channels, *patch)),
             "conv_weight_sparsity": conv_weight_sparsity(deployed),
             "reparameterization": fused.to_dict(),
@@ -236,6 +235,7 @@ def _manifest(
 
 def _write_report(path: Path, manifest: dict[str, Any]) -> None:
     parity, model = manifest["parity"], manifest["model"]
+    fused = model["reparameterization"]
     lines = [
         f"# nnslim engine ({manifest['backend']})",
         "",
@@ -246,7 +246,9 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         f"| input | `{manifest['io']['input']['name']}` {manifest['io']['input']['shape']} |",
         f"| output | `{manifest['io']['output']['name']}` {manifest['io']['output']['shape']} |",
         f"| labels | {', '.join(manifest['labels'])} |",
-        f"| parameters | {model['parameters']:,} |",
+        f"| parameters | {model['parameters']:,} (trained form: {fused['parameters_before']:,}) |",
+        f"| reparameterization | {fused['faster_fusion_blocks_fused']} FasterFusion blocks fused, "
+        f"{fused['batchnorms_folded']} BatchNorms folded |",
         f"| conv MACs per patch | {model['macs_per_patch'] / 1e9:.2f} G |",
         f"| conv weight sparsity | {model['conv_weight_sparsity']:.1%} |",
         "",

@@ -82,3 +82,10 @@ def test_bad_inputs_give_one_clear_error(engine_dir, checkpoint_path, tmp_path):
 
     result = run("build-engine", checkpoint_path, "--out", tmp_path / "e", "--backend", "tensorrt")
     assert result.exit_code == 1 and "--backend onnxruntime" in result.output
+
+
+def test_cli_preset_list_matches_the_presets():
+    from compiler.cli import PRESET_NAMES
+    from training.config import PRESETS
+
+    assert sorted(PRESET_NAMES) == sorted(PRESETS)

@@ -50,6 +50,7 @@ class TrainConfig:
     deep_supervision: bool = True
     oversample_foreground: float = 0.33
     validate_every: int = 5
+    fusion_threshold: int | None = None  # None: the preset's FasterFusion channel threshold
     seed: int = 0
     resume: bool = False
 
@@ -88,6 +89,7 @@ def train(
     arch = preset.build(
         in_channels=len(dataset.channel_names),
         num_classes=len(dataset.label_names),
+        fusion_threshold=config.fusion_threshold,
         deep_supervision=config.deep_supervision,
     )
     bad = [p for p, s in zip(patch, arch.total_stride) if p % s]
