@@ -22,6 +22,7 @@ Examples:
   nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
+  nnslim inspect artifacts/engines/tiny
 """
 
 
@@ -136,6 +137,7 @@ Examples:
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny
   nnslim build-engine model.pt --out engines/m --patch 64 64 64 --batch 4 \\
       --parity-volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-fp16 --precision fp16
 """)
 @click.argument("checkpoint", type=_path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Engine directory.")
@@ -145,9 +147,15 @@ Examples:
 @click.option("--parity-volume", type=_path(dir_okay=False), default=None,
               help="A real volume to cut parity tiles from (default: synthetic tiles).")
 @click.option("--parity-tiles", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--parity-atol", default=1e-2, show_default=True, type=click.FloatRange(min=0), help="Max |logit error| allowed.")
-@click.option("--min-agreement", default=0.999, show_default=True, type=click.FloatRange(0, 1), help="Min argmax agreement.")
-def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, parity_atol, min_agreement) -> None:
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: weights and activations in fp16, normalizations and I/O in fp32 (explicit Casts).")
+@click.option("--parity-atol", default=None, type=click.FloatRange(min=0),
+              help="Max |logit error| allowed vs PyTorch [default: 1e-2 fp32, 0.25 fp16].")
+@click.option("--min-agreement", default=None, type=click.FloatRange(0, 1),
+              help="Min argmax agreement vs PyTorch [default: 0.999 fp32, 0.995 fp16].")
+@click.option("--no-pass-parity", is_flag=True, help="Skip the ONNX Runtime parity check after each graph pass.")
+def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, precision,
+                 parity_atol, min_agreement, no_pass_parity) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
@@ -156,10 +164,15 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
     from compiler.pipeline import BuildConfig
     from compiler.pipeline import build_engine as run_build
 
+    default = ParityTolerance.for_precision(precision)
+    tolerance = ParityTolerance(
+        default.max_abs_logit_error if parity_atol is None else parity_atol,
+        default.min_argmax_agreement if min_agreement is None else min_agreement,
+    )
     config = BuildConfig(
         checkpoint=checkpoint, out_dir=out_dir, patch_size=tuple(patch) if patch else None, batch_size=batch_size,
-        backend=backend, parity_volume=parity_volume, parity_tiles=parity_tiles,
-        tolerance=ParityTolerance(parity_atol, min_agreement),
+        backend=backend, parity_volume=parity_volume, parity_tiles=parity_tiles, precision=precision,
+        tolerance=tolerance, pass_parity=not no_pass_parity,
     )
     result = run_build(config)
     p, m = result.parity, result.manifest["model"]
@@ -170,9 +183,14 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         f"BatchNorms folded; parameters {r['parameters_before']:,} -> {r['parameters_after']:,}"
     )
     click.echo(f"conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
+    passes = next(st for st in result.manifest["stages"] if st["name"] == "passes")
+    for record in passes["results"]:
+        figures = "" if record["max_abs_error"] is None else (
+            f"  (vs export: max |error| {record['max_abs_error']:.2e}, agreement {record['argmax_agreement']:.6f})")
+        click.echo(f"  {record['name']:<32} {record['changed']:>4} change(s){figures}")
     click.echo(
-        f"parity vs PyTorch on {p.tiles} tiles: max |logit error| {p.max_abs_logit_error:.2e}, "
-        f"argmax agreement {p.argmax_agreement:.6f}"
+        f"parity vs PyTorch on {p.tiles} tiles ({result.manifest['precision']}): max |logit error| "
+        f"{p.max_abs_logit_error:.2e}, argmax agreement {p.argmax_agreement:.6f}"
     )
 
 
@@ -244,6 +262,20 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
         tmp = json_out.with_name(f".{json_out.name}.tmp")
         tmp.write_text(json.dumps(result.to_dict(), indent=2))
         tmp.replace(json_out)
+
+
+@cli.command(epilog="""\b
+Examples:
+  nnslim inspect artifacts/engines/mni-tissue-tiny
+  nnslim inspect artifacts/engines/mni-tissue-tiny/model.onnx
+""")
+@click.argument("target", type=_path())
+def inspect(target) -> None:
+    """Op histogram, parameters, MACs, dtypes, sparsity and TensorRT compatibility of an ONNX model
+    or an engine directory (plus its manifest summary)."""
+    from compiler.inspect_model import format_summary, inspect_path
+
+    click.echo(format_summary(inspect_path(target)))
 
 
 def main() -> None:

@@ -35,6 +35,11 @@ class ParityTolerance:
     max_abs_logit_error: float = 1e-2
     min_argmax_agreement: float = 0.999
 
+    @classmethod
+    def for_precision(cls, precision: str) -> ParityTolerance:
+        """fp32: the defaults. fp16: 10-bit mantissas through every conv; agreement >= 99.5%."""
+        return cls() if precision == "fp32" else cls(max_abs_logit_error=0.25, min_argmax_agreement=0.995)
+
 
 @dataclass(frozen=True)
 class ParityReport:

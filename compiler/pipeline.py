@@ -18,7 +18,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +28,7 @@ import torch
 
 from compiler.export import ExportError, ExportSettings, export_onnx
 from compiler.model_stats import conv_macs, conv_weight_sparsity, parameter_count
+from compiler.passes import ParityProbe, PassManager, default_passes
 from compiler.reparam import reparameterize_for_deploy
 from compiler.parity import ParityError, ParityReport, ParityTolerance, check_onnx_parity, parity_tiles
 from compiler.runtime.errors import NnslimError
@@ -53,7 +54,9 @@ class BuildConfig:
     backend: str = "auto"
     parity_volume: Path | None = None
     parity_tiles: int = 4
-    tolerance: ParityTolerance = field(default_factory=ParityTolerance)
+    precision: str = "fp32"
+    tolerance: ParityTolerance | None = None  # None: the precision's default
+    pass_parity: bool = True  # check ONNX Runtime parity after every graph pass
     opset: int = 18
 
 
@@ -68,6 +71,8 @@ def build_engine(config: BuildConfig) -> BuildResult:
     """Build an engine directory from a checkpoint (see module docstring)."""
     stages: list[dict[str, Any]] = []
     backend = _resolve_backend(config.backend)                                   # backend first: fail fast
+    tolerance = config.tolerance or ParityTolerance.for_precision(config.precision)
+    passes = default_passes(config.precision, strict_tensorrt=backend == "tensorrt")
     with _timed(stages, "load", checkpoint=str(config.checkpoint)):              # load the checkpoint
         payload = read_checkpoint(config.checkpoint)
         model = build_model(payload).eval()
@@ -84,18 +89,23 @@ def build_engine(config: BuildConfig) -> BuildResult:
         settings = ExportSettings(patch_size=patch, in_channels=arch.in_channels, opset=config.opset)
         with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
             export_onnx(deployed, staging / "model.onnx", settings)
-        with _timed(stages, "passes", passes=["onnx.shape_inference"]):               # graph passes
-            optimized = onnx.shape_inference.infer_shapes(onnx.load(str(staging / "model.onnx")), strict_mode=True)
-            onnx.save(optimized, str(staging / "model.opt.onnx"))
         tiles, source = parity_tiles(patch, arch.in_channels, config.parity_tiles, config.parity_volume,
                                      metadata["normalization"])
-        with _timed(stages, "parity", tiles=source, tolerance=vars(config.tolerance)):  # vs the trained model
+        with _timed(stages, "passes", precision=config.precision,                     # graph passes
+                    passes=[type(p).__name__ for p in passes]) as record:
+            exported = onnx.shape_inference.infer_shapes(onnx.load(str(staging / "model.onnx")), strict_mode=True)
+            probe = ParityProbe(exported, tiles.numpy()) if config.pass_parity else None
+            optimized, pass_records = PassManager(passes).run(exported, probe)
+            onnx.checker.check_model(optimized, full_check=True)
+            onnx.save(optimized, str(staging / "model.opt.onnx"))
+            record["results"] = [r.to_dict() for r in pass_records]
+        with _timed(stages, "parity", tiles=source, tolerance=vars(tolerance)):       # vs the trained model
             parity = check_onnx_parity(model, staging / "model.opt.onnx", tiles, source, config.batch_size)
-        if not parity.within(config.tolerance):
+        if not parity.within(tolerance):
             raise ParityError(
                 f"ONNX Runtime disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} "
-                f"(allowed {config.tolerance.max_abs_logit_error:.3g}), argmax agreement "
-                f"{parity.argmax_agreement:.5f} (needed {config.tolerance.min_argmax_agreement}); engine not written"
+                f"(allowed {tolerance.max_abs_logit_error:.3g}), argmax agreement "
+                f"{parity.argmax_agreement:.5f} (needed {tolerance.min_argmax_agreement}); engine not written"
             )
         model_stats = {
             "parameters": parameter_count(deployed),
@@ -103,7 +113,7 @@ def build_engine(config: BuildConfig) -> BuildResult:
             "conv_weight_sparsity": conv_weight_sparsity(deployed),
             "reparameterization": fused.to_dict(),
         }
-        manifest = _manifest(config, backend, payload, patch, stages, parity, model_stats)
+        manifest = _manifest(config, backend, payload, patch, stages, parity, tolerance, model_stats)
         _write_report(staging / "report.md", manifest)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -196,11 +206,15 @@ def _manifest(
     patch: tuple[int, int, int],
     stages: list[dict[str, Any]],
     parity: ParityReport,
+    tolerance: ParityTolerance,
     model_stats: dict[str, Any],
 ) -> dict[str, Any]:
     metadata, arch = payload["metadata"], payload["architecture"]
     in_channels, num_classes = arch["config"]["in_channels"], arch["config"]["num_classes"]
-    command = f"nnslim build-engine {config.checkpoint} --out {config.out_dir} --patch {' '.join(map(str, patch))} --batch {config.batch_size} --backend {config.backend}"
+    command = (
+        f"nnslim build-engine {config.checkpoint} --out {config.out_dir} --patch {' '.join(map(str, patch))} "
+        f"--batch {config.batch_size} --backend {config.backend} --precision {config.precision}"
+    )
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -227,7 +241,8 @@ def _manifest(
             "training": metadata.get("training"),
         },
         "stages": stages,
-        "parity": {**parity.to_dict(), "tolerance": vars(config.tolerance)},
+        "parity": {**parity.to_dict(), "tolerance": vars(tolerance)},
+        "precision": config.precision,
         "tools": _tool_versions(),
         "build": {"command": command, "argv": sys.argv},
     }

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from compiler.cli import cli
 
-COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate"]
+COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect"]
 
 
 def run(*args):

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,41 @@ def test_build_engine_fuses_faster_fusion_and_batchnorm_first(tmp_path):
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "engine" / "model.opt.onnx")).graph.node)
     assert "BatchNormalization" not in ops and ops["Slice"] == 10 and ops["Add"] >= 5
     assert result.parity.argmax_agreement >= 0.999  # ONNX Runtime vs the *trained* (unfused) model
+
+
+DEMO_MODEL = Path(__file__).resolve().parents[2] / "artifacts" / "models" / "mni-tissue-tiny.pt"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_demo_model_is_parity_checked_after_every_pass(precision, mni_raw, tmp_path):
+    result = build_engine(BuildConfig(
+        checkpoint=DEMO_MODEL, out_dir=tmp_path / precision, precision=precision, parity_tiles=2,
+        parity_volume=mni_raw / "imagesTr" / "mni_0000.nii.gz",
+    ))
+    passes = next(s for s in result.manifest["stages"] if s["name"] == "passes")
+    assert [r["name"] for r in passes["results"]][-1] == "CheckTensorRTCompatibilityPass"
+    assert all(r["max_abs_error"] is not None for r in passes["results"])
+    if precision == "fp32":
+        assert all(r["argmax_agreement"] == 1.0 for r in passes["results"])
+        assert result.parity.argmax_agreement >= 0.999
+    else:
+        # fp16 on real MNI tiles, against the fp32 PyTorch model
+        assert result.parity.argmax_agreement >= 0.995
+        assert result.parity.max_abs_logit_error <= 0.25
+        assert result.manifest["io"]["input"]["dtype"] == "float32"  # I/O stay fp32
+    assert "TensorRT 10.x/11.x compatible" in passes["results"][-1]["description"]
+
+
+def test_inspect_reports_ops_macs_and_manifest(engine_dir):
+    from click.testing import CliRunner
+
+    from compiler.cli import cli
+    from compiler.inspect_model import inspect_path
+
+    summary = inspect_path(engine_dir)
+    manifest = read_manifest(engine_dir)
+    assert summary.ops["Conv"] == 9 and summary.ops["ConvTranspose"] == 2
+    assert summary.macs == manifest["model"]["macs_per_patch"]  # ONNX shapes agree with the PyTorch hooks
+    assert summary.tensorrt_issues == [] and summary.manifest["backend"] == "onnxruntime"
+    result = CliRunner().invoke(cli, ["inspect", str(engine_dir)])
+    assert result.exit_code == 0 and "every node is supported" in result.output and "parity vs PyTorch" in result.output
