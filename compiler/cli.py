@@ -39,6 +39,12 @@ def _path(exists: bool = True, **kwargs) -> click.Path:
     return click.Path(exists=exists, path_type=Path, **kwargs)
 
 
+def _checkpoint_dataset(checkpoint: Path) -> str | None:
+    from training.checkpoint import read_checkpoint
+
+    return (read_checkpoint(checkpoint)["metadata"].get("dataset") or {}).get("name")
+
+
 class NnslimGroup(click.Group):
     """Turns library errors (bad input, stale engine, failed parity) into one message, exit 1."""
 
@@ -138,6 +144,9 @@ Examples:
   nnslim build-engine model.pt --out engines/m --patch 64 64 64 --batch 4 \\
       --parity-volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-fp16 --precision fp16
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-p80 --prune-sparsity 0.8
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-s25 \\
+      --prune-structured 0.25 --finetune-steps 50
 """)
 @click.argument("checkpoint", type=_path(dir_okay=False))
 @click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Engine directory.")
@@ -154,14 +163,26 @@ Examples:
 @click.option("--min-agreement", default=None, type=click.FloatRange(0, 1),
               help="Min argmax agreement vs PyTorch [default: 0.999 fp32, 0.995 fp16].")
 @click.option("--no-pass-parity", is_flag=True, help="Skip the ONNX Runtime parity check after each graph pass.")
+@click.option("--prune-sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Magnitude-prune this fraction of conv weights (one global threshold, seed 001).")
+@click.option("--prune-threshold", type=click.FloatRange(min=0), default=None,
+              help="Magnitude-prune every conv weight with |w| below this.")
+@click.option("--prune-structured", "structured_ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Remove this fraction of the channels of every layer (physically smaller convs).")
+@click.option("--two-four", is_flag=True, help="2:4 sparsity along input channels (TensorRT SPARSE_WEIGHTS).")
+@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Fine-tune steps after --prune-structured.")
+@click.option("--finetune-dataset", default=None, help="Dataset for --finetune-steps (default: the checkpoint's).")
 def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, precision,
-                 parity_atol, min_agreement, no_pass_parity) -> None:
+                 parity_atol, min_agreement, no_pass_parity, prune_sparsity, prune_threshold, structured_ratio,
+                 two_four, finetune_steps, finetune_dataset) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
     """
     from compiler.parity import ParityTolerance
     from compiler.pipeline import BuildConfig
+    from compiler.prune import PruneSettings
     from compiler.pipeline import build_engine as run_build
 
     default = ParityTolerance.for_precision(precision)
@@ -169,10 +190,18 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         default.max_abs_logit_error if parity_atol is None else parity_atol,
         default.min_argmax_agreement if min_agreement is None else min_agreement,
     )
+    if prune_sparsity is not None and prune_threshold is not None:
+        raise click.UsageError("--prune-sparsity and --prune-threshold are alternatives; give one")
+    if finetune_steps and structured_ratio is None:
+        raise click.UsageError("--finetune-steps needs --prune-structured")
+    prune = PruneSettings(
+        sparsity=prune_sparsity, threshold=prune_threshold, structured_ratio=structured_ratio, two_four=two_four,
+        finetune_steps=finetune_steps, finetune_dataset=finetune_dataset or (_checkpoint_dataset(checkpoint) if finetune_steps else None),
+    )
     config = BuildConfig(
         checkpoint=checkpoint, out_dir=out_dir, patch_size=tuple(patch) if patch else None, batch_size=batch_size,
         backend=backend, parity_volume=parity_volume, parity_tiles=parity_tiles, precision=precision,
-        tolerance=tolerance, pass_parity=not no_pass_parity,
+        tolerance=tolerance, pass_parity=not no_pass_parity, prune=prune,
     )
     result = run_build(config)
     p, m = result.parity, result.manifest["model"]
@@ -182,6 +211,14 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         f"reparameterized: {r['faster_fusion_blocks_fused']} FasterFusion blocks fused, {r['batchnorms_folded']} "
         f"BatchNorms folded; parameters {r['parameters_before']:,} -> {r['parameters_after']:,}"
     )
+    if m["pruning"]:
+        pr = m["pruning"]
+        line = f"pruned: conv weight sparsity {pr['global_sparsity']:.1%}"
+        if "structured" in pr:
+            st = pr["structured"]
+            line += f"; structured: parameters {st['parameters_before']:,} -> {st['parameters_after']:,}"
+        click.echo(line + f"; model.opt.onnx {m['runtime_model_size']['bytes']:,} B, "
+                   f"{m['runtime_model_size']['compressed_bytes']:,} B compressed")
     click.echo(f"conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
     passes = next(st for st in result.manifest["stages"] if st["name"] == "passes")
     for record in passes["results"]:

@@ -118,3 +118,9 @@ def check_onnx_parity(
         reference.append(reference_predictor(batch))
         candidate.append(candidate_predictor(batch))
     return compare(torch.cat(reference), torch.cat(candidate), source)
+
+
+@torch.no_grad()
+def torch_agreement(reference: nn.Module, candidate: nn.Module, tiles: torch.Tensor) -> float:
+    """Argmax agreement of two PyTorch models on the tiles (e.g. pruned vs unpruned)."""
+    return float((reference.eval()(tiles).argmax(1) == candidate.eval()(tiles).argmax(1)).double().mean())

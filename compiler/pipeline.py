@@ -1,8 +1,10 @@
 """build-engine: checkpoint -> engine directory, top to bottom in one function.
 
 Stages (each recorded in the manifest with its settings and time):
-    load checkpoint -> reparameterize -> export ONNX -> graph passes -> parity vs the trained
-    PyTorch model -> write manifest/report
+    load checkpoint -> reparameterize -> prune (optional) -> export ONNX -> graph passes
+    -> parity vs PyTorch -> write manifest/report
+Parity is measured against the trained model, or, when pruning changed the function on purpose,
+against the pruned PyTorch model (its agreement with the unpruned one is recorded as well).
 The directory is assembled under a temporary name beside the destination and renamed into
 place only when every stage has passed, so an interrupted or failed build leaves nothing that
 looks like an engine.
@@ -18,7 +20,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,9 +30,17 @@ import torch
 
 from compiler.export import ExportError, ExportSettings, export_onnx
 from compiler.model_stats import conv_macs, conv_weight_sparsity, parameter_count
+from compiler.parity import (
+    ParityError,
+    ParityReport,
+    ParityTolerance,
+    check_onnx_parity,
+    parity_tiles,
+    torch_agreement,
+)
 from compiler.passes import ParityProbe, PassManager, default_passes
+from compiler.prune import PruneSettings, file_sizes, prune_for_deploy
 from compiler.reparam import reparameterize_for_deploy
-from compiler.parity import ParityError, ParityReport, ParityTolerance, check_onnx_parity, parity_tiles
 from compiler.runtime.errors import NnslimError
 from compiler.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from compiler.tensorrt_engine import BackendUnavailable, import_tensorrt
@@ -57,6 +67,7 @@ class BuildConfig:
     precision: str = "fp32"
     tolerance: ParityTolerance | None = None  # None: the precision's default
     pass_parity: bool = True  # check ONNX Runtime parity after every graph pass
+    prune: PruneSettings = PruneSettings()
     opset: int = 18
 
 
@@ -84,6 +95,15 @@ def build_engine(config: BuildConfig) -> BuildResult:
     patch = _check_patch(config.patch_size or tuple(metadata["patch_size"]), arch.total_stride)
     if config.batch_size < 1:
         raise BuildError(f"--batch must be >= 1, got {config.batch_size}")
+    reference, pruning = model, None
+    if config.prune.active:
+        with _timed(stages, "prune", **asdict(config.prune)) as record:              # after fusing
+            try:
+                deployed, pruning = prune_for_deploy(deployed, config.prune, patch)
+            except ValueError as exc:
+                raise BuildError(f"cannot prune: {exc}") from exc
+            record.update({k: v for k, v in pruning.items() if k != "settings"})
+        reference = deployed
 
     with _staging_dir(config.out_dir) as staging:
         settings = ExportSettings(patch_size=patch, in_channels=arch.in_channels, opset=config.opset)
@@ -99,8 +119,10 @@ def build_engine(config: BuildConfig) -> BuildResult:
             onnx.checker.check_model(optimized, full_check=True)
             onnx.save(optimized, str(staging / "model.opt.onnx"))
             record["results"] = [r.to_dict() for r in pass_records]
-        with _timed(stages, "parity", tiles=source, tolerance=vars(tolerance)):       # vs the trained model
-            parity = check_onnx_parity(model, staging / "model.opt.onnx", tiles, source, config.batch_size)
+        with _timed(stages, "parity", tiles=source, tolerance=vars(tolerance)) as record:  # vs PyTorch
+            parity = check_onnx_parity(reference, staging / "model.opt.onnx", tiles, source, config.batch_size)
+            if pruning is not None:
+                record["pruned_vs_trained_argmax_agreement"] = torch_agreement(model, deployed, tiles)
         if not parity.within(tolerance):
             raise ParityError(
                 f"ONNX Runtime disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} "
@@ -112,6 +134,8 @@ def build_engine(config: BuildConfig) -> BuildResult:
             "macs_per_patch": conv_macs(deployed, (arch.in_channels, *patch)),
             "conv_weight_sparsity": conv_weight_sparsity(deployed),
             "reparameterization": fused.to_dict(),
+            "pruning": pruning,
+            "runtime_model_size": file_sizes(staging / "model.opt.onnx"),
         }
         manifest = _manifest(config, backend, payload, patch, stages, parity, tolerance, model_stats)
         _write_report(staging / "report.md", manifest)
@@ -266,6 +290,8 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         f"{fused['batchnorms_folded']} BatchNorms folded |",
         f"| conv MACs per patch | {model['macs_per_patch'] / 1e9:.2f} G |",
         f"| conv weight sparsity | {model['conv_weight_sparsity']:.1%} |",
+        f"| model.opt.onnx size | {model['runtime_model_size']['bytes']:,} B raw, "
+        f"{model['runtime_model_size']['compressed_bytes']:,} B zlib-compressed |",
         "",
         "## Parity (ONNX Runtime vs PyTorch)",
         "",

@@ -248,3 +248,25 @@ def test_default_pipeline_order():
                      "MakeBatchDynamicPass", "ConvertToFloat16Pass", "CheckTensorRTCompatibilityPass"]
     with pytest.raises(PassError, match="precision must be one of"):
         default_passes("int8")
+
+
+def test_fold_batchnorm_refuses_weights_that_are_graph_inputs():
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1] * 6),
+         helper.make_node("BatchNormalization", ["c", "scale", "bias", "mean", "var"], ["y"], epsilon=1e-3)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, [6, 4, 3, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, *SHAPE[2:]])],
+        _bn(""),
+    )
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    out, records = PassManager([FoldBatchNormIntoConvPass()]).run(m)
+    assert records[0].changed == 0 and ops(out)["BatchNormalization"] == 1
+
+
+def test_fp16_pass_does_not_fire_twice():
+    once, _ = PassManager([ConvertToFloat16Pass()]).run(_unet_like())
+    twice, records = PassManager([ConvertToFloat16Pass()]).run(once)
+    assert records[0].changed == 0 and ops(twice) == ops(once)
