@@ -301,6 +301,57 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
         tmp.replace(json_out)
 
 
+def _floats(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+@cli.command("prune-sweep", epilog="""\b
+Examples:
+  nnslim prune-sweep artifacts/models/mni-tissue-tiny.pt \\
+      --volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz \\
+      --labels artifacts/data/mni-tissue/labelsTr/mni.nii.gz --out artifacts/prune-sweep/tiny
+  nnslim prune-sweep model.pt --volume scan.nii.gz --thresholds 0.01,0.02,0.05 --out artifacts/sweep
+""")
+@click.argument("checkpoint", type=_path(dir_okay=False))
+@click.option("--volume", required=True, type=_path(dir_okay=False), help="Volume to segment at every level.")
+@click.option("--labels", type=_path(dir_okay=False), default=None, help="Reference labels, for true Dice.")
+@click.option("--mask", type=_path(dir_okay=False), default=None, help="Score only where this volume is nonzero.")
+@click.option("--sparsities", callback=_floats, default=None,
+              help="Comma-separated target sparsities [default: 0,0.5,0.7,0.8,0.85,0.9,0.95].")
+@click.option("--thresholds", callback=_floats, default=None, help="Comma-separated magnitude thresholds instead.")
+@click.option("--min-proxy-dice", default=0.95, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Writes sweep.json, sweep.png.")
+@progress_option
+def prune_sweep(checkpoint, volume, labels, mask, sparsities, thresholds, min_proxy_dice, out_dir, progress) -> None:
+    """Global magnitude pruning at several levels without retraining (seed 001): proxy Dice of
+    pruned vs unpruned segmentations, true Dice, and the largest sparsity at proxy Dice >= 0.95."""
+    from compiler.prune_sweep import DEFAULT_SPARSITIES, SweepConfig, run_sweep
+
+    if sparsities is not None and thresholds is not None:
+        raise click.UsageError("--sparsities and --thresholds are alternatives; give one")
+    config = SweepConfig(
+        checkpoint=checkpoint, volume=volume, labels=labels, mask=mask, out_dir=out_dir,
+        sparsities=None if thresholds is not None else (sparsities or DEFAULT_SPARSITIES),
+        thresholds=thresholds, min_proxy_dice=min_proxy_dice, progress=progress,
+    )
+    result = run_sweep(config)
+    click.echo(f"{'sparsity':>9} {'threshold':>10} {'proxy Dice':>11}" + (f" {'true Dice':>10}" if labels else ""))
+    for row in result["levels"]:
+        line = f"{row['sparsity']:>9.3f} {row['threshold']:>10.3g} {row['proxy_mean_dice']:>11.4f}"
+        click.echo(line + (f" {row['true_mean_dice']:>10.4f}" if labels else ""))
+    best = result["largest_sparsity_at_min_proxy_dice"]
+    click.echo(f"largest sparsity at proxy Dice >= {min_proxy_dice}: " + (f"{best:.1%}" if best is not None else "none"))
+    if result["best_level"]:
+        click.echo("sparsity by region: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in result["best_level"]["region_sparsity"].items()))
+    click.echo(f"written: {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")
+
+
 @cli.command(epilog="""\b
 Examples:
   nnslim inspect artifacts/engines/mni-tissue-tiny

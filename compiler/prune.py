@@ -45,10 +45,12 @@ class LayerSparsity:
 
 
 def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Conv / ConvTranspose weights by module name, one entry per storage."""
+    """Conv / ConvTranspose weights by module name, one entry per storage; deep-supervision heads
+    that inference does not run (and export drops) are left out."""
     seen, weights = set(), {}
+    inactive = _inactive_heads(model)
     for name, module in model.named_modules():
-        if isinstance(module, PRUNABLE):
+        if isinstance(module, PRUNABLE) and name not in inactive:
             key = (module.weight.untyped_storage().data_ptr(), module.weight.storage_offset())
             if key not in seen:
                 seen.add(key)
@@ -167,6 +169,13 @@ def region_sparsity(rows: list[LayerSparsity]) -> dict[str, float]:
         zeros, total = regions.setdefault(r.region, [0, 0])
         regions[r.region] = [zeros + r.zeros, total + r.parameters]
     return {k: z / t for k, (z, t) in regions.items()}
+
+
+def _inactive_heads(model: nn.Module) -> set[str]:
+    decoder = getattr(model, "decoder", None)
+    if decoder is None or getattr(decoder, "deep_supervision", True) or not hasattr(decoder, "seg_layers"):
+        return set()
+    return {f"decoder.seg_layers.{i}" for i in range(len(decoder.seg_layers) - 1)}
 
 
 def _encoder_stage_count(model: nn.Module) -> int:

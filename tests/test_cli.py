@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from compiler.cli import cli
 
-COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect"]
+COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep"]
 
 
 def run(*args):
@@ -89,3 +89,39 @@ def test_cli_preset_list_matches_the_presets():
     from training.config import PRESETS
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)
+
+
+def test_build_engine_prunes_after_fusing(checkpoint_path, small_volume, tmp_path):
+    import json
+
+    result = run("build-engine", checkpoint_path, "--out", tmp_path / "p", "--prune-sparsity", "0.7")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    names = [s["name"] for s in manifest["stages"]]
+    assert names.index("reparameterize") < names.index("prune") < names.index("export")
+    assert manifest["model"]["conv_weight_sparsity"] == pytest.approx(0.7, abs=0.01)
+    size = manifest["model"]["runtime_model_size"]
+    assert size["compressed_bytes"] < 0.6 * size["bytes"]  # zeros compress
+    assert "conv sparsity     70" in run("inspect", tmp_path / "p").output
+
+    result = run("build-engine", checkpoint_path, "--out", tmp_path / "s", "--prune-structured", "0.5",
+                 "--finetune-steps", "2", "--finetune-dataset", "mni-tissue")
+    assert result.exit_code == 0, result.output
+    pruning = json.loads((tmp_path / "s" / "manifest.json").read_text())["model"]["pruning"]
+    assert pruning["structured"]["widths_after"]["encoder.stages.2.0.convs.1"] == 8
+    assert pruning["finetune"]["steps"] == 2
+
+    result = run("build-engine", checkpoint_path, "--out", tmp_path / "x", "--prune-sparsity", "0.5", "--prune-threshold", "0.1")
+    assert result.exit_code == 2 and "alternatives" in result.output
+    result = run("build-engine", checkpoint_path, "--out", tmp_path / "x", "--finetune-steps", "3")
+    assert result.exit_code == 2 and "needs --prune-structured" in result.output
+
+
+def test_prune_sweep_cli(checkpoint_path, small_volume, tmp_path):
+    result = run("prune-sweep", checkpoint_path, "--volume", small_volume, "--sparsities", "0,0.5",
+                 "--out", tmp_path / "sweep", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert "largest sparsity at proxy Dice >= 0.95" in result.output
+    assert (tmp_path / "sweep" / "sweep.png").is_file()
+    result = run("prune-sweep", checkpoint_path, "--volume", small_volume, "--sparsities", "a,b", "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "comma-separated" in result.output
