@@ -7,16 +7,7 @@ import math
 import torch
 from torch import nn
 
-
-def parameter_count(model: nn.Module) -> int:
-    """Parameters counted once per storage (tied or shared tensors count once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), p.shape)
-        if key not in seen:
-            seen.add(key)
-            total += p.numel()
-    return total
+from training.unet import count_parameters as parameter_count  # noqa: F401 - re-exported
 
 
 def conv_weight_sparsity(model: nn.Module) -> float:

@@ -149,11 +149,6 @@ def load_model(path: str | os.PathLike) -> tuple[UNet3d, dict[str, Any]]:
     return model, payload["metadata"]
 
 
-def as_module(model: nn.Module) -> nn.Module:
-    """Unwrap DistributedDataParallel / compiled wrappers."""
-    return getattr(model, "module", model)
-
-
 def _chmod_default(path: str) -> None:
     """mkstemp creates files 0600; give the final file the permissions a plain open() would."""
     umask = os.umask(0)

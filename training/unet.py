@@ -174,13 +174,12 @@ def _init_he(module: nn.Module) -> None:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters counted once per storage (shared tensors count once)."""
-    seen: set[int] = set()
+    """Parameters counted once per storage (tied or shared tensors count once)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
     total = 0
     for p in model.parameters():
-        key = p.untyped_storage().data_ptr()
-        if key in seen:
-            continue
-        seen.add(key)
-        total += p.numel()
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
+        if key not in seen:
+            seen.add(key)
+            total += p.numel()
     return total
