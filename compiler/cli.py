@@ -158,8 +158,8 @@ Examples:
 @click.option("--parity-tiles", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: weights and activations in fp16, normalizations and I/O in fp32 (explicit Casts).")
-@click.option("--parity-atol", default=None, type=click.FloatRange(min=0),
-              help="Max |logit error| allowed vs PyTorch [default: 1e-2 fp32, 0.25 fp16].")
+@click.option("--parity-rtol", default=None, type=click.FloatRange(min=0),
+              help="Max |logit error| vs PyTorch, relative to the largest logit [default: 1e-2 fp32, 5e-2 fp16].")
 @click.option("--min-agreement", default=None, type=click.FloatRange(0, 1),
               help="Min argmax agreement vs PyTorch [default: 0.999 fp32, 0.995 fp16].")
 @click.option("--no-pass-parity", is_flag=True, help="Skip the ONNX Runtime parity check after each graph pass.")
@@ -174,7 +174,7 @@ Examples:
               help="Fine-tune steps after --prune-structured.")
 @click.option("--finetune-dataset", default=None, help="Dataset for --finetune-steps (default: the checkpoint's).")
 def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, precision,
-                 parity_atol, min_agreement, no_pass_parity, prune_sparsity, prune_threshold, structured_ratio,
+                 parity_rtol, min_agreement, no_pass_parity, prune_sparsity, prune_threshold, structured_ratio,
                  two_four, finetune_steps, finetune_dataset) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 
@@ -187,7 +187,7 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
 
     default = ParityTolerance.for_precision(precision)
     tolerance = ParityTolerance(
-        default.max_abs_logit_error if parity_atol is None else parity_atol,
+        default.max_rel_logit_error if parity_rtol is None else parity_rtol,
         default.min_argmax_agreement if min_agreement is None else min_agreement,
     )
     if prune_sparsity is not None and prune_threshold is not None:
@@ -227,7 +227,8 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         click.echo(f"  {record['name']:<32} {record['changed']:>4} change(s){figures}")
     click.echo(
         f"parity vs PyTorch on {p.tiles} tiles ({result.manifest['precision']}): max |logit error| "
-        f"{p.max_abs_logit_error:.2e}, argmax agreement {p.argmax_agreement:.6f}"
+        f"{p.max_abs_logit_error:.2e} ({p.max_rel_logit_error:.1e} of the largest logit), "
+        f"argmax agreement {p.argmax_agreement:.6f}"
     )
 
 

@@ -27,18 +27,22 @@ class ParityError(NnslimError):
 
 @dataclass(frozen=True)
 class ParityTolerance:
-    """Defaults for fp32. ONNX Runtime's CPU InstanceNormalization accumulates statistics in a way
-    that loses precision when a channel's mean is large against its spread (flat background after
-    a conv): measured up to 6e-3 absolute error on logits of magnitude ~6, against 2e-5 for
-    PyTorch fp32, both versus float64. The argmax agreement is the gate that matters."""
+    """How close the engine's logits must be to PyTorch's.
 
-    max_abs_logit_error: float = 1e-2
+    The error bound is relative to the largest reference logit, because ONNX Runtime's CPU
+    reductions (InstanceNormalization's mean and variance) accumulate in float32 and lose
+    precision as tiles grow: on the demo model, 3e-4 of the logit scale at 96^3 tiles and 6e-3 at
+    160^3, where PyTorch fp32 stays near 1e-6 (rewriting InstanceNorm as ReduceMean/Sub/Mul does
+    not help). The argmax agreement is the gate that matters for a segmentation.
+    """
+
+    max_rel_logit_error: float = 1e-2
     min_argmax_agreement: float = 0.999
 
     @classmethod
     def for_precision(cls, precision: str) -> ParityTolerance:
         """fp32: the defaults. fp16: 10-bit mantissas through every conv; agreement >= 99.5%."""
-        return cls() if precision == "fp32" else cls(max_abs_logit_error=0.25, min_argmax_agreement=0.995)
+        return cls() if precision == "fp32" else cls(max_rel_logit_error=5e-2, min_argmax_agreement=0.995)
 
 
 @dataclass(frozen=True)
@@ -48,16 +52,21 @@ class ParityReport:
     voxels: int
     max_abs_logit_error: float
     mean_abs_logit_error: float
+    max_abs_reference_logit: float
     argmax_agreement: float
+
+    @property
+    def max_rel_logit_error(self) -> float:
+        return self.max_abs_logit_error / max(self.max_abs_reference_logit, 1e-12)
 
     def within(self, tolerance: ParityTolerance) -> bool:
         return (
-            self.max_abs_logit_error <= tolerance.max_abs_logit_error
+            self.max_rel_logit_error <= tolerance.max_rel_logit_error
             and self.argmax_agreement >= tolerance.min_argmax_agreement
         )
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "max_rel_logit_error": self.max_rel_logit_error}
 
 
 def parity_tiles(
@@ -98,6 +107,7 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, source: str) -> Pa
         voxels=int(reference[:, 0].numel()),
         max_abs_logit_error=float(diff.max()),
         mean_abs_logit_error=float(diff.mean()),
+        max_abs_reference_logit=float(reference.abs().max()),
         argmax_agreement=float(agreement),
     )
 

@@ -125,8 +125,9 @@ def build_engine(config: BuildConfig) -> BuildResult:
                 record["pruned_vs_trained_argmax_agreement"] = torch_agreement(model, deployed, tiles)
         if not parity.within(tolerance):
             raise ParityError(
-                f"ONNX Runtime disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} "
-                f"(allowed {tolerance.max_abs_logit_error:.3g}), argmax agreement "
+                f"ONNX Runtime disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} = "
+                f"{parity.max_rel_logit_error:.2e} of the largest logit (allowed {tolerance.max_rel_logit_error:.2e}), "
+                f"argmax agreement "
                 f"{parity.argmax_agreement:.5f} (needed {tolerance.min_argmax_agreement}); engine not written"
             )
         model_stats = {
@@ -296,7 +297,8 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         "## Parity (ONNX Runtime vs PyTorch)",
         "",
         f"- tiles: {parity['source']}",
-        f"- max |logit error|: {parity['max_abs_logit_error']:.3g} (tolerance {parity['tolerance']['max_abs_logit_error']:.3g})",
+        f"- max |logit error|: {parity['max_abs_logit_error']:.3g}, {parity['max_rel_logit_error']:.2e} of the largest "
+        f"logit (tolerance {parity['tolerance']['max_rel_logit_error']:.2e})",
         f"- mean |logit error|: {parity['mean_abs_logit_error']:.3g}",
         f"- argmax agreement: {parity['argmax_agreement']:.6f} (needed {parity['tolerance']['min_argmax_agreement']})",
         "",

@@ -1,10 +1,15 @@
 """The main job, run through the real `nnslim` commands a user would type.
 
 1. prepare-dataset mni-tissue      -> artifacts/data/mni-tissue (raw layout + holdout mask)
-2. build-engine (bundled model)    -> artifacts/engines/mni-tissue-tiny (ONNX Runtime engine)
+2. build-engine (bundled model)    -> artifacts/engines/mni-tissue-tiny (ONNX Runtime engine, 160^3 tiles)
 3. infer with the engine           -> artifacts/demo/mni_seg_onnxruntime.nii.gz
 4. infer with PyTorch (same window) -> artifacts/demo/mni_seg_torch.nii.gz
 5. evaluate: Dice on the held-out band, on the whole volume, and engine-vs-PyTorch agreement
+6. the same engine at the training patch (96^3 tiles, nnU-Net's default), for comparison
+
+The tiny model was trained on 96^3 patches but segments better with larger tiles (its
+InstanceNorm statistics and tile seams; see the README), at the same CPU time, so the main
+engine uses 160^3 tiles; both figures are printed.
 
 Prints a table and writes artifacts/demo/summary.json. Exits 1 when the held-out mean Dice is
 below 0.85 or the engine agrees with PyTorch on fewer than 99.9% of voxels.
@@ -24,6 +29,8 @@ NNSLIM = [str(ROOT / ".venv" / "bin" / "nnslim")]
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
 DATA = ROOT / "artifacts" / "data" / "mni-tissue"
 ENGINE = ROOT / "artifacts" / "engines" / "mni-tissue-tiny"
+ENGINE_TRAINING_PATCH = ROOT / "artifacts" / "engines" / "mni-tissue-tiny-p96"
+TILE = ("160", "160", "160")
 OUT = ROOT / "artifacts" / "demo"
 MIN_DICE, MIN_AGREEMENT = 0.85, 0.999
 
@@ -46,7 +53,8 @@ def main() -> int:
     seg_engine, seg_torch = OUT / "mni_seg_onnxruntime.nii.gz", OUT / "mni_seg_torch.nii.gz"
     times = {
         "prepare": step("prepare data", "prepare-dataset", "mni-tissue", DATA),
-        "build": step("build engine", "build-engine", MODEL, "--out", ENGINE, "--parity-volume", image),
+        "build": step("build engine", "build-engine", MODEL, "--out", ENGINE, "--patch", *TILE, "--parity-volume", image,
+                      "--parity-tiles", "2"),
         "infer_engine": step("segment with the engine", "infer", ENGINE, image, "-o", seg_engine),
         "infer_torch": step("segment with PyTorch", "infer", ENGINE, image, "-o", seg_torch, "--torch-checkpoint", MODEL),
     }
@@ -55,19 +63,28 @@ def main() -> int:
     step("Dice on the whole volume (mostly seen in training)", "evaluate", seg_engine, labels,
          "--labels-from", ENGINE, "--json", OUT / "dice_whole.json")
     step("engine vs PyTorch", "evaluate", seg_engine, seg_torch, "--labels-from", ENGINE, "--json", OUT / "parity.json")
+    seg_p96 = OUT / "mni_seg_onnxruntime_p96.nii.gz"
+    times["build_p96"] = step("build engine at the training patch", "build-engine", MODEL, "--out", ENGINE_TRAINING_PATCH,
+                              "--parity-volume", image)
+    times["infer_p96"] = step("segment with 96^3 tiles", "infer", ENGINE_TRAINING_PATCH, image, "-o", seg_p96)
+    step("Dice on the held-out band, 96^3 tiles", "evaluate", seg_p96, labels, "--mask", DATA / "holdout_mask.nii.gz",
+         "--labels-from", ENGINE, "--json", OUT / "dice_holdout_p96.json")
 
     holdout = json.loads((OUT / "dice_holdout.json").read_text())
     whole = json.loads((OUT / "dice_whole.json").read_text())
     parity = json.loads((OUT / "parity.json").read_text())
+    holdout_p96 = json.loads((OUT / "dice_holdout_p96.json").read_text())
     manifest = json.loads((ENGINE / "manifest.json").read_text())
     summary = {
         "model": str(MODEL.relative_to(ROOT)),
         "volume": "MNI ICBM152 2009c T1, 197x233x189 @ 1 mm",
         "holdout_dice": holdout["dice"],
         "holdout_mean_dice": holdout["mean_dice"],
+        "tile": [int(t) for t in TILE],
+        "holdout_mean_dice_training_patch_tiles": holdout_p96["mean_dice"],
         "whole_volume_mean_dice": whole["mean_dice"],
         "engine_vs_torch_voxel_agreement": parity["agreement"],
-        "tile_parity": {k: manifest["parity"][k] for k in ("max_abs_logit_error", "argmax_agreement", "tiles")},
+        "tile_parity": {k: manifest["parity"][k] for k in ("max_abs_logit_error", "max_rel_logit_error", "argmax_agreement", "tiles")},
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "total_seconds": round(sum(times.values()), 1),
     }
@@ -77,13 +94,17 @@ def main() -> int:
     rows = [
         ("held-out band: Dice grey matter", f"{holdout['dice']['grey_matter']:.4f}"),
         ("held-out band: Dice white matter", f"{holdout['dice']['white_matter']:.4f}"),
-        ("held-out band: mean Dice", f"{holdout['mean_dice']:.4f}  (target >= {MIN_DICE})"),
+        ("held-out band: mean Dice", f"{holdout['mean_dice']:.4f}  (target >= {MIN_DICE}; 160^3 tiles)"),
+        ("held-out band: mean Dice, 96^3", f"{holdout_p96['mean_dice']:.4f}  (tiles = training patch)"),
         ("whole volume: mean Dice", f"{whole['mean_dice']:.4f}"),
         ("engine vs PyTorch, whole volume", f"{parity['agreement']:.6f} voxel agreement (target >= {MIN_AGREEMENT})"),
-        ("engine vs PyTorch, parity tiles", f"max |logit error| {manifest['parity']['max_abs_logit_error']:.2e}"),
+        ("engine vs PyTorch, parity tiles", f"max |logit error| {manifest['parity']['max_abs_logit_error']:.2e} "
+                                            f"({manifest['parity']['max_rel_logit_error']:.1e} of the largest logit), "
+                                            f"argmax agreement {manifest['parity']['argmax_agreement']:.6f}"),
         ("build-engine", f"{times['build']:.1f} s"),
         ("infer, ONNX Runtime (CPU)", f"{times['infer_engine']:.1f} s (whole command)"),
         ("infer, PyTorch (CPU)", f"{times['infer_torch']:.1f} s (whole command)"),
+        ("infer, ONNX Runtime, 96^3 tiles", f"{times['infer_p96']:.1f} s (whole command)"),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n== nnslim demo summary ==")

@@ -125,3 +125,14 @@ def test_prune_sweep_cli(checkpoint_path, small_volume, tmp_path):
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     result = run("prune-sweep", checkpoint_path, "--volume", small_volume, "--sparsities", "a,b", "--out", tmp_path / "x")
     assert result.exit_code == 2 and "comma-separated" in result.output
+
+
+def test_train_command_writes_a_checkpoint_build_engine_accepts(mni_raw, tmp_path):
+    result = run("train", "--preset", "tiny", "--dataset", mni_raw, "--out", tmp_path / "run", "--epochs", "1",
+                 "--iterations-per-epoch", "2", "--patch", "32", "32", "32", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "checkpoint_final.pt").is_file() and (tmp_path / "run" / "history.json").is_file()
+    result = run("train", "--preset", "nope", "--dataset", mni_raw, "--out", tmp_path / "x")
+    assert result.exit_code == 2 and "nope" in result.output
+    result = run("train", "--preset", "tiny", "--dataset", tmp_path / "missing", "--out", tmp_path / "x")
+    assert result.exit_code == 1 and "no such folder" in result.output
