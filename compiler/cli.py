@@ -350,6 +350,10 @@ def prune_sweep(checkpoint, volume, labels, mask, sparsities, thresholds, min_pr
     if result["best_level"]:
         click.echo("sparsity by region: " + ", ".join(
             f"{k} {v:.1%}" for k, v in result["best_level"]["region_sparsity"].items()))
+        click.echo(f"{'layer':<36} {'region':<10} {'weights':>9} {'sparsity':>9} {'mean |w|':>9}")
+        for layer in result["layers_at_best_level"]:
+            click.echo(f"{layer['name']:<36} {layer['region']:<10} {layer['parameters']:>9,} "
+                       f"{layer['sparsity']:>9.1%} {layer['mean_abs_unpruned']:>9.4f}")
     click.echo(f"written: {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")
 
 
