@@ -3,7 +3,6 @@ function; heavy imports happen inside the commands so `--help` is instant."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -37,12 +36,6 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _path(exists: bool = True, **kwargs) -> click.Path:
     return click.Path(exists=exists, path_type=Path, **kwargs)
-
-
-def _checkpoint_dataset(checkpoint: Path) -> str | None:
-    from training.checkpoint import read_checkpoint
-
-    return (read_checkpoint(checkpoint)["metadata"].get("dataset") or {}).get("name")
 
 
 class NnslimGroup(click.Group):
@@ -196,7 +189,7 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         raise click.UsageError("--finetune-steps needs --prune-structured")
     prune = PruneSettings(
         sparsity=prune_sparsity, threshold=prune_threshold, structured_ratio=structured_ratio, two_four=two_four,
-        finetune_steps=finetune_steps, finetune_dataset=finetune_dataset or (_checkpoint_dataset(checkpoint) if finetune_steps else None),
+        finetune_steps=finetune_steps, finetune_dataset=finetune_dataset,
     )
     config = BuildConfig(
         checkpoint=checkpoint, out_dir=out_dir, patch_size=tuple(patch) if patch else None, batch_size=batch_size,
@@ -284,6 +277,7 @@ Examples:
 @click.option("--json", "json_out", type=_path(exists=False, dir_okay=False), default=None, help="Also write the figures here.")
 def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     """Dice per label and voxel agreement between two label volumes."""
+    from compiler.runtime.files import write_json_atomic
     from compiler.runtime.manifest import read_manifest
     from compiler.runtime.metrics import evaluate_files
 
@@ -296,10 +290,7 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     click.echo(f"  mean Dice          {result.mean_dice:.4f}")
     click.echo(f"  voxel agreement    {result.agreement:.6f}")
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = json_out.with_name(f".{json_out.name}.tmp")
-        tmp.write_text(json.dumps(result.to_dict(), indent=2))
-        tmp.replace(json_out)
+        write_json_atomic(json_out, result.to_dict())
 
 
 def _floats(ctx, param, value):

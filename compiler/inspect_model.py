@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,6 @@ class ModelSummary:
     tensorrt_issues: list[str]
     opset: int
     manifest: dict[str, Any] | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def inspect_path(path: Path) -> ModelSummary:

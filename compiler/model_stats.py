@@ -7,8 +7,6 @@ import math
 import torch
 from torch import nn
 
-from training.unet import count_parameters as parameter_count  # noqa: F401 - re-exported
-
 
 def conv_weight_sparsity(model: nn.Module) -> float:
     """Fraction of exactly-zero weights over all conv / transposed-conv kernels."""

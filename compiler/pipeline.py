@@ -20,7 +20,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +29,7 @@ import onnx
 import torch
 
 from compiler.export import ExportError, ExportSettings, export_onnx
-from compiler.model_stats import conv_macs, conv_weight_sparsity, parameter_count
+from compiler.model_stats import conv_macs, conv_weight_sparsity
 from compiler.parity import (
     ParityError,
     ParityReport,
@@ -42,9 +42,11 @@ from compiler.passes import ParityProbe, PassManager, default_passes
 from compiler.prune import PruneSettings, file_sizes, prune_for_deploy
 from compiler.reparam import reparameterize_for_deploy
 from compiler.runtime.errors import NnslimError
+from compiler.runtime.files import write_json_atomic
 from compiler.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from compiler.tensorrt_engine import BackendUnavailable, import_tensorrt
 from training.checkpoint import build_model, read_checkpoint
+from training.unet import count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +99,12 @@ def build_engine(config: BuildConfig) -> BuildResult:
         raise BuildError(f"--batch must be >= 1, got {config.batch_size}")
     reference, pruning = model, None
     if config.prune.active:
-        with _timed(stages, "prune", **asdict(config.prune)) as record:              # after fusing
+        prune = config.prune
+        if prune.finetune_steps and not prune.finetune_dataset:  # default: the dataset it was trained on
+            prune = replace(prune, finetune_dataset=(metadata.get("dataset") or {}).get("name"))
+        with _timed(stages, "prune", **asdict(prune)) as record:                     # after fusing
             try:
-                deployed, pruning = prune_for_deploy(deployed, config.prune, patch)
+                deployed, pruning = prune_for_deploy(deployed, prune, patch)
             except ValueError as exc:
                 raise BuildError(f"cannot prune: {exc}") from exc
             record.update({k: v for k, v in pruning.items() if k != "settings"})
@@ -131,7 +136,7 @@ def build_engine(config: BuildConfig) -> BuildResult:
                 f"{parity.argmax_agreement:.5f} (needed {tolerance.min_argmax_agreement}); engine not written"
             )
         model_stats = {
-            "parameters": parameter_count(deployed),
+            "parameters": count_parameters(deployed),
             "macs_per_patch": conv_macs(deployed, (arch.in_channels, *patch)),
             "conv_weight_sparsity": conv_weight_sparsity(deployed),
             "reparameterization": fused.to_dict(),
@@ -145,7 +150,7 @@ def build_engine(config: BuildConfig) -> BuildResult:
             for p in sorted(staging.iterdir())
             if p.is_file()
         }
-        _write_json(staging / MANIFEST, manifest)                                      # last: marks it complete
+        write_json_atomic(staging / MANIFEST, manifest)                                    # last: marks it complete
     logger.info("engine written to %s", config.out_dir)
     return BuildResult(config.out_dir, manifest, parity)
 
@@ -203,12 +208,6 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
         out_dir.rename(old)
     staging.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
 
 
 def _tool_versions() -> dict[str, Any]:

@@ -17,7 +17,10 @@ Structured pruning (`structured.py`) removes whole channels and does change late
 
 from __future__ import annotations
 
+import copy
+import zlib
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -157,8 +160,9 @@ def layer_sparsity(model: nn.Module) -> list[LayerSparsity]:
     return rows
 
 
-def global_sparsity(model: nn.Module) -> float:
-    rows = layer_sparsity(model)
+def global_sparsity(model: nn.Module, rows: list[LayerSparsity] | None = None) -> float:
+    """Zero fraction over all prunable weights (`rows`: an already computed `layer_sparsity`)."""
+    rows = layer_sparsity(model) if rows is None else rows
     total = sum(r.parameters for r in rows)
     return sum(r.zeros for r in rows) / total if total else 0.0
 
@@ -194,9 +198,6 @@ def _region(name: str, stages: int) -> str:
 
 def file_sizes(path) -> dict[str, int]:
     """Raw and zlib-compressed (level 6) size of a file: zeros shrink only the latter."""
-    import zlib
-    from pathlib import Path
-
     data = Path(path).read_bytes()
     return {"bytes": len(data), "compressed_bytes": len(zlib.compress(data, 6))}
 
@@ -237,41 +238,32 @@ class PruneSettings:
 
 def prune_for_deploy(model: nn.Module, settings: PruneSettings, patch: tuple[int, int, int]) -> tuple[nn.Module, dict]:
     """Prune a deploy-form model (a copy) as `settings` say; return it and what was done."""
-    import copy
-
     settings.validate()
     report: dict = {"settings": asdict(settings)}
     model = copy.deepcopy(model)
     if settings.structured_ratio is not None:
-        from compiler.model_stats import parameter_count
         from compiler.structured import apply_structured, structured_keep, widths
+        from training.unet import count_parameters
 
-        before, params_before = widths(model), parameter_count(model)
+        before, params_before = widths(model), count_parameters(model)
         model = apply_structured(model, structured_keep(model, settings.structured_ratio))
         report["structured"] = {"widths_before": before, "widths_after": widths(model),
-                                "parameters_before": params_before, "parameters_after": parameter_count(model)}
+                                "parameters_before": params_before, "parameters_after": count_parameters(model)}
         if settings.finetune_steps:
             from compiler.structured import finetune
 
             losses = finetune(model, settings.finetune_dataset, settings.finetune_steps, patch)
             report["finetune"] = {"steps": settings.finetune_steps, "first_loss": losses[0], "last_loss": losses[-1]}
     if settings.sparsity is not None or settings.threshold is not None:
-        masks = magnitude_masks(model, threshold=settings.threshold, sparsity=settings.sparsity)
-        apply_masks(model, masks)
-        report["magnitude"] = {"threshold": settings.threshold if settings.threshold is not None
-                               else _smallest_kept(model, masks)}
+        threshold = settings.threshold if settings.threshold is not None else threshold_for_sparsity(model, settings.sparsity)
+        apply_masks(model, magnitude_masks(model, threshold=settings.threshold, sparsity=settings.sparsity))
+        report["magnitude"] = {"threshold": threshold}
     if settings.two_four:
         masks = two_four_masks(model)
         apply_masks(model, masks)
         check_two_four(model, masks)
         report["two_four"] = {"layers": len(masks)}
     rows = layer_sparsity(model)
-    report["global_sparsity"] = global_sparsity(model)
+    report["global_sparsity"] = global_sparsity(model, rows)
     report["region_sparsity"] = region_sparsity(rows)
     return model.eval(), report
-
-
-def _smallest_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> float:
-    kept = [model.get_submodule(n).weight.detach().abs()[m] for n, m in masks.items()]
-    values = torch.cat([k.flatten() for k in kept]) if kept else torch.zeros(0)
-    return float(values.min()) if values.numel() else 0.0

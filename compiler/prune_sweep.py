@@ -11,7 +11,6 @@ per-layer table and a plot of weights and sparsity across encoder / bottleneck /
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from compiler.prune import (
     region_sparsity,
     threshold_for_sparsity,
 )
+from compiler.runtime.files import write_json_atomic
 from compiler.runtime.metrics import dice_scores
 from compiler.runtime.predictors import TorchPredictor
 from compiler.runtime.preprocessing import normalize
@@ -128,7 +128,7 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot_sweep(result, out / "sweep.png")
-    _write_json(out / "sweep.json", result)
+    write_json_atomic(out / "sweep.json", result)
     return result
 
 
@@ -136,12 +136,6 @@ def _load_labels(path: Path) -> np.ndarray:
     import nibabel as nib
 
     return np.asarray(nib.load(path).dataobj).astype(np.int64)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(path)
 
 
 REGION_COLOURS = {"encoder": "tab:blue", "bottleneck": "tab:red", "decoder": "tab:green", "head": "tab:gray"}

@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from compiler.model_stats import parameter_count
 from training.blocks import ConvNormAct, FasterFusionBlock
 from training.reparam import reparameterize_model
+from training.unet import count_parameters
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,6 @@ def reparameterize_for_deploy(model: nn.Module) -> tuple[nn.Module, ReparamRepor
     return deployed, ReparamReport(
         faster_fusion_blocks_fused=fusions,
         batchnorms_folded=folds,
-        parameters_before=parameter_count(model),
-        parameters_after=parameter_count(deployed),
+        parameters_before=count_parameters(model),
+        parameters_after=count_parameters(deployed),
     )

@@ -18,21 +18,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
 
-from compiler.export import ExportSettings, export_onnx
-from compiler.model_stats import conv_macs, parameter_count
-from compiler.prune import apply_masks, file_sizes, magnitude_masks
+from benchlib import onnx_latency
+from compiler.model_stats import conv_macs
+from compiler.prune import apply_masks, magnitude_masks
+from compiler.runtime.files import write_json_atomic
 from compiler.prune_sweep import SweepConfig, run_sweep
 from compiler.runtime.metrics import dice_scores
 from compiler.runtime.predictors import TorchPredictor
@@ -42,26 +40,9 @@ from compiler.runtime.volume_io import load_volume
 from compiler.structured import apply_structured, finetune, structured_keep
 from training.checkpoint import load_model
 from training.reparam import reparameterize_model
+from training.unet import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def latency(model: torch.nn.Module, shape: tuple[int, ...], repeats: int, workdir: Path) -> tuple[float, dict]:
-    path = workdir / f"m{time.monotonic_ns()}.onnx"
-    export_onnx(model, path, ExportSettings(patch_size=shape[1:], in_channels=shape[0]))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    session.run(None, {"image": x})
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, {"image": x})
-        times.append(time.perf_counter() - started)
-    sizes = file_sizes(path)
-    path.unlink()
-    return statistics.median(times), sizes
 
 
 def bench_checkpoint(args: argparse.Namespace, checkpoint: Path, workdir: Path) -> dict:
@@ -70,13 +51,13 @@ def bench_checkpoint(args: argparse.Namespace, checkpoint: Path, workdir: Path) 
     patch = tuple(metadata["patch_size"])
     shape = (model.config.in_channels, *patch)
     labels = metadata["label_names"]
-    print(f"\n{checkpoint} ({parameter_count(model):,} parameters, patch {patch})", flush=True)
+    print(f"\n{checkpoint} ({count_parameters(model):,} parameters, patch {patch})", flush=True)
 
     sweep = run_sweep(SweepConfig(
         checkpoint=checkpoint, volume=args.volume, labels=args.labels, mask=args.mask,
         out_dir=args.out.parent / f"prune-sweep-{checkpoint.stem}", sparsities=tuple(args.sparsities), progress=False,
     ))
-    dense_seconds, dense_size = latency(model, shape, args.repeats, workdir)
+    dense_seconds, _, dense_size = onnx_latency(model, shape, args.repeats, workdir)
     print(f"  magnitude pruning (no retraining); dense ONNX {dense_size['bytes']:,} B, "
           f"{dense_size['compressed_bytes']:,} B compressed")
     print(f"  {'sparsity':>9} {'proxy Dice':>11} {'true Dice':>10} {'compressed size':>16}")
@@ -84,7 +65,7 @@ def bench_checkpoint(args: argparse.Namespace, checkpoint: Path, workdir: Path) 
     for row in sweep["levels"]:
         pruned = copy.deepcopy(model)
         apply_masks(pruned, magnitude_masks(pruned, threshold=row["threshold"]))
-        _, size = latency(pruned, shape, 1, workdir)
+        _, _, size = onnx_latency(pruned, shape, 1, workdir)
         entry = {**row, "onnx_bytes": size["bytes"], "onnx_compressed_bytes": size["compressed_bytes"],
                  "compressed_ratio": size["compressed_bytes"] / dense_size["compressed_bytes"]}
         magnitude.append(entry)
@@ -112,8 +93,8 @@ def bench_checkpoint(args: argparse.Namespace, checkpoint: Path, workdir: Path) 
                 finetune(pruned, args.finetune_dataset, steps, patch)
             seg = sliding_window_inference(image, TorchPredictor(pruned), len(labels), window).argmax(0).numpy()
             proxy = float(np.nanmean(dice_scores(seg[region], baseline[region], list(range(1, len(labels))))))
-            seconds, _ = latency(pruned, shape, args.repeats, workdir)
-            entry = {"ratio": ratio, "finetune_steps": steps, "parameters": parameter_count(pruned),
+            seconds, _, _ = onnx_latency(pruned, shape, args.repeats, workdir)
+            entry = {"ratio": ratio, "finetune_steps": steps, "parameters": count_parameters(pruned),
                      "macs": conv_macs(pruned, shape), "proxy_mean_dice": proxy, "seconds": seconds,
                      "latency_ratio": seconds / dense_seconds}
             structured.append(entry)
@@ -121,11 +102,11 @@ def bench_checkpoint(args: argparse.Namespace, checkpoint: Path, workdir: Path) 
                   f"{proxy:>11.4f} {entry['latency_ratio']:>8.2f}x", flush=True)
     passing = [e for e in structured if e["proxy_mean_dice"] >= 0.95]
     fastest = min(passing, key=lambda e: e["latency_ratio"]) if passing else None
-    print(f"  fastest structured model at proxy Dice >= 0.95: "
+    print("  fastest structured model at proxy Dice >= 0.95: "
           + (f"ratio {fastest['ratio']} (+{fastest['finetune_steps']} steps), {fastest['latency_ratio']:.2f}x latency"
              if fastest else "none"))
     return {
-        "checkpoint": str(checkpoint), "parameters": parameter_count(model), "patch_size": list(patch),
+        "checkpoint": str(checkpoint), "parameters": count_parameters(model), "patch_size": list(patch),
         "dense_seconds": dense_seconds, "dense_onnx_size": dense_size,
         "magnitude": magnitude, "largest_sparsity_at_proxy_dice_0_95": best,
         "region_sparsity_at_best": (sweep["best_level"] or {}).get("region_sparsity"),
@@ -152,10 +133,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for checkpoint in args.checkpoint:
             report["models"].append(bench_checkpoint(args, checkpoint, Path(tmp)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2, default=str))
-    tmp_out.replace(args.out)
+    write_json_atomic(args.out, report, default=str)
     print(f"written: {args.out}")
 
 

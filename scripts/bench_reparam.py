@@ -17,10 +17,8 @@ Prints tables and writes artifacts/bench/reparam.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +28,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from compiler.export import ExportSettings, export_onnx
-from compiler.model_stats import conv_macs, parameter_count
+from benchlib import onnx_latency
+from compiler.model_stats import conv_macs
+from compiler.runtime.files import write_json_atomic
 from training.blocks import ConvNormAct, FasterFusionBlock
 from training.config import get_preset
 from training.reparam import reparameterize_model
-from training.unet import UNet3d
+from training.unet import UNet3d, count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,25 +46,6 @@ def randomized_batchnorm(module: nn.Module) -> nn.Module:
             bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.3)
             bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
     return module.eval()
-
-
-def ort_latency(model: nn.Module, input_shape: tuple[int, ...], repeats: int, workdir: Path) -> tuple[float, np.ndarray]:
-    """Median seconds per batch-1 call of the exported model, and one output for parity checks."""
-    path = workdir / f"m{time.monotonic_ns()}.onnx"
-    export_onnx(model, path, ExportSettings(patch_size=input_shape[1:], in_channels=input_shape[0]))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, *input_shape), dtype=np.float32)
-    out = session.run(None, {"image": x})[0]  # warm-up
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, {"image": x})
-        times.append(time.perf_counter() - started)
-    path.unlink()
-    return statistics.median(times), out
 
 
 def bench_units(channels: list[int], sizes: list[int], repeats: int, workdir: Path) -> list[dict]:
@@ -80,8 +60,8 @@ def bench_units(channels: list[int], sizes: list[int], repeats: int, workdir: Pa
             shape = (c, size, size, size)
             results = {}
             for name, module in (("plain", plain), ("ff_train", train), ("ff_fused", fused), ("ff_dense", dense)):
-                seconds, out = ort_latency(module, shape, repeats, workdir)
-                results[name] = {"params": parameter_count(module), "macs": conv_macs(module, shape), "seconds": seconds, "out": out}
+                seconds, out, _ = onnx_latency(module, shape, repeats, workdir)
+                results[name] = {"params": count_parameters(module), "macs": conv_macs(module, shape), "seconds": seconds, "out": out}
             error = np.abs(results["ff_fused"]["out"] - results["ff_train"]["out"]).max() / np.abs(results["ff_train"]["out"]).max()
             for name, r in results.items():
                 del r["out"]
@@ -112,8 +92,8 @@ def bench_networks(patches: list[int], repeats: int, workdir: Path) -> list[dict
             torch.manual_seed(0)
             model = reparameterize_model(randomized_batchnorm(UNet3d(get_preset(preset).build(1, 3))))
             shape = (1, patch, patch, patch)
-            seconds, _ = ort_latency(model, shape, repeats, workdir)
-            row = {"preset": preset, "patch": patch, "params": parameter_count(model), "macs": conv_macs(model, shape), "seconds": seconds}
+            seconds, _, _ = onnx_latency(model, shape, repeats, workdir)
+            row = {"preset": preset, "patch": patch, "params": count_parameters(model), "macs": conv_macs(model, shape), "seconds": seconds}
             baseline = baseline or row
             row["params_ratio"] = row["params"] / baseline["params"]
             row["latency_ratio"] = row["seconds"] / baseline["seconds"]
@@ -138,7 +118,7 @@ def bench_training(iterations: int, workdir: Path) -> list[dict]:
         model = reparameterize_model(load_model(result.checkpoint)[0])
         rows.append({
             "preset": preset, "iterations": epochs * 25, "held_out_mean_dice": result.final_validation_dice,
-            "held_out_dice": result.history[-1].get("val_dice"), "inference_params": parameter_count(model),
+            "held_out_dice": result.history[-1].get("val_dice"), "inference_params": count_parameters(model),
             "train_seconds": time.perf_counter() - started,
         })
         print(f"  {preset:<12} {epochs * 25} iterations: held-out mean Dice {result.final_validation_dice:.4f}, "
@@ -170,10 +150,7 @@ def main() -> None:
         if args.train_iterations:
             print("training on mni-tissue, same budget:")
             report["training"] = bench_training(args.train_iterations, workdir)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(f".{args.out.name}.tmp")
-    tmp_out.write_text(json.dumps(report, indent=2))
-    tmp_out.replace(args.out)
+    write_json_atomic(args.out, report)
     print(f"written: {args.out}")
 
 

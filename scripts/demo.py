@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from compiler.runtime.files import write_json_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 NNSLIM = [str(ROOT / ".venv" / "bin" / "nnslim")]
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
@@ -88,8 +90,7 @@ def main() -> int:
         "seconds": {k: round(v, 1) for k, v in times.items()},
         "total_seconds": round(sum(times.values()), 1),
     }
-    (OUT / ".summary.json.tmp").write_text(json.dumps(summary, indent=2))
-    (OUT / ".summary.json.tmp").replace(OUT / "summary.json")
+    write_json_atomic(OUT / "summary.json", summary)
 
     rows = [
         ("held-out band: Dice grey matter", f"{holdout['dice']['grey_matter']:.4f}"),

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from training.config import ConfigError, UNetConfig
 from training.unet import UNet3d

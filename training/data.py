@@ -184,7 +184,7 @@ def write_mni_tissue_raw(out_dir: str | Path) -> Path:
         "file_ending": ".nii.gz",
         "holdout": {"axis": MNI_HOLDOUT_AXIS, "slices": list(MNI_HOLDOUT), "margin": HOLDOUT_MARGIN},
     }
-    _atomic_write_text(out / "dataset.json", json.dumps(dataset_json, indent=2))
+    atomic_write_text(out / "dataset.json", json.dumps(dataset_json, indent=2))
     return out
 
 
@@ -196,7 +196,8 @@ def _save_nifti_like(reference: nib.Nifti1Image, data: np.ndarray, path: Path) -
     tmp.replace(path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file + rename (the build side uses compiler.runtime.files; training may not import it)."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)

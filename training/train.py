@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from training.checkpoint import build_model, read_checkpoint, save_checkpoint
 from training.config import ConfigError, get_preset
-from training.data import Case, Dataset, PatchSampler, augment, load_dataset
+from training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
 from training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
 from training.unet import UNet3d, count_parameters
 
@@ -98,20 +98,13 @@ def train(
 
     torch.manual_seed(config.seed)
     model = UNet3d(arch)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=config.learning_rate,
-        momentum=config.momentum,
-        nesterov=True,
-        weight_decay=config.weight_decay,
-    )
+    optimizer = _optimizer(model, config)
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if config.resume and (out / LATEST).is_file():
         payload = read_checkpoint(out / LATEST)
         model = build_model(payload, deep_supervision=config.deep_supervision)
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
-                                    nesterov=True, weight_decay=config.weight_decay)
+        optimizer = _optimizer(model, config)
         optimizer.load_state_dict(payload["optimizer"])
         start_epoch = int(payload["epoch"]) + 1
         history = json.loads(payload["history"])
@@ -155,8 +148,13 @@ def train(
         })
     final = save_checkpoint(out / FINAL, _without_deep_supervision(model), _metadata(
         config, dataset, patch, history, time.perf_counter() - started))
-    (out / "history.json").write_text(json.dumps(history, indent=2))
+    atomic_write_text(out / "history.json", json.dumps(history, indent=2))
     return TrainResult(final, history)
+
+
+def _optimizer(model: UNet3d, config: TrainConfig) -> torch.optim.SGD:
+    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum, nesterov=True,
+                           weight_decay=config.weight_decay)
 
 
 def _without_deep_supervision(model: UNet3d) -> UNet3d:

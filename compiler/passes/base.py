@@ -112,10 +112,9 @@ class PassManager:
             started = time.perf_counter()
             try:
                 result = graph_pass.run(graph)
-                current = _export(graph, model)
                 error = agreement = None
-                if probe is not None:
-                    error, agreement = probe.check(current, name, graph_pass.exact)
+                if probe is not None:  # exporting costs a full graph copy: only when it is checked
+                    error, agreement = probe.check(_export(graph, model), name, graph_pass.exact)
             except Exception as exc:
                 before = ", ".join(r.name for r in records) or "none"
                 raise PassError(f"graph pass {name} failed (passes run before it: {before}): {exc}") from exc

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 
 from compiler.runtime.errors import InputError
+from compiler.runtime.files import chmod_default
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -120,16 +121,9 @@ def save_segmentation(segmentation: np.ndarray, reference: nib.Nifti1Image, path
     os.close(fd)
     try:
         nib.save(out, tmp)
-        _chmod_default(tmp)
+        chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def _chmod_default(path: str) -> None:
-    """mkstemp creates files 0600; give the final file the permissions a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -1,0 +1,38 @@
+"""What the benchmark scripts share: timing an exported model in ONNX Runtime (CPU)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from torch import nn
+
+from compiler.export import ExportSettings, export_onnx
+from compiler.prune import file_sizes
+
+
+def onnx_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, workdir: Path) -> tuple[float, np.ndarray, dict]:
+    """Export `model` for inputs `[1, *shape]`, run it once to warm up, then `repeats` times.
+
+    Returns the median seconds per call, the warm-up output (for parity checks) and the ONNX
+    file's size raw and compressed.
+    """
+    path = workdir / f"m{time.monotonic_ns()}.onnx"
+    export_onnx(model, path, ExportSettings(patch_size=shape[1:], in_channels=shape[0]))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    out = session.run(None, {"image": x})[0]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"image": x})
+        times.append(time.perf_counter() - started)
+    sizes = file_sizes(path)
+    path.unlink()
+    return statistics.median(times), out, sizes
