@@ -131,7 +131,23 @@ def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, pa
         click.echo(f"validation mean Dice (held out): {result.final_validation_dice:.4f}")
 
 
-@cli.command("build-engine", epilog="""\b
+class _FoldsCommand(click.Command):
+    """Reads `--folds 0 1 2` (nnU-Net's spelling) as `--folds 0 --folds 1 --folds 2`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        expanded, taking = [], False
+        for arg in args:
+            is_fold = arg == "all" or arg.isdigit()
+            if taking and is_fold:
+                expanded += ["--folds", arg]
+                continue
+            taking = arg == "--folds"
+            if not taking:
+                expanded.append(arg)
+        return super().parse_args(ctx, expanded)
+
+
+@cli.command("build-engine", cls=_FoldsCommand, epilog="""\b
 Examples:
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny
   nnslim build-engine model.pt --out engines/m --patch 64 64 64 --batch 4 \\
@@ -140,8 +156,10 @@ Examples:
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-p80 --prune-sparsity 0.8
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-s25 \\
       --prune-structured 0.25 --finetune-steps 50
+  nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
+      --out engines/liver --folds 0 1 2 3 4
 """)
-@click.argument("checkpoint", type=_path(dir_okay=False))
+@click.argument("checkpoint", type=_path())
 @click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False), help="Engine directory.")
 @click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help="Tile size (default: training patch).")
 @click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1), help="Tiles per call (max batch).")
@@ -166,10 +184,18 @@ Examples:
 @click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
               help="Fine-tune steps after --prune-structured.")
 @click.option("--finetune-dataset", default=None, help="Dataset for --finetune-steps (default: the checkpoint's).")
+@click.option("--folds", multiple=True, default=None, metavar="FOLD...",
+              help="nnU-Net model folder: folds to ensemble (logits averaged), e.g. --folds 0 1 2 [default: 0].")
+@click.option("--checkpoint-name", type=click.Choice(["checkpoint_final.pth", "checkpoint_best.pth"]),
+              default="checkpoint_final.pth", show_default=True, help="nnU-Net model folder: which checkpoint of each fold.")
 def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, precision,
                  parity_rtol, min_agreement, no_pass_parity, prune_sparsity, prune_threshold, structured_ratio,
-                 two_four, finetune_steps, finetune_dataset) -> None:
+                 two_four, finetune_steps, finetune_dataset, folds, checkpoint_name) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
+
+    CHECKPOINT is an nnslim checkpoint (.pt) or a trained nnU-Net v2 model folder
+    (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/); nnU-Net
+    checkpoints are read weights-only with an allow-list, never unpickled freely.
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
     """
@@ -195,6 +221,7 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         checkpoint=checkpoint, out_dir=out_dir, patch_size=tuple(patch) if patch else None, batch_size=batch_size,
         backend=backend, parity_volume=parity_volume, parity_tiles=parity_tiles, precision=precision,
         tolerance=tolerance, pass_parity=not no_pass_parity, prune=prune,
+        folds=_fold_names(folds), nnunet_checkpoint=checkpoint_name,
     )
     result = run_build(config)
     p, m = result.parity, result.manifest["model"]
@@ -228,7 +255,8 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
 @cli.command(epilog="""\b
 Examples:
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
-  nnslim infer artifacts/engines/tiny scans/ -o segs/ --mirror
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --tta
+  nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_torch.nii.gz --torch-checkpoint model.pt
 """)
 @click.argument("engine_dir", type=_path(file_okay=False))
@@ -237,10 +265,13 @@ Examples:
 @click.option("--step", "step_fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Window step as a fraction of the patch.")
 @click.option("--batch", "batch_size", default=None, type=click.IntRange(1), help="Tiles per call (default: engine max).")
-@click.option("--mirror", is_flag=True, help="Mirror test-time augmentation (8 passes for 3 axes).")
+@click.option("--tta/--no-tta", "mirror", default=None,
+              help="Mirror test-time augmentation (8 passes for 3 axes) [default: on for imported nnU-Net "
+                   "models, like nnU-Net; off for nnslim checkpoints].")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores).")
-@click.option("--torch-checkpoint", type=_path(dir_okay=False), default=None,
-              help="Run this PyTorch checkpoint instead of the engine, with the engine's settings (parity checks).")
+@click.option("--torch-checkpoint", type=_path(), default=None,
+              help="Run this PyTorch checkpoint (or nnU-Net model folder) instead of the engine, with the "
+                   "engine's settings (parity checks).")
 @progress_option
 def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads, torch_checkpoint, progress) -> None:
     """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
@@ -254,9 +285,18 @@ def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads
     predictor = None
     if torch_checkpoint:
         from compiler.runtime.predictors import TorchPredictor
-        from training.checkpoint import load_model
 
-        predictor = TorchPredictor(load_model(torch_checkpoint)[0])
+        if Path(torch_checkpoint).is_dir():  # the nnU-Net model folder the engine was built from
+            from compiler.nnunet_import import read_model_folder
+
+            source = engine.manifest["source"]
+            network = read_model_folder(torch_checkpoint, tuple(source.get("folds") or ("0",)),
+                                        source.get("checkpoint_name", "checkpoint_final.pth")).network()
+        else:
+            from training.checkpoint import load_model
+
+            network = load_model(torch_checkpoint)[0]
+        predictor = TorchPredictor(network)
     options = InferenceOptions(step_fraction=step_fraction, batch_size=batch_size, mirror=mirror, progress=progress)
     results = segment_files(engine, list(inputs), output, options, predictor=predictor)
     runner = f"PyTorch ({torch_checkpoint})" if torch_checkpoint else f"{engine.manifest['backend']} engine"
@@ -291,6 +331,12 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     click.echo(f"  voxel agreement    {result.agreement:.6f}")
     if json_out:
         write_json_atomic(json_out, result.to_dict())
+
+
+def _fold_names(folds: tuple[str, ...]) -> tuple[str, ...]:
+    """Fold names from repeated --folds (see `_FoldsCommand`), also accepting "0,1,2"."""
+    names = [f for group in folds for f in group.replace(",", " ").split()]
+    return tuple(names) or ("0",)
 
 
 def _floats(ctx, param, value):

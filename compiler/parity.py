@@ -16,7 +16,7 @@ from torch import nn
 
 from compiler.runtime.errors import NnslimError
 from compiler.runtime.predictors import OnnxRuntimePredictor, TorchPredictor
-from compiler.runtime.preprocessing import normalize
+from compiler.runtime.preprocessing import prepare
 from compiler.runtime.sliding_window import pad_to_patch
 from compiler.runtime.volume_io import load_volume
 
@@ -74,16 +74,23 @@ def parity_tiles(
     in_channels: int,
     count: int,
     volume: Path | None,
-    normalization: dict,
+    preprocessing: dict,
     seed: int = 0,
 ) -> tuple[torch.Tensor, str]:
-    """`count` tiles `[count, C, *patch]` and a description of where they came from."""
+    """`count` tiles `[count, C, *patch]` and a description of where they came from.
+
+    A real volume goes through the runtime's preprocessing (`preprocessing` is the manifest's
+    entry), so the tiles are what the engine will see.
+    """
     rng = np.random.default_rng(seed)
     if volume is None:
         tiles = rng.standard_normal((count, in_channels, *patch_size), dtype=np.float32)
         return torch.from_numpy(tiles), f"synthetic (standard normal, seed {seed})"
-    raw = load_volume(Path(volume), in_channels).data
-    padded, region = pad_to_patch(torch.from_numpy(normalize(raw, normalization)), patch_size)
+    loaded = load_volume(Path(volume), in_channels)
+    image = prepare(loaded.data, loaded.spacing, preprocessing).image
+    unnormalized = {**preprocessing, "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * in_channels}}
+    raw = prepare(loaded.data, loaded.spacing, unnormalized).image.numpy()  # same geometry, raw intensities
+    padded, region = pad_to_patch(image, patch_size)
     # centre each crop on a random nonzero voxel, so tiles show anatomy rather than air
     nonzero = np.argwhere(raw.any(axis=0)) if raw.any() else np.argwhere(np.ones(raw.shape[1:], dtype=bool))
     offsets = [r.start for r in region[1:]]

@@ -1,7 +1,7 @@
 """build-engine: checkpoint -> engine directory, top to bottom in one function.
 
 Stages (each recorded in the manifest with its settings and time):
-    load checkpoint -> reparameterize -> prune (optional) -> export ONNX -> graph passes
+    load (an nnslim checkpoint, or an nnU-Net v2 model folder) -> reparameterize -> prune (optional) -> export ONNX -> graph passes
     -> parity vs PyTorch -> write manifest/report
 Parity is measured against the trained model, or, when pruning changed the function on purpose,
 against the pruned PyTorch model (its agreement with the unpruned one is recorded as well).
@@ -27,9 +27,11 @@ from typing import Any, Iterator
 
 import onnx
 import torch
+from torch import nn
 
 from compiler.export import ExportError, ExportSettings, export_onnx
 from compiler.model_stats import conv_macs, conv_weight_sparsity
+from compiler.nnunet_import import is_model_folder, read_model_folder
 from compiler.parity import (
     ParityError,
     ParityReport,
@@ -59,7 +61,7 @@ class BuildError(NnslimError):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    checkpoint: Path
+    checkpoint: Path  # an nnslim checkpoint file, or an nnU-Net v2 model folder
     out_dir: Path
     patch_size: tuple[int, int, int] | None = None  # None: the checkpoint's training patch
     batch_size: int = 2
@@ -71,6 +73,61 @@ class BuildConfig:
     pass_parity: bool = True  # check ONNX Runtime parity after every graph pass
     prune: PruneSettings = PruneSettings()
     opset: int = 18
+    folds: tuple[str, ...] = ("0",)  # nnU-Net model folders: folds to ensemble
+    nnunet_checkpoint: str = "checkpoint_final.pth"
+
+
+@dataclass
+class Source:
+    """The trained model and what the engine must know about it, whatever it was read from."""
+
+    model: nn.Module  # trained form, eval mode
+    architecture: dict[str, Any]  # recorded in the manifest
+    metadata: dict[str, Any]  # patch_size, normalization, label_names, spacing, mirror_axes, dataset, training
+    in_channels: int
+    num_classes: int
+    total_stride: tuple[int, int, int]
+    files: list[Path]  # hashed into the manifest
+    preprocessing: dict[str, Any]
+    postprocessing: dict[str, Any]
+    kind: str
+    details: dict[str, Any]
+
+
+def load_source(config: BuildConfig) -> Source:
+    """Read an nnslim checkpoint, or import an nnU-Net v2 model folder (`compiler.nnunet_import`)."""
+    path = Path(config.checkpoint)
+    if path.is_dir():
+        if not is_model_folder(path):
+            raise BuildError(f"{path} is a folder but not an nnU-Net v2 model folder (no plans.json / dataset.json)")
+        imported = read_model_folder(path, config.folds, config.nnunet_checkpoint)
+        arch = imported.architecture
+        return Source(
+            model=imported.network(), architecture={"name": "nnunet-v2", "config": arch.to_dict(),
+                                                   "folds": list(imported.folds)},
+            metadata=imported.metadata(), in_channels=arch.in_channels, num_classes=arch.num_classes,
+            total_stride=imported.total_stride, files=list(imported.checkpoint_files.values()),
+            preprocessing=imported.preprocessing(), postprocessing=imported.labels.to_manifest(), kind="nnunet-v2",
+            details={"configuration": imported.configuration_name, "trainer": imported.trainer,
+                     "folds": list(imported.folds), "checkpoint_name": config.nnunet_checkpoint,
+                     "plans_name": imported.plans.get("plans_name"),
+                     "spatial_dims": arch.spatial_dims},
+        )
+    payload = read_checkpoint(path)
+    model = build_model(payload).eval()
+    metadata = payload["metadata"]
+    return Source(
+        model=model, architecture=payload["architecture"], metadata=metadata,
+        in_channels=model.config.in_channels, num_classes=model.config.num_classes,
+        total_stride=model.config.total_stride, files=[path],
+        preprocessing={
+            "normalization": metadata["normalization"],
+            "spacing": metadata.get("spacing"),
+            "mirror_axes": metadata.get("mirror_axes", []),
+            "axis_order": "array axes of the NIfTI data as nibabel reads them",
+        },
+        postprocessing={"kind": "argmax"}, kind="nnslim-checkpoint", details={},
+    )
 
 
 @dataclass
@@ -86,17 +143,19 @@ def build_engine(config: BuildConfig) -> BuildResult:
     backend = _resolve_backend(config.backend)                                   # backend first: fail fast
     tolerance = config.tolerance or ParityTolerance.for_precision(config.precision)
     passes = default_passes(config.precision, strict_tensorrt=backend == "tensorrt")
-    with _timed(stages, "load", checkpoint=str(config.checkpoint)):              # load the checkpoint
-        payload = read_checkpoint(config.checkpoint)
-        model = build_model(payload).eval()
-        metadata = payload["metadata"]
+    with _timed(stages, "load", checkpoint=str(config.checkpoint)) as record:   # checkpoint or nnU-Net folder
+        source = load_source(config)
+        model, metadata = source.model, source.metadata
+        record.update(kind=source.kind, **source.details)
     with _timed(stages, "reparameterize") as record:                             # fuse blocks, fold BN
         deployed, fused = reparameterize_for_deploy(model)
         record.update(fused.to_dict())
-    arch = model.config
-    patch = _check_patch(config.patch_size or tuple(metadata["patch_size"]), arch.total_stride)
+    patch = _check_patch(config.patch_size or tuple(metadata["patch_size"]), source.total_stride)
     if config.batch_size < 1:
         raise BuildError(f"--batch must be >= 1, got {config.batch_size}")
+    if config.prune.structured_ratio is not None and source.kind != "nnslim-checkpoint":
+        raise BuildError("structured pruning is implemented for nnslim's own U-Nets; "
+                         "use magnitude pruning (--prune-sparsity) for an imported nnU-Net model")
     reference, pruning = model, None
     if config.prune.active:
         prune = config.prune
@@ -111,11 +170,11 @@ def build_engine(config: BuildConfig) -> BuildResult:
         reference = deployed
 
     with _staging_dir(config.out_dir) as staging:
-        settings = ExportSettings(patch_size=patch, in_channels=arch.in_channels, opset=config.opset)
+        settings = ExportSettings(patch_size=patch, in_channels=source.in_channels, opset=config.opset)
         with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
             export_onnx(deployed, staging / "model.onnx", settings)
-        tiles, source = parity_tiles(patch, arch.in_channels, config.parity_tiles, config.parity_volume,
-                                     metadata["normalization"])
+        tiles, tile_source = parity_tiles(patch, source.in_channels, config.parity_tiles, config.parity_volume,
+                                          source.preprocessing)
         with _timed(stages, "passes", precision=config.precision,                     # graph passes
                     passes=[type(p).__name__ for p in passes]) as record:
             exported = onnx.shape_inference.infer_shapes(onnx.load(str(staging / "model.onnx")), strict_mode=True)
@@ -124,8 +183,8 @@ def build_engine(config: BuildConfig) -> BuildResult:
             onnx.checker.check_model(optimized, full_check=True)
             onnx.save(optimized, str(staging / "model.opt.onnx"))
             record["results"] = [r.to_dict() for r in pass_records]
-        with _timed(stages, "parity", tiles=source, tolerance=vars(tolerance)) as record:  # vs PyTorch
-            parity = check_onnx_parity(reference, staging / "model.opt.onnx", tiles, source, config.batch_size)
+        with _timed(stages, "parity", tiles=tile_source, tolerance=vars(tolerance)) as record:  # vs PyTorch
+            parity = check_onnx_parity(reference, staging / "model.opt.onnx", tiles, tile_source, config.batch_size)
             if pruning is not None:
                 record["pruned_vs_trained_argmax_agreement"] = torch_agreement(model, deployed, tiles)
         if not parity.within(tolerance):
@@ -137,13 +196,13 @@ def build_engine(config: BuildConfig) -> BuildResult:
             )
         model_stats = {
             "parameters": count_parameters(deployed),
-            "macs_per_patch": conv_macs(deployed, (arch.in_channels, *patch)),
+            "macs_per_patch": conv_macs(deployed, (source.in_channels, *patch)),
             "conv_weight_sparsity": conv_weight_sparsity(deployed),
             "reparameterization": fused.to_dict(),
             "pruning": pruning,
             "runtime_model_size": file_sizes(staging / "model.opt.onnx"),
         }
-        manifest = _manifest(config, backend, payload, patch, stages, parity, tolerance, model_stats)
+        manifest = _manifest(config, backend, source, patch, stages, parity, tolerance, model_stats)
         _write_report(staging / "report.md", manifest)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -226,19 +285,21 @@ def _tool_versions() -> dict[str, Any]:
 def _manifest(
     config: BuildConfig,
     backend: str,
-    payload: dict[str, Any],
+    source: Source,
     patch: tuple[int, int, int],
     stages: list[dict[str, Any]],
     parity: ParityReport,
     tolerance: ParityTolerance,
     model_stats: dict[str, Any],
 ) -> dict[str, Any]:
-    metadata, arch = payload["metadata"], payload["architecture"]
-    in_channels, num_classes = arch["config"]["in_channels"], arch["config"]["num_classes"]
+    metadata = source.metadata
+    in_channels, num_classes = source.in_channels, source.num_classes
     command = (
         f"nnslim build-engine {config.checkpoint} --out {config.out_dir} --patch {' '.join(map(str, patch))} "
         f"--batch {config.batch_size} --backend {config.backend} --precision {config.precision}"
     )
+    if source.kind == "nnunet-v2":
+        command += f" --folds {' '.join(config.folds)} --checkpoint-name {config.nnunet_checkpoint}"
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -250,17 +311,16 @@ def _manifest(
             "output": {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, *patch]},
             "batch": {"min": 1, "opt": config.batch_size, "max": config.batch_size},
         },
-        "preprocessing": {
-            "normalization": metadata["normalization"],
-            "spacing": metadata.get("spacing"),
-            "mirror_axes": metadata.get("mirror_axes", []),
-            "axis_order": "array axes of the NIfTI data as nibabel reads them",
-        },
+        "preprocessing": source.preprocessing,
         "labels": list(metadata["label_names"]),
-        "model": {"architecture": arch, **model_stats},
+        "postprocessing": source.postprocessing,
+        "model": {"architecture": source.architecture, **model_stats},
         "source": {
+            "kind": source.kind,
             "checkpoint": str(config.checkpoint),
-            "checkpoint_sha256": sha256_file(Path(config.checkpoint)),
+            "checkpoint_sha256": {str(f): sha256_file(f) for f in source.files} if source.kind == "nnunet-v2"
+            else sha256_file(source.files[0]),
+            **source.details,
             "dataset": metadata.get("dataset"),
             "training": metadata.get("training"),
         },

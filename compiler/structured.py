@@ -1,4 +1,4 @@
-"""Structured channel pruning of a UNet3d: physically smaller convolutions.
+"""Structured channel pruning of a UNet: physically smaller convolutions.
 
 A *channel group* is one tensor's channels: the output of a conv-norm-act unit or of a transposed
 conv. Removing channel `c` of a group removes, consistently:
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from training.blocks import ConvNormAct, FasterFusionBlock
-from training.unet import UNet3d
+from training.unet import UNet
 
 
 class StructuredPruningError(ValueError):
@@ -44,7 +44,7 @@ def _units(stage: nn.Module) -> list[ConvNormAct]:
     return list(stage.convs)
 
 
-def _layout(model: UNet3d) -> tuple[dict[str, ChannelGroup], dict[str, list[str | int]]]:
+def _layout(model: UNet) -> tuple[dict[str, ChannelGroup], dict[str, list[str | int]]]:
     """Channel groups, and for every conv / transposed conv / head the groups its input is made
     of (an int stands for unprunable channels, i.e. the image)."""
     enc = [_units(stage[0]) for stage in model.encoder.stages]
@@ -96,7 +96,7 @@ def _unit_importance(unit: ConvNormAct) -> torch.Tensor:
     return w + (unit.conv.bias.detach().abs() if unit.conv.bias is not None else 0)
 
 
-def structured_keep(model: UNet3d, ratio: float) -> dict[str, torch.Tensor]:
+def structured_keep(model: UNet, ratio: float) -> dict[str, torch.Tensor]:
     """Decide: the sorted channel indices each group keeps."""
     if not 0.0 <= ratio < 1.0:
         raise StructuredPruningError(f"ratio must be in [0, 1), got {ratio}")
@@ -110,7 +110,7 @@ def structured_keep(model: UNet3d, ratio: float) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def apply_structured(model: UNet3d, keep: dict[str, torch.Tensor]) -> UNet3d:
+def apply_structured(model: UNet, keep: dict[str, torch.Tensor]) -> UNet:
     """Apply: a copy of `model` with the dropped channels physically removed."""
     model = copy.deepcopy(model)
     groups, inputs = _layout(model)
@@ -176,7 +176,7 @@ def _slice_norm(norm: nn.Module, index: torch.Tensor) -> nn.Module:
     return new
 
 
-def widths(model: UNet3d) -> dict[str, int]:
+def widths(model: UNet) -> dict[str, int]:
     """Output channels of every channel group, for the manifest."""
     groups, _ = _layout(model)
     return {name: g.size for name, g in groups.items()}

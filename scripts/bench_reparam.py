@@ -34,7 +34,7 @@ from compiler.runtime.files import write_json_atomic
 from training.blocks import ConvNormAct, FasterFusionBlock
 from training.config import get_preset
 from training.reparam import reparameterize_model
-from training.unet import UNet3d, count_parameters
+from training.unet import UNet, count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,7 @@ def bench_networks(patches: list[int], repeats: int, workdir: Path) -> list[dict
         baseline = None
         for preset in ("nnunet-3d-fullres", "faster-nnunet", "half-nnunet"):
             torch.manual_seed(0)
-            model = reparameterize_model(randomized_batchnorm(UNet3d(get_preset(preset).build(1, 3))))
+            model = reparameterize_model(randomized_batchnorm(UNet(get_preset(preset).build(1, 3))))
             shape = (1, patch, patch, patch)
             seconds, _, _ = onnx_latency(model, shape, repeats, workdir)
             row = {"preset": preset, "patch": patch, "params": count_parameters(model), "macs": conv_macs(model, shape), "seconds": seconds}

@@ -15,7 +15,7 @@ import torch
 
 from training.checkpoint import save_checkpoint
 from training.config import UNetConfig
-from training.unet import UNet3d
+from training.unet import UNet
 
 PATCH = (16, 16, 16)
 LABELS = ["background", "grey_matter", "white_matter"]
@@ -35,9 +35,9 @@ def small_config(**overrides) -> UNetConfig:
     return UNetConfig(**fields)
 
 
-def random_model(config: UNetConfig | None = None, seed: int = 0) -> UNet3d:
+def random_model(config: UNetConfig | None = None, seed: int = 0) -> UNet:
     torch.manual_seed(seed)
-    model = UNet3d(config or small_config())
+    model = UNet(config or small_config())
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, torch.nn.InstanceNorm3d):

@@ -53,7 +53,7 @@ def test_mirror_and_folder_input(engine_dir, small_volume, tmp_path):
     image = nib.load(small_volume)
     nib.save(image, folder / "a_0000.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:10, :12, :8], image.affine), folder / "tiny_0000.nii.gz")
-    result = run("infer", engine_dir, folder, "-o", tmp_path / "out", "--mirror", "--no-progress")
+    result = run("infer", engine_dir, folder, "-o", tmp_path / "out", "--tta", "--no-progress")
     assert result.exit_code == 0, result.output
     assert nib.load(tmp_path / "out" / "a.nii.gz").shape == (37, 41, 29)
     assert nib.load(tmp_path / "out" / "tiny.nii.gz").shape == (10, 12, 8)  # smaller than the patch: padded

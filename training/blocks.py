@@ -21,8 +21,12 @@ class BlockConfigError(ValueError):
     """Channel counts or settings a block cannot be built with."""
 
 
+def conv_class(spatial_dims: int) -> type[nn.Module]:
+    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+
+
 class ConvNormAct(nn.Module):
-    """Conv3d ("same" padding) -> norm -> LeakyReLU.
+    """Conv2d/3d ("same" padding, by the kernel's length) -> norm -> LeakyReLU (or no activation).
 
     With a BatchNorm, `reparameterize()` folds it into the conv (the norm becomes Identity);
     Instance/GroupNorm use per-sample statistics and stay.
@@ -32,20 +36,22 @@ class ConvNormAct(nn.Module):
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: Triple,
-        stride: Triple,
+        kernel_size: tuple[int, ...],
+        stride: tuple[int, ...],
         bias: bool,
         norm: NormFactory,
-        negative_slope: float,
+        negative_slope: float | None,
         deploy: bool = False,
     ) -> None:
+        """`negative_slope=None` leaves out the activation (residual blocks' second conv)."""
         super().__init__()
-        padding = tuple(k // 2 for k in kernel_size)
+        padding = tuple((k - 1) // 2 for k in kernel_size)
         norm_layer = norm(out_channels)
         folds = isinstance(norm_layer, nn.modules.batchnorm._BatchNorm)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, bias=bias or (deploy and folds))
+        conv = conv_class(len(kernel_size))
+        self.conv = conv(in_channels, out_channels, kernel_size, stride, padding, bias=bias or (deploy and folds))
         self.norm = nn.Identity() if deploy and folds else norm_layer
-        self.nonlin = nn.LeakyReLU(negative_slope, inplace=True)
+        self.nonlin = nn.Identity() if negative_slope is None else nn.LeakyReLU(negative_slope, inplace=True)
 
     def reparameterize(self) -> None:
         if isinstance(self.norm, nn.modules.batchnorm._BatchNorm):

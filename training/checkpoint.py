@@ -23,11 +23,11 @@ from typing import Any
 import torch
 
 from training.config import ConfigError, UNetConfig
-from training.unet import UNet3d
+from training.unet import UNet
 
 FORMAT = "nnslim.checkpoint"
 FORMAT_VERSION = 1
-ARCHITECTURES = {"unet3d": (UNetConfig, UNet3d)}
+ARCHITECTURES = {"unet3d": (UNetConfig, UNet)}
 
 
 class CheckpointError(ValueError):
@@ -36,7 +36,7 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: UNet3d,
+    model: UNet,
     metadata: dict[str, Any],
     extra: dict[str, Any] | None = None,
 ) -> Path:
@@ -120,7 +120,7 @@ def _torch_load_reason(exc: Exception) -> str:
     return (lines[0] if lines else type(exc).__name__)[:200]
 
 
-def build_model(payload: dict[str, Any], deep_supervision: bool = False) -> UNet3d:
+def build_model(payload: dict[str, Any], deep_supervision: bool = False) -> UNet:
     """Rebuild the network from a checkpoint dict and load its weights (strictly)."""
     arch = payload["architecture"]
     name = arch.get("name")
@@ -140,7 +140,7 @@ def build_model(payload: dict[str, Any], deep_supervision: bool = False) -> UNet
     return model
 
 
-def load_model(path: str | os.PathLike) -> tuple[UNet3d, dict[str, Any]]:
+def load_model(path: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
     """Read a checkpoint and return `(model in eval mode, metadata)`."""
     payload = read_checkpoint(path)
     model = build_model(payload)

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 from typing import Any
 
 Triple = tuple[int, int, int]
+Sizes = tuple[int, ...]  # one entry per spatial axis (2 or 3)
 
 NORMS = ("instance", "batch", "group")
 BLOCKS = ("conv", "faster_fusion")
+ENCODERS = ("plain", "residual")
 
 
 class ConfigError(ValueError):
@@ -22,7 +24,9 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """nnU-Net v2's PlainConvUNet, described as data.
+    """nnU-Net v2's PlainConvUNet (or ResidualEncoderUNet), 2D or 3D, described as data.
+
+    The number of spatial axes is the length of the kernel sizes (2 or 3).
 
     Attributes:
         in_channels: image channels (modalities).
@@ -30,18 +34,22 @@ class UNetConfig:
         features_per_stage: channels of each encoder stage, highest resolution first.
         kernel_sizes: conv kernel of each stage.
         strides: stride of the first conv of each stage (the first stage normally (1, 1, 1)).
-        convs_per_stage: conv-norm-act units in each encoder stage.
+        convs_per_stage: conv-norm-act units in each encoder stage (encoder="residual": residual
+            blocks, each two convs).
         convs_per_decoder_stage: units in each decoder stage, lowest resolution first
             (one fewer entry than the encoder).
         conv_bias: whether convolutions carry a bias (nnU-Net: yes).
         norm: "instance", "batch" or "group".
         group_norm_groups: groups for norm="group".
-        negative_slope: LeakyReLU slope.
+        negative_slope: LeakyReLU slope (0: ReLU).
         deep_supervision: build the lower-resolution segmentation outputs (training only).
         blocks: conv unit of each encoder stage, "conv" (conv-norm-act) or "faster_fusion"
             (seed 000); a decoder stage uses the block of the encoder stage of its width.
             None: all "conv".
         reparameterized: the deploy form (FasterFusion fused, BatchNorm folded into convs).
+        encoder: "plain" (PlainConvUNet: stacked conv units, strided first conv) or "residual"
+            (ResidualEncoderUNet: a conv stem, then ResNet-D basic blocks; the decoder is the same).
+        stem_channels: width of the residual encoder's stem (None: the first stage's width).
         preset: name of the preset this came from, if any.
         paper: citation of the paper a preset reproduces, if any.
     """
@@ -49,8 +57,8 @@ class UNetConfig:
     in_channels: int
     num_classes: int
     features_per_stage: tuple[int, ...]
-    kernel_sizes: tuple[Triple, ...]
-    strides: tuple[Triple, ...]
+    kernel_sizes: tuple[Sizes, ...]
+    strides: tuple[Sizes, ...]
     convs_per_stage: tuple[int, ...]
     convs_per_decoder_stage: tuple[int, ...]
     conv_bias: bool = True
@@ -62,6 +70,8 @@ class UNetConfig:
     reparameterized: bool = False
     preset: str | None = None
     paper: str | None = None
+    encoder: str = "plain"
+    stem_channels: int | None = None
 
     def __post_init__(self) -> None:
         n = len(self.features_per_stage)
@@ -78,9 +88,19 @@ class UNetConfig:
                 f"convs_per_decoder_stage needs {n - 1} entries (one per decoder stage), "
                 f"got {len(self.convs_per_decoder_stage)}"
             )
+        dims = {len(k) for k in self.kernel_sizes} | {len(s) for s in self.strides}
+        if len(dims) != 1 or not dims <= {2, 3}:
+            raise ConfigError(
+                f"kernel sizes and strides must all have 2 or all have 3 entries (2D or 3D), "
+                f"got kernel_sizes={self.kernel_sizes}, strides={self.strides}"
+            )
         if self.blocks is not None:
             if len(self.blocks) != n or any(b not in BLOCKS for b in self.blocks):
                 raise ConfigError(f"blocks must give one of {BLOCKS} per stage ({n}), got {self.blocks}")
+            if "faster_fusion" in self.blocks and (self.spatial_dims != 3 or self.encoder != "plain"):
+                raise ConfigError("FasterFusion blocks exist for 3D plain-encoder U-Nets only")
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.norm not in NORMS:
             raise ConfigError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.in_channels < 1 or self.num_classes < 2:
@@ -89,12 +109,16 @@ class UNetConfig:
             )
 
     @property
-    def total_stride(self) -> Triple:
+    def spatial_dims(self) -> int:
+        return len(self.kernel_sizes[0])
+
+    @property
+    def total_stride(self) -> Sizes:
         """Product of the strides per axis: input sizes must be multiples of it."""
-        total = [1, 1, 1]
+        total = [1] * self.spatial_dims
         for stride in self.strides:
             total = [t * s for t, s in zip(total, stride)]
-        return (total[0], total[1], total[2])
+        return tuple(total)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (tuples become lists)."""
@@ -126,8 +150,8 @@ class Preset:
     name: str
     description: str
     features_per_stage: tuple[int, ...]
-    kernel_sizes: tuple[Triple, ...]
-    strides: tuple[Triple, ...]
+    kernel_sizes: tuple[Sizes, ...]
+    strides: tuple[Sizes, ...]
     convs_per_stage: tuple[int, ...]
     patch_size: Triple
     spacing: tuple[float, float, float] | None

@@ -150,7 +150,7 @@ def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     model.eval()
     if isinstance(model, Reparameterizable):
-        model.reparameterize()  # a model that knows its own parts (UNet3d also updates its config)
+        model.reparameterize()  # a model that knows its own parts (UNet also updates its config)
         return model
     for module in list(model.modules()):
         if isinstance(module, Reparameterizable):

@@ -24,7 +24,7 @@ from training.checkpoint import build_model, read_checkpoint, save_checkpoint
 from training.config import ConfigError, get_preset
 from training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
 from training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
-from training.unet import UNet3d, count_parameters
+from training.unet import UNet, count_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def train(
         raise ConfigError(f"patch {patch} must be a multiple of the network's total stride {arch.total_stride}")
 
     torch.manual_seed(config.seed)
-    model = UNet3d(arch)
+    model = UNet(arch)
     optimizer = _optimizer(model, config)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -152,12 +152,12 @@ def train(
     return TrainResult(final, history)
 
 
-def _optimizer(model: UNet3d, config: TrainConfig) -> torch.optim.SGD:
+def _optimizer(model: UNet, config: TrainConfig) -> torch.optim.SGD:
     return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum, nesterov=True,
                            weight_decay=config.weight_decay)
 
 
-def _without_deep_supervision(model: UNet3d) -> UNet3d:
+def _without_deep_supervision(model: UNet) -> UNet:
     model.set_deep_supervision(False)
     model.config = dataclasses.replace(model.config, deep_supervision=False)
     return model
@@ -185,7 +185,7 @@ def _metadata(config: TrainConfig, dataset: Dataset, patch: tuple, history: list
 
 
 @torch.no_grad()
-def validate(model: UNet3d, cases: list[Case], num_classes: int, patch: tuple[int, int, int]) -> list[float]:
+def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int, int, int]) -> list[float]:
     """Mean per-class Dice over validation cases, predicted patch by patch.
 
     Each case is cut into non-overlapping patches of the training size (zero-padded at the far

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from compiler.runtime.errors import EngineError, InputError
 from compiler.runtime.manifest import read_manifest, rebuild_hint
 from compiler.runtime.predictors import OnnxRuntimePredictor
-from compiler.runtime.preprocessing import normalize
+from compiler.runtime.preprocessing import prepare, to_labels
 from compiler.runtime.sliding_window import SlidingWindowConfig, count_tiles, sliding_window_inference
 from compiler.runtime.volume_io import Volume, find_cases, load_volume, save_segmentation
 
@@ -40,6 +40,9 @@ class ModelSpec:
     mirror_axes: tuple[int, ...]
     input_name: str
     output_name: str
+    preprocessing: dict = field(default_factory=dict)  # the manifest entry, for `prepare`
+    postprocessing: dict = field(default_factory=lambda: {"kind": "argmax"})
+    tta_default: bool = False  # mirror TTA unless the user says otherwise (nnU-Net models: on)
 
     @classmethod
     def from_manifest(cls, manifest: dict[str, Any]) -> ModelSpec:
@@ -56,6 +59,9 @@ class ModelSpec:
                 mirror_axes=tuple(pre.get("mirror_axes", ())),
                 input_name=io["input"]["name"],
                 output_name=io["output"]["name"],
+                preprocessing=dict(pre),
+                postprocessing=dict(manifest.get("postprocessing") or {"kind": "argmax"}),
+                tta_default=bool(pre.get("tta_default", False)),
             )
         except (KeyError, TypeError, ValueError, IndexError) as exc:
             raise EngineError(f"manifest lacks or garbles {exc}; {rebuild_hint(manifest)}") from exc
@@ -87,7 +93,7 @@ def load_engine(engine_dir: str | Path, threads: int = 0) -> Engine:
 class InferenceOptions:
     step_fraction: float = 0.5
     batch_size: int | None = None  # None: the engine's maximum batch
-    mirror: bool = False
+    mirror: bool | None = None  # None: the engine's default (on for imported nnU-Net models)
     progress: bool = True
 
 
@@ -99,27 +105,39 @@ def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowCo
         patch_size=spec.patch_size,
         step_fraction=options.step_fraction,
         batch_size=batch,
-        mirror_axes=spec.mirror_axes if options.mirror else (),
+        mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
     )
 
 
-def predict_logits(
+def segment_volume(
     volume: Volume,
     predictor: Callable[[torch.Tensor], torch.Tensor],
     spec: ModelSpec,
     options: InferenceOptions = InferenceOptions(),
-) -> torch.Tensor:
-    """Normalize a volume and run the sliding window; logits `[K, X, Y, Z]`."""
-    if spec.spacing and not np.allclose(volume.spacing, spec.spacing, rtol=0.05):
+) -> tuple[np.ndarray, int]:
+    """Preprocess, run the sliding window, postprocess; returns (labels in the input's array
+    axes, tiles evaluated)."""
+    pre = spec.preprocessing or {"normalization": spec.normalization}
+    if not pre.get("resample") and spec.spacing and not np.allclose(volume.spacing, spec.spacing, rtol=0.05):
         logger.warning(
             "%s has spacing %s but the model was trained at %s; results may degrade (resampling is not applied)",
             volume.name, volume.spacing, spec.spacing,
         )
     config = window_config(spec, options)
-    data = torch.from_numpy(normalize(volume.data, spec.normalization))
-    total = count_tiles(data.shape[1:], config)
-    with tqdm(total=total, desc=volume.name, unit="tile", disable=None if options.progress else True, leave=False) as bar:
-        return sliding_window_inference(data, predictor, spec.num_classes, config, progress=bar.update)
+    prepared = prepare(volume.data, volume.spacing, pre)
+    if prepared.target_spacing is not None and prepared.image.shape[1:] != prepared.cropped_shape:
+        logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
+    tiles = count_tiles(prepared.image.shape[1:], config)
+    with tqdm(total=tiles, desc=volume.name, unit="tile", disable=None if options.progress else True, leave=False) as bar:
+        logits = sliding_window_inference(prepared.image, predictor, spec.num_classes, config, progress=bar.update)
+    return to_labels(logits, prepared, spec.postprocessing), tiles * 2 ** len(config.mirror_axes)
+
+
+def _label_voxels(counts: np.ndarray, spec: ModelSpec) -> dict[str, int]:
+    """Voxels per label, by name when labels are the output heads (argmax), else by value."""
+    if spec.postprocessing.get("kind", "argmax") == "argmax":
+        return {name: int(c) for name, c in zip(spec.label_names, counts)}
+    return {f"label {value}": int(c) for value, c in enumerate(counts) if c}
 
 
 @dataclass
@@ -157,13 +175,12 @@ def segment_files(
     else:
         cases = {"case": inputs}
         targets = {"case": output}
-    config = window_config(engine.spec, options)
+    window_config(engine.spec, options)  # fail on a bad batch before reading anything
     results = []
     for case, files in cases.items():
         started = time.perf_counter()
         volume = load_volume(files, engine.spec.in_channels)
-        logits = predict_logits(volume, predictor, engine.spec, options)
-        segmentation = logits.argmax(0).to(torch.uint8).cpu().numpy()
+        segmentation, tiles = segment_volume(volume, predictor, engine.spec, options)
         path = save_segmentation(segmentation, volume.reference, targets[case])
         counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
         results.append(CaseResult(
@@ -171,8 +188,8 @@ def segment_files(
             output=path,
             shape=segmentation.shape,
             seconds=time.perf_counter() - started,
-            tiles=count_tiles(segmentation.shape, config) * 2 ** len(config.mirror_axes),
-            label_voxels={n: int(c) for n, c in zip(engine.spec.label_names, counts)},
+            tiles=tiles,
+            label_voxels=_label_voxels(counts, engine.spec),
         ))
         logger.info("%s -> %s in %.1f s", volume.name, path, results[-1].seconds)
     return results

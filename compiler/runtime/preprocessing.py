@@ -1,29 +1,188 @@
-"""Preprocessing applied by `infer`, as recorded in the engine manifest.
+"""Preprocessing before the sliding window and postprocessing after it, as the manifest says.
 
-`zscore` with mask `nonzero`: per channel, subtract the mean and divide by the standard
-deviation of the channel's nonzero voxels (all voxels when none are nonzero); every voxel is
-transformed. Training applies the same rule (`training.data.zscore_normalize`); a test checks
-that the two agree.
+Forward (`prepare`), each step only when the manifest's `preprocessing` entry asks for it:
+1. axis order: `"reversed"` turns nibabel's `[X, Y, Z]` voxel array into SimpleITK's `[Z, Y, X]`
+   (what nnU-Net trains on); then `transpose_forward` permutes the axes (spacing follows).
+2. `crop_to_nonzero`: crop to the bounding box of the voxels nonzero in any channel (holes
+   filled), as nnU-Net does; the mask is kept for masked z-score.
+3. normalization, per channel (nnU-Net's classes) or nnslim's single z-score (see `normalize`).
+4. `resample`: to the model's spacing with torch (trilinear), shape `round(size * old / new)`;
+   a 2D model's spacing has two entries and the first axis keeps its spacing.
+Backward (`to_labels`): logits are resampled back to the cropped shape (before argmax),
+turned into labels (argmax, or nnU-Net's region order with sigmoid > 0.5), pasted into the
+uncropped volume (background elsewhere) and the axes permuted back.
+
+Deviation from nnU-Net, stated: nnU-Net resamples images with third-order splines and logits
+linearly; here both are trilinear. Without a spacing change (the usual case when a scan
+matches the training data) the two agree exactly.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
+import torch
+from scipy.ndimage import binary_fill_holes
 
 from compiler.runtime.errors import EngineError
 
 SCHEMES = {("zscore", "nonzero"), ("zscore", "none")}
+CHANNEL_SCHEMES = ("ct", "zscore", "none", "rescale01", "rgb01")
 
 
-def normalize(image: np.ndarray, normalization: dict) -> np.ndarray:
-    """Normalize `[C, X, Y, Z]` as the manifest's `normalization` entry says."""
+def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = None) -> np.ndarray:
+    """Normalize `[C, *spatial]` as the manifest's `normalization` entry says.
+
+    nnslim's own scheme, `{"scheme": "zscore", "mask": "nonzero" | "none"}`: per channel, subtract
+    the mean and divide by the standard deviation of the channel's nonzero voxels (all voxels
+    when none are nonzero); every voxel is transformed. Training applies the same rule
+    (`training.data.zscore_normalize`); a test checks that the two agree.
+
+    nnU-Net's, `{"scheme": "per-channel", "channels": [...]}`, one entry per channel:
+    `ct` clips to `clip` and applies the stored `mean` / `std`; `zscore` uses the channel's own
+    statistics, with `mask: "nonzero-region"` only inside `mask` (the crop's nonzero region,
+    voxels outside it unchanged); `rescale01` maps min..max to 0..1; `rgb01` divides by 255;
+    `none` leaves the channel as it is. Arithmetic in float32 in nnU-Net's order.
+    """
+    image = np.array(image, dtype=np.float32)  # a copy: the caller's volume is left as it is
+    if normalization.get("scheme") == "per-channel":
+        channels = normalization.get("channels") or []
+        if len(channels) != len(image):
+            raise EngineError(f"normalization lists {len(channels)} channels but the image has {len(image)}")
+        for c, entry in enumerate(channels):
+            image[c] = _normalize_channel(image[c], entry, mask)
+        return image
     key = (normalization.get("scheme"), normalization.get("mask", "none"))
     if key not in SCHEMES:
         raise EngineError(f"unsupported normalization {normalization}; this nnslim knows {sorted(SCHEMES)}")
-    image = np.asarray(image, dtype=np.float32)
     out = np.empty_like(image)
     for c, channel in enumerate(image):
-        mask = channel != 0 if key[1] == "nonzero" else np.ones(channel.shape, dtype=bool)
-        values = channel[mask] if mask.any() else channel
+        nonzero = channel != 0 if key[1] == "nonzero" else np.ones(channel.shape, dtype=bool)
+        values = channel[nonzero] if nonzero.any() else channel
         out[c] = (channel - float(values.mean())) / max(float(values.std()), 1e-8)
     return out
+
+
+def _normalize_channel(channel: np.ndarray, entry: dict, mask: np.ndarray | None) -> np.ndarray:
+    scheme = entry.get("scheme")
+    if scheme == "ct":
+        lower, upper = entry["clip"]
+        np.clip(channel, lower, upper, out=channel)
+        channel -= entry["mean"]
+        channel /= max(entry["std"], 1e-8)
+    elif scheme == "zscore" and entry.get("mask") == "nonzero-region" and mask is not None:
+        values = channel[mask]
+        channel[mask] = (values - values.mean()) / max(values.std(), 1e-8)
+    elif scheme == "zscore":
+        channel -= channel.mean()
+        channel /= max(channel.std(), 1e-8)
+    elif scheme == "rescale01":
+        channel -= channel.min()
+        channel /= max(float(channel.max()), 1e-8)
+    elif scheme == "rgb01":
+        channel /= 255.0
+    elif scheme != "none":
+        raise EngineError(f"unsupported channel normalization {entry}; this nnslim knows {CHANNEL_SCHEMES}")
+    return channel
+
+
+def nonzero_mask(data: np.ndarray) -> np.ndarray:
+    """Voxels nonzero in any channel, holes filled (nnU-Net's crop mask)."""
+    return binary_fill_holes(np.any(data != 0, axis=0))
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box holding every True voxel (the whole array when there is none)."""
+    if not mask.any():
+        return tuple(slice(0, s) for s in mask.shape)
+    box = []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(int(present[0]), int(present[-1]) + 1))
+    return tuple(box)
+
+
+def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: tuple[float, ...]) -> tuple[int, ...]:
+    """nnU-Net's rule: `round(size * spacing / target)` per axis."""
+    return tuple(int(round(s * a / b)) for s, a, b in zip(shape, spacing, target))
+
+
+def resample(data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`[C, *spatial]` to `shape` by (tri)linear interpolation; unchanged when the shape is equal."""
+    if tuple(data.shape[1:]) == tuple(shape):
+        return data
+    mode = {2: "bilinear", 3: "trilinear"}[len(shape)]
+    out = torch.nn.functional.interpolate(data[None].float(), size=tuple(shape), mode=mode, align_corners=False)
+    return out[0].to(data.dtype)
+
+
+@dataclass
+class Prepared:
+    """A normalized model-space image and what `to_labels` needs to undo the geometry."""
+
+    image: torch.Tensor            # [C, *model-space shape], float32
+    permutation: tuple[int, ...]   # model axis i is input array axis permutation[i]
+    full_shape: tuple[int, ...]    # permuted, before cropping
+    box: tuple[slice, ...]         # the crop inside full_shape
+    cropped_shape: tuple[int, ...]  # before resampling
+    spacing: tuple[float, ...]     # permuted input spacing
+    target_spacing: tuple[float, ...] | None
+
+
+def _permutation(pre: dict) -> tuple[int, ...]:
+    order = (2, 1, 0) if pre.get("axis_order") == "reversed" else (0, 1, 2)
+    transpose = tuple(pre.get("transpose_forward") or (0, 1, 2))
+    if sorted(transpose) != [0, 1, 2]:
+        raise EngineError(f"transpose_forward {transpose} is not a permutation of (0, 1, 2)")
+    return tuple(order[t] for t in transpose)
+
+
+def target_spacing(pre: dict, spacing: tuple[float, ...]) -> tuple[float, ...] | None:
+    """The model's spacing for this image (a 2D model keeps the first axis' spacing)."""
+    target = pre.get("spacing")
+    if not target:
+        return None
+    target = tuple(float(s) for s in target)
+    return (spacing[0], *target) if len(target) == len(spacing) - 1 else target
+
+
+def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, device: torch.device | str = "cpu") -> Prepared:
+    """Input array `[C, X, Y, Z]` with its voxel spacing -> normalized model-space image (module docstring)."""
+    permutation = _permutation(pre)
+    data = np.ascontiguousarray(data.transpose(0, *(p + 1 for p in permutation)))
+    spacing = tuple(float(spacing[p]) for p in permutation)
+    full_shape = data.shape[1:]
+    mask = None
+    box = tuple(slice(0, s) for s in full_shape)
+    if pre.get("crop_to_nonzero"):
+        mask = nonzero_mask(data)
+        box = bounding_box(mask)
+        data, mask = data[(slice(None), *box)], mask[box]
+    normalized = normalize(data, pre["normalization"], mask)
+    image = torch.from_numpy(normalized).to(device)
+    target = target_spacing(pre, spacing) if pre.get("resample") else None
+    if target is not None:
+        image = resample(image, resampled_shape(image.shape[1:], spacing, target))
+    return Prepared(image, permutation, full_shape, box, tuple(data.shape[1:]), spacing, target)
+
+
+def logits_to_labels(logits: torch.Tensor, post: dict | None) -> torch.Tensor:
+    """argmax, or nnU-Net's regions: heads in `class_order`, sigmoid > 0.5 (logit > 0), later wins."""
+    if not post or post.get("kind", "argmax") == "argmax":
+        return logits.argmax(0).to(torch.uint8)
+    if post.get("kind") != "regions":
+        raise EngineError(f"unsupported postprocessing {post}")
+    labels = torch.zeros(logits.shape[1:], dtype=torch.uint8, device=logits.device)
+    for head, label in enumerate(post["class_order"]):
+        labels[logits[head] > post.get("threshold_logit", 0.0)] = int(label)
+    return labels
+
+
+def to_labels(logits: torch.Tensor, prepared: Prepared, post: dict | None = None) -> np.ndarray:
+    """Model-space logits `[K, ...]` -> label volume in the input array's axes and shape."""
+    logits = resample(logits, prepared.cropped_shape)
+    labels = logits_to_labels(logits, post).cpu().numpy()
+    full = np.zeros(prepared.full_shape, dtype=np.uint8)
+    full[prepared.box] = labels
+    return np.ascontiguousarray(full.transpose(np.argsort(prepared.permutation)))

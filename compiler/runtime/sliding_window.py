@@ -2,7 +2,8 @@
 
 - Axes smaller than the patch are zero-padded, centred (`below = diff // 2`); the rest untouched.
 - Steps per axis: `n = ceil((I - P) / (P * step)) + 1`, starts `round(i * (I - P) / (n - 1))`
-  (only 0 when n == 1); Python's round, like numpy's, rounds halves to even.
+  (only 0 when n == 1); Python's round, like numpy's, rounds halves to even. An axis with patch 1
+  (a 2D model's slice axis) visits every slice once.
 - Importance map: a delta at `P // 2` blurred by a Gaussian with sigma `P / 8` per axis (scipy's
   `gaussian_filter`, constant mode, truncate 4), scaled to a maximum of 10; zeros replaced by
   the smallest nonzero value so no voxel gets weight zero.
@@ -40,6 +41,9 @@ def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_fra
     for size, patch in zip(image_size, patch_size):
         if size < patch:
             raise ValueError(f"image size {size} is smaller than the patch {patch}; pad first")
+        if patch == 1:  # a 2D model walking slices: each slice once (nnU-Net's 2D loop)
+            steps.append(list(range(size)))
+            continue
         n = math.ceil((size - patch) / (patch * step_fraction)) + 1
         if n == 1:
             steps.append([0])

@@ -95,10 +95,10 @@ def test_build_engine_fuses_faster_fusion_and_batchnorm_first(tmp_path):
 
     from tests.conftest import metadata, small_config
     from training.checkpoint import save_checkpoint
-    from training.unet import UNet3d
+    from training.unet import UNet
 
     torch.manual_seed(0)
-    model = UNet3d(small_config(features_per_stage=(8, 16, 32), norm="batch", blocks=("conv", "faster_fusion", "faster_fusion")))
+    model = UNet(small_config(features_per_stage=(8, 16, 32), norm="batch", blocks=("conv", "faster_fusion", "faster_fusion")))
     generator = torch.Generator().manual_seed(1)
     for bn in model.modules():
         if isinstance(bn, nn.BatchNorm3d):

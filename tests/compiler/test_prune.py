@@ -140,9 +140,9 @@ def test_structured_pruning_keeps_the_network_runnable_and_exportable(tmp_path):
 
 
 def test_structured_pruning_refuses_faster_fusion():
-    from training.unet import UNet3d
+    from training.unet import UNet
 
-    model = UNet3d(small_config(features_per_stage=(8, 16, 32), blocks=("conv", "faster_fusion", "conv")))
+    model = UNet(small_config(features_per_stage=(8, 16, 32), blocks=("conv", "faster_fusion", "conv")))
     with pytest.raises(StructuredPruningError, match="FasterFusion"):
         structured_keep(model, 0.25)
 

@@ -16,7 +16,7 @@ from training.blocks import BlockConfigError, FasterFusionBlock
 from training.checkpoint import load_model, save_checkpoint
 from training.config import get_preset
 from training.reparam import fold_conv_batchnorm, reparameterize_model
-from training.unet import UNet3d
+from training.unet import UNet
 from tests.conftest import metadata, small_config
 
 
@@ -97,10 +97,10 @@ def test_channel_counts_that_cannot_split_are_refused():
         FasterFusionBlock(32, 33)
 
 
-def _faster_unet(**overrides) -> UNet3d:
+def _faster_unet(**overrides) -> UNet:
     config = small_config(features_per_stage=(8, 16, 32), blocks=("conv", "faster_fusion", "faster_fusion"), **overrides)
     torch.manual_seed(0)
-    return randomize_batchnorm(UNet3d(config))
+    return randomize_batchnorm(UNet(config))
 
 
 def test_model_level_reparameterization_copies_unless_inplace():
@@ -117,7 +117,7 @@ def test_model_level_reparameterization_copies_unless_inplace():
 
 
 def test_batchnorm_unet_folds_every_norm():
-    model = randomize_batchnorm(UNet3d(small_config(norm="batch")))
+    model = randomize_batchnorm(UNet(small_config(norm="batch")))
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
         expected = model(x)

@@ -3,7 +3,7 @@ import torch
 
 from tests.conftest import random_model, small_config
 from training.config import PRESETS, ConfigError, UNetConfig, get_preset
-from training.unet import UNet3d, count_parameters
+from training.unet import UNet, count_parameters
 
 
 def test_output_shape_and_deep_supervision_heads():
@@ -18,17 +18,17 @@ def test_output_shape_and_deep_supervision_heads():
 def test_anisotropic_kernels_and_strides():
     config = small_config(kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)))
     assert config.total_stride == (2, 4, 4)
-    assert UNet3d(config)(torch.randn(1, 1, 6, 8, 12)).shape == (1, 3, 6, 8, 12)
+    assert UNet(config)(torch.randn(1, 1, 6, 8, 12)).shape == (1, 3, 6, 8, 12)
 
 
 @pytest.mark.parametrize("norm,cls", [("instance", torch.nn.InstanceNorm3d), ("batch", torch.nn.BatchNorm3d), ("group", torch.nn.GroupNorm)])
 def test_norm_is_injected(norm, cls):
-    model = UNet3d(small_config(norm=norm))
+    model = UNet(small_config(norm=norm))
     assert any(isinstance(m, cls) for m in model.modules())
 
 
 def test_module_names_follow_nnunet():
-    keys = UNet3d(small_config()).state_dict().keys()
+    keys = UNet(small_config()).state_dict().keys()
     for key in ("encoder.stages.0.0.convs.0.conv.weight", "encoder.stages.2.0.convs.1.norm.bias",
                 "decoder.transpconvs.0.weight", "decoder.stages.1.convs.0.conv.bias", "decoder.seg_layers.1.weight"):
         assert key in keys
@@ -36,7 +36,7 @@ def test_module_names_follow_nnunet():
 
 def test_nnunet_fullres_preset_widths():
     config = get_preset("nnunet-3d-fullres").build(1, 2)
-    model = UNet3d(config)
+    model = UNet(config)
     convs = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv3d)]
     assert [c.out_channels for c in convs[::2]] == [32, 64, 128, 256, 320, 320]
     assert config.total_stride == (32, 32, 32)

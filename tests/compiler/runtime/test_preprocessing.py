@@ -1,4 +1,5 @@
 import numpy as np
+import torch
 import pytest
 
 from compiler.runtime.errors import EngineError
@@ -19,3 +20,53 @@ def test_runtime_normalization_equals_training_normalization():
 def test_unknown_scheme_is_refused():
     with pytest.raises(EngineError, match="unsupported normalization"):
         normalize(np.zeros((1, 2, 2, 2)), {"scheme": "ct"})
+
+
+def test_masked_zscore_leaves_voxels_outside_the_mask_alone():
+    rng = np.random.default_rng(1)
+    image = rng.normal(50, 10, (1, 8, 9, 10)).astype(np.float32)
+    mask = np.zeros((8, 9, 10), dtype=bool)
+    mask[2:6, 2:7, 3:8] = True
+    out = normalize(image, {"scheme": "per-channel", "channels": [{"scheme": "zscore", "mask": "nonzero-region"}]}, mask)
+    np.testing.assert_array_equal(out[0][~mask], image[0][~mask])
+    assert abs(out[0][mask].mean()) < 1e-5 and abs(out[0][mask].std() - 1) < 1e-5
+
+
+def test_ct_normalization_clips_then_applies_the_stored_statistics():
+    image = np.array([[[[-2000.0, 0.0, 100.0, 5000.0]]]], dtype=np.float32)
+    entry = {"scheme": "ct", "clip": [-100.0, 250.0], "mean": 60.0, "std": 45.0}
+    out = normalize(image, {"scheme": "per-channel", "channels": [entry]})
+    np.testing.assert_allclose(out.ravel(), (np.array([-100.0, 0.0, 100.0, 250.0]) - 60.0) / 45.0, rtol=1e-6)
+
+
+def test_regions_are_painted_in_class_order():
+    from compiler.runtime.preprocessing import logits_to_labels
+
+    # heads: whole (1, 2, 3), core (2, 3), enhancing (3); sigmoid > 0.5 means logit > 0
+    logits = torch.tensor([[[2.0, 2.0, 2.0, -1.0]], [[-1.0, 3.0, 3.0, -1.0]], [[-1.0, -1.0, 0.5, 4.0]]])
+    labels = logits_to_labels(logits, {"kind": "regions", "class_order": [1, 2, 3]})
+    assert labels.tolist() == [[1, 2, 3, 3]]
+
+
+def test_prepare_and_to_labels_round_trip_geometry():
+    """Axis reversal + transpose + crop + resampling, then back: shapes and placement exact."""
+    from compiler.runtime.preprocessing import prepare, to_labels
+
+    data = np.zeros((1, 30, 20, 10), dtype=np.float32)  # nibabel order (X, Y, Z)
+    data[0, 5:25, 3:17, 2:8] = 1.0 + np.random.default_rng(0).random((20, 14, 6))
+    pre = {
+        "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}]},
+        "axis_order": "reversed", "transpose_forward": [1, 0, 2], "crop_to_nonzero": True,
+        "resample": True, "spacing": [1.0, 2.0, 1.5],  # model axes: (Y, Z, X)
+    }
+    prepared = prepare(data, (1.5, 1.0, 2.0), pre)  # input spacing (X, Y, Z)
+    assert prepared.permutation == (1, 2, 0)
+    assert prepared.cropped_shape == (14, 6, 20)
+    assert tuple(prepared.image.shape[1:]) == (14, 6, 20)  # spacing already matches: no resampling
+    coarse = prepare(data, (3.0, 1.0, 2.0), pre)  # X twice as coarse as the model's 1.5 mm
+    assert tuple(coarse.image.shape[1:]) == (14, 6, 40)
+    # "logits" that mark the object: class 1 everywhere in the crop
+    logits = torch.stack([torch.zeros(coarse.image.shape[1:]), torch.ones(coarse.image.shape[1:])])
+    labels = to_labels(logits, coarse)
+    assert labels.shape == (30, 20, 10)
+    np.testing.assert_array_equal(labels, (data[0] != 0).astype(np.uint8))
