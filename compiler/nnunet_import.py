@@ -461,6 +461,11 @@ def read_model_folder(
                 f"fold {folds[0]} as {configuration_name!r}; an ensemble needs one configuration"
             )
     configuration = resolve_configuration(plans, configuration_name)
+    if configuration.get("previous_stage"):
+        raise NnUNetImportError(
+            f"configuration {configuration_name!r} is a cascade stage (it needs {configuration['previous_stage']!r}'s "
+            "segmentation as input); cascades are not supported, deploy 3d_fullres or 3d_lowres instead"
+        )
     architecture = unet_config(configuration, len(channels), len(labels.head_names))
     reference = UNet(architecture)
     mapped = {fold: map_state_dict(c["network_weights"], reference, str(files[fold])) for fold, c in checkpoints.items()}

@@ -72,6 +72,16 @@ def test_unknown_architecture_is_named(tmp_path):
         read_model_folder(tmp_path / "model")
 
 
+def test_cascade_stage_is_refused(tmp_path):
+    write_model_folder(tmp_path / "model")
+    path = tmp_path / "model" / "fold_0" / "checkpoint_final.pth"
+    payload = torch.load(path, weights_only=False)  # our own file
+    payload["init_args"]["configuration"] = "3d_cascade_fullres_dummy"
+    torch.save(payload, path)
+    with pytest.raises(NnUNetImportError, match="cascade stage"):
+        read_model_folder(tmp_path / "model")
+
+
 def test_missing_fold_lists_what_is_there(tmp_path):
     write_model_folder(tmp_path / "model", folds=(0, 1))
     with pytest.raises(NnUNetImportError, match=r"fold '3'.*folds present: \['fold_0', 'fold_1'\]"):
@@ -135,10 +145,10 @@ def test_build_engine_and_infer_match_nnunet_predictor(tmp_path):
     # PyTorch through the same runtime path: the sliding-window numerics themselves
     engine = load_engine(engine_dir)
     network = read_model_folder(folder, folds=("0", "1")).network()
-    labels, tiles = segment_volume(load_volume(volume, 1), TorchPredictor(network), engine.spec,
-                                   InferenceOptions(progress=False))
+    labels, report = segment_volume(load_volume(volume, 1), TorchPredictor(network), engine.spec,
+                                    InferenceOptions(progress=False))
     assert (labels == expected).mean() >= 0.9999
-    assert tiles == 8 * 12  # 2 x 3 x 2 windows over the 35x43x18 crop (padded to 16 along z), 8 mirrorings
+    assert report.evaluated == report.grid == 12  # 2 x 3 x 2 windows over the 35x43x18 crop (padded to 16 along z)
 
 
 def test_2d_model_walks_slices(tmp_path):
@@ -152,11 +162,11 @@ def test_2d_model_walks_slices(tmp_path):
     spec = ModelSpec.from_manifest(manifest_like)
     assert spec.patch_size == (1, 32, 32) and spec.mirror_axes == (1, 2) and spec.tta_default
     path = _ct_volume(tmp_path / "case.nii.gz", shape=(40, 36, 12))
-    labels, tiles = segment_volume(load_volume(path, 1), TorchPredictor(imported.network()), spec,
-                                   InferenceOptions(progress=False, mirror=False))
+    labels, report = segment_volume(load_volume(path, 1), TorchPredictor(imported.network()), spec,
+                                    InferenceOptions(progress=False, mirror=False))
     data = np.asarray(nib.load(path).dataobj).transpose(2, 1, 0)  # SimpleITK order (z, y, x)
     crop = data[2:-3, 3:-4, 4:-5]  # the nonzero box: 7 slices of 29 x 31
-    assert tiles == 7  # each slice once, in one 32 x 32 window
+    assert report.evaluated == 7  # each slice once, in one 32 x 32 window
     # reference: every cropped, CT-normalized slice through the 2D reference network, padded to
     # the patch with the padding centred (29 -> 32: 1 before, 2 after; 31 -> 32: 0 before, 1 after)
     image = (np.clip(crop, -100.0, 250.0) - 60.0) / 45.0
