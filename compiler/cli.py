@@ -188,9 +188,21 @@ Examples:
               help="nnU-Net model folder: folds to ensemble (logits averaged), e.g. --folds 0 1 2 [default: 0].")
 @click.option("--checkpoint-name", type=click.Choice(["checkpoint_final.pth", "checkpoint_best.pth"]),
               default="checkpoint_final.pth", show_default=True, help="nnU-Net model folder: which checkpoint of each fold.")
+@click.option("--workspace-mb", default=4096, show_default=True, type=click.IntRange(16),
+              help="TensorRT: workspace memory pool limit.")
+@click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT: builder optimization level (higher: longer build, maybe faster plan).")
+@click.option("--trt-fp16-mode", type=click.Choice(["typed", "flag"]), default="typed", show_default=True,
+              help="TensorRT fp16: the fp16 graph (strongly typed; the only way on TensorRT 11) or "
+                   "TensorRT 10's FP16 builder flag on the fp32 graph.")
+@click.option("--engine-cache", type=_path(file_okay=False), default=None,
+              help="TensorRT plan cache [default: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt].")
+@click.option("--timing-cache", type=_path(dir_okay=False), default=None,
+              help="TensorRT timing cache file (read if present, updated after a build).")
 def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume, parity_tiles, precision,
                  parity_rtol, min_agreement, no_pass_parity, prune_sparsity, prune_threshold, structured_ratio,
-                 two_four, finetune_steps, finetune_dataset, folds, checkpoint_name) -> None:
+                 two_four, finetune_steps, finetune_dataset, folds, checkpoint_name, workspace_mb, trt_opt_level,
+                 trt_fp16_mode, engine_cache, timing_cache) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 
     CHECKPOINT is an nnslim checkpoint (.pt) or a trained nnU-Net v2 model folder
@@ -221,7 +233,9 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
         checkpoint=checkpoint, out_dir=out_dir, patch_size=tuple(patch) if patch else None, batch_size=batch_size,
         backend=backend, parity_volume=parity_volume, parity_tiles=parity_tiles, precision=precision,
         tolerance=tolerance, pass_parity=not no_pass_parity, prune=prune,
-        folds=_fold_names(folds), nnunet_checkpoint=checkpoint_name,
+        folds=_fold_names(folds), nnunet_checkpoint=checkpoint_name, trt_workspace_mb=workspace_mb,
+        trt_optimization_level=trt_opt_level, trt_fp16_mode=trt_fp16_mode, engine_cache=engine_cache,
+        timing_cache=timing_cache,
     )
     result = run_build(config)
     p, m = result.parity, result.manifest["model"]
@@ -256,7 +270,8 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
 Examples:
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --tta
-  nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta
+  nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta --skip roi+mask
+  nnslim infer engines/liver big_ct.nii.gz -o seg.nii.gz --memory-cap-mb 1024
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_torch.nii.gz --torch-checkpoint model.pt
 """)
 @click.argument("engine_dir", type=_path(file_okay=False))
@@ -269,11 +284,21 @@ Examples:
               help="Mirror test-time augmentation (8 passes for 3 axes) [default: on for imported nnU-Net "
                    "models, like nnU-Net; off for nnslim checkpoints].")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores).")
+@click.option("--skip", type=click.Choice(["none", "mask", "roi", "roi+mask"]), default="none", show_default=True,
+              help="Skip windows (opt-in approximation): outside a body mask, and/or seed 003's ROI test "
+                   "(a slab's centre window must predict --roi-threshold foreground voxels).")
+@click.option("--roi-threshold", default=1000, show_default=True, type=click.IntRange(0))
+@click.option("--memory-cap-mb", type=click.FloatRange(min=1), default=None,
+              help="Cap for the slab accumulators (fp16 above it; an error if a slab does not fit even then).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime engines: CPU, or the CUDA execution provider (TensorRT engines always use the GPU).")
+@click.option("--ort-tensorrt", is_flag=True, help="With --device cuda: ONNX Runtime's TensorRT execution provider first.")
 @click.option("--torch-checkpoint", type=_path(), default=None,
               help="Run this PyTorch checkpoint (or nnU-Net model folder) instead of the engine, with the "
                    "engine's settings (parity checks).")
 @progress_option
-def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads, torch_checkpoint, progress) -> None:
+def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads, skip, roi_threshold, memory_cap_mb,
+          device, ort_tensorrt, torch_checkpoint, progress) -> None:
     """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
 
     INPUTS is one file (3D, or 4D with channels last), the channel files of one case
@@ -281,7 +306,7 @@ def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads
     """
     from compiler.runtime.engine import InferenceOptions, load_engine, segment_files
 
-    engine = load_engine(engine_dir, threads=threads)
+    engine = load_engine(engine_dir, threads=threads, device=device, ort_tensorrt=ort_tensorrt)
     predictor = None
     if torch_checkpoint:
         from compiler.runtime.predictors import TorchPredictor
@@ -296,12 +321,16 @@ def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads
             from training.checkpoint import load_model
 
             network = load_model(torch_checkpoint)[0]
-        predictor = TorchPredictor(network)
-    options = InferenceOptions(step_fraction=step_fraction, batch_size=batch_size, mirror=mirror, progress=progress)
+        predictor = TorchPredictor(network, device=engine.predictor.device)
+    options = InferenceOptions(step_fraction=step_fraction, batch_size=batch_size, mirror=mirror, progress=progress,
+                               skip=skip, roi_threshold=roi_threshold, memory_cap_mb=memory_cap_mb)
     results = segment_files(engine, list(inputs), output, options, predictor=predictor)
     runner = f"PyTorch ({torch_checkpoint})" if torch_checkpoint else f"{engine.manifest['backend']} engine"
     for r in results:
-        click.echo(f"{r.name}: {r.output} shape {r.shape}, {r.tiles} tiles, {r.seconds:.2f} s with {runner}")
+        w = r.windows
+        skipped = f", {w['skipped_by_mask'] + w['skipped_by_roi']} skipped" if skip != "none" else ""
+        click.echo(f"{r.name}: {r.output} shape {r.shape}, {w['evaluated']} of {w['grid']} windows{skipped} "
+                   f"({r.tiles} network calls), {r.seconds:.2f} s with {runner}")
 
 
 @cli.command(epilog="""\b
@@ -331,6 +360,25 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     click.echo(f"  voxel agreement    {result.agreement:.6f}")
     if json_out:
         write_json_atomic(json_out, result.to_dict())
+
+
+@cli.command("export-triton", epilog="""\b
+Examples:
+  nnslim export-triton artifacts/engines/tiny model_repository
+  nnslim export-triton engines/liver /models --name liver_ct --instances 2
+""")
+@click.argument("engine_dir", type=_path(file_okay=False))
+@click.argument("repository", type=_path(exists=False, file_okay=False))
+@click.option("--name", default=None, help="Model name in the repository [default: the engine directory's name].")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances per GPU.")
+@click.option("--kind", type=click.Choice(["KIND_GPU", "KIND_CPU"]), default="KIND_GPU", show_default=True)
+def export_triton(engine_dir, repository, name, instances, kind) -> None:
+    """Write a Triton Inference Server model repository entry (config.pbtxt with dynamic batching,
+    and the plan or ONNX model) from an engine directory."""
+    from compiler.triton import export_triton as run_export
+
+    target = run_export(engine_dir, repository, name, instances, kind)
+    click.echo(f"Triton model written to {target} (config.pbtxt, 1/{next((target / '1').iterdir()).name})")
 
 
 def _fold_names(folds: tuple[str, ...]) -> tuple[str, ...]:

@@ -137,6 +137,23 @@ def check_onnx_parity(
     return compare(torch.cat(reference), torch.cat(candidate), source)
 
 
+def check_tensorrt_parity(model: nn.Module, plan_path: Path, tiles: torch.Tensor, source: str,
+                          batch_size: int) -> ParityReport:
+    """TensorRT plan vs PyTorch on the GPU (both see the same tiles, in batches of `batch_size`)."""
+    import copy
+
+    from compiler.runtime.trt_backend import TensorRTPredictor
+
+    reference_predictor = TorchPredictor(copy.deepcopy(model), device="cuda")  # the caller's model stays put
+    candidate_predictor = TensorRTPredictor(plan_path, "image", "logits")
+    reference, candidate = [], []
+    for first in range(0, tiles.shape[0], batch_size):
+        batch = tiles[first : first + batch_size]
+        reference.append(reference_predictor(batch).float().cpu())
+        candidate.append(candidate_predictor(batch).float().cpu())
+    return compare(torch.cat(reference), torch.cat(candidate), source)
+
+
 @torch.no_grad()
 def torch_agreement(reference: nn.Module, candidate: nn.Module, tiles: torch.Tensor) -> float:
     """Argmax agreement of two PyTorch models on the tiles (e.g. pruned vs unpruned)."""

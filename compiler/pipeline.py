@@ -37,6 +37,7 @@ from compiler.parity import (
     ParityReport,
     ParityTolerance,
     check_onnx_parity,
+    check_tensorrt_parity,
     parity_tiles,
     torch_agreement,
 )
@@ -46,7 +47,13 @@ from compiler.reparam import reparameterize_for_deploy
 from compiler.runtime.errors import NnslimError
 from compiler.runtime.files import write_json_atomic
 from compiler.runtime.manifest import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from compiler.tensorrt_engine import BackendUnavailable, import_tensorrt
+from compiler.runtime.trt_backend import (
+    BackendUnavailable,
+    TrtBuildSettings,
+    build_plan,
+    import_tensorrt,
+    tensorrt_available,
+)
 from training.checkpoint import build_model, read_checkpoint
 from training.unet import count_parameters
 
@@ -75,6 +82,12 @@ class BuildConfig:
     opset: int = 18
     folds: tuple[str, ...] = ("0",)  # nnU-Net model folders: folds to ensemble
     nnunet_checkpoint: str = "checkpoint_final.pth"
+    # TensorRT (backend "tensorrt", or "auto" on a machine with TensorRT and a GPU)
+    trt_workspace_mb: int = 4096
+    trt_optimization_level: int = 3
+    trt_fp16_mode: str = "typed"  # "flag": TensorRT 10's BuilderFlag.FP16 on the fp32 graph
+    engine_cache: Path | None = None  # None: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt
+    timing_cache: Path | None = None
 
 
 @dataclass
@@ -187,13 +200,15 @@ def build_engine(config: BuildConfig) -> BuildResult:
             parity = check_onnx_parity(reference, staging / "model.opt.onnx", tiles, tile_source, config.batch_size)
             if pruning is not None:
                 record["pruned_vs_trained_argmax_agreement"] = torch_agreement(model, deployed, tiles)
-        if not parity.within(tolerance):
-            raise ParityError(
-                f"ONNX Runtime disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} = "
-                f"{parity.max_rel_logit_error:.2e} of the largest logit (allowed {tolerance.max_rel_logit_error:.2e}), "
-                f"argmax agreement "
-                f"{parity.argmax_agreement:.5f} (needed {tolerance.min_argmax_agreement}); engine not written"
-            )
+        _check_within(parity, tolerance, "ONNX Runtime")
+        tensorrt_record = None
+        if backend == "tensorrt":
+            with _timed(stages, "tensorrt", workspace_mb=config.trt_workspace_mb,
+                        optimization_level=config.trt_optimization_level, fp16_mode=config.trt_fp16_mode) as record:
+                tensorrt_record, onnx_parity = _build_tensorrt(config, staging, source.in_channels, patch), parity
+                parity = check_tensorrt_parity(reference, staging / "engine.plan", tiles, tile_source, config.batch_size)
+                record.update(cache_hit=tensorrt_record["cache_hit"], onnxruntime_parity=onnx_parity.to_dict())
+            _check_within(parity, tolerance, "TensorRT")
         model_stats = {
             "parameters": count_parameters(deployed),
             "macs_per_patch": conv_macs(deployed, (source.in_channels, *patch)),
@@ -203,6 +218,7 @@ def build_engine(config: BuildConfig) -> BuildResult:
             "runtime_model_size": file_sizes(staging / "model.opt.onnx"),
         }
         manifest = _manifest(config, backend, source, patch, stages, parity, tolerance, model_stats)
+        manifest["tensorrt"] = tensorrt_record
         _write_report(staging / "report.md", manifest)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -215,14 +231,38 @@ def build_engine(config: BuildConfig) -> BuildResult:
 
 
 def _resolve_backend(backend: str) -> str:
+    """"auto": TensorRT when it and a CUDA GPU are here, else ONNX Runtime."""
     if backend not in BACKENDS:
         raise BuildError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
     if backend == "tensorrt":
         import_tensorrt()  # raises with the install hint when missing
-        raise BackendUnavailable(
-            "building TensorRT plans is not implemented in this nnslim version; use --backend onnxruntime"
-        )
+        if not torch.cuda.is_available():
+            raise BackendUnavailable("backend 'tensorrt' needs a CUDA GPU and none is visible; use --backend onnxruntime")
+        return "tensorrt"
+    if backend == "auto" and tensorrt_available():
+        return "tensorrt"
     return "onnxruntime"
+
+
+def _check_within(parity: ParityReport, tolerance: ParityTolerance, runtime: str) -> None:
+    if not parity.within(tolerance):
+        raise ParityError(
+            f"{runtime} disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} = "
+            f"{parity.max_rel_logit_error:.2e} of the largest logit (allowed {tolerance.max_rel_logit_error:.2e}), "
+            f"argmax agreement "
+            f"{parity.argmax_agreement:.5f} (needed {tolerance.min_argmax_agreement}); engine not written"
+        )
+
+
+def _build_tensorrt(config: BuildConfig, staging: Path, in_channels: int, patch: tuple[int, int, int]) -> dict[str, Any]:
+    settings = TrtBuildSettings(
+        max_batch=config.batch_size, precision=config.precision, fp16_mode=config.trt_fp16_mode,
+        workspace_bytes=config.trt_workspace_mb << 20, optimization_level=config.trt_optimization_level,
+        sparse_weights=config.prune.two_four,
+    )
+    onnx_file = staging / ("model.onnx" if config.trt_fp16_mode == "flag" else "model.opt.onnx")
+    return build_plan(onnx_file, staging / "engine.plan", settings, "image", (in_channels, *patch),
+                      sha256_file(onnx_file), config.engine_cache, config.timing_cache)
 
 
 def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -269,6 +309,13 @@ def _staging_dir(out_dir: Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _tensorrt_version() -> str | None:
+    try:
+        return import_tensorrt().__version__
+    except BackendUnavailable:
+        return None
+
+
 def _tool_versions() -> dict[str, Any]:
     import onnxruntime
 
@@ -277,7 +324,7 @@ def _tool_versions() -> dict[str, Any]:
         "torch": torch.__version__,
         "onnx": onnx.__version__,
         "onnxruntime": onnxruntime.__version__,
-        "tensorrt": None,
+        "tensorrt": _tensorrt_version(),
         "platform": platform.platform(),
     }
 
@@ -305,7 +352,7 @@ def _manifest(
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "backend": backend,
-        "runtime_model": "model.opt.onnx",
+        "runtime_model": "engine.plan" if backend == "tensorrt" else "model.opt.onnx",
         "io": {
             "input": {"name": "image", "dtype": "float32", "shape": ["batch", in_channels, *patch]},
             "output": {"name": "logits", "dtype": "float32", "shape": ["batch", num_classes, *patch]},

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from compiler.cli import cli
 
-COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep"]
+COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep", "export-triton"]
 
 
 def run(*args):

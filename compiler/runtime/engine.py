@@ -19,8 +19,15 @@ from tqdm import tqdm
 from compiler.runtime.errors import EngineError, InputError
 from compiler.runtime.manifest import read_manifest, rebuild_hint
 from compiler.runtime.predictors import OnnxRuntimePredictor
-from compiler.runtime.preprocessing import prepare, to_labels
-from compiler.runtime.sliding_window import SlidingWindowConfig, count_tiles, sliding_window_inference
+from compiler.runtime.preprocessing import StreamingLabeler, prepare, restore_geometry
+from compiler.runtime.sliding_window import (
+    SlidingWindowConfig,
+    WindowReport,
+    WindowSelection,
+    body_mask,
+    count_tiles,
+    stream_logits,
+)
 from compiler.runtime.volume_io import Volume, find_cases, load_volume, save_segmentation
 
 logger = logging.getLogger(__name__)
@@ -75,37 +82,94 @@ class Engine:
     predictor: Callable[[torch.Tensor], torch.Tensor]
 
 
-def load_engine(engine_dir: str | Path, threads: int = 0) -> Engine:
-    """Verify an engine directory and open its runtime model."""
+DEVICES = ("cpu", "cuda")
+
+
+def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", ort_tensorrt: bool = False) -> Engine:
+    """Verify an engine directory and open its runtime model.
+
+    Args:
+        threads: ONNX Runtime CPU threads (0: one per core).
+        device: ONNX Runtime engines: "cpu", or "cuda" (CUDA execution provider, I/O binding).
+            TensorRT engines always run on the GPU.
+        ort_tensorrt: with device "cuda", put ONNX Runtime's TensorRT execution provider first.
+    """
     engine_dir = Path(engine_dir)
     manifest = read_manifest(engine_dir)
     spec = ModelSpec.from_manifest(manifest)
     backend = manifest.get("backend")
-    if backend != "onnxruntime":
-        raise EngineError(f"{engine_dir} was built for backend {backend!r}, which this runtime cannot run; {rebuild_hint(manifest)} --backend onnxruntime")
-    predictor = OnnxRuntimePredictor(
-        engine_dir / manifest["runtime_model"], spec.input_name, spec.output_name, threads=threads
-    )
+    model_path = engine_dir / manifest["runtime_model"]
+    if device not in DEVICES:
+        raise InputError(f"device must be one of {DEVICES}, got {device!r}")
+    if backend == "tensorrt":
+        from compiler.runtime.trt_backend import TensorRTPredictor, check_compatibility, gpu_record, import_tensorrt
+
+        trt = import_tensorrt()
+        if not torch.cuda.is_available():
+            raise EngineError(f"{engine_dir} holds a TensorRT plan, which needs a CUDA GPU; "
+                              f"{rebuild_hint(manifest)} --backend onnxruntime")
+        check_compatibility(manifest, trt.__version__, tuple(gpu_record()["compute_capability"]), rebuild_hint(manifest))
+        predictor = TensorRTPredictor(model_path, spec.input_name, spec.output_name)
+    elif backend == "onnxruntime" and device == "cuda":
+        from compiler.runtime.predictors import OnnxRuntimeGpuPredictor
+
+        predictor = OnnxRuntimeGpuPredictor(model_path, spec.input_name, spec.output_name, tensorrt=ort_tensorrt,
+                                            fp16=manifest.get("precision") == "fp16")
+    elif backend == "onnxruntime":
+        predictor = OnnxRuntimePredictor(model_path, spec.input_name, spec.output_name, threads=threads)
+    else:
+        raise EngineError(f"{engine_dir} was built for backend {backend!r}, which this runtime cannot run; "
+                          f"{rebuild_hint(manifest)} --backend onnxruntime")
     return Engine(engine_dir, manifest, spec, predictor)
+
+
+SKIP_MODES = ("none", "mask", "roi", "roi+mask")
 
 
 @dataclass(frozen=True)
 class InferenceOptions:
+    """How `infer` walks a volume.
+
+    Attributes:
+        skip: "none" (the full nnU-Net grid), or an opt-in approximation (`WindowSelection`):
+            "mask" skips windows outside a cheap body mask, "roi" is seed 003's centre-window test.
+        roi_threshold: foreground voxels the centre window must predict to keep its slab.
+        memory_cap_mb: bound for the slab accumulators; over it they switch to fp16, and a slab
+            that does not fit even then is an error (use a smaller patch).
+    """
+
     step_fraction: float = 0.5
     batch_size: int | None = None  # None: the engine's maximum batch
     mirror: bool | None = None  # None: the engine's default (on for imported nnU-Net models)
     progress: bool = True
+    skip: str = "none"
+    roi_threshold: int = 1000
+    memory_cap_mb: float | None = None
 
 
-def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowConfig:
+def window_config(spec: ModelSpec, options: InferenceOptions, image_shape: tuple[int, ...] | None = None) -> SlidingWindowConfig:
     batch = options.batch_size or spec.max_batch
     if batch > spec.max_batch:
         raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
+    if options.skip not in SKIP_MODES:
+        raise InputError(f"--skip must be one of {SKIP_MODES}, got {options.skip!r}")
+    dtype = torch.float32
+    if options.memory_cap_mb is not None and image_shape is not None:
+        slab = spec.patch_size[0] * max(image_shape[1], spec.patch_size[1]) * max(image_shape[2], spec.patch_size[2])
+        need = {d: (spec.num_classes + 1) * slab * d.itemsize / 2**20 for d in (torch.float32, torch.float16)}
+        if need[torch.float32] > options.memory_cap_mb:
+            dtype = torch.float16
+            if need[torch.float16] > options.memory_cap_mb:
+                raise InputError(
+                    f"the slab accumulators need {need[torch.float16]:.0f} MB even in fp16, over the cap of "
+                    f"{options.memory_cap_mb:.0f} MB; raise --memory-cap-mb or build the engine with a smaller patch"
+                )
     return SlidingWindowConfig(
         patch_size=spec.patch_size,
         step_fraction=options.step_fraction,
         batch_size=batch,
         mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
+        accumulate_dtype=dtype,
     )
 
 
@@ -114,23 +178,32 @@ def segment_volume(
     predictor: Callable[[torch.Tensor], torch.Tensor],
     spec: ModelSpec,
     options: InferenceOptions = InferenceOptions(),
-) -> tuple[np.ndarray, int]:
-    """Preprocess, run the sliding window, postprocess; returns (labels in the input's array
-    axes, tiles evaluated)."""
+) -> tuple[np.ndarray, WindowReport]:
+    """Preprocess, walk the windows slab by slab, postprocess.
+
+    Returns the labels in the input's array axes and what the walk did (windows per mirror pass).
+    Logits are never held for the whole volume: each finished slab is resampled back and turned
+    into labels (`StreamingLabeler`), so memory grows with the slab, not the volume.
+    """
     pre = spec.preprocessing or {"normalization": spec.normalization}
     if not pre.get("resample") and spec.spacing and not np.allclose(volume.spacing, spec.spacing, rtol=0.05):
         logger.warning(
             "%s has spacing %s but the model was trained at %s; results may degrade (resampling is not applied)",
             volume.name, volume.spacing, spec.spacing,
         )
-    config = window_config(spec, options)
     prepared = prepare(volume.data, volume.spacing, pre)
-    if prepared.target_spacing is not None and prepared.image.shape[1:] != prepared.cropped_shape:
+    image = prepared.image
+    if prepared.target_spacing is not None and tuple(image.shape[1:]) != prepared.cropped_shape:
         logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
-    tiles = count_tiles(prepared.image.shape[1:], config)
-    with tqdm(total=tiles, desc=volume.name, unit="tile", disable=None if options.progress else True, leave=False) as bar:
-        logits = sliding_window_inference(prepared.image, predictor, spec.num_classes, config, progress=bar.update)
-    return to_labels(logits, prepared, spec.postprocessing), tiles * 2 ** len(config.mirror_axes)
+    config = window_config(spec, options, tuple(image.shape[1:]))
+    mode = "full" if options.skip == "none" else options.skip
+    selection = WindowSelection(mode, options.roi_threshold, body_mask(image) if "mask" in mode else None)
+    labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
+    total = count_tiles(image.shape[1:], config)
+    with tqdm(total=total, desc=volume.name, unit="window", disable=None if options.progress else True, leave=False) as bar:
+        report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
+                               selection=selection)
+    return restore_geometry(labeler.result(), prepared), report
 
 
 def _label_voxels(counts: np.ndarray, spec: ModelSpec) -> dict[str, int]:
@@ -146,7 +219,8 @@ class CaseResult:
     output: Path
     shape: tuple[int, ...]
     seconds: float
-    tiles: int
+    tiles: int  # network calls: windows evaluated x mirror passes
+    windows: dict[str, int] = field(default_factory=dict)  # WindowReport
     label_voxels: dict[str, int] = field(default_factory=dict)
 
 
@@ -180,7 +254,8 @@ def segment_files(
     for case, files in cases.items():
         started = time.perf_counter()
         volume = load_volume(files, engine.spec.in_channels)
-        segmentation, tiles = segment_volume(volume, predictor, engine.spec, options)
+        segmentation, report = segment_volume(volume, predictor, engine.spec, options)
+        passes = 2 ** len(window_config(engine.spec, options).mirror_axes)
         path = save_segmentation(segmentation, volume.reference, targets[case])
         counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
         results.append(CaseResult(
@@ -188,7 +263,8 @@ def segment_files(
             output=path,
             shape=segmentation.shape,
             seconds=time.perf_counter() - started,
-            tiles=tiles,
+            tiles=report.evaluated * passes,
+            windows=report.to_dict(),
             label_voxels=_label_voxels(counts, engine.spec),
         ))
         logger.info("%s -> %s in %.1f s", volume.name, path, results[-1].seconds)

@@ -1,7 +1,9 @@
 """Predictor adapters: `predict(tiles [B, C, *patch]) -> logits [B, K, *patch]` on one device.
 
 Tiles and logits are torch tensors. The ONNX Runtime CPU adapter shares memory with numpy (no
-copies); TensorRT lives in its own module (`compiler.tensorrt_engine`), imported lazily.
+copies); the GPU adapter binds torch CUDA tensors to the session (I/O binding), so tiles and
+logits never leave the GPU. TensorRT lives in its own module (`compiler.runtime.trt_backend`),
+imported lazily.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ class TorchPredictor:
 
 
 class OnnxRuntimePredictor:
-    """An ONNX Runtime session on the CPU execution provider (GPU providers: issue #6 adapters).
+    """An ONNX Runtime session on the CPU execution provider (`OnnxRuntimeGpuPredictor` for CUDA).
 
     Args:
         model_path: the ONNX file.
@@ -73,3 +75,64 @@ class OnnxRuntimePredictor:
         array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
         (out,) = self.session.run([self.output_name], {self.input_name: array})
         return torch.from_numpy(out)
+
+
+class OnnxRuntimeGpuPredictor:
+    """ONNX Runtime on the GPU: CUDA execution provider (optionally TensorRT's first) with I/O binding.
+
+    Inputs and outputs are torch CUDA tensors bound by address, so nothing is copied through the
+    host. With `tensorrt=True` the TensorRT execution provider builds its own engines, cached in
+    `cache_dir` (its engine and timing caches), and falls back to CUDA for unsupported nodes.
+    """
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        input_name: str = "image",
+        output_name: str = "logits",
+        device: int = 0,
+        tensorrt: bool = False,
+        cache_dir: Path | None = None,
+        fp16: bool = False,
+    ) -> None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
+            raise EngineError(
+                f"ONNX Runtime on the GPU needs onnxruntime-gpu with CUDA and a visible GPU; providers here: {available}"
+            )
+        providers: list = [("CUDAExecutionProvider", {"device_id": device})]
+        if tensorrt:
+            cache = Path(cache_dir or Path.home() / ".cache" / "nnslim" / "ort-tensorrt")
+            cache.mkdir(parents=True, exist_ok=True)
+            providers.insert(0, ("TensorrtExecutionProvider", {
+                "device_id": device, "trt_fp16_enable": fp16,
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
+            }))
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types per failure
+            raise EngineError(f"ONNX Runtime cannot load {model_path} on the GPU: {exc}") from exc
+        self.input_name, self.output_name = input_name, output_name
+        self.device = torch.device("cuda", device)
+        self.providers = self.session.get_providers()
+        output = next(o for o in self.session.get_outputs() if o.name == output_name)
+        self.output_channels_and_patch = tuple(output.shape[1:])
+        self.output_dtype = torch.float16 if "float16" in output.type else torch.float32
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        tiles = tiles.to(self.device, torch.float32, non_blocking=True).contiguous()
+        out = torch.empty((tiles.shape[0], *self.output_channels_and_patch), dtype=self.output_dtype, device=self.device)
+        binding = self.session.io_binding()
+        binding.bind_input(self.input_name, "cuda", self.device.index, np.float32, tuple(tiles.shape), tiles.data_ptr())
+        binding.bind_output(self.output_name, "cuda", self.device.index,
+                            np.float16 if self.output_dtype == torch.float16 else np.float32,
+                            tuple(out.shape), out.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
+        self.session.run_with_iobinding(binding)
+        return out

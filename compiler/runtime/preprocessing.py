@@ -182,7 +182,58 @@ def logits_to_labels(logits: torch.Tensor, post: dict | None) -> torch.Tensor:
 def to_labels(logits: torch.Tensor, prepared: Prepared, post: dict | None = None) -> np.ndarray:
     """Model-space logits `[K, ...]` -> label volume in the input array's axes and shape."""
     logits = resample(logits, prepared.cropped_shape)
-    labels = logits_to_labels(logits, post).cpu().numpy()
+    return restore_geometry(logits_to_labels(logits, post).cpu().numpy(), prepared)
+
+
+def restore_geometry(labels: np.ndarray, prepared: Prepared) -> np.ndarray:
+    """Labels at the cropped shape -> the input array's shape and axes (background outside the crop)."""
     full = np.zeros(prepared.full_shape, dtype=np.uint8)
     full[prepared.box] = labels
     return np.ascontiguousarray(full.transpose(np.argsort(prepared.permutation)))
+
+
+class StreamingLabeler:
+    """Turns model-space logit chunks (along the first axis, in order) into labels at the cropped
+    shape, resampling on the way, without ever holding the whole volume's logits.
+
+    In-plane, each chunk is resampled bilinearly; along the first axis, output slice `o` blends
+    source slices `floor(x)` and `floor(x) + 1` at `x = max(0, (o + 0.5) * n_in / n_out - 0.5)`:
+    together the same trilinear interpolation `resample` does (align_corners=False), in stages.
+    Source slices are kept only until no later output slice needs them.
+    """
+
+    def __init__(self, model_shape: tuple[int, ...], cropped_shape: tuple[int, ...], post: dict | None) -> None:
+        self.model_shape, self.cropped_shape, self.post = tuple(model_shape), tuple(cropped_shape), post
+        self.labels = np.zeros(cropped_shape, dtype=np.uint8)
+        self.pending: dict[int, torch.Tensor] = {}  # source slice -> in-plane resampled logits [K, *rest]
+        self.next_output = 0
+        self.scale = model_shape[0] / cropped_shape[0]
+
+    def _source(self, o: int) -> tuple[int, int, float]:
+        x = max(0.0, (o + 0.5) * self.scale - 0.5)
+        i0 = min(int(np.floor(x)), self.model_shape[0] - 1)
+        return i0, min(i0 + 1, self.model_shape[0] - 1), x - i0
+
+    def __call__(self, first: int, chunk: torch.Tensor) -> None:
+        if tuple(chunk.shape[2:]) != self.cropped_shape[1:]:
+            chunk = torch.nn.functional.interpolate(
+                chunk.float().transpose(0, 1), size=self.cropped_shape[1:], mode="bilinear", align_corners=False
+            ).transpose(0, 1)
+        for i in range(chunk.shape[1]):
+            self.pending[first + i] = chunk[:, i]
+        available = first + chunk.shape[1]
+        while self.next_output < self.cropped_shape[0]:
+            i0, i1, w = self._source(self.next_output)
+            if i1 >= available:
+                break
+            logits = self.pending[i0] if w == 0 or i0 == i1 else (1 - w) * self.pending[i0] + w * self.pending[i1]
+            self.labels[self.next_output] = logits_to_labels(logits, self.post).cpu().numpy()
+            self.next_output += 1
+            keep = self._source(self.next_output)[0] if self.next_output < self.cropped_shape[0] else available
+            for old in [k for k in self.pending if k < keep]:
+                del self.pending[old]
+
+    def result(self) -> np.ndarray:
+        if self.next_output != self.cropped_shape[0]:
+            raise RuntimeError(f"streamed {self.next_output} of {self.cropped_shape[0]} output slices; the walk ended early")
+        return self.labels

@@ -8,7 +8,7 @@ from compiler.pipeline import BuildConfig, BuildError, build_engine
 from compiler.runtime.engine import load_engine
 from compiler.runtime.errors import EngineError
 from compiler.runtime.manifest import read_manifest, sha256_file
-from compiler.tensorrt_engine import BackendUnavailable
+from compiler.runtime.trt_backend import BackendUnavailable
 
 
 def test_manifest_records_io_stages_tools_and_hashes(engine_dir, checkpoint_path):
@@ -64,7 +64,7 @@ def test_patch_must_fit_the_network_stride(checkpoint_path, tmp_path):
 
 
 def test_tensorrt_backend_without_tensorrt_says_how_to_install(checkpoint_path, tmp_path):
-    pytest.importorskip("compiler.tensorrt_engine")
+    pytest.importorskip("compiler.runtime.trt_backend")
     try:
         import tensorrt  # noqa: F401
     except ImportError:
@@ -80,7 +80,7 @@ def test_engine_from_another_backend_is_refused(engine_dir, tmp_path):
     copy = tmp_path / "engine"
     shutil.copytree(engine_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["backend"] = "tensorrt"
+    manifest["backend"] = "openvino"  # a backend this runtime does not have
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="cannot run"):
         load_engine(copy)

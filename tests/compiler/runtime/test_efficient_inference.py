@@ -1,0 +1,164 @@
+"""Slab-streamed accumulation, window skipping (ROI / mask), streamed resampling, memory cap."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from compiler.runtime.errors import InputError
+from compiler.runtime.predictors import TorchPredictor
+from compiler.runtime.preprocessing import StreamingLabeler, logits_to_labels, resample
+from compiler.runtime.sliding_window import (
+    SlidingWindowConfig,
+    WindowReport,
+    WindowSelection,
+    body_mask,
+    compute_steps,
+    eq2_window_count,
+    gaussian_importance_map,
+    pad_to_patch,
+    sliding_window_inference,
+    stream_logits,
+)
+from tests.conftest import random_model
+
+
+class Threshold(nn.Module):
+    """A real network with known output: class 1 where the intensity exceeds 0.5 (1x1x1 conv)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([0.0, 10.0]).view(2, 1, 1, 1, 1))
+            self.conv.bias.copy_(torch.tensor([0.0, -5.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def whole_volume_reference(image, predictor, num_classes, config):
+    """Accumulate every window into whole-volume buffers, divide once at the end (nnU-Net's way)."""
+    padded, region = pad_to_patch(image, config.patch_size)
+    logits = torch.zeros((num_classes, *padded.shape[1:]))
+    weights = torch.zeros(padded.shape[1:])
+    gaussian = gaussian_importance_map(config.patch_size)
+    for start in itertools.product(*compute_steps(padded.shape[1:], config.patch_size, config.step_fraction)):
+        sl = tuple(slice(s, s + p) for s, p in zip(start, config.patch_size))
+        logits[(slice(None), *sl)] += predictor(padded[(slice(None), *sl)][None])[0] * gaussian
+        weights[sl] += gaussian
+    return (logits / weights)[region]
+
+
+def test_slab_accumulation_equals_whole_volume_accumulation():
+    image = torch.randn(1, 37, 30, 21, generator=torch.Generator().manual_seed(0))
+    predictor = TorchPredictor(random_model())
+    config = SlidingWindowConfig(patch_size=(16, 16, 16), step_fraction=0.5, batch_size=1)  # as the reference
+    expected = whole_volume_reference(image, predictor, 3, config)
+    chunks = []
+    report = stream_logits(image, predictor, 3, config, lambda first, c: chunks.append((first, c.clone())))
+    assert [first for first, _ in chunks] == sorted(first for first, _ in chunks)  # in order
+    assert sum(c.shape[1] for _, c in chunks) == 37  # every slice exactly once
+    streamed = torch.cat([c for _, c in chunks], dim=1)
+    torch.testing.assert_close(streamed, expected, rtol=1e-6, atol=1e-6)
+    assert report.evaluated == report.grid == 4 * 3 * 2 and report.uncovered_voxels == 0
+    torch.testing.assert_close(sliding_window_inference(image, predictor, 3, config), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_streamed_labels_equal_labels_from_whole_logits_with_resampling():
+    image = torch.randn(1, 40, 26, 22, generator=torch.Generator().manual_seed(1))
+    predictor = TorchPredictor(random_model())
+    config = SlidingWindowConfig(patch_size=(16, 16, 16))
+    logits = sliding_window_inference(image, predictor, 3, config)
+    for cropped_shape in [(40, 26, 22), (57, 19, 30)]:  # no resampling; up along z, down and up in-plane
+        expected = logits_to_labels(resample(logits, cropped_shape), None).numpy()
+        labeler = StreamingLabeler(tuple(image.shape[1:]), cropped_shape, None)
+        stream_logits(image, predictor, 3, config, labeler)
+        agreement = (labeler.result() == expected).mean()
+        assert agreement == 1.0 if cropped_shape == (40, 26, 22) else agreement >= 0.999
+
+
+def _two_objects(size=(48, 96, 96)):
+    """A bright column through the in-plane centre (slices 0..23 only) and a small cube near a
+    corner of the plane at slices 4..9: off-centre, but in slabs whose centre window is active."""
+    image = torch.zeros(1, *size)
+    image[0, :24, 40:56, 40:56] = 1.0
+    image[0, 4:10, 2:8, 85:92] = 1.0
+    return image
+
+
+def test_roi_skipping_finds_an_off_centre_object_and_skips_empty_slabs():
+    image = _two_objects()
+    predictor = TorchPredictor(Threshold())
+    config = SlidingWindowConfig(patch_size=(16, 32, 32))
+    full_report, roi_report = WindowReport(), WindowReport()
+    full = sliding_window_inference(image, predictor, 2, config, report=full_report).argmax(0)
+    roi = sliding_window_inference(image, predictor, 2, config, selection=WindowSelection("roi", 100),
+                                   report=roi_report).argmax(0)
+    assert int(full[4:10, 2:8, 85:92].sum()) == 6 * 6 * 7  # the full grid segments the corner cube
+    assert torch.equal(roi, full)  # ROI too: its slabs were active, so their whole plane was evaluated
+    assert roi_report.grid == full_report.grid == 5 * 5 * 5
+    assert roi_report.evaluated < full_report.evaluated and roi_report.skipped_by_roi > 0
+    assert roi_report.evaluated + roi_report.skipped_by_roi == roi_report.grid
+    assert roi_report.uncovered_voxels > 0  # slices 32..47: only centre windows ran; counted, background
+
+
+def test_roi_skipping_with_no_foreground_matches_the_full_grid_where_it_predicts():
+    image = torch.zeros(1, 48, 64, 64)
+    predictor = TorchPredictor(Threshold())
+    config = SlidingWindowConfig(patch_size=(16, 32, 32))
+    report = WindowReport()
+    roi = sliding_window_inference(image, predictor, 2, config, selection=WindowSelection("roi", 1), report=report)
+    full = sliding_window_inference(image, predictor, 2, config)
+    assert report.evaluated == 5  # one centre window per slab
+    assert report.evaluated < report.grid == 5 * 3 * 3
+    assert torch.equal(roi.argmax(0), full.argmax(0))  # background everywhere, covered or not
+    covered = roi.abs().sum(0) > 0
+    torch.testing.assert_close(roi[:, covered], full[:, covered])  # identical where it predicted
+
+
+def test_mask_skipping_on_a_padded_field_of_view():
+    """The MNI-like case: anatomy in the middle of a large empty field of view."""
+    image = torch.zeros(1, 64, 128, 128)
+    image[0, 16:48, 40:88, 40:88] = torch.rand(32, 48, 48, generator=torch.Generator().manual_seed(2)) + 0.2
+    predictor = TorchPredictor(Threshold())
+    config = SlidingWindowConfig(patch_size=(32, 32, 32))
+    report = WindowReport()
+    masked = sliding_window_inference(image, predictor, 2, config, report=report,
+                                      selection=WindowSelection("mask", mask=body_mask(image)))
+    full = sliding_window_inference(image, predictor, 2, config)
+    assert torch.equal(masked.argmax(0), full.argmax(0))
+    assert report.skipped_by_mask > 0 and report.evaluated + report.skipped_by_mask == report.grid == 3 * 7 * 7
+    assert report.evaluated <= 0.55 * report.grid
+
+
+def test_body_mask_separates_ct_air_from_tissue():
+    rng = np.random.default_rng(3)
+    ct = rng.normal(-1000, 20, (30, 30, 30)).astype(np.float32)  # air with noise
+    ct[10:20, 10:20, 10:20] = rng.normal(40, 30, (10, 10, 10))  # soft tissue
+    mask = body_mask(torch.from_numpy(ct)[None])
+    assert bool(mask[10:20, 10:20, 10:20].all())  # all the tissue
+    assert int(mask.sum()) <= 12**3 and not bool(mask[:8].any())  # and the air at most one voxel around it
+
+
+def test_eq2_counts_windows_as_printed_and_the_grid_has_one_more_per_axis():
+    assert eq2_window_count((100, 100, 100), (50, 50, 50), 0.5) == 8
+    steps = compute_steps((100, 100, 100), (50, 50, 50), 0.5)
+    assert [len(s) for s in steps] == [3, 3, 3]
+
+
+def test_memory_cap_switches_to_fp16_then_refuses():
+    from compiler.runtime.engine import InferenceOptions, ModelSpec, window_config
+
+    spec = ModelSpec(in_channels=1, num_classes=14, patch_size=(32, 128, 192), max_batch=2, normalization={},
+                     label_names=tuple(str(i) for i in range(14)), spacing=None, mirror_axes=(), input_name="image",
+                     output_name="logits")
+    shape = (600, 512, 512)  # the slab is 32 x 512 x 512: 15 channels x 8M voxels = 480 MB in fp32
+    assert window_config(spec, InferenceOptions(memory_cap_mb=1000), shape).accumulate_dtype == torch.float32
+    assert window_config(spec, InferenceOptions(memory_cap_mb=300), shape).accumulate_dtype == torch.float16
+    with pytest.raises(InputError, match="even in fp16"):
+        window_config(spec, InferenceOptions(memory_cap_mb=100), shape)
