@@ -13,6 +13,8 @@ PRESET_NAMES = [
     "nnunet-3d-fullres", "faster-nnunet", "half-nnunet",
     "flare22-small", "faster-flare22-small", "half-flare22-small",
     "tiny", "tiny-faster",
+    "partially-reversible-unet", "partially-reversible-unet-baseline",
+    "rev-mbconv-unet", "rev-mbconv-unet-baseline",
 ]
 
 EPILOG_MAIN = """\b
@@ -82,12 +84,34 @@ def prepare_dataset(name: str, out_dir: Path) -> None:
     click.echo(f"wrote {out}/imagesTr/mni_0000.nii.gz, labelsTr/mni.nii.gz, holdout_mask.nii.gz, dataset.json")
 
 
-@cli.command(epilog="""\b
+def _list_options(*names: str) -> type[click.Command]:
+    """A command class that reads `--opt 0 1 2` as `--opt 0 --opt 1 --opt 2` for the named options
+    (values: integers, or "all" as nnU-Net names its fold), as users of nnU-Net type them."""
+
+    class ListOptionsCommand(click.Command):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            expanded, current = [], None
+            for arg in args:
+                if current and (arg.isdigit() or arg == "all"):
+                    expanded += [current, arg]
+                    continue
+                current = arg if arg in names else None
+                if current is None:
+                    expanded.append(arg)
+            return super().parse_args(ctx, expanded)
+
+    return ListOptionsCommand
+
+
+@cli.command(cls=_list_options("--encoder-depths", "--decoder-depths"), epilog="""\b
 Examples:
   nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny
   nnslim train --preset tiny --dataset path/to/Dataset001_X --out runs/x --epochs 100
   nnslim train --preset tiny --dataset mni-tissue --out artifacts/runs/tiny --resume
   nnslim train --preset faster-nnunet --dataset path/to/Dataset001_X --out runs/faster
+  nnslim train --preset partially-reversible-unet --dataset path/to/Dataset001_X --out runs/rev \\
+      --encoder-depths 1 2 3 3 3 --patch 128 128 128
+  torchrun --nproc_per_node 2 .venv/bin/nnslim train --preset tiny --dataset mni-tissue --out runs/ddp
 """)
 @click.option("--preset", required=True, type=click.Choice(PRESET_NAMES),
               help="Architecture preset (faster-*: FasterFusion units, half-*: halved widths).")
@@ -102,12 +126,23 @@ Examples:
 @click.option("--no-deep-supervision", is_flag=True, help="Train the full-resolution head only.")
 @click.option("--fusion-threshold", type=click.IntRange(1), default=None,
               help="Use FasterFusion units in stages with at least this many channels (default: the preset's).")
+@click.option("--memory", type=click.Choice(["reversible", "plain", "checkpoint"]), default=None,
+              help="Reversible presets: train reversibly, with plain autograd, or with gradient checkpointing.")
+@click.option("--encoder-depths", type=click.IntRange(1), multiple=True, metavar="N",
+              help="Reversible presets: blocks per encoder level (repeat per level, e.g. --encoder-depths 1 2 3 3 3).")
+@click.option("--decoder-depths", type=click.IntRange(1), multiple=True, metavar="N",
+              help="Reversible presets: blocks per decoder level, lowest resolution first.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint_latest.pt if present.")
 @progress_option
 def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, patch, learning_rate,
-          validate_every, no_deep_supervision, fusion_threshold, seed, resume, progress) -> None:
-    """Train a U-Net (Dice + CE, SGD Nesterov 0.99, poly LR); writes OUT/checkpoint_final.pt."""
+          validate_every, no_deep_supervision, fusion_threshold, memory, encoder_depths, decoder_depths, seed, resume,
+          progress) -> None:
+    """Train a U-Net (Dice + CE, SGD Nesterov 0.99, poly LR); writes OUT/checkpoint_final.pt.
+
+    Under torchrun (WORLD_SIZE > 1) it trains data-parallel (DistributedDataParallel; gloo on CPU,
+    NCCL on GPU): --batch-size is the global batch, split over the processes; only rank 0 writes.
+    """
     from tqdm import tqdm
 
     from training.train import TrainConfig
@@ -118,6 +153,7 @@ def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, pa
         iterations_per_epoch=iterations_per_epoch, batch_size=batch_size,
         patch_size=tuple(patch) if patch else None, learning_rate=learning_rate,
         deep_supervision=not no_deep_supervision, validate_every=validate_every, fusion_threshold=fusion_threshold,
+        memory=memory, encoder_depths=tuple(encoder_depths) or None, decoder_depths=tuple(decoder_depths) or None,
         seed=seed, resume=resume,
     )
     with tqdm(total=epochs * iterations_per_epoch, unit="it", disable=None if progress else True) as bar:
@@ -131,23 +167,7 @@ def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, pa
         click.echo(f"validation mean Dice (held out): {result.final_validation_dice:.4f}")
 
 
-class _FoldsCommand(click.Command):
-    """Reads `--folds 0 1 2` (nnU-Net's spelling) as `--folds 0 --folds 1 --folds 2`."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        expanded, taking = [], False
-        for arg in args:
-            is_fold = arg == "all" or arg.isdigit()
-            if taking and is_fold:
-                expanded += ["--folds", arg]
-                continue
-            taking = arg == "--folds"
-            if not taking:
-                expanded.append(arg)
-        return super().parse_args(ctx, expanded)
-
-
-@cli.command("build-engine", cls=_FoldsCommand, epilog="""\b
+@cli.command("build-engine", cls=_list_options("--folds"), epilog="""\b
 Examples:
   nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny
   nnslim build-engine model.pt --out engines/m --patch 64 64 64 --batch 4 \\
@@ -360,6 +380,73 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     click.echo(f"  voxel agreement    {result.agreement:.6f}")
     if json_out:
         write_json_atomic(json_out, result.to_dict())
+
+
+@cli.command("pseudo-label", epilog="""\b
+Examples:
+  nnslim pseudo-label Dataset022_FLARE22 unlabeled_images/ --out runs/pl \\
+      --teacher-preset nnunet-3d-fullres --student-preset flare22-small --rounds 3 --threshold 0.1
+  nnslim pseudo-label data/tiny unlabeled/ --out runs/pl-tiny --teacher-preset tiny --student-preset tiny \\
+      --teacher-epochs 2 --student-epochs 2 --iterations-per-epoch 10 --patch 32 32 32
+""")
+@click.argument("labeled", type=_path(file_okay=False))
+@click.argument("unlabeled", type=_path(file_okay=False))
+@click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False))
+@click.option("--teacher-preset", type=click.Choice(PRESET_NAMES), default="nnunet-3d-fullres", show_default=True)
+@click.option("--student-preset", type=click.Choice(PRESET_NAMES), default="flare22-small", show_default=True)
+@click.option("--rounds", default=3, show_default=True, type=click.IntRange(2), help="Teacher rounds K (eq. 1 needs >= 2).")
+@click.option("--threshold", default=0.1, show_default=True, type=click.FloatRange(min=0),
+              help="Keep scans whose uncertainty (seed 003 eq. 1) is below this.")
+@click.option("--teacher-epochs", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--student-epochs", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--iterations-per-epoch", default=50, show_default=True, type=click.IntRange(1))
+@click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help="Training patch (default: the presets').")
+@click.option("--seed", default=0, show_default=True, type=int)
+def pseudo_label(labeled, unlabeled, out_dir, teacher_preset, student_preset, rounds, threshold, teacher_epochs,
+                 student_epochs, iterations_per_epoch, patch, seed) -> None:
+    """Iterative pseudo labeling (seed 003): a teacher labels UNLABELED scans over several rounds,
+    stable scans (uncertainty below --threshold) join LABELED (nnU-Net raw layout) to train the student."""
+    from compiler.pseudo_label import PseudoLabelConfig, run_pseudo_labeling
+
+    record = run_pseudo_labeling(PseudoLabelConfig(
+        labeled=labeled, unlabeled=unlabeled, out_dir=out_dir, teacher_preset=teacher_preset,
+        student_preset=student_preset, rounds=rounds, threshold=threshold, teacher_epochs=teacher_epochs,
+        student_epochs=student_epochs, iterations_per_epoch=iterations_per_epoch,
+        patch_size=tuple(patch) if patch else None, seed=seed,
+    ))
+    for name, u in sorted(record["uncertainty"].items()):
+        click.echo(f"  {name:<24} u = {'inf' if u is None else f'{u:.4f}'}  {'kept' if name in record['selected'] else 'rejected'}")
+    click.echo(f"{len(record['selected'])} of {len(record['uncertainty'])} scans kept; student: {record['student']}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  nnslim bench artifacts/models/mni-tissue-tiny.pt artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz \\
+      --out artifacts/bench/headline/mni-tissue-tiny --patch 96 96 96
+  nnslim bench model.pt scan.nii.gz --out bench/ --batch 4 --repeats 5 --prune-sparsity 0.8
+""")
+@click.argument("checkpoint", type=_path(dir_okay=False))
+@click.argument("volume", type=_path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=_path(exists=False, file_okay=False))
+@click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help="Tile size (default: training patch).")
+@click.option("--batch", "batch_size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Runs per row (median).")
+@click.option("--prune-sparsity", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--structured-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--skip", type=click.Choice(["mask", "roi", "roi+mask"]), default="mask", show_default=True)
+def bench(checkpoint, out_dir, volume, patch, batch_size, repeats, prune_sparsity, structured_ratio, skip) -> None:
+    """The usual way (PyTorch eager, batch 1) against nnslim stage by stage on one volume, in one run:
+    seconds, speed-up, MACs and GFLOP/s against the machine's convolution peak, sizes, memory, and
+    agreement; writes OUT/report.md, plots and bench.json."""
+    from compiler.bench import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(
+        checkpoint=checkpoint, volume=volume, out_dir=out_dir, patch_size=tuple(patch) if patch else None,
+        batch_size=batch_size, repeats=repeats, prune_sparsity=prune_sparsity, structured_ratio=structured_ratio,
+        skip=skip,
+    ), log=lambda m: click.echo(m, err=True))
+    click.echo((Path(out_dir) / "report.md").read_text())
+    click.echo(f"written {out_dir}/report.md, bench.json and plots ({len(result['rows'])} rows)")
 
 
 @cli.command("export-triton", epilog="""\b

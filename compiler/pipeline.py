@@ -43,6 +43,7 @@ from compiler.parity import (
 )
 from compiler.passes import ParityProbe, PassManager, default_passes
 from compiler.prune import PruneSettings, file_sizes, prune_for_deploy
+from compiler.report import PerfRow, perf_table
 from compiler.reparam import reparameterize_for_deploy
 from compiler.runtime.errors import NnslimError
 from compiler.runtime.files import write_json_atomic
@@ -138,6 +139,7 @@ def load_source(config: BuildConfig) -> Source:
             "spacing": metadata.get("spacing"),
             "mirror_axes": metadata.get("mirror_axes", []),
             "axis_order": "array axes of the NIfTI data as nibabel reads them",
+            "resample": bool(metadata.get("spacing")),  # scans of another spacing are resampled to it
         },
         postprocessing={"kind": "argmax"}, kind="nnslim-checkpoint", details={},
     )
@@ -399,6 +401,15 @@ def _write_report(path: Path, manifest: dict[str, Any]) -> None:
         f"| conv weight sparsity | {model['conv_weight_sparsity']:.1%} |",
         f"| model.opt.onnx size | {model['runtime_model_size']['bytes']:,} B raw, "
         f"{model['runtime_model_size']['compressed_bytes']:,} B zlib-compressed |",
+        "",
+        "## Model (the headline benchmark's table, one row: MACs per tile, agreement on the parity tiles)",
+        "",
+        *perf_table([PerfRow(
+            name=f"{manifest['backend']} engine", parameters=model["parameters"], macs=model["macs_per_patch"],
+            model_bytes=model["runtime_model_size"]["bytes"],
+            model_bytes_compressed=model["runtime_model_size"]["compressed_bytes"],
+            agreement=parity["argmax_agreement"],
+        )]),
         "",
         "## Parity (ONNX Runtime vs PyTorch)",
         "",

@@ -7,7 +7,8 @@ from click.testing import CliRunner
 
 from compiler.cli import cli
 
-COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep", "export-triton"]
+COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep", "export-triton",
+            "pseudo-label", "bench"]
 
 
 def run(*args):

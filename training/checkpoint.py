@@ -23,11 +23,22 @@ from typing import Any
 import torch
 
 from training.config import ConfigError, UNetConfig
+from training.revunet import RevUNet, RevUNetConfig
 from training.unet import UNet
 
 FORMAT = "nnslim.checkpoint"
 FORMAT_VERSION = 1
-ARCHITECTURES = {"unet3d": (UNetConfig, UNet)}
+# architecture record name -> (config class, network class); "unet3d" is nnslim's UNet (2D or 3D)
+ARCHITECTURES = {"unet3d": (UNetConfig, UNet), "rev_unet": (RevUNetConfig, RevUNet)}
+
+
+def network_for(config: UNetConfig | RevUNetConfig) -> UNet | RevUNet:
+    """The network class a configuration describes, built."""
+    return RevUNet(config) if isinstance(config, RevUNetConfig) else UNet(config)
+
+
+def _architecture_name(model: UNet | RevUNet) -> str:
+    return "rev_unet" if isinstance(model, RevUNet) else "unet3d"
 
 
 class CheckpointError(ValueError):
@@ -53,7 +64,7 @@ def save_checkpoint(
     payload: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "architecture": {"name": "unet3d", "config": model.config.to_dict()},
+        "architecture": {"name": _architecture_name(model), "config": model.config.to_dict()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         # a JSON round trip keeps the metadata plain data (no str subclasses such as TorchVersion,
         # which the weights-only unpickler refuses)

@@ -22,6 +22,19 @@ class ConfigError(ValueError):
     """An architecture configuration or preset name that cannot be built."""
 
 
+def known_fields(cls: type, data: dict[str, Any], int_tuples: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config dataclass's fields from JSON data: unknown keys are an error (a newer format is
+    not half-read), and the named list fields become tuples of ints."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown architecture fields {sorted(unknown)}; was this written by a newer nnslim?")
+    values = dict(data)
+    for key in int_tuples:
+        if key in values:
+            values[key] = tuple(int(v) for v in values[key])
+    return values
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """nnU-Net v2's PlainConvUNet (or ResidualEncoderUNet), 2D or 3D, described as data.
@@ -127,14 +140,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
         """Inverse of `to_dict`; unknown keys are an error so a newer format is not half-read."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ConfigError(f"unknown architecture fields {sorted(unknown)}; was this written by a newer nnslim?")
-        values = dict(data)
-        for key in ("features_per_stage", "convs_per_stage", "convs_per_decoder_stage"):
-            if key in values:
-                values[key] = tuple(int(v) for v in values[key])
+        values = known_fields(cls, data, int_tuples=("features_per_stage", "convs_per_stage", "convs_per_decoder_stage"))
         if values.get("blocks") is not None:
             values["blocks"] = tuple(values["blocks"])
         for key in ("kernel_sizes", "strides"):
@@ -264,7 +270,64 @@ for _name, _base in (("nnunet", PRESETS["nnunet-3d-fullres"]), ("flare22-small",
 PRESETS["tiny-faster"] = _faster(PRESETS["tiny"], "tiny-faster", threshold=32)
 
 
-def get_preset(name: str) -> Preset:
+@dataclass(frozen=True)
+class RevPreset:
+    """A named (partially) reversible U-Net (`training.revunet`) with its training patch."""
+
+    name: str
+    description: str
+    widths: tuple[int, ...]
+    encoder_depths: tuple[int, ...]
+    decoder_depths: tuple[int, ...]
+    encoder_unit: str
+    reversible_decoder: bool
+    memory: str
+    patch_size: Triple
+    spacing: tuple[float, float, float] | None = None
+    paper: str | None = None
+
+    def build(self, in_channels: int, num_classes: int, fusion_threshold: int | None = None, **overrides: Any):
+        """The architecture for a dataset; `overrides` may set memory, encoder_depths, decoder_depths."""
+        from training.revunet import RevUNetConfig  # revunet imports this module
+
+        if fusion_threshold is not None:
+            raise ConfigError("FasterFusion applies to nnU-Net presets, not reversible U-Nets")
+        overrides.pop("deep_supervision", None)  # no deep supervision heads
+        fields = dict(
+            in_channels=in_channels, num_classes=num_classes, widths=self.widths,
+            encoder_depths=self.encoder_depths, decoder_depths=self.decoder_depths, encoder_unit=self.encoder_unit,
+            reversible_decoder=self.reversible_decoder, memory=self.memory, preset=self.name, paper=self.paper,
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return RevUNetConfig(**fields)
+
+
+SEED_004 = "Brügger et al., A Partially Reversible U-Net for Memory-Efficient Volumetric Image Segmentation, MICCAI 2019"
+SEED_002 = "Pendse et al., Memory Efficient 3D U-Net with Reversible Mobile Inverted Bottlenecks, BrainLes 2020"
+for _rev in (
+    RevPreset(
+        name="partially-reversible-unet",
+        description="seed 004: one reversible sequence per level (encoder and decoder), 30..480 channels, GroupNorm",
+        widths=(30, 60, 120, 240, 480), encoder_depths=(1, 1, 1, 1, 1), decoder_depths=(1, 1, 1, 1),
+        encoder_unit="conv", reversible_decoder=True, memory="reversible", patch_size=(128, 128, 128), paper=SEED_004,
+    ),
+    RevPreset(
+        name="rev-mbconv-unet",
+        description="seed 002: reversible MBConv encoder (expand 2), plain conv decoder, 30..240 channels",
+        widths=(30, 60, 120, 180, 240), encoder_depths=(1, 1, 1, 1, 1), decoder_depths=(1, 1, 1, 1),
+        encoder_unit="mbconv", reversible_decoder=False, memory="reversible", patch_size=(128, 128, 128),
+        paper=SEED_002,
+    ),
+):
+    PRESETS[_rev.name] = _rev
+    # the baseline: the same network and parameters, trained with ordinary autograd
+    PRESETS[f"{_rev.name}-baseline"] = dataclasses.replace(
+        _rev, name=f"{_rev.name}-baseline", memory="plain",
+        description=f"{_rev.name} trained without reversibility (equal parameters; the memory baseline)",
+    )
+
+
+def get_preset(name: str) -> Preset | RevPreset:
     """Look up a preset by name, with the list of valid names in the error."""
     try:
         return PRESETS[name]

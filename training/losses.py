@@ -1,13 +1,41 @@
-"""nnU-Net's loss: soft Dice (batch Dice, foreground classes) + cross-entropy, with deep supervision."""
+"""nnU-Net's loss: soft Dice (batch Dice, foreground classes) + cross-entropy, with deep supervision.
+
+Data-parallel training splits the batch over processes; the batch Dice then sums its statistics
+over all processes (a differentiable all-reduce, as nnU-Net does), so the loss and its gradients
+equal the single-process ones on the whole batch.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _SumOverProcesses(torch.autograd.Function):
+    """Sum a tensor over all processes; the gradient of a sum is the summed gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _SumOverProcesses.apply(t)
+    return t
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
-    """1 - mean over foreground classes of the soft Dice, summed over the whole batch.
+    """1 - mean over foreground classes of the soft Dice, summed over the whole (global) batch.
 
     Args:
         logits: `[B, K, *spatial]`.
@@ -16,8 +44,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
     axes = (0, *range(2, probs.ndim))
-    intersection = (probs * onehot).sum(axes)
-    denominator = probs.sum(axes) + onehot.sum(axes)
+    intersection = _all_reduce((probs * onehot).sum(axes))
+    denominator = _all_reduce(probs.sum(axes) + onehot.sum(axes))
     dice = (2 * intersection + smooth) / (denominator + smooth).clamp_min(1e-8)
     return 1 - dice.mean()
 

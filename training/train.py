@@ -3,6 +3,11 @@
 Determinism: the network is initialised from `seed`, and the batch of iteration `i` of epoch `e`
 is drawn from `numpy.random.default_rng([seed, e, i])`, so a resumed run sees the same batches
 as an uninterrupted one.
+
+Data parallel: under torchrun (WORLD_SIZE > 1) every process draws and augments the same global
+batch and trains on its contiguous share of it in DistributedDataParallel (gloo on CPU, NCCL on
+GPU); the batch Dice sums its statistics over processes, so the run takes the same steps as one
+process on the whole batch. Only rank 0 validates and writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,9 +24,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
-from training.checkpoint import build_model, read_checkpoint, save_checkpoint
+from training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
 from training.config import ConfigError, get_preset
 from training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
 from training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
@@ -51,6 +59,9 @@ class TrainConfig:
     oversample_foreground: float = 0.33
     validate_every: int = 5
     fusion_threshold: int | None = None  # None: the preset's FasterFusion channel threshold
+    memory: str | None = None  # reversible presets: "reversible", "plain" or "checkpoint" (None: the preset's)
+    encoder_depths: tuple[int, ...] | None = None  # reversible presets: blocks per level (None: the preset's)
+    decoder_depths: tuple[int, ...] | None = None
     seed: int = 0
     resume: bool = False
 
@@ -86,18 +97,27 @@ def train(
     preset = get_preset(config.preset)
     dataset = dataset or load_dataset(config.dataset)
     patch = tuple(config.patch_size or preset.patch_size)
+    reversible = {k: getattr(config, k) for k in ("memory", "encoder_depths", "decoder_depths") if getattr(config, k)}
+    if reversible and not hasattr(preset, "widths"):
+        raise ConfigError(f"{sorted(reversible)} apply to reversible presets, not {preset.name!r}")
     arch = preset.build(
         in_channels=len(dataset.channel_names),
         num_classes=len(dataset.label_names),
         fusion_threshold=config.fusion_threshold,
         deep_supervision=config.deep_supervision,
+        **reversible,
     )
     bad = [p for p, s in zip(patch, arch.total_stride) if p % s]
     if bad:
         raise ConfigError(f"patch {patch} must be a multiple of the network's total stride {arch.total_stride}")
 
+    rank, world, device, created_group = _distributed()
+    if config.batch_size % world:
+        raise ConfigError(f"--batch-size {config.batch_size} is the global batch; it must divide over {world} processes")
+    share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+
     torch.manual_seed(config.seed)
-    model = UNet(arch)
+    model = network_for(arch)
     optimizer = _optimizer(model, config)
     history: list[dict[str, Any]] = []
     start_epoch = 0
@@ -112,8 +132,17 @@ def train(
     elif config.resume:
         logger.info("no %s in %s; starting fresh", LATEST, out)
 
+    model.to(device)
+    optimizer = _optimizer(model, config, optimizer.state_dict())
+    network = model
+    if world > 1:
+        network = DistributedDataParallel(  # the lowest deep-supervision head has weight 0: unused
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(arch, "deep_supervision", False)),
+        )
     sampler = PatchSampler(dataset.train, patch, config.oversample_foreground)
-    logger.info("training %s (%d parameters) on %s, patch %s", arch.preset, count_parameters(model), dataset.name, patch)
+    logger.info("training %s (%d parameters) on %s, patch %s, %d process(es) on %s",
+                arch.preset, count_parameters(model), dataset.name, patch, world, device)
     started = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         lr = poly_lr(config.learning_rate, epoch, config.epochs, config.poly_exponent)
@@ -123,9 +152,9 @@ def train(
         losses = []
         for iteration in range(config.iterations_per_epoch):
             rng = np.random.default_rng([config.seed, epoch, iteration])
-            images, labels = augment(*sampler.sample(config.batch_size, rng), rng)
-            outputs = model(torch.from_numpy(images))
-            target = torch.from_numpy(labels)
+            images, labels = augment(*sampler.sample(config.batch_size, rng), rng)  # the global batch
+            outputs = network(torch.from_numpy(images[share]).to(device))
+            target = torch.from_numpy(labels[share]).to(device)
             loss = deep_supervision_loss(outputs, target) if isinstance(outputs, list) else dice_ce_loss(outputs, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -136,6 +165,8 @@ def train(
                 on_iteration({"epoch": epoch, "iteration": iteration, "loss": losses[-1]})
         record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses))}
         last_epoch = epoch == config.epochs - 1
+        if rank != 0:
+            continue  # rank 0 validates and writes
         if dataset.validation and ((epoch + 1) % config.validate_every == 0 or last_epoch):
             dice = validate(model, dataset.validation, len(dataset.label_names), patch)
             record["val_dice"] = dict(zip(dataset.label_names[1:], dice))
@@ -146,15 +177,39 @@ def train(
         save_checkpoint(out / LATEST, model, metadata, extra={
             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": json.dumps(history),
         })
-    final = save_checkpoint(out / FINAL, _without_deep_supervision(model), _metadata(
-        config, dataset, patch, history, time.perf_counter() - started))
-    atomic_write_text(out / "history.json", json.dumps(history, indent=2))
-    return TrainResult(final, history)
+    if rank == 0:
+        save_checkpoint(out / FINAL, _without_deep_supervision(model.cpu()), _metadata(
+            config, dataset, patch, history, time.perf_counter() - started))
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2))
+    if world > 1:
+        dist.barrier()  # the other ranks return once the checkpoint exists
+        if created_group:
+            dist.destroy_process_group()
+    return TrainResult(out / FINAL, history)
 
 
-def _optimizer(model: UNet, config: TrainConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum, nesterov=True,
-                           weight_decay=config.weight_decay)
+def _distributed() -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call created the process group), from torchrun's
+    environment; a single process without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if world == 1:
+        return 0, 1, device, False
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device, created
+
+
+def _optimizer(model: UNet, config: TrainConfig, state: dict | None = None) -> torch.optim.SGD:
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum, nesterov=True,
+                                weight_decay=config.weight_decay)
+    if state is not None:
+        optimizer.load_state_dict(state)  # after moving the model: state follows the parameters' device
+    return optimizer
 
 
 def _without_deep_supervision(model: UNet) -> UNet:
@@ -205,7 +260,8 @@ def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int,
         prediction = torch.empty(image.shape[1:], dtype=torch.long)
         for start in itertools.product(*(range(0, s, p) for s, p in zip(image.shape[1:], patch))):
             window = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            prediction[window] = model(image[(slice(None), *window)][None])[0].argmax(0)
+            tile = image[(slice(None), *window)][None].to(next(model.parameters()).device)
+            prediction[window] = model(tile)[0].argmax(0).cpu()
         prediction = prediction[: shape[0], : shape[1], : shape[2]]
         target = torch.from_numpy(case.label.astype(np.int64))
         if case.score_mask is not None:

@@ -27,6 +27,7 @@ from compiler.runtime.sliding_window import (
     body_mask,
     count_tiles,
     stream_logits,
+    walk_order,
 )
 from compiler.runtime.volume_io import Volume, find_cases, load_volume, save_segmentation
 
@@ -198,12 +199,15 @@ def segment_volume(
     config = window_config(spec, options, tuple(image.shape[1:]))
     mode = "full" if options.skip == "none" else options.skip
     selection = WindowSelection(mode, options.roi_threshold, body_mask(image) if "mask" in mode else None)
-    labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
+    order = walk_order(image.shape[1:], config)  # the labeler works in the walk's axis order
+    labeler = StreamingLabeler(tuple(image.shape[1:][a] for a in order),
+                               tuple(prepared.cropped_shape[a] for a in order), spec.postprocessing)
     total = count_tiles(image.shape[1:], config)
     with tqdm(total=total, desc=volume.name, unit="window", disable=None if options.progress else True, leave=False) as bar:
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
                                selection=selection)
-    return restore_geometry(labeler.result(), prepared), report
+    labels = labeler.result().transpose(np.argsort(order))
+    return restore_geometry(np.ascontiguousarray(labels), prepared), report
 
 
 def _label_voxels(counts: np.ndarray, spec: ModelSpec) -> dict[str, int]:

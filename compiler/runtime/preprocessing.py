@@ -56,12 +56,14 @@ def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = 
     key = (normalization.get("scheme"), normalization.get("mask", "none"))
     if key not in SCHEMES:
         raise EngineError(f"unsupported normalization {normalization}; this nnslim knows {sorted(SCHEMES)}")
-    out = np.empty_like(image)
-    for c, channel in enumerate(image):
-        nonzero = channel != 0 if key[1] == "nonzero" else np.ones(channel.shape, dtype=bool)
-        values = channel[nonzero] if nonzero.any() else channel
-        out[c] = (channel - float(values.mean())) / max(float(values.std()), 1e-8)
-    return out
+    for channel in image:  # in place on the copy: large volumes hold one normalized copy, not two
+        nonzero = channel != 0 if key[1] == "nonzero" else None
+        values = channel[nonzero] if nonzero is not None and nonzero.any() else channel
+        mean, std = float(values.mean()), max(float(values.std()), 1e-8)
+        del nonzero, values
+        channel -= mean
+        channel /= std
+    return image
 
 
 def _normalize_channel(channel: np.ndarray, entry: dict, mask: np.ndarray | None) -> np.ndarray:

@@ -21,6 +21,7 @@ non-blocking.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -140,9 +141,9 @@ class WindowSelection:
 
     Attributes:
         mode: "full"; "mask" (skip windows holding no voxel of `mask`); "roi" (seed 003: per slab
-            of windows along the first axis, predict the in-plane centre window first and skip the
+            of windows along the walk axis, predict the in-plane centre window first and skip the
             slab's other windows when it predicts fewer than `roi_threshold` foreground voxels);
-            "roi+mask" (both).
+            "roi+mask" (both, and foreground is only counted inside the mask).
         roi_threshold: foreground voxels (label != 0) the centre window must predict (seed 003: 1000).
         mask: `[*spatial]` bool, the body / foreground mask for the mask modes (see `body_mask`).
 
@@ -197,6 +198,28 @@ def eq2_window_count(image_size: Sequence[int], patch_size: Sequence[int], step_
     return math.prod(math.ceil((max(i, p) - p) / (step_fraction * p)) for i, p in zip(image_size, patch_size))
 
 
+def walk_order(image_size: Sequence[int], config: SlidingWindowConfig, slab_axis: int | None = None) -> tuple[int, ...]:
+    """Axis order of the walk: the slab axis first (None: the axis with the most window
+    positions, the first of equals), then the others in order."""
+    if slab_axis is None:
+        padded = [max(s, p) for s, p in zip(image_size, config.patch_size)]
+        counts = [len(s) for s in compute_steps(padded, config.patch_size, config.step_fraction)]
+        slab_axis = counts.index(max(counts))
+    return (slab_axis, *(a for a in range(len(image_size)) if a != slab_axis))
+
+
+class _Permuted:
+    """A predictor seen in walk order: tiles are permuted back to the model's axes and back again."""
+
+    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], order: tuple[int, ...]) -> None:
+        self.predictor, self.device = predictor, getattr(predictor, "device", torch.device("cpu"))
+        self.to_model = (0, 1, *(int(i) + 2 for i in np.argsort(order)))
+        self.to_walk = (0, 1, *(a + 2 for a in order))
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        return self.predictor(tiles.permute(self.to_model).contiguous()).permute(self.to_walk)
+
+
 def stream_logits(
     image: torch.Tensor,
     predictor: Callable[[torch.Tensor], torch.Tensor],
@@ -206,13 +229,17 @@ def stream_logits(
     device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
     selection: WindowSelection = WindowSelection(),
+    slab_axis: int | None = None,
 ) -> WindowReport:
-    """Walk the windows slab by slab along the first axis; hand finished slices to `sink`.
+    """Walk the windows slab by slab along one axis; hand finished slices to `sink`.
 
-    Accumulators cover one slab (`patch[0]` slices), not the volume: when the walk reaches the
-    next slab's start, every slice before it is final, so it is normalized (weighted sum / summed
-    weights) and passed on as `sink(first_slice, logits [K, n, *rest])` in the unpadded image's
-    coordinates, in order. Peak memory grows with the slab, not the volume.
+    The walk goes along `walk_order(...)[0]` (default: the axis with the most window positions,
+    the long axis of a whole-body scan). Accumulators cover one slab (`patch` slices along it),
+    not the volume: when the walk reaches the next slab's start, every slice before it is final,
+    so it is normalized (weighted sum / summed weights) and passed on as
+    `sink(first_slice, logits [K, n, ...])` in the unpadded image's coordinates, in order, with
+    the chunk's spatial axes in walk order. Peak memory grows with the slab, not the volume. The
+    windows are nnU-Net's grid whatever the walk order (only the summation order differs).
 
     Args:
         image: `[C, *spatial]` normalized volume (any device; moved to `device` if it fits).
@@ -230,13 +257,20 @@ def stream_logits(
     if not image.is_floating_point():
         image = image.float()
     image = _place(image, device, "the image")
+    order = walk_order(image.shape[1:], config, slab_axis)
+    mask = selection.mask if "mask" in selection.mode else None
+    if order != (0, 1, 2):
+        image = image.permute(0, *(a + 1 for a in order))
+        mask = None if mask is None else mask.permute(order)
+        config = dataclasses.replace(config, patch_size=tuple(config.patch_size[a] for a in order),
+                                     mirror_axes=tuple(order.index(a) for a in config.mirror_axes))
+        predictor = _Permuted(predictor, order)
     padded, region = pad_to_patch(image, config.patch_size)
     size = padded.shape[1:]
     slices = tile_slices(size, config)
     report = WindowReport(grid=len(slices), eq2=eq2_window_count(image.shape[1:], config.patch_size, config.step_fraction))
-    mask = None
-    if selection.mask is not None and "mask" in selection.mode:
-        mask, _ = pad_to_patch(selection.mask[None].to(padded.device, torch.float32), config.patch_size)
+    if mask is not None:
+        mask, _ = pad_to_patch(mask[None].to(padded.device, torch.float32), config.patch_size)
         mask = mask[0] > 0
     mirrors = _mirror_combinations(config.mirror_axes)
     depth = config.patch_size[0]
@@ -306,7 +340,7 @@ def stream_logits(
             continue
         if "roi" in selection.mode:
             centre = _centre_window(slab)
-            found = _foreground_voxels(predict([centre]))
+            found = _foreground_voxels(predict([centre]), None if mask is None else mask[centre])
             slab = [s for s in slab if s is not centre]
             if found < selection.roi_threshold:
                 report.skipped_by_roi += len(slab)
@@ -327,9 +361,14 @@ def _centre_window(slab: list[tuple[slice, ...]]) -> tuple[slice, ...]:
     return min(slab, key=lambda s: sum(((s[a].start + s[a].stop) / 2 - middle[a - 1]) ** 2 for a in (1, 2)))
 
 
-def _foreground_voxels(logits: torch.Tensor) -> int:
-    """Voxels whose argmax is not background, in a batch of tile logits `[B, K, ...]`."""
-    return int((logits.argmax(1) != 0).sum())
+def _foreground_voxels(logits: torch.Tensor, inside: torch.Tensor | None = None) -> int:
+    """Voxels whose argmax is not background in one tile's logits `[1, K, ...]`, counted only
+    `inside` the body mask when one is given (a network with instance normalization can predict
+    tissue in an all-air tile, whose features normalize to zero)."""
+    foreground = logits[0].argmax(0) != 0
+    if inside is not None:
+        foreground &= inside.to(foreground.device)
+    return int(foreground.sum())
 
 
 def sliding_window_inference(
@@ -355,8 +394,11 @@ def sliding_window_inference(
         torch.cuda.empty_cache()
         logits = torch.zeros((num_classes, *image.shape[1:]), dtype=config.accumulate_dtype)
 
+    order = walk_order(image.shape[1:], config)
+    in_walk_order = logits.permute(0, *(a + 1 for a in order))  # a view: writes land in `logits`
+
     def collect(first: int, chunk: torch.Tensor) -> None:
-        logits[:, first : first + chunk.shape[1]] = chunk.to(logits.device)
+        in_walk_order[:, first : first + chunk.shape[1]] = chunk.to(logits.device)
 
     walked = stream_logits(image, predictor, num_classes, config, collect, device, progress, selection)
     if report is not None:

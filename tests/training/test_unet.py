@@ -45,7 +45,7 @@ def test_nnunet_fullres_preset_widths():
 def test_config_round_trips_through_dict():
     for preset in PRESETS.values():
         config = preset.build(2, 5)
-        assert UNetConfig.from_dict(config.to_dict()) == config
+        assert type(config).from_dict(config.to_dict()) == config
 
 
 def test_bad_configs_have_clear_errors():

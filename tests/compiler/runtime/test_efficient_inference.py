@@ -162,3 +162,21 @@ def test_memory_cap_switches_to_fp16_then_refuses():
     assert window_config(spec, InferenceOptions(memory_cap_mb=300), shape).accumulate_dtype == torch.float16
     with pytest.raises(InputError, match="even in fp16"):
         window_config(spec, InferenceOptions(memory_cap_mb=100), shape)
+
+
+def test_walking_along_the_long_axis_gives_the_same_logits():
+    from compiler.runtime.sliding_window import walk_order
+
+    image = torch.randn(1, 20, 18, 61, generator=torch.Generator().manual_seed(4))
+    predictor = TorchPredictor(random_model())
+    config = SlidingWindowConfig(patch_size=(16, 16, 16), batch_size=1, mirror_axes=(0, 2))
+    assert walk_order(image.shape[1:], config) == (2, 0, 1)  # z has the most window positions
+    config_plain = SlidingWindowConfig(patch_size=(16, 16, 16), batch_size=1)
+    expected = whole_volume_reference(image, predictor, 3, config_plain)
+    torch.testing.assert_close(sliding_window_inference(image, predictor, 3, config_plain), expected,
+                               rtol=1e-5, atol=1e-5)
+    # with mirroring: the same as walking along axis 0
+    along_z = sliding_window_inference(image, predictor, 3, config)
+    chunks = []
+    stream_logits(image, predictor, 3, config, lambda first, c: chunks.append(c), slab_axis=0)
+    torch.testing.assert_close(along_z, torch.cat(chunks, dim=1), rtol=1e-5, atol=1e-5)
