@@ -102,17 +102,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--rss", action="store_true", help="also peak RSS of a fresh process per configuration")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--memory-limit-gb", type=float, default=16,
+                        help="address-space cap for this process: a configuration over it is reported, not OOM-killed")
     args = parser.parse_args()
+    limit = int(args.memory_limit_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = []
+    rows, failed = [], []
     for preset in args.presets:
         for depth in args.depths:
             for memory in MODES:
                 model = build(preset, depth, memory, device)
-                row = {"preset": preset, "depth": depth, "memory": memory, "parameters": count_parameters(model),
-                       "saved_bytes": {p: saved_bytes(model, p, device) for p in args.patches}}
-                row["seconds_per_step"], row["cuda_max_allocated"] = step_seconds(model, args.time_patch, device,
-                                                                                  args.repeats)
+                row = {"preset": preset, "depth": depth, "memory": memory, "parameters": count_parameters(model)}
+                try:
+                    row["saved_bytes"] = {p: saved_bytes(model, p, device) for p in args.patches}
+                    row["seconds_per_step"], row["cuda_max_allocated"] = step_seconds(
+                        model, args.time_patch, device, args.repeats)
+                except (MemoryError, RuntimeError) as exc:  # over the cap: say so and go on
+                    print(f"{preset} depth {depth} {memory}: failed ({type(exc).__name__}: {str(exc)[:120]})")
+                    failed.append({**row, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+                    continue
                 if args.rss:
                     row["peak_rss_mb"] = {p: peak_rss_mb(preset, depth, memory, p) for p in args.patches}
                 largest = max(args.patches)
@@ -130,7 +139,10 @@ def main() -> None:
     header += f"{'vs plain':>10}{'s/step':>9}{'vs plain':>10}{'max patch 8GB':>15}"
     print(header)
     for r in rows:
-        plain = next(p for p in rows if p["preset"] == r["preset"] and p["depth"] == r["depth"] and p["memory"] == "plain")
+        plain = next((p for p in rows if p["preset"] == r["preset"] and p["depth"] == r["depth"]
+                      and p["memory"] == "plain"), None)
+        if plain is None:
+            continue
         largest = max(args.patches)
         line = f"{r['preset']:<28}{r['depth']:>6}{r['memory']:>12}{r['parameters'] / 1e6:>8.2f}M"
         line += "".join(f"{r['saved_bytes'][p] / 2**20:>11.0f}" for p in args.patches)
@@ -145,7 +157,9 @@ def main() -> None:
                         if r["preset"] == preset and r["memory"] == memory}
             if 1 in by_depth and 4 in by_depth:
                 print(f"  {preset:<28}{memory:>12}: {by_depth[4] / by_depth[1] - 1:+.1%}")
-    write_json_atomic(args.out, {"device": str(device), "patches": args.patches, "rows": rows})
+    for f in failed:
+        print(f"  {f['preset']} depth {f['depth']} {f['memory']}: not measured, {f['error'][:100]}")
+    write_json_atomic(args.out, {"device": str(device), "patches": args.patches, "rows": rows, "failed": failed})
     print(f"written {args.out}")
 
 

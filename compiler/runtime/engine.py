@@ -6,6 +6,7 @@ are enough; nothing here imports `training` or the build stages.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -154,24 +155,25 @@ def window_config(spec: ModelSpec, options: InferenceOptions, image_shape: tuple
         raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
     if options.skip not in SKIP_MODES:
         raise InputError(f"--skip must be one of {SKIP_MODES}, got {options.skip!r}")
-    dtype = torch.float32
-    if options.memory_cap_mb is not None and image_shape is not None:
-        slab = spec.patch_size[0] * max(image_shape[1], spec.patch_size[1]) * max(image_shape[2], spec.patch_size[2])
-        need = {d: (spec.num_classes + 1) * slab * d.itemsize / 2**20 for d in (torch.float32, torch.float16)}
-        if need[torch.float32] > options.memory_cap_mb:
-            dtype = torch.float16
-            if need[torch.float16] > options.memory_cap_mb:
-                raise InputError(
-                    f"the slab accumulators need {need[torch.float16]:.0f} MB even in fp16, over the cap of "
-                    f"{options.memory_cap_mb:.0f} MB; raise --memory-cap-mb or build the engine with a smaller patch"
-                )
-    return SlidingWindowConfig(
+    config = SlidingWindowConfig(
         patch_size=spec.patch_size,
         step_fraction=options.step_fraction,
         batch_size=batch,
         mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
-        accumulate_dtype=dtype,
     )
+    if options.memory_cap_mb is None or image_shape is None:
+        return config
+    walk, *rest = walk_order(image_shape, config)  # the accumulators hold one slab along the walk axis
+    slab = spec.patch_size[walk] * int(np.prod([max(image_shape[a], spec.patch_size[a]) for a in rest]))
+    need = {d: (spec.num_classes + 1) * slab * d.itemsize / 2**20 for d in (torch.float32, torch.float16)}
+    if need[torch.float32] <= options.memory_cap_mb:
+        return config
+    if need[torch.float16] > options.memory_cap_mb:
+        raise InputError(
+            f"the slab accumulators need {need[torch.float16]:.0f} MB even in fp16, over the cap of "
+            f"{options.memory_cap_mb:.0f} MB; raise --memory-cap-mb or build the engine with a smaller patch"
+        )
+    return dataclasses.replace(config, accumulate_dtype=torch.float16)
 
 
 def segment_volume(
@@ -198,7 +200,7 @@ def segment_volume(
         logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
     config = window_config(spec, options, tuple(image.shape[1:]))
     mode = "full" if options.skip == "none" else options.skip
-    selection = WindowSelection(mode, options.roi_threshold, body_mask(image) if "mask" in mode else None)
+    selection = WindowSelection(mode, options.roi_threshold, body_mask(image) if mode != "full" else None)
     order = walk_order(image.shape[1:], config)  # the labeler works in the walk's axis order
     labeler = StreamingLabeler(tuple(image.shape[1:][a] for a in order),
                                tuple(prepared.cropped_shape[a] for a in order), spec.postprocessing)

@@ -143,9 +143,11 @@ class WindowSelection:
         mode: "full"; "mask" (skip windows holding no voxel of `mask`); "roi" (seed 003: per slab
             of windows along the walk axis, predict the in-plane centre window first and skip the
             slab's other windows when it predicts fewer than `roi_threshold` foreground voxels);
-            "roi+mask" (both, and foreground is only counted inside the mask).
-        roi_threshold: foreground voxels (label != 0) the centre window must predict (seed 003: 1000).
-        mask: `[*spatial]` bool, the body / foreground mask for the mask modes (see `body_mask`).
+            "roi+mask" (both).
+        roi_threshold: foreground voxels (label != 0) the centre window must predict (seed 003: 1000),
+            counted inside `mask` when one is given.
+        mask: `[*spatial]` bool, the body mask (see `body_mask`): required for the mask modes,
+            optional for "roi".
 
     Unlike seed 003's published code, an active slab is evaluated on the full in-plane grid (no
     fixed 3x3 that drops the periphery), and voxels no evaluated window covers are not left
@@ -258,7 +260,7 @@ def stream_logits(
         image = image.float()
     image = _place(image, device, "the image")
     order = walk_order(image.shape[1:], config, slab_axis)
-    mask = selection.mask if "mask" in selection.mode else None
+    mask = selection.mask if selection.mode != "full" else None
     if order != (0, 1, 2):
         image = image.permute(0, *(a + 1 for a in order))
         mask = None if mask is None else mask.permute(order)
@@ -330,7 +332,7 @@ def stream_logits(
     for _, slab in itertools.groupby(slices, key=lambda s: s[0].start):
         slab = list(slab)
         flush(slab[0][0].start)
-        if mask is not None:
+        if mask is not None and "mask" in selection.mode:
             kept = [s for s in slab if bool(mask[s].any())]
             report.skipped_by_mask += len(slab) - len(kept)
             if progress and len(slab) > len(kept):

@@ -18,7 +18,8 @@ def test_headline_bench_writes_a_report_with_every_row(checkpoint_path, small_vo
     skipping = rows["+ window skipping (mask)"]
     assert skipping["windows"] <= usual["windows"]
     assert all(r["seconds"] > 0 and r["peak_memory_mb"] > 0 for r in result["rows"] if r["seconds"] is not None)
-    assert rows["re-param + structured pruning 25%"]["parameters"] < usual["parameters"]
+    assert rows["re-param + structured pruning 25% (side)"]["parameters"] < usual["parameters"]
+    assert rows["+ graph passes, ONNX Runtime engine"]["agreement"] >= 0.999  # the chain keeps accuracy
     report = (tmp_path / "b" / "report.md").read_text()
     assert "| usual: PyTorch eager, trained form, batch 1 |" in report and "GFLOP/s" in report
     assert (tmp_path / "b" / "time_per_stage.png").stat().st_size > 0

@@ -180,3 +180,23 @@ def test_walking_along_the_long_axis_gives_the_same_logits():
     chunks = []
     stream_logits(image, predictor, 3, config, lambda first, c: chunks.append(c), slab_axis=0)
     torch.testing.assert_close(along_z, torch.cat(chunks, dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_roi_counts_foreground_inside_the_body_only():
+    """A network that labels everything foreground (as instance-normalized networks can do on
+    all-air tiles) must not keep slabs of pure air active."""
+    everything = nn.Conv3d(1, 2, 1)
+    with torch.no_grad():
+        everything.weight.zero_()
+        everything.bias.copy_(torch.tensor([0.0, 1.0]))
+    image = torch.zeros(1, 96, 32, 32)
+    image[0, 40:56, 8:24, 8:24] = 1.0  # a body in the middle third only
+    config = SlidingWindowConfig(patch_size=(16, 16, 16))
+    report = WindowReport()
+    sliding_window_inference(image, TorchPredictor(everything), 2, config, report=report,
+                             selection=WindowSelection("roi", 100, mask=body_mask(image)))
+    slabs = 11  # (96 - 16) / 8 + 1 positions along the walk axis
+    # slabs whose centre window holds >= 100 body-mask voxels (the mask is the body grown by one
+    # voxel, 39..56): starts 24 and 56 (one 18 x 18 slice each), 32, 40, 48
+    active = 5
+    assert report.evaluated == slabs + active * (report.grid // slabs - 1)
