@@ -43,7 +43,8 @@ from compiler.reparam import reparameterize_for_deploy
 from compiler.report import PerfRow, perf_table
 from compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
 from compiler.runtime.files import write_json_atomic
-from compiler.runtime.predictors import TorchPredictor
+from compiler.runtime.metrics import mean_dice
+from compiler.runtime.predictors import TorchPredictor, open_session
 from compiler.runtime.volume_io import load_volume
 from training.checkpoint import load_model
 from training.unet import count_parameters
@@ -94,18 +95,13 @@ class PeakMemory:
 
 def conv_peak_gflops(channels: int = 64, size: int = 64, repeats: int = 5, threads: int = 0) -> float:
     """Sustained throughput of one large 3x3x3 Conv3d in ONNX Runtime (CPU), GFLOP/s."""
-    import onnxruntime as ort
-
     from compiler.export import ExportSettings, export_onnx
 
     conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "conv.onnx"
         export_onnx(conv, path, ExportSettings(patch_size=(size, size, size), in_channels=channels))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = open_session(path, ["CPUExecutionProvider"], threads)
         x = np.random.default_rng(0).standard_normal((1, channels, size, size, size), dtype=np.float32)
         session.run(None, {"image": x})
         times = []
@@ -121,15 +117,6 @@ def _state_size(model: torch.nn.Module) -> tuple[int, int]:
     torch.save(model.state_dict(), buffer)
     data = buffer.getvalue()
     return len(data), len(zlib.compress(data, 6))
-
-
-def _dice(a: np.ndarray, b: np.ndarray, classes: int) -> float:
-    scores = []
-    for c in range(1, classes):
-        x, y = a == c, b == c
-        denominator = int(x.sum()) + int(y.sum())
-        scores.append(1.0 if denominator == 0 else 2 * int((x & y).sum()) / denominator)
-    return float(np.mean(scores))
 
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -201,7 +188,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
             name=name, seconds=statistics.median(times[name]), parameters=count_parameters(model),
             macs=macs_per_tile[id(model)] * reports[name].evaluated, model_bytes=raw, model_bytes_compressed=compressed,
             peak_memory_mb=peaks[name], agreement=float((labels[name] == labels[first]).mean()),
-            dice=_dice(labels[name], labels[first], spec.num_classes), windows=reports[name].evaluated,
+            dice=mean_dice(labels[name], labels[first], spec.num_classes), windows=reports[name].evaluated,
         ))
     if structured_skipped:
         rows.append(PerfRow(name=f"re-param + structured pruning {config.structured_ratio:.0%} (side)",

@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compiler.runtime.files import write_json_atomic  # noqa: E402
+from compiler.runtime.metrics import mean_dice  # noqa: E402
 
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
 OUT = ROOT / "artifacts" / "bench" / "efficient_inference.json"
@@ -75,15 +76,6 @@ def _segment(job: dict) -> dict:
 def _run(job: dict) -> dict:
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_segment, (job,))
-
-
-def _dice_vs(labels: np.ndarray, reference: np.ndarray, classes: int) -> float:
-    scores = []
-    for c in range(1, classes):
-        a, b = labels == c, reference == c
-        denominator = a.sum() + b.sum()
-        scores.append(1.0 if denominator == 0 else 2 * np.logical_and(a, b).sum() / denominator)
-    return float(np.mean(scores))
 
 
 def _build_engine(out: Path, patch: tuple[int, int, int]) -> Path:
@@ -161,8 +153,8 @@ def main() -> None:
                    "labels": str(tmp / f"{skip}.npy")}
             row = {"skip": skip, **_run(job)}
             labels[skip] = np.load(job["labels"])
-            row["dice_vs_full_grid"] = _dice_vs(labels[skip], labels["none"], 3)
-            row["dice_vs_reference"] = _dice_vs(labels[skip], truth, 3)
+            row["dice_vs_full_grid"] = mean_dice(labels[skip], labels["none"], 3)
+            row["dice_vs_reference"] = mean_dice(labels[skip], truth, 3)
             row["foreground_outside_head"] = int((labels[skip][truth == 0] != 0).sum())
             rows.append(row)
             print(f"padded MNI {args.field_of_view}, skip={skip}: {row['windows']['evaluated']} windows, "

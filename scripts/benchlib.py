@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from torch import nn
 
 from compiler.export import ExportSettings, export_onnx
 from compiler.prune import file_sizes
+from compiler.runtime.predictors import open_session
 
 
 def onnx_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, workdir: Path) -> tuple[float, np.ndarray, dict]:
@@ -22,10 +22,7 @@ def onnx_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, workdir
     """
     path = workdir / f"m{time.monotonic_ns()}.onnx"
     export_onnx(model, path, ExportSettings(patch_size=shape[1:], in_channels=shape[0]))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = open_session(path, ["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
     out = session.run(None, {"image": x})[0]
     times = []

@@ -207,7 +207,7 @@ def segment_volume(
     total = count_tiles(image.shape[1:], config)
     with tqdm(total=total, desc=volume.name, unit="window", disable=None if options.progress else True, leave=False) as bar:
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
-                               selection=selection)
+                               selection=selection, slab_axis=order[0])
     labels = labeler.result().transpose(np.argsort(order))
     return restore_geometry(np.ascontiguousarray(labels), prepared), report
 
@@ -255,13 +255,12 @@ def segment_files(
     else:
         cases = {"case": inputs}
         targets = {"case": output}
-    window_config(engine.spec, options)  # fail on a bad batch before reading anything
+    passes = 2 ** len(window_config(engine.spec, options).mirror_axes)  # also fails early on a bad batch
     results = []
     for case, files in cases.items():
         started = time.perf_counter()
         volume = load_volume(files, engine.spec.in_channels)
         segmentation, report = segment_volume(volume, predictor, engine.spec, options)
-        passes = 2 ** len(window_config(engine.spec, options).mirror_axes)
         path = save_segmentation(segmentation, volume.reference, targets[case])
         counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
         results.append(CaseResult(

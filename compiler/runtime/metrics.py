@@ -36,6 +36,12 @@ def dice_scores(prediction: np.ndarray, reference: np.ndarray, labels: list[int]
     return scores
 
 
+def mean_dice(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> float:
+    """Mean Dice over the foreground labels 1..K-1; labels absent from both are skipped (1.0 when all are)."""
+    scores = [s for s in dice_scores(prediction, reference, list(range(1, num_classes))) if s == s]
+    return float(np.mean(scores)) if scores else 1.0
+
+
 def evaluate_arrays(
     prediction: np.ndarray,
     reference: np.ndarray,

@@ -20,6 +20,20 @@ from compiler.runtime.errors import EngineError
 logger = logging.getLogger(__name__)
 
 
+def open_session(model_path: str | Path, providers: list, threads: int = 0, where: str = "") -> object:
+    """An ONNX Runtime session with all graph optimizations; load failures become EngineError."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own exception types per failure
+        raise EngineError(f"ONNX Runtime cannot load {model_path}{where}: {exc}") from exc
+
+
 class TorchPredictor:
     """Runs a PyTorch module in eval mode without autograd."""
 
@@ -52,17 +66,7 @@ class OnnxRuntimePredictor:
         threads: int = 0,
         providers: list[str] | None = None,
     ) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        providers = providers or ["CPUExecutionProvider"]
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types per failure
-            raise EngineError(f"ONNX Runtime cannot load {model_path}: {exc}") from exc
+        self.session = open_session(model_path, providers or ["CPUExecutionProvider"], threads)
         names = [i.name for i in self.session.get_inputs()]
         if input_name not in names:
             raise EngineError(f"{model_path} has inputs {names}, expected {input_name!r}")
@@ -111,13 +115,7 @@ class OnnxRuntimeGpuPredictor:
                 "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
             }))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(model_path), options, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types per failure
-            raise EngineError(f"ONNX Runtime cannot load {model_path} on the GPU: {exc}") from exc
+        self.session = open_session(model_path, providers, where=" on the GPU")
         self.input_name, self.output_name = input_name, output_name
         self.device = torch.device("cuda", device)
         self.providers = self.session.get_providers()

@@ -402,7 +402,7 @@ def sliding_window_inference(
     def collect(first: int, chunk: torch.Tensor) -> None:
         in_walk_order[:, first : first + chunk.shape[1]] = chunk.to(logits.device)
 
-    walked = stream_logits(image, predictor, num_classes, config, collect, device, progress, selection)
+    walked = stream_logits(image, predictor, num_classes, config, collect, device, progress, selection, order[0])
     if report is not None:
         vars(report).update(vars(walked))
     return logits
