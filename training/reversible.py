@@ -209,19 +209,21 @@ class SavedTensorMeter:
 
     Use as a context manager around a forward pass (`torch.autograd.graph.saved_tensors_hooks`);
     tensors sharing a parameter's storage are weights, not activations, and are left out. This
-    measures activation memory without a GPU.
+    measures activation memory without a GPU, and on the "meta" device without allocating it:
+    storages are told apart by identity (`_cdata`, the storage object's address), not by data
+    pointer, which is 0 for every meta tensor.
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.parameters = {p.untyped_storage()._cdata for p in model.parameters()}
         self.storages: dict[int, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in self.parameters:
-            self.storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        if storage._cdata not in self.parameters:
+            self.storages[storage._cdata] = storage.nbytes()
+        return tensor  # kept alive by autograd until backward, so no identity is reused meanwhile
 
     @property
     def bytes(self) -> int:

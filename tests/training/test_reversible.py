@@ -111,6 +111,22 @@ def _small_rev_config(**overrides) -> RevUNetConfig:
     return RevUNetConfig(**fields)
 
 
+@pytest.mark.parametrize("memory", ["plain", "reversible", "checkpoint"])
+@pytest.mark.parametrize("unit", ["conv", "mbconv"])
+def test_saved_activations_on_meta_equal_cpu(unit, memory):
+    # scripts/bench_reversible.py counts saved bytes of 128^3 patches on the meta device
+    def saved(device: str) -> tuple[int, int]:
+        torch.manual_seed(0)
+        model = RevUNet(_small_rev_config(encoder_unit=unit, memory=memory)).to(device).train()
+        with SavedTensorMeter(model) as meter:
+            model(torch.randn(1, 1, 16, 16, 16, device=device))
+        return meter.bytes, len(meter.storages)
+
+    cpu = saved("cpu")
+    assert cpu[0] > 0
+    assert saved("meta") == cpu
+
+
 @pytest.mark.parametrize("unit,reversible_decoder", [("conv", True), ("mbconv", False)])
 def test_rev_unet_trains_reversibly_with_plain_gradients(unit, reversible_decoder):
     torch.manual_seed(0)
