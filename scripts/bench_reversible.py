@@ -109,17 +109,24 @@ def peak_mb(result: dict) -> float:
     return result.get("cuda_max_allocated_mb", result["peak_rss_mb"])
 
 
-def predicted_peak_mb(measured: dict, patch: int) -> float:
-    """Peak memory at `patch` from one measured peak: a constant part plus a part linear in voxels."""
-    scale = (patch / measured["patch"]) ** 3
-    return BASE_RSS_MB + (peak_mb(measured) - BASE_RSS_MB) * scale
+def predicted_peak_mb(measured: list[dict], patch: int) -> float:
+    """Peak memory at `patch`: a constant plus a part linear in voxels, through the two largest
+    measured patches (through BASE_RSS_MB and one patch when only one is measured)."""
+    points = sorted((m["patch"] ** 3, peak_mb(m)) for m in measured)[-2:]
+    if len(points) == 1:
+        points.insert(0, (0, BASE_RSS_MB))
+    (v0, m0), (v1, m1) = points
+    return m1 + (m1 - m0) / (v1 - v0) * (patch**3 - v1)
 
 
-def largest_patch_under(preset: str, depth: int, memory: str, measured: dict, budget_mb: float) -> dict:
+def largest_patch_under(preset: str, depth: int, memory: str, measured: list[dict], budget_mb: float) -> dict:
     """Largest multiple-of-16 cubic patch whose training step peaks under `budget_mb`, by real runs."""
     probes: dict[int, float] = {}
-    guess = int((((budget_mb - BASE_RSS_MB) / (peak_mb(measured) - BASE_RSS_MB)) ** (1 / 3)) * measured["patch"])
-    patch = max(16, guess // 16 * 16)
+    patch = measured[-1]["patch"] // 16 * 16
+    while patch > 16 and predicted_peak_mb(measured, patch) > budget_mb:
+        patch -= 16
+    while predicted_peak_mb(measured, patch + 16) <= budget_mb:
+        patch += 16
     while len(probes) < 6:
         result = train_in_fresh_process(preset, depth, memory, patch, steps=1)
         probes[patch] = peak_mb(result)
@@ -166,16 +173,18 @@ def main() -> None:
                     raise SystemExit(f"{preset} d={depth} {memory}: saved bytes on meta "
                                      f"{row['saved_bytes'][args.time_patch]} != CPU {timed['saved_bytes_cpu']}")
                 row["seconds_per_step"] = statistics.median(timed["seconds"][1:])
-                row["peak_mb"] = {args.time_patch: peak_mb(timed)}
+                row["peak_mb"], measured = {args.time_patch: peak_mb(timed)}, [timed]
                 for patch in sorted(set(args.rss_patches) - {args.time_patch}):
-                    predicted = predicted_peak_mb(timed, patch)
+                    predicted = predicted_peak_mb(measured, patch)
                     if predicted > budget_mb:
                         row["peak_mb"][patch] = None
                         row.setdefault("not_run", {})[patch] = f"predicted peak {predicted:.0f} MB > budget"
                         continue
-                    row["peak_mb"][patch] = peak_mb(train_in_fresh_process(preset, depth, memory, patch, 1))
+                    measured.append(train_in_fresh_process(preset, depth, memory, patch, 1))
+                    row["peak_mb"][patch] = peak_mb(measured[-1])
                 if depth in args.search_depths and memory in args.search_modes:
-                    row["in_budget"] = largest_patch_under(preset, depth, memory, timed, args.search_budget_gib * 1024)
+                    row["in_budget"] = largest_patch_under(preset, depth, memory, measured,
+                                                           args.search_budget_gib * 1024)
                 rows.append(row)
                 print(f"{preset} d={depth} {memory}: saved "
                       + ", ".join(f"{p}^3 {b / 2**20:.0f}" for p, b in row["saved_bytes"].items())

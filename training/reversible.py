@@ -138,12 +138,19 @@ class ReversibleBlock(nn.Module):
         state_f, state_g = states
         y1, y2 = (t.detach() for t in torch.chunk(y, 2, dim=1))
         dy1, dy2 = torch.chunk(dy, 2, dim=1)
+        # results written into their halves as soon as they are known, and temporaries dropped:
+        # this recomputation is the peak of a reversible step, so every half-width copy counts
+        x, dx = torch.empty_like(y), torch.empty_like(dy)
+        x1, x2 = torch.chunk(x, 2, dim=1)
+        dx1, dx2 = torch.chunk(dx, 2, dim=1)
         g_out, dy1_from_g, g_grads = _recompute(self.g, y1, dy2, state_g)
-        x2 = (y2 - g_out).detach()
-        dx1 = dy1 + dy1_from_g
+        torch.sub(y2, g_out, out=x2)
+        torch.add(dy1, dy1_from_g, out=dx1)
+        del g_out, dy1_from_g
         f_out, dx2_from_f, f_grads = _recompute(self.f, x2, dx1, state_f)
-        x1 = (y1 - f_out).detach()
-        return torch.cat((x1, x2), dim=1), torch.cat((dx1, dy2 + dx2_from_f), dim=1), f_grads + g_grads
+        torch.sub(y1, f_out, out=x1)
+        torch.add(dy2, dx2_from_f, out=dx2)
+        return x, dx, f_grads + g_grads
 
 
 def _recompute(fn: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, rng: tuple) -> tuple[torch.Tensor, torch.Tensor, list]:

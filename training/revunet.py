@@ -2,8 +2,9 @@
 
 Level 0 opens with a 3x3x3 conv from the image channels to `widths[0]`; every lower level
 max-pools by 2 and changes the width with a 1x1x1 conv; each level then runs one
-`ReversibleSequence` of `encoder_depths[l]` blocks. The decoder, lowest level first, upsamples
-trilinearly by 2, changes the width with a 1x1x1 conv, adds the skip (additive skips, not
+`ReversibleSequence` of `encoder_depths[l]` blocks. The decoder, lowest level first, changes
+the width with a 1x1x1 conv, upsamples trilinearly by 2 (in this order: the two commute, and the
+conv runs at the lower resolution), adds the skip (additive skips, not
 concatenation) and runs a sequence of `decoder_depths[l]` blocks. A 1x1x1 conv gives the logits.
 
 F and G of every block work on half the level's channels: seed 004's GroupNorm -> LeakyReLU ->
@@ -119,7 +120,10 @@ class RevDecoder(nn.Module):
     def forward(self, skips: list[torch.Tensor]) -> torch.Tensor:
         x = skips[-1]
         for i, (reduce, stage) in enumerate(zip(self.reduce, self.stages)):
-            x = stage(reduce(self.up(x)) + skips[-(i + 2)])
+            # 1x1 conv, then upsample: the same function (trilinear weights sum to 1, so the two
+            # linear maps commute, bias included) without a 2x-wide full-resolution tensor, which
+            # the conv would keep for backward; 8x fewer MACs in the conv
+            x = stage(self.up(reduce(x)) + skips[-(i + 2)])
         return self.head(x)
 
 
