@@ -23,7 +23,7 @@ reversible, so for rev-mbconv-unet d counts the encoder's blocks and the decoder
 
 Prints tables and writes artifacts/bench/reversible.json.
 
-    .venv/bin/python scripts/bench_reversible.py                       # everything (about an hour)
+    .venv/bin/python scripts/bench_reversible.py                       # everything (45 min on 2 cores)
     .venv/bin/python scripts/bench_reversible.py --presets partially-reversible-unet --depths 1 4
     .venv/bin/python scripts/bench_reversible.py --rss-patches 64 --search-depths   # no search
 """
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--ram-budget-gb", type=float, default=12,
                         help="a real run predicted to peak above this is skipped (this machine's RAM is shared)")
-    parser.add_argument("--search-depths", nargs="*", type=int, default=[1],
+    parser.add_argument("--search-depths", nargs="*", type=int, default=[1, 4],
                         help="depths for the largest-patch-in-8-GiB search (none: skip the search)")
     parser.add_argument("--search-budget-gib", type=float, default=8)
     parser.add_argument("--search-modes", nargs="+", default=["plain", "reversible"], choices=MODES)

@@ -127,6 +127,20 @@ def test_saved_activations_on_meta_equal_cpu(unit, memory):
     assert saved("meta") == cpu
 
 
+def test_decoder_conv_before_upsampling_is_the_same_function():
+    # RevDecoder runs its 1x1x1 width conv below the upsampling; checkpoints trained with the
+    # other order must give the same network
+    torch.manual_seed(0)
+    model = RevUNet(_small_rev_config()).double().eval()
+    decoder = model.decoder
+    skips = [torch.randn(1, w, 16 // 2**l, 16 // 2**l, 16 // 2**l, dtype=torch.float64)
+             for l, w in enumerate(model.config.widths)]
+    x = skips[-1]
+    for i, (reduce, stage) in enumerate(zip(decoder.reduce, decoder.stages)):
+        x = stage(reduce(decoder.up(x)) + skips[-(i + 2)])
+    torch.testing.assert_close(decoder(skips), decoder.head(x), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("unit,reversible_decoder", [("conv", True), ("mbconv", False)])
 def test_rev_unet_trains_reversibly_with_plain_gradients(unit, reversible_decoder):
     torch.manual_seed(0)
