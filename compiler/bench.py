@@ -23,7 +23,6 @@ the first row's segmentation.
 
 from __future__ import annotations
 
-import copy
 import io
 import statistics
 import tempfile
@@ -129,7 +128,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
     trained, metadata = load_model(config.checkpoint)
     patch = tuple(config.patch_size or metadata["patch_size"])
     volume = load_volume(config.volume, trained.config.in_channels)
-    log(f"measuring this machine's convolution peak ...")
+    log("measuring this machine's convolution peak ...")
     peak = conv_peak_gflops(threads=config.threads)
 
     engine_dir = out / "engine"

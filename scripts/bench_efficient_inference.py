@@ -19,8 +19,7 @@ artifacts/bench/efficient_inference.json.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
+import os
 import sys
 import tempfile
 import time
@@ -33,15 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import in_fresh_process, peak_rss_mb  # noqa: E402
 from compiler.runtime.files import write_json_atomic  # noqa: E402
 from compiler.runtime.metrics import mean_dice  # noqa: E402
 
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
 OUT = ROOT / "artifacts" / "bench" / "efficient_inference.json"
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
 
 def _segment(job: dict) -> dict:
@@ -50,7 +46,6 @@ def _segment(job: dict) -> dict:
     from compiler.runtime.sliding_window import WindowReport, WindowSelection, body_mask, sliding_window_inference
     from compiler.runtime.volume_io import load_volume
 
-    torch.set_num_threads(torch.get_num_threads())
     engine = load_engine(job["engine"])
     volume = load_volume(Path(job["volume"]), 1)
     started = time.perf_counter()
@@ -70,12 +65,11 @@ def _segment(job: dict) -> dict:
         labels, report = segment_volume(volume, engine.predictor, engine.spec, options)
     seconds = time.perf_counter() - started
     np.save(job["labels"], labels)
-    return {"seconds": seconds, "windows": report.to_dict(), "peak_rss_mb": _peak_rss_mb()}
+    return {"seconds": seconds, "windows": report.to_dict(), "peak_rss_mb": peak_rss_mb()}
 
 
 def _run(job: dict) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_segment, (job,))
+    return in_fresh_process(_segment, job)
 
 
 def _build_engine(out: Path, patch: tuple[int, int, int]) -> Path:
@@ -142,7 +136,7 @@ def main() -> None:
     parser.add_argument("--skip-preprocessing", action="store_true", help="no resampling comparison")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    results: dict = {"machine": {"cpus": multiprocessing.cpu_count(), "torch": torch.__version__}}
+    results: dict = {"machine": {"cpus": os.cpu_count(), "torch": torch.__version__}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         engine = _build_engine(tmp / "engine96", (96, 96, 96))

@@ -31,8 +31,6 @@ Prints tables and writes artifacts/bench/reversible.json.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import resource
 import statistics
 import sys
 import time
@@ -43,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchlib import in_fresh_process, peak_rss_mb  # noqa: E402
 from compiler.runtime.files import write_json_atomic  # noqa: E402
 from training.config import get_preset  # noqa: E402
 from training.losses import dice_ce_loss  # noqa: E402
@@ -94,15 +93,14 @@ def _train_child(preset: str, depth: int, memory: str, patch: int, steps: int) -
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     result = {"patch": patch, "saved_bytes_cpu": saved, "seconds": times,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mb": peak_rss_mb()}
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
 
 
 def train_in_fresh_process(preset: str, depth: int, memory: str, patch: int, steps: int) -> dict:
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_train_child, (preset, depth, memory, patch, steps))
+    return in_fresh_process(_train_child, preset, depth, memory, patch, steps)
 
 
 def peak_mb(result: dict) -> float:

@@ -1,10 +1,14 @@
-"""What the benchmark scripts share: timing an exported model in ONNX Runtime (CPU)."""
+"""What the benchmark scripts share: timing an exported model in ONNX Runtime (CPU), and
+measuring a job's peak memory in a fresh process."""
 
 from __future__ import annotations
 
+import multiprocessing
+import resource
 import statistics
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 from torch import nn
@@ -33,3 +37,15 @@ def onnx_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, workdir
     sizes = file_sizes(path)
     path.unlink()
     return statistics.median(times), out, sizes
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports kilobytes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a newly spawned process: its peak RSS is its own, and nothing an earlier
+    job left in the allocator's caches counts against it. `fn` must be importable (module level)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)

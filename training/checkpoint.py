@@ -34,11 +34,11 @@ ARCHITECTURES = {"unet3d": (UNetConfig, UNet), "rev_unet": (RevUNetConfig, RevUN
 
 def network_for(config: UNetConfig | RevUNetConfig) -> UNet | RevUNet:
     """The network class a configuration describes, built."""
-    return RevUNet(config) if isinstance(config, RevUNetConfig) else UNet(config)
+    return next(network for kind, network in ARCHITECTURES.values() if isinstance(config, kind))(config)
 
 
 def _architecture_name(model: UNet | RevUNet) -> str:
-    return "rev_unet" if isinstance(model, RevUNet) else "unet3d"
+    return next(name for name, (_, network) in ARCHITECTURES.items() if isinstance(model, network))
 
 
 class CheckpointError(ValueError):

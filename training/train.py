@@ -118,14 +118,13 @@ def train(
 
     torch.manual_seed(config.seed)
     model = network_for(arch)
-    optimizer = _optimizer(model, config)
+    optimizer_state = None
     history: list[dict[str, Any]] = []
     start_epoch = 0
     if config.resume and (out / LATEST).is_file():
         payload = read_checkpoint(out / LATEST)
         model = build_model(payload, deep_supervision=config.deep_supervision)
-        optimizer = _optimizer(model, config)
-        optimizer.load_state_dict(payload["optimizer"])
+        optimizer_state = payload["optimizer"]
         start_epoch = int(payload["epoch"]) + 1
         history = json.loads(payload["history"])
         logger.info("resuming %s at epoch %d", out / LATEST, start_epoch)
@@ -133,7 +132,7 @@ def train(
         logger.info("no %s in %s; starting fresh", LATEST, out)
 
     model.to(device)
-    optimizer = _optimizer(model, config, optimizer.state_dict())
+    optimizer = _optimizer(model, config, optimizer_state)
     network = model
     if world > 1:
         network = DistributedDataParallel(  # the lowest deep-supervision head has weight 0: unused
@@ -249,6 +248,7 @@ def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int,
     sliding window lives in `compiler.runtime`, which training must not import.)
     """
     was_training, deep = model.training, model.decoder.deep_supervision
+    device = next(model.parameters()).device
     model.eval()
     model.set_deep_supervision(False)
     scores = []
@@ -260,7 +260,7 @@ def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int,
         prediction = torch.empty(image.shape[1:], dtype=torch.long)
         for start in itertools.product(*(range(0, s, p) for s, p in zip(image.shape[1:], patch))):
             window = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            tile = image[(slice(None), *window)][None].to(next(model.parameters()).device)
+            tile = image[(slice(None), *window)][None].to(device)
             prediction[window] = model(tile)[0].argmax(0).cpu()
         prediction = prediction[: shape[0], : shape[1], : shape[2]]
         target = torch.from_numpy(case.label.astype(np.int64))

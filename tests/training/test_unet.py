@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.conftest import random_model, small_config
-from training.config import PRESETS, ConfigError, UNetConfig, get_preset
+from training.config import PRESETS, ConfigError, get_preset
 from training.unet import UNet, count_parameters
 
 
