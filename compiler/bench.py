@@ -41,7 +41,7 @@ from compiler.prune import PruneSettings, file_sizes, prune_for_deploy
 from compiler.reparam import reparameterize_for_deploy
 from compiler.report import PerfRow, perf_table
 from compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-from compiler.runtime.files import write_json_atomic
+from compiler.runtime.files import write_json_atomic, write_text_atomic
 from compiler.runtime.metrics import mean_dice
 from compiler.runtime.predictors import TorchPredictor, open_session
 from compiler.runtime.volume_io import load_volume
@@ -92,23 +92,38 @@ class PeakMemory:
         return self.peak / 2**20
 
 
-def conv_peak_gflops(channels: int = 64, size: int = 64, repeats: int = 5, threads: int = 0) -> float:
-    """Sustained throughput of one large 3x3x3 Conv3d in ONNX Runtime (CPU), GFLOP/s."""
+def onnx_latency(
+    model: torch.nn.Module, shape: tuple[int, ...], repeats: int, workdir: Path, threads: int = 0
+) -> tuple[float, np.ndarray, dict]:
+    """Export `model` for inputs `[1, *shape]`, run it once in ONNX Runtime (CPU) to warm up,
+    then `repeats` times.
+
+    Returns the median seconds per call, the warm-up output (for parity checks) and the ONNX
+    file's size raw and compressed.
+    """
     from compiler.export import ExportSettings, export_onnx
 
+    path = Path(workdir) / f"m{time.monotonic_ns()}.onnx"
+    export_onnx(model, path, ExportSettings(patch_size=shape[1:], in_channels=shape[0]))
+    session = open_session(path, ["CPUExecutionProvider"], threads)
+    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
+    out = session.run(None, {"image": x})[0]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        session.run(None, {"image": x})
+        times.append(time.perf_counter() - started)
+    sizes = file_sizes(path)
+    path.unlink()
+    return statistics.median(times), out, sizes
+
+
+def conv_peak_gflops(channels: int = 64, size: int = 64, repeats: int = 5, threads: int = 0) -> float:
+    """Sustained throughput of one large 3x3x3 Conv3d in ONNX Runtime (CPU), GFLOP/s."""
     conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "conv.onnx"
-        export_onnx(conv, path, ExportSettings(patch_size=(size, size, size), in_channels=channels))
-        session = open_session(path, ["CPUExecutionProvider"], threads)
-        x = np.random.default_rng(0).standard_normal((1, channels, size, size, size), dtype=np.float32)
-        session.run(None, {"image": x})
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            session.run(None, {"image": x})
-            times.append(time.perf_counter() - started)
-    return 2 * channels * channels * 27 * size**3 / statistics.median(times) / 1e9
+        seconds, _, _ = onnx_latency(conv, (channels, size, size, size), repeats, Path(tmp), threads)
+    return 2 * channels * channels * 27 * size**3 / seconds / 1e9
 
 
 def _state_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -220,7 +235,7 @@ def _write_report(out: Path, result: dict[str, Any], rows: list[PerfRow], peak: 
         "![seconds per volume](time_per_stage.png) ![accuracy against speed](accuracy_vs_speed.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
 
 
 def _plots(out: Path, rows: list[PerfRow]) -> None:

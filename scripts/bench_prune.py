@@ -27,7 +27,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from benchlib import onnx_latency
+from compiler.bench import onnx_latency
 from compiler.model_stats import conv_macs
 from compiler.prune import apply_masks, magnitude_masks
 from compiler.runtime.files import write_json_atomic

@@ -28,7 +28,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from benchlib import onnx_latency
+from compiler.bench import onnx_latency
 from compiler.model_stats import conv_macs
 from compiler.runtime.files import write_json_atomic
 from training.blocks import ConvNormAct, FasterFusionBlock

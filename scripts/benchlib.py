@@ -1,42 +1,12 @@
-"""What the benchmark scripts share: timing an exported model in ONNX Runtime (CPU), and
-measuring a job's peak memory in a fresh process."""
+"""What the memory benchmarks share: a job's peak memory, measured in a fresh process.
+
+(Timing an exported model in ONNX Runtime is `compiler.bench.onnx_latency`.)"""
 
 from __future__ import annotations
 
 import multiprocessing
 import resource
-import statistics
-import time
-from pathlib import Path
 from typing import Any, Callable
-
-import numpy as np
-from torch import nn
-
-from compiler.export import ExportSettings, export_onnx
-from compiler.prune import file_sizes
-from compiler.runtime.predictors import open_session
-
-
-def onnx_latency(model: nn.Module, shape: tuple[int, ...], repeats: int, workdir: Path) -> tuple[float, np.ndarray, dict]:
-    """Export `model` for inputs `[1, *shape]`, run it once to warm up, then `repeats` times.
-
-    Returns the median seconds per call, the warm-up output (for parity checks) and the ONNX
-    file's size raw and compressed.
-    """
-    path = workdir / f"m{time.monotonic_ns()}.onnx"
-    export_onnx(model, path, ExportSettings(patch_size=shape[1:], in_channels=shape[0]))
-    session = open_session(path, ["CPUExecutionProvider"])
-    x = np.random.default_rng(0).standard_normal((1, *shape), dtype=np.float32)
-    out = session.run(None, {"image": x})[0]
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        session.run(None, {"image": x})
-        times.append(time.perf_counter() - started)
-    sizes = file_sizes(path)
-    path.unlink()
-    return statistics.median(times), out, sizes
 
 
 def peak_rss_mb() -> float:
