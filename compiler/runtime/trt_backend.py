@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
@@ -38,7 +37,7 @@ from typing import Any
 import torch
 
 from compiler.runtime.errors import EngineError, NnslimError
-from compiler.runtime.files import chmod_default
+from compiler.runtime.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -149,19 +148,6 @@ def _parser_errors(parser: Any) -> list[str]:
     return errors
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, input_name: str,
                input_shape: tuple[int, ...], onnx_sha256: str, cache_dir: Path | None = None,
                timing_cache: Path | None = None) -> dict[str, Any]:
@@ -218,10 +204,10 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, inp
     if serialized is None:
         raise TensorRTBuildError("TensorRT failed to build the plan; its log above says why")
     data = bytes(serialized)
-    _atomic_write_bytes(plan_path, data)
-    _atomic_write_bytes(cached, data)
+    write_bytes_atomic(plan_path, data)
+    write_bytes_atomic(cached, data)
     if timing_cache:
-        _atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+        write_bytes_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
     return {**record, "cache_hit": False}
 
 
