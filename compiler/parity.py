@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -119,39 +120,33 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, source: str) -> Pa
     )
 
 
-def check_onnx_parity(
-    model: nn.Module,
-    onnx_path: Path,
-    tiles: torch.Tensor,
-    source: str,
-    batch_size: int,
-) -> ParityReport:
-    """Run both on `tiles` in batches of `batch_size` and compare the logits."""
-    reference_predictor = TorchPredictor(model)
-    candidate_predictor = OnnxRuntimePredictor(onnx_path)
-    reference, candidate = [], []
-    for first in range(0, tiles.shape[0], batch_size):
-        batch = tiles[first : first + batch_size]
-        reference.append(reference_predictor(batch))
-        candidate.append(candidate_predictor(batch))
-    return compare(torch.cat(reference), torch.cat(candidate), source)
-
-
-def check_tensorrt_parity(model: nn.Module, plan_path: Path, tiles: torch.Tensor, source: str,
-                          batch_size: int) -> ParityReport:
-    """TensorRT plan vs PyTorch on the GPU (both see the same tiles, in batches of `batch_size`)."""
-    import copy
-
-    from compiler.runtime.trt_backend import TensorRTPredictor
-
-    reference_predictor = TorchPredictor(copy.deepcopy(model), device="cuda")  # the caller's model stays put
-    candidate_predictor = TensorRTPredictor(plan_path, "image", "logits")
+def compare_predictors(reference_predictor: Callable[[torch.Tensor], torch.Tensor],
+                       candidate_predictor: Callable[[torch.Tensor], torch.Tensor],
+                       tiles: torch.Tensor, source: str, batch_size: int) -> ParityReport:
+    """Run both predictors on `tiles` in batches of `batch_size` and compare the logits (on the CPU)."""
     reference, candidate = [], []
     for first in range(0, tiles.shape[0], batch_size):
         batch = tiles[first : first + batch_size]
         reference.append(reference_predictor(batch).float().cpu())
         candidate.append(candidate_predictor(batch).float().cpu())
     return compare(torch.cat(reference), torch.cat(candidate), source)
+
+
+def check_onnx_parity(model: nn.Module, onnx_path: Path, tiles: torch.Tensor, source: str,
+                      batch_size: int) -> ParityReport:
+    """ONNX Runtime (CPU) vs PyTorch on the same tiles."""
+    return compare_predictors(TorchPredictor(model), OnnxRuntimePredictor(onnx_path), tiles, source, batch_size)
+
+
+def check_tensorrt_parity(model: nn.Module, plan_path: Path, tiles: torch.Tensor, source: str,
+                          batch_size: int) -> ParityReport:
+    """TensorRT plan vs PyTorch on the GPU (both see the same tiles)."""
+    import copy
+
+    from compiler.runtime.trt_backend import TensorRTPredictor
+
+    reference = TorchPredictor(copy.deepcopy(model), device="cuda")  # the caller's model stays put
+    return compare_predictors(reference, TensorRTPredictor(plan_path, "image", "logits"), tiles, source, batch_size)
 
 
 @torch.no_grad()
