@@ -28,10 +28,10 @@ Examples:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from compiler.runtime.errors import NnslimError
-    from training.checkpoint import CheckpointError
-    from training.config import ConfigError
-    from training.data import DatasetError
+    from nnslim.compiler.runtime.errors import NnslimError
+    from nnslim.training.checkpoint import CheckpointError
+    from nnslim.training.config import ConfigError
+    from nnslim.training.data import DatasetError
 
     return (NnslimError, CheckpointError, ConfigError, DatasetError)
 
@@ -78,7 +78,7 @@ def prepare_dataset(name: str, out_dir: Path) -> None:
 
     mni-tissue also gets holdout_mask.nii.gz, the band held out from training, for `evaluate --mask`.
     """
-    from training.data import write_mni_tissue_raw
+    from nnslim.training.data import write_mni_tissue_raw
 
     out = write_mni_tissue_raw(out_dir)
     click.echo(f"wrote {out}/imagesTr/mni_0000.nii.gz, labelsTr/mni.nii.gz, holdout_mask.nii.gz, dataset.json")
@@ -145,8 +145,8 @@ def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, pa
     """
     from tqdm import tqdm
 
-    from training.train import TrainConfig
-    from training.train import train as run_training
+    from nnslim.training.train import TrainConfig
+    from nnslim.training.train import train as run_training
 
     config = TrainConfig(
         preset=preset, dataset=dataset, out_dir=str(out_dir), epochs=epochs,
@@ -231,10 +231,10 @@ def build_engine(checkpoint, out_dir, patch, batch_size, backend, parity_volume,
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
     """
-    from compiler.parity import ParityTolerance
-    from compiler.pipeline import BuildConfig
-    from compiler.prune import PruneSettings
-    from compiler.pipeline import build_engine as run_build
+    from nnslim.compiler.build.parity import ParityTolerance
+    from nnslim.compiler.build.pipeline import BuildConfig
+    from nnslim.compiler.build.prune import PruneSettings
+    from nnslim.compiler.build.pipeline import build_engine as run_build
 
     default = ParityTolerance.for_precision(precision)
     tolerance = ParityTolerance(
@@ -324,21 +324,21 @@ def infer(engine_dir, inputs, output, step_fraction, batch_size, mirror, threads
     INPUTS is one file (3D, or 4D with channels last), the channel files of one case
     (CASE_0000.nii.gz CASE_0001.nii.gz ...), or one folder of cases.
     """
-    from compiler.runtime.engine import InferenceOptions, load_engine, segment_files
+    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_files
 
     engine = load_engine(engine_dir, threads=threads, device=device, ort_tensorrt=ort_tensorrt)
     predictor = None
     if torch_checkpoint:
-        from compiler.runtime.predictors import TorchPredictor
+        from nnslim.compiler.runtime.predictors import TorchPredictor
 
         if Path(torch_checkpoint).is_dir():  # the nnU-Net model folder the engine was built from
-            from compiler.nnunet_import import read_model_folder
+            from nnslim.compiler.build.nnunet_import import read_model_folder
 
             source = engine.manifest["source"]
             network = read_model_folder(torch_checkpoint, tuple(source.get("folds") or ("0",)),
                                         source.get("checkpoint_name", "checkpoint_final.pth")).network()
         else:
-            from training.checkpoint import load_model
+            from nnslim.training.checkpoint import load_model
 
             network = load_model(torch_checkpoint)[0]
         predictor = TorchPredictor(network, device=engine.predictor.device)
@@ -366,9 +366,9 @@ Examples:
 @click.option("--json", "json_out", type=_path(exists=False, dir_okay=False), default=None, help="Also write the figures here.")
 def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     """Dice per label and voxel agreement between two label volumes."""
-    from compiler.runtime.files import write_json_atomic
-    from compiler.runtime.manifest import read_manifest
-    from compiler.runtime.metrics import evaluate_files
+    from nnslim.compiler.runtime.files import write_json_atomic
+    from nnslim.compiler.runtime.manifest import read_manifest
+    from nnslim.compiler.runtime.metrics import evaluate_files
 
     names = read_manifest(labels_from, verify=False)["labels"] if labels_from else None
     result = evaluate_files(prediction, reference, mask, names)
@@ -406,7 +406,7 @@ def pseudo_label(labeled, unlabeled, out_dir, teacher_preset, student_preset, ro
                  student_epochs, iterations_per_epoch, patch, seed) -> None:
     """Iterative pseudo labeling (seed 003): a teacher labels UNLABELED scans over several rounds,
     stable scans (uncertainty below --threshold) join LABELED (nnU-Net raw layout) to train the student."""
-    from compiler.pseudo_label import PseudoLabelConfig, run_pseudo_labeling
+    from nnslim.compiler.workflows.pseudo_labeling import PseudoLabelConfig, run_pseudo_labeling
 
     record = run_pseudo_labeling(PseudoLabelConfig(
         labeled=labeled, unlabeled=unlabeled, out_dir=out_dir, teacher_preset=teacher_preset,
@@ -438,7 +438,7 @@ def bench(checkpoint, out_dir, volume, patch, batch_size, repeats, prune_sparsit
     """The usual way (PyTorch eager, batch 1) against nnslim stage by stage on one volume, in one run:
     seconds, speed-up, MACs and GFLOP/s against the machine's convolution peak, sizes, memory, and
     agreement; writes OUT/report.md, plots and bench.json."""
-    from compiler.bench import BenchConfig, run_bench
+    from nnslim.compiler.workflows.bench import BenchConfig, run_bench
 
     result = run_bench(BenchConfig(
         checkpoint=checkpoint, volume=volume, out_dir=out_dir, patch_size=tuple(patch) if patch else None,
@@ -462,7 +462,7 @@ Examples:
 def export_triton(engine_dir, repository, name, instances, kind) -> None:
     """Write a Triton Inference Server model repository entry (config.pbtxt with dynamic batching,
     and the plan or ONNX model) from an engine directory."""
-    from compiler.triton import export_triton as run_export
+    from nnslim.compiler.deploy.triton import export_triton as run_export
 
     target = run_export(engine_dir, repository, name, instances, kind)
     click.echo(f"Triton model written to {target} (config.pbtxt, 1/{next((target / '1').iterdir()).name})")
@@ -503,7 +503,7 @@ Examples:
 def prune_sweep(checkpoint, volume, labels, mask, sparsities, thresholds, min_proxy_dice, out_dir, progress) -> None:
     """Global magnitude pruning at several levels without retraining (seed 001): proxy Dice of
     pruned vs unpruned segmentations, true Dice, and the largest sparsity at proxy Dice >= 0.95."""
-    from compiler.prune_sweep import DEFAULT_SPARSITIES, SweepConfig, run_sweep
+    from nnslim.compiler.workflows.prune_sweep import DEFAULT_SPARSITIES, SweepConfig, run_sweep
 
     if sparsities is not None and thresholds is not None:
         raise click.UsageError("--sparsities and --thresholds are alternatives; give one")
@@ -538,7 +538,7 @@ Examples:
 def inspect(target) -> None:
     """Op histogram, parameters, MACs, dtypes, sparsity and TensorRT compatibility of an ONNX model
     or an engine directory (plus its manifest summary)."""
-    from compiler.inspect_model import format_summary, inspect_path
+    from nnslim.compiler.build.inspect_model import format_summary, inspect_path
 
     click.echo(format_summary(inspect_path(target)))
 

@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchlib import in_fresh_process, peak_rss_mb  # noqa: E402
-from compiler.runtime.files import write_json_atomic  # noqa: E402
-from compiler.runtime.metrics import mean_dice  # noqa: E402
+from nnslim.compiler.runtime.files import write_json_atomic  # noqa: E402
+from nnslim.compiler.runtime.metrics import mean_dice  # noqa: E402
 
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
 OUT = ROOT / "artifacts" / "bench" / "efficient_inference.json"
@@ -42,16 +42,16 @@ OUT = ROOT / "artifacts" / "bench" / "efficient_inference.json"
 
 def _segment(job: dict) -> dict:
     """In a child process: segment one volume one way; labels go to a file."""
-    from compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-    from compiler.runtime.sliding_window import WindowReport, WindowSelection, body_mask, sliding_window_inference
-    from compiler.runtime.volume_io import load_volume
+    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
+    from nnslim.compiler.runtime.sliding_window import WindowReport, WindowSelection, body_mask, sliding_window_inference
+    from nnslim.compiler.runtime.volume_io import load_volume
 
     engine = load_engine(job["engine"])
     volume = load_volume(Path(job["volume"]), 1)
     started = time.perf_counter()
     if job["way"] == "whole-volume logits":  # the usual way: the same preprocessing, all logits in memory
-        from compiler.runtime.preprocessing import prepare, to_labels
-        from compiler.runtime.sliding_window import SlidingWindowConfig
+        from nnslim.compiler.runtime.preprocessing import prepare, to_labels
+        from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig
 
         prepared = prepare(volume.data, volume.spacing, engine.spec.preprocessing)
         report = WindowReport()
@@ -73,7 +73,7 @@ def _run(job: dict) -> dict:
 
 
 def _build_engine(out: Path, patch: tuple[int, int, int]) -> Path:
-    from compiler.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
 
     build_engine(BuildConfig(checkpoint=MODEL, out_dir=out, patch_size=patch, batch_size=2, pass_parity=False,
                              parity_tiles=1))
@@ -82,7 +82,7 @@ def _build_engine(out: Path, patch: tuple[int, int, int]) -> Path:
 
 def padded_mni(path: Path, field_of_view: tuple[int, int, int]) -> tuple[Path, np.ndarray]:
     """The T1 centred in a larger zero field of view, and its tissue labels padded alike."""
-    from training.data import mni_tissue_volumes
+    from nnslim.training.data import mni_tissue_volumes
 
     t1, label, _ = mni_tissue_volumes()
     data = np.asarray(t1.dataobj, dtype=np.float32)
@@ -109,7 +109,7 @@ def synthetic_ct(path: Path, shape=(512, 512, 600)) -> Path:
 def preprocessing_times(volume: Path, classes: int = 3, target: float = 1.5) -> dict:
     from scipy.ndimage import zoom
 
-    from compiler.runtime.preprocessing import resample, resampled_shape
+    from nnslim.compiler.runtime.preprocessing import resample, resampled_shape
 
     data = np.asarray(nib.load(volume).dataobj, dtype=np.float32)
     spacing = (1.0, 1.0, 1.0)

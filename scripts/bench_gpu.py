@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from compiler.runtime.files import write_json_atomic
+from nnslim.compiler.runtime.files import write_json_atomic
 
 OUT = Path("artifacts/bench/gpu.json")
 
@@ -52,14 +52,14 @@ def main() -> None:
         print("no CUDA GPU visible: nothing measured (this benchmark only reports figures it measured on a GPU)")
         return
 
-    from compiler.pipeline import BuildConfig, build_engine
-    from compiler.runtime.engine import load_engine
-    from compiler.runtime.predictors import OnnxRuntimeGpuPredictor, TorchPredictor
-    from compiler.runtime.preprocessing import normalize
-    from compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
-    from compiler.runtime.trt_backend import BackendUnavailable
-    from compiler.runtime.volume_io import load_volume
-    from training.checkpoint import load_model
+    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.runtime.engine import load_engine
+    from nnslim.compiler.runtime.predictors import OnnxRuntimeGpuPredictor, TorchPredictor
+    from nnslim.compiler.runtime.preprocessing import normalize
+    from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
+    from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable
+    from nnslim.compiler.runtime.volume_io import load_volume
+    from nnslim.training.checkpoint import load_model
 
     model, metadata = load_model(args.checkpoint)
     patch = tuple(args.patch or metadata["patch_size"])

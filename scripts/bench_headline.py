@@ -24,13 +24,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compiler.bench import BenchConfig, run_bench  # noqa: E402
+from nnslim.compiler.workflows.bench import BenchConfig, run_bench  # noqa: E402
 
 OUT = ROOT / "artifacts" / "bench" / "headline"
 
 
 def mni_volume(folder: Path, crop: int | None = None) -> Path:
-    from training.data import mni_tissue_volumes
+    from nnslim.training.data import mni_tissue_volumes
 
     t1, _, _ = mni_tissue_volumes()
     data = np.asarray(t1.dataobj, dtype=np.float32)
@@ -43,9 +43,9 @@ def mni_volume(folder: Path, crop: int | None = None) -> Path:
 
 
 def random_faster_nnunet(folder: Path) -> Path:
-    from training.checkpoint import save_checkpoint
-    from training.config import get_preset
-    from training.unet import UNet
+    from nnslim.training.checkpoint import save_checkpoint
+    from nnslim.training.config import get_preset
+    from nnslim.training.unet import UNet
 
     torch.manual_seed(0)
     model = UNet(get_preset("faster-nnunet").build(1, 3))

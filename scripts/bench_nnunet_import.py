@@ -29,13 +29,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from compiler.nnunet_import import read_model_folder, unet_config
-from compiler.pipeline import BuildConfig, build_engine
-from compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-from compiler.runtime.files import write_json_atomic
-from compiler.runtime.predictors import TorchPredictor
-from compiler.runtime.volume_io import load_volume
-from training.unet import UNet, count_parameters
+from nnslim.compiler.build.nnunet_import import read_model_folder, unet_config
+from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
+from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.compiler.runtime.predictors import TorchPredictor
+from nnslim.compiler.runtime.volume_io import load_volume
+from nnslim.training.unet import UNet, count_parameters
 
 PROFILES = {
     # nnU-Net's plans for MSD Hippocampus (3d_fullres): small MRI crops, z-score, 5 folds, TTA

@@ -27,20 +27,20 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from compiler.bench import onnx_latency
-from compiler.model_stats import conv_macs
-from compiler.prune import apply_masks, magnitude_masks
-from compiler.runtime.files import write_json_atomic
-from compiler.prune_sweep import SweepConfig, run_sweep
-from compiler.runtime.metrics import dice_scores
-from compiler.runtime.predictors import TorchPredictor
-from compiler.runtime.preprocessing import normalize
-from compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
-from compiler.runtime.volume_io import load_volume
-from compiler.structured import apply_structured, finetune, structured_keep
-from training.checkpoint import load_model
-from training.reparam import reparameterize_model
-from training.unet import count_parameters
+from nnslim.compiler.workflows.bench import onnx_latency
+from nnslim.compiler.build.model_stats import conv_macs
+from nnslim.compiler.build.prune import apply_masks, magnitude_masks
+from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.compiler.workflows.prune_sweep import SweepConfig, run_sweep
+from nnslim.compiler.runtime.metrics import dice_scores
+from nnslim.compiler.runtime.predictors import TorchPredictor
+from nnslim.compiler.runtime.preprocessing import normalize
+from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
+from nnslim.compiler.runtime.volume_io import load_volume
+from nnslim.compiler.build.structured import apply_structured, finetune, structured_keep
+from nnslim.training.checkpoint import load_model
+from nnslim.training.fusion import reparameterize_model
+from nnslim.training.unet import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -28,13 +28,13 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from compiler.bench import onnx_latency
-from compiler.model_stats import conv_macs
-from compiler.runtime.files import write_json_atomic
-from training.blocks import ConvNormAct, FasterFusionBlock
-from training.config import get_preset
-from training.reparam import reparameterize_model
-from training.unet import UNet, count_parameters
+from nnslim.compiler.workflows.bench import onnx_latency
+from nnslim.compiler.build.model_stats import conv_macs
+from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.training.blocks import ConvNormAct, FasterFusionBlock
+from nnslim.training.config import get_preset
+from nnslim.training.fusion import reparameterize_model
+from nnslim.training.unet import UNet, count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -104,9 +104,9 @@ def bench_networks(patches: list[int], repeats: int, workdir: Path) -> list[dict
 
 
 def bench_training(iterations: int, workdir: Path) -> list[dict]:
-    from training.checkpoint import load_model
-    from training.data import load_mni_tissue
-    from training.train import TrainConfig, train
+    from nnslim.training.checkpoint import load_model
+    from nnslim.training.data import load_mni_tissue
+    from nnslim.training.train import TrainConfig, train
 
     dataset = load_mni_tissue()
     rows = []

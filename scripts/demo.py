@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from compiler.runtime.files import write_json_atomic
+from nnslim.compiler.runtime.files import write_json_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 NNSLIM = [str(ROOT / ".venv" / "bin" / "nnslim")]

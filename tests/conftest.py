@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import save_checkpoint
-from training.config import UNetConfig
-from training.unet import UNet
+from nnslim.training.checkpoint import save_checkpoint
+from nnslim.training.config import UNetConfig
+from nnslim.training.unet import UNet
 
 PATCH = (16, 16, 16)
 LABELS = ["background", "grey_matter", "white_matter"]
@@ -66,7 +66,7 @@ def checkpoint_path(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def mni_raw(tmp_path_factory) -> Path:
-    from training.data import write_mni_tissue_raw
+    from nnslim.training.data import write_mni_tissue_raw
 
     return write_mni_tissue_raw(tmp_path_factory.mktemp("mni"))
 
@@ -83,7 +83,7 @@ def small_volume(mni_raw, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine_dir(checkpoint_path, small_volume, tmp_path_factory) -> Path:
-    from compiler.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("engines") / "small"
     build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, parity_volume=small_volume))

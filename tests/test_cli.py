@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from compiler.cli import cli
+from nnslim.compiler.cli import cli
 
 COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep", "export-triton",
             "pseudo-label", "bench"]
@@ -86,8 +86,8 @@ def test_bad_inputs_give_one_clear_error(engine_dir, checkpoint_path, tmp_path):
 
 
 def test_cli_preset_list_matches_the_presets():
-    from compiler.cli import PRESET_NAMES
-    from training.config import PRESETS
+    from nnslim.compiler.cli import PRESET_NAMES
+    from nnslim.training.config import PRESETS
 
     assert sorted(PRESET_NAMES) == sorted(PRESETS)
 

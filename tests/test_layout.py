@@ -1,41 +1,197 @@
-"""The import rules of DESIGN.md, checked on the source: training never imports compiler; the
-runtime imports neither training nor the build stages; one module imports tensorrt; only the
-pass modules import onnx_graphsurgeon."""
+"""The layout rules of the README, checked on the source.
+
+- Import direction: `nnslim.training` may use `nnslim.compiler.runtime` (shared normalization, file
+  writing, metrics) and nothing else of the compiler; the runtime imports neither training nor the
+  build side; nothing imports the repository folders by their bare names (`compiler`, `training`).
+- One module imports `tensorrt`; only graph-rewriting modules import `onnx_graphsurgeon`.
+- No import cycles between nnslim's modules (module-level imports).
+- No module over 400 lines; no function over 60 lines except a short, justified allow-list.
+- Every package folder is installed (the explicit list in pyproject.toml), and an installed nnslim
+  leaves a user's own `training` package alone.
+"""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import tomllib
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = {"compiler": "nnslim.compiler", "training": "nnslim.training", "nnslim": "nnslim"}
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 60
+# Functions allowed to be longer, and why.
+LONG_FUNCTIONS = {
+    # The whole build reads top to bottom in one function, one line per stage (tinygrad's style).
+    ("compiler/build/pipeline.py", "build_engine"),
+}
 
 
-def _imports(path: Path) -> set[str]:
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT)
+    package = FOLDERS[rel.parts[0]]
+    parts = list(rel.with_suffix("").parts[1:])
+    if parts and parts[-1] == "__init__":
+        parts.pop()
+    return ".".join([package, *parts])
+
+
+def _sources() -> dict[Path, ast.Module]:
+    return {p: ast.parse(p.read_text()) for folder in FOLDERS for p in sorted((ROOT / folder).rglob("*.py"))}
+
+
+SOURCES = _sources()
+
+
+def _imports(tree: ast.Module, module: str, top_level_only: bool = False) -> set[str]:
+    nodes = tree.body if top_level_only else ast.walk(tree)
     names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in nodes:
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against this module's package
+                base = module.split(".")[: -node.level] if not module.endswith("__init__") else module.split(".")
+                names.add(".".join([*base, *([node.module] if node.module else [])]))
+            elif node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
-def _modules(folder: str) -> dict[Path, set[str]]:
-    return {p: _imports(p) for p in (ROOT / folder).rglob("*.py")}
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
 
 
 def test_import_direction():
-    for path, names in _modules("training").items():
-        assert not any(n.split(".")[0] == "compiler" for n in names), f"{path} imports compiler"
-    for path, names in _modules("compiler/runtime").items():
-        bad = [n for n in names if n.split(".")[0] == "training"
-               or (n.startswith("compiler.") and not n.startswith("compiler.runtime"))]
-        assert not bad, f"{path} imports {bad}"
+    for path, tree in SOURCES.items():
+        names = _imports(tree, _module_name(path))
+        bare = sorted(n for n in names if n.split(".")[0] in ("compiler", "training"))
+        assert not bare, f"{_rel(path)} imports the repository folders by their bare names: {bare}"
+        rel = _rel(path)
+        if rel.startswith("training/"):
+            bad = [n for n in names if n.startswith("nnslim.compiler") and not n.startswith("nnslim.compiler.runtime")]
+            assert not bad, f"{rel} imports the build side: {bad}"
+        if rel.startswith("compiler/runtime/"):
+            bad = [n for n in names if n.startswith("nnslim.training")
+                   or (n.startswith("nnslim.compiler") and not n.startswith("nnslim.compiler.runtime"))]
+            assert not bad, f"{rel} (runtime) imports {bad}"
 
 
-def test_one_module_imports_tensorrt_and_only_passes_import_graphsurgeon():
-    everything = {**_modules("compiler"), **_modules("training")}
-    tensorrt = [p.relative_to(ROOT).as_posix() for p, n in everything.items() if "tensorrt" in n]
-    assert tensorrt == ["compiler/runtime/trt_backend.py"]
-    surgeon = [p.relative_to(ROOT).as_posix() for p, n in everything.items() if "onnx_graphsurgeon" in n]
-    assert surgeon and all(p.startswith("compiler/passes/") for p in surgeon)
+def test_one_module_imports_tensorrt_and_only_graph_rewrites_import_graphsurgeon():
+    importers = {name: sorted(_rel(p) for p, t in SOURCES.items() if name in {n.split(".")[0] for n in _imports(t, _module_name(p))})
+                 for name in ("tensorrt", "onnx_graphsurgeon")}
+    assert importers["tensorrt"] == ["compiler/runtime/tensorrt_runtime.py"]
+    assert importers["onnx_graphsurgeon"]
+    assert all(p.startswith("compiler/build/passes/") for p in importers["onnx_graphsurgeon"]), importers["onnx_graphsurgeon"]
+
+
+def _import_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): t for p, t in SOURCES.items()}
+    graph = {}
+    for name, tree in modules.items():
+        targets = set()
+        for imported in _imports(tree, name, top_level_only=True):
+            # `from a.b import c` names a.b.c, which is a module or an attribute of a.b
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = finished
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_cycles():
+    cycle = _find_cycle(_import_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_cycle_finder_finds_a_planted_cycle():
+    graph = {**_import_graph(), "nnslim.a": {"nnslim.b"}, "nnslim.b": {"nnslim.c"}, "nnslim.c": {"nnslim.a"}}
+    assert _find_cycle(graph) == ["nnslim.a", "nnslim.b", "nnslim.c", "nnslim.a"]
+
+
+def test_module_and_function_sizes():
+    too_long = []
+    for path, tree in SOURCES.items():
+        lines = len(path.read_text().splitlines())
+        if lines > MAX_MODULE_LINES:
+            too_long.append(f"{_rel(path)}: {lines} lines (max {MAX_MODULE_LINES})")
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES and (_rel(path), node.name) not in LONG_FUNCTIONS:
+                    too_long.append(f"{_rel(path)}:{node.lineno} {node.name}: {length} lines (max {MAX_FUNCTION_LINES})")
+    assert not too_long, "split these:\n" + "\n".join(too_long)
+
+
+def test_every_package_folder_is_installed():
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    on_disk = {_module_name(p) for p in SOURCES if p.name == "__init__.py"}
+    assert set(config["packages"]) == on_disk
+    assert config["package-dir"] == {v: k for k, v in FOLDERS.items()}
+
+
+@pytest.mark.slow
+def test_installed_wheel_leaves_a_users_training_package_alone(tmp_path):
+    """Build the wheel, install it alone into a fresh venv that borrows .venv's dependencies, and
+    import it from a folder that has its own `training/` and `compiler/` packages."""
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("nnslim-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # dependencies from the development venv, through a plain path entry (its .pth files, and so
+    # the editable install, are not processed)
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    Path(site, "deps.pth").write_text("\n".join(deps) + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", site, str(wheel)],
+                   check=True, capture_output=True)
+    user = tmp_path / "user_project"
+    for name in ("training", "compiler"):
+        (user / name).mkdir(parents=True)
+        (user / name / "__init__.py").write_text(f"OWNER = 'user-{name}'\n")
+    probe = ("import nnslim, nnslim.compiler.cli, nnslim.compiler.runtime.engine, nnslim.training.unet, training, compiler\n"
+             "assert training.OWNER == 'user-training' and compiler.OWNER == 'user-compiler', (training, compiler)\n"
+             "assert nnslim.compiler.cli.__file__.startswith(%r), nnslim.compiler.cli.__file__\n"
+             "print(nnslim.__version__)\n") % site
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    done = subprocess.run([python, "-c", probe], cwd=user, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == config_version()
+
+
+def config_version() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from training.config import ConfigError, UNetConfig
-from training.revunet import RevUNet, RevUNetConfig
-from training.unet import UNet
+from nnslim.training.config import ConfigError, UNetConfig
+from nnslim.training.revunet import RevUNet, RevUNetConfig
+from nnslim.training.unet import UNet
 
 FORMAT = "nnslim.checkpoint"
 FORMAT_VERSION = 1

@@ -288,7 +288,7 @@ class RevPreset:
 
     def build(self, in_channels: int, num_classes: int, fusion_threshold: int | None = None, **overrides: Any):
         """The architecture for a dataset; `overrides` may set memory, encoder_depths, decoder_depths."""
-        from training.revunet import RevUNetConfig  # revunet imports this module
+        from nnslim.training.revunet import RevUNetConfig  # revunet imports this module
 
         if fusion_threshold is not None:
             raise ConfigError("FasterFusion applies to nnU-Net presets, not reversible U-Nets")

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.config import ConfigError, known_fields
-from training.reversible import MEMORY_MODES, ConvUnit, MBConv3d, ReversibleBlock, ReversibleSequence
+from nnslim.training.config import ConfigError, known_fields
+from nnslim.training.reversible import MEMORY_MODES, ConvUnit, MBConv3d, ReversibleBlock, ReversibleSequence
 
 UNITS = ("conv", "mbconv")
 

@@ -28,11 +28,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
-from training.config import ConfigError, get_preset
-from training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
-from training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
-from training.unet import UNet, count_parameters
+from nnslim.training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
+from nnslim.training.config import ConfigError, get_preset
+from nnslim.training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
+from nnslim.training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
+from nnslim.training.unet import UNet, count_parameters
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from training.blocks import ConvNormAct, FasterFusionBlock, NormFactory, conv_class
-from training.config import UNetConfig
-from training.reparam import Reparameterizable
+from nnslim.training.blocks import ConvNormAct, FasterFusionBlock, NormFactory, conv_class
+from nnslim.training.config import UNetConfig
+from nnslim.training.fusion import Reparameterizable
 
 UnitFactory = Callable[[int, int, tuple[int, ...], tuple[int, ...]], nn.Module]
 

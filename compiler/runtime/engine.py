@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from compiler.runtime.errors import EngineError, InputError
-from compiler.runtime.manifest import read_manifest, rebuild_hint
-from compiler.runtime.predictors import OnnxRuntimePredictor
-from compiler.runtime.preprocessing import StreamingLabeler, prepare, restore_geometry
-from compiler.runtime.sliding_window import (
+from nnslim.compiler.runtime.errors import EngineError, InputError
+from nnslim.compiler.runtime.manifest import read_manifest, rebuild_hint
+from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
+from nnslim.compiler.runtime.preprocessing import StreamingLabeler, prepare, restore_geometry
+from nnslim.compiler.runtime.sliding_window import (
     SlidingWindowConfig,
     WindowReport,
     WindowSelection,
@@ -30,7 +30,7 @@ from compiler.runtime.sliding_window import (
     stream_logits,
     walk_order,
 )
-from compiler.runtime.volume_io import Volume, find_cases, load_volume, save_segmentation
+from nnslim.compiler.runtime.volume_io import Volume, find_cases, load_volume, save_segmentation
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
     if device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {device!r}")
     if backend == "tensorrt":
-        from compiler.runtime.trt_backend import TensorRTPredictor, check_compatibility, gpu_record, import_tensorrt
+        from nnslim.compiler.runtime.tensorrt_runtime import TensorRTPredictor, check_compatibility, gpu_record, import_tensorrt
 
         trt = import_tensorrt()
         if not torch.cuda.is_available():
@@ -113,7 +113,7 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
         check_compatibility(manifest, trt.__version__, tuple(gpu_record()["compute_capability"]), rebuild_hint(manifest))
         predictor = TensorRTPredictor(model_path, spec.input_name, spec.output_name)
     elif backend == "onnxruntime" and device == "cuda":
-        from compiler.runtime.predictors import OnnxRuntimeGpuPredictor
+        from nnslim.compiler.runtime.predictors import OnnxRuntimeGpuPredictor
 
         predictor = OnnxRuntimeGpuPredictor(model_path, spec.input_name, spec.output_name, tensorrt=ort_tensorrt,
                                             fp16=manifest.get("precision") == "fp16")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from compiler.runtime.errors import EngineError
+from nnslim.compiler.runtime.errors import EngineError
 
 MANIFEST = "manifest.json"
 FORMAT = "nnslim.engine"

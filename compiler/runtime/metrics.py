@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.errors import InputError
 
 
 @dataclass

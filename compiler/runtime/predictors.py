@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compiler.runtime.errors import EngineError
+from nnslim.compiler.runtime.errors import EngineError
 
 logger = logging.getLogger(__name__)
 

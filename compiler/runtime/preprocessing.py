@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from scipy.ndimage import binary_fill_holes
 
-from compiler.runtime.errors import EngineError
+from nnslim.compiler.runtime.errors import EngineError
 
 SCHEMES = {("zscore", "nonzero"), ("zscore", "none")}
 CHANNEL_SCHEMES = ("ct", "zscore", "none", "rescale01", "rgb01")

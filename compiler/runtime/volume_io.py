@@ -16,8 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from compiler.runtime.errors import InputError
-from compiler.runtime.files import chmod_default
+from nnslim.compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.files import chmod_default
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

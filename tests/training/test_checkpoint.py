@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tests.conftest import metadata, random_model
-from training.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
+from nnslim.training.checkpoint import CheckpointError, load_model, read_checkpoint, save_checkpoint
 
 
 def test_round_trip_is_exact_and_weights_only(tmp_path):

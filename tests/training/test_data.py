@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 
-from training.data import (
+from nnslim.training.data import (
     HOLDOUT_MARGIN,
     MNI_HOLDOUT,
     PatchSampler,
@@ -43,7 +43,7 @@ def test_sampler_oversamples_foreground_and_pads_small_cases():
     rng = np.random.default_rng(0)
     label = np.zeros((40, 40, 40), dtype=np.int16)
     label[30:33, 5:8, 20:23] = 1  # a tiny object, rarely hit by uniform sampling
-    from training.data import Case
+    from nnslim.training.data import Case
 
     case = Case("c", rng.normal(size=(1, 40, 40, 40)).astype(np.float32), label)
     sampler = PatchSampler([case], (16, 16, 16), oversample_foreground=0.5)

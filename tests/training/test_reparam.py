@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.export import ExportSettings, export_onnx
-from training.blocks import BlockConfigError, FasterFusionBlock
-from training.checkpoint import load_model, save_checkpoint
-from training.config import get_preset
-from training.reparam import fold_conv_batchnorm, reparameterize_model
-from training.unet import UNet
+from nnslim.compiler.build.export import ExportSettings, export_onnx
+from nnslim.training.blocks import BlockConfigError, FasterFusionBlock
+from nnslim.training.checkpoint import load_model, save_checkpoint
+from nnslim.training.config import get_preset
+from nnslim.training.fusion import fold_conv_batchnorm, reparameterize_model
+from nnslim.training.unet import UNet
 from tests.conftest import metadata, small_config
 
 

@@ -12,14 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from training.reversible import (
+from nnslim.training.reversible import (
     ConvUnit,
     MBConv3d,
     ReversibleBlock,
     ReversibleSequence,
     SavedTensorMeter,
 )
-from training.revunet import RevUNet, RevUNetConfig
+from nnslim.training.revunet import RevUNet, RevUNetConfig
 
 
 def _sequence(depth: int, channels: int = 8, unit: str = "conv", dropout: float = 0.0, seed: int = 0):
@@ -158,8 +158,8 @@ def test_rev_unet_trains_reversibly_with_plain_gradients(unit, reversible_decode
 
 
 def test_presets_have_equal_parameters_to_their_baselines():
-    from training.config import PRESETS
-    from training.unet import count_parameters
+    from nnslim.training.config import PRESETS
+    from nnslim.training.unet import count_parameters
 
     for name in ("partially-reversible-unet", "rev-mbconv-unet"):
         reversible = RevUNet(PRESETS[name].build(4, 4))
@@ -185,8 +185,8 @@ def _write_spheres(folder, cases=3, shape=(32, 32, 32)):
 
 
 def test_reversible_preset_trains_and_builds_an_engine(tmp_path):
-    from compiler.pipeline import BuildConfig, build_engine
-    from training.train import TrainConfig, train
+    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.training.train import TrainConfig, train
 
     data = _write_spheres(tmp_path / "spheres")
     result = train(TrainConfig(preset="rev-mbconv-unet", dataset=str(data), out_dir=str(tmp_path / "run"), epochs=1,
@@ -206,7 +206,7 @@ def _ddp_worker(rank: int, world: int, port: int, config) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from training.train import train
+    from nnslim.training.train import train
 
     train(config)
 
@@ -216,8 +216,8 @@ def test_two_process_gloo_training_equals_one_process_on_the_global_batch(tmp_pa
 
     import torch.multiprocessing as mp
 
-    from training.checkpoint import read_checkpoint
-    from training.train import TrainConfig, train
+    from nnslim.training.checkpoint import read_checkpoint
+    from nnslim.training.train import TrainConfig, train
 
     data = _write_spheres(tmp_path / "spheres", cases=4)
     config = TrainConfig(preset="tiny", dataset=str(data), out_dir=str(tmp_path / "single"), epochs=1,
@@ -232,8 +232,8 @@ def test_two_process_gloo_training_equals_one_process_on_the_global_batch(tmp_pa
     for key in single:
         torch.testing.assert_close(ddp[key], single[key], rtol=1e-4, atol=1e-5, msg=key)
     # and the comparison is not vacuous: three steps moved the weights far more than the runs differ
-    from training.checkpoint import network_for
-    from training.config import get_preset
+    from nnslim.training.checkpoint import network_for
+    from nnslim.training.config import get_preset
 
     torch.manual_seed(0)
     initial = network_for(get_preset("tiny").build(1, 2, deep_supervision=True)).state_dict()

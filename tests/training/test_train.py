@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import load_model, read_checkpoint
-from training.train import FINAL, LATEST, TrainConfig, train
+from nnslim.training.checkpoint import load_model, read_checkpoint
+from nnslim.training.train import FINAL, LATEST, TrainConfig, train
 
 
 @pytest.fixture(scope="module")

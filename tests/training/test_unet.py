@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from tests.conftest import random_model, small_config
-from training.config import PRESETS, ConfigError, get_preset
-from training.unet import UNet, count_parameters
+from nnslim.training.config import PRESETS, ConfigError, get_preset
+from nnslim.training.unet import UNet, count_parameters
 
 
 def test_output_shape_and_deep_supervision_heads():

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from compiler.runtime.errors import InputError
-from compiler.runtime.predictors import TorchPredictor
-from compiler.runtime.preprocessing import StreamingLabeler, logits_to_labels, resample
-from compiler.runtime.sliding_window import (
+from nnslim.compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.predictors import TorchPredictor
+from nnslim.compiler.runtime.preprocessing import StreamingLabeler, logits_to_labels, resample
+from nnslim.compiler.runtime.sliding_window import (
     SlidingWindowConfig,
     WindowReport,
     WindowSelection,
@@ -152,7 +152,7 @@ def test_eq2_counts_windows_as_printed_and_the_grid_has_one_more_per_axis():
 
 
 def test_memory_cap_switches_to_fp16_then_refuses():
-    from compiler.runtime.engine import InferenceOptions, ModelSpec, window_config
+    from nnslim.compiler.runtime.engine import InferenceOptions, ModelSpec, window_config
 
     spec = ModelSpec(in_channels=1, num_classes=14, patch_size=(32, 128, 192), max_batch=2, normalization={},
                      label_names=tuple(str(i) for i in range(14)), spacing=None, mirror_axes=(), input_name="image",
@@ -165,7 +165,7 @@ def test_memory_cap_switches_to_fp16_then_refuses():
 
 
 def test_walking_along_the_long_axis_gives_the_same_logits():
-    from compiler.runtime.sliding_window import walk_order
+    from nnslim.compiler.runtime.sliding_window import walk_order
 
     image = torch.randn(1, 20, 18, 61, generator=torch.Generator().manual_seed(4))
     predictor = TorchPredictor(random_model())

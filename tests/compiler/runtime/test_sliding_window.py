@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from compiler.runtime.sliding_window import (
+from nnslim.compiler.runtime.sliding_window import (
     SlidingWindowConfig,
     compute_steps,
     gaussian_importance_map,
@@ -110,7 +110,7 @@ def test_wrong_predictor_output_shape_is_reported():
 
 @pytest.mark.gpu
 def test_cuda_accumulation_matches_cpu():
-    from compiler.runtime.predictors import TorchPredictor
+    from nnslim.compiler.runtime.predictors import TorchPredictor
     from tests.conftest import random_model
 
     image = torch.randn(1, 30, 20, 18)

@@ -4,8 +4,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from compiler.runtime.errors import InputError
-from compiler.runtime.volume_io import find_cases, load_volume, save_segmentation
+from nnslim.compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.volume_io import find_cases, load_volume, save_segmentation
 
 
 def _save(path, data, affine=None):

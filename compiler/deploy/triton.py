@@ -1,0 +1,163 @@
+"""Export an engine directory as a Triton Inference Server model repository.
+
+    REPOSITORY/NAME/config.pbtxt
+    REPOSITORY/NAME/1/model.plan     (TensorRT engines, platform "tensorrt_plan")
+    REPOSITORY/NAME/1/model.onnx     (ONNX Runtime engines, platform "onnxruntime_onnx")
+
+The config declares the tile input and logit output without the batch dimension (Triton adds it
+for `max_batch_size > 0`), the engine's maximum batch, dynamic batching (tiles from concurrent
+requests are batched up to that maximum) and the instance group. Triton serves the network
+only: clients do the sliding window (nnslim's runtime with a Triton predictor, or their own).
+`parse_pbtxt` reads the protobuf text format back, so what is written is checked before the
+repository is renamed into place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.compiler.runtime.manifest import read_manifest
+
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnxruntime": ("onnxruntime_onnx", "model.onnx")}
+
+
+class TritonExportError(NnslimError):
+    """An engine that cannot be exported, or a destination that would be overwritten."""
+
+
+def config_pbtxt(name: str, manifest: dict[str, Any], instances: int = 1, kind: str = "KIND_GPU",
+                 max_queue_delay_us: int = 100) -> str:
+    """The `config.pbtxt` for an engine's manifest."""
+    platform, _ = PLATFORMS[manifest["backend"]]
+    io = manifest["io"]
+    max_batch = int(io["batch"]["max"])
+    preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 1})
+
+    def tensor(entry: dict[str, Any]) -> str:
+        dims = ", ".join(str(int(d)) for d in entry["shape"][1:])
+        return f'  {{\n    name: "{entry["name"]}"\n    data_type: {TRITON_TYPES[entry["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+
+    return "\n".join([
+        f'name: "{name}"',
+        f'platform: "{platform}"',
+        f"max_batch_size: {max_batch}",
+        "input [",
+        tensor(io["input"]),
+        "]",
+        "output [",
+        tensor(io["output"]),
+        "]",
+        "dynamic_batching {",
+        f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
+        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
+        "}",
+        "instance_group [",
+        "  {",
+        f"    count: {instances}",
+        f"    kind: {kind}",
+        "  }",
+        "]",
+        "",
+    ])
+
+
+_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([A-Za-z0-9_.+-]+))')
+
+
+def parse_pbtxt(text: str) -> dict[str, Any]:
+    """Protobuf text format -> nested dicts; a repeated field becomes a list (always a list for
+    `[...]` values and for fields given more than once)."""
+    tokens: list[str] = []
+    position = 0
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if not match or match.end() == position:
+            if text[position:].strip() == "":
+                break
+            raise TritonExportError(f"cannot parse config.pbtxt at {text[position:position + 30]!r}")
+        position = match.end()
+        token = match.group(2) or match.group(3) or match.group(4)
+        if token:
+            tokens.append(token)
+
+    def value(i: int) -> tuple[Any, int]:
+        token = tokens[i]
+        if token == "{":
+            return message(i + 1, "}")
+        if token == "[":
+            items, i = [], i + 1
+            while tokens[i] != "]":
+                item, i = value(i)
+                items.append(item)
+                if tokens[i] == ",":
+                    i += 1
+            return items, i + 1
+        if token.startswith('"'):
+            return token[1:-1], i + 1
+        for number in (int, float):
+            try:
+                return number(token), i + 1
+            except ValueError:
+                pass
+        return token, i + 1  # enum names and booleans
+
+    def message(i: int, end: str | None) -> tuple[dict[str, Any], int]:
+        fields: dict[str, Any] = {}
+        while i < len(tokens) and tokens[i] != end:
+            key = tokens[i]
+            i += 1
+            if tokens[i] == ":":
+                i += 1
+            item, i = value(i)
+            if key in fields:
+                previous = fields[key] if isinstance(fields[key], list) else [fields[key]]
+                fields[key] = previous + (item if isinstance(item, list) else [item])
+            else:
+                fields[key] = item
+        if end is not None:
+            if i >= len(tokens):
+                raise TritonExportError(f"config.pbtxt: unclosed '{{' (expected {end!r})")
+            i += 1
+        return fields, i
+
+    parsed, _ = message(0, None)
+    return parsed
+
+
+def export_triton(engine_dir: str | Path, repository: str | Path, name: str | None = None, instances: int = 1,
+                  kind: str = "KIND_GPU") -> Path:
+    """Write `repository/name/` (config and version 1 model) from a verified engine directory."""
+    engine_dir, repository = Path(engine_dir), Path(repository)
+    manifest = read_manifest(engine_dir)
+    name = name or engine_dir.name
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise TritonExportError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
+    backend = manifest["backend"]
+    if backend not in PLATFORMS:
+        raise TritonExportError(f"engine backend {backend!r} has no Triton platform")
+    _, model_file = PLATFORMS[backend]
+    target = repository / name
+    if target.exists():
+        raise TritonExportError(f"{target} exists; remove it or choose another --name")
+    text = config_pbtxt(name, manifest, instances, kind)
+    parsed = parse_pbtxt(text)
+    if parsed.get("name") != name or parsed.get("max_batch_size") != manifest["io"]["batch"]["max"]:
+        raise TritonExportError(f"generated config.pbtxt does not read back as written: {parsed}")
+    staging = repository / f".{name}.exporting-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / "1").mkdir(parents=True)
+    try:
+        (staging / "config.pbtxt").write_text(text)
+        shutil.copyfile(engine_dir / manifest["runtime_model"], staging / "1" / model_file)
+        shutil.copyfile(engine_dir / "manifest.json", staging / "nnslim_manifest.json")  # preprocessing for clients
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,111 @@
+"""TensorRT at run time: load a plan and run it. The one module that imports `tensorrt` (lazily).
+
+Building plans is the build side's job (`nnslim.compiler.build.tensorrt_builder`, which gets the
+module from `import_tensorrt` here). Written against the TensorRT 10.x and 11.x Python API:
+
+- Run: `Runtime.deserialize_cuda_engine`, name-based I/O (`num_io_tensors`, `get_tensor_name`,
+  `get_tensor_mode`, `get_tensor_dtype`, `get_tensor_profile_shape`), `set_input_shape`,
+  `set_tensor_address` on torch CUDA tensors and `execute_async_v3` on torch's current stream.
+
+A plan runs only on the TensorRT version and GPU family it was built for; `check_compatibility`
+compares the manifest's record with this machine before anything is deserialized.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from nnslim.compiler.runtime.errors import EngineError, NnslimError
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'nnslim[tensorrt]' on a machine with an NVIDIA GPU; or use --backend onnxruntime"
+
+
+class BackendUnavailable(NnslimError):
+    """The requested backend cannot run on this machine."""
+
+
+def import_tensorrt() -> ModuleType:
+    try:
+        import tensorrt  # noqa: PLC0415 - optional dependency, imported only when asked for
+    except ImportError as exc:
+        raise BackendUnavailable(f"backend 'tensorrt' needs the TensorRT Python package: {INSTALL_HINT}") from exc
+    return tensorrt
+
+
+def tensorrt_available() -> bool:
+    try:
+        import_tensorrt()
+    except BackendUnavailable:
+        return False
+    return torch.cuda.is_available()
+
+
+def gpu_record(device: int = 0) -> dict[str, Any]:
+    """Name and compute capability of a CUDA device (torch's view)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"gpu": torch.cuda.get_device_name(device), "compute_capability": [major, minor]}
+
+
+def check_compatibility(manifest: dict[str, Any], tensorrt_version: str, compute_capability: tuple[int, int],
+                        rebuild: str) -> None:
+    """Refuse a plan built for another TensorRT version or GPU family (before deserializing it)."""
+    built = manifest.get("tensorrt") or {}
+    if built.get("version") != tensorrt_version:
+        raise EngineError(
+            f"the plan was built with TensorRT {built.get('version')} but this machine has {tensorrt_version}; "
+            f"plans only run on the version that built them; {rebuild}"
+        )
+    if list(built.get("compute_capability") or []) != list(compute_capability):
+        raise EngineError(
+            f"the plan was built for a GPU of compute capability {built.get('compute_capability')} "
+            f"({built.get('gpu')}) but this GPU has {list(compute_capability)}; {rebuild}"
+        )
+
+
+_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16}
+
+
+class TensorRTPredictor:
+    """Runs a TensorRT plan on torch CUDA tensors: any batch from 1 to the profile's maximum."""
+
+    def __init__(self, plan_path: Path, input_name: str, output_name: str, device: int = 0) -> None:
+        trt = import_tensorrt()
+        self.device = torch.device("cuda", device)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with torch.cuda.device(self.device):
+            self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+            if self.engine is None:
+                raise EngineError(f"TensorRT cannot deserialize {plan_path}; rebuild the engine on this machine")
+            self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if input_name not in names or output_name not in names:
+            raise EngineError(f"{plan_path} has tensors {names}, expected {input_name!r} and {output_name!r}")
+        if self.engine.get_tensor_mode(input_name) != trt.TensorIOMode.INPUT:
+            raise EngineError(f"{input_name!r} is not an input of {plan_path}")
+        self.input_name, self.output_name = input_name, output_name
+        self.input_dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(input_name).name]
+        self.output_dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(output_name).name]
+        self.max_batch = int(self.engine.get_tensor_profile_shape(input_name, 0)[2][0])
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        if tiles.shape[0] > self.max_batch:
+            raise EngineError(f"batch {tiles.shape[0]} exceeds the plan's profile maximum {self.max_batch}")
+        tiles = tiles.to(self.device, self.input_dtype, non_blocking=True).contiguous()
+        if not self.context.set_input_shape(self.input_name, tuple(tiles.shape)):
+            raise EngineError(f"TensorRT refused input shape {tuple(tiles.shape)}")
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
+                          device=self.device)
+        self.context.set_tensor_address(self.input_name, tiles.data_ptr())
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise EngineError("TensorRT execution failed")
+        return out  # ordered on torch's stream: later torch ops on it see the result
