@@ -21,4 +21,17 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["InferenceOptions", "__version__", "load_engine"]
+
+
+def __getattr__(name: str):
+    """The Python API, imported on first use (so `import nnslim` and `nnslim --help` stay light):
+
+        engine = nnslim.load_engine("engines/brain")        # verifies hashes, picks the backend
+        labels = engine.segment(array, spacing=(1.0, 1.0, 1.0))
+    """
+    if name in ("load_engine", "InferenceOptions"):
+        from nnslim.compiler.runtime import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'nnslim' has no attribute {name!r}")

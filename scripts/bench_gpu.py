@@ -6,7 +6,9 @@ Per volume: the whole sliding window (accumulators on the GPU) over the given vo
 `--repeats`, plus voxel agreement with PyTorch fp32.
 
 Without a CUDA GPU it measures nothing, says so and exits 0 (no GPU figure is ever invented).
-TensorRT rows need `pip install 'nnslim[tensorrt]'`; without it they are listed as skipped.
+TensorRT rows need `pip install 'nnslim[tensorrt]'` (or `[tensorrt-cu12]`). A row that cannot
+be built or run (TensorRT missing, a failed build, ONNX Runtime without its CUDA provider, out of
+memory) is listed as skipped with the reason; the other rows are still measured.
 
     .venv/bin/python scripts/bench_gpu.py --checkpoint artifacts/models/mni-tissue-tiny.pt \\
         --volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz --patch 96 96 96 --batch 2
@@ -22,9 +24,21 @@ from pathlib import Path
 
 import torch
 
+from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.compiler.runtime.files import write_json_atomic
 
 OUT = Path("artifacts/bench/gpu.json")
+# What one row may fail with without stopping the others: nnslim's own errors (missing backend,
+# failed build, refused session) and torch's / TensorRT's RuntimeError (CUDA out of memory, ...).
+ROW_ERRORS = (NnslimError, RuntimeError)
+
+
+def try_row(name: str, make, runners: dict, skipped: dict[str, str]) -> None:
+    """`runners[name] = make()`, or `skipped[name] = the reason` when it fails."""
+    try:
+        runners[name] = make()
+    except ROW_ERRORS as exc:
+        skipped[name] = f"{type(exc).__name__}: {exc}"
 
 
 def _cuda_time(fn, repeats: int) -> float:
@@ -37,6 +51,17 @@ def _cuda_time(fn, repeats: int) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - started)
     return statistics.median(times)
+
+
+def _measure(predictor, tiles, image, classes, window, reference, repeats) -> dict:
+    """Per-tile and per-volume median times and voxel agreement with PyTorch fp32 for one runner."""
+    from nnslim.compiler.runtime.sliding_window import sliding_window_inference
+
+    per_tile = _cuda_time(lambda: predictor(tiles), repeats)
+    per_volume = _cuda_time(lambda: sliding_window_inference(image, predictor, classes, window), max(3, repeats // 3))
+    labels = sliding_window_inference(image, predictor, classes, window).argmax(0)
+    return {"tile_ms": per_tile * 1e3, "volume_s": per_volume,
+            "agreement_vs_fp32": float((labels == reference).float().mean())}
 
 
 def main() -> None:
@@ -57,7 +82,6 @@ def main() -> None:
     from nnslim.compiler.runtime.predictors import OnnxRuntimeGpuPredictor, TorchPredictor
     from nnslim.compiler.runtime.preprocessing import normalize
     from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
-    from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable
     from nnslim.compiler.runtime.volume_io import load_volume
     from nnslim.training.checkpoint import load_model
 
@@ -83,30 +107,34 @@ def main() -> None:
     runners["PyTorch autocast fp16"] = autocast
     skipped: dict[str, str] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        onnx_engine = Path(tmp) / "ort"
-        build_engine(BuildConfig(checkpoint=args.checkpoint, out_dir=onnx_engine, patch_size=patch,
-                                 batch_size=args.batch, backend="onnxruntime"))
-        runners["ONNX Runtime CUDA"] = OnnxRuntimeGpuPredictor(onnx_engine / "model.opt.onnx")
+        def onnxruntime_cuda():
+            engine = Path(tmp) / "ort"
+            build_engine(BuildConfig(checkpoint=args.checkpoint, out_dir=engine, patch_size=patch,
+                                     batch_size=args.batch, backend="onnxruntime"))
+            return OnnxRuntimeGpuPredictor(engine / "model.opt.onnx")
+
+        def tensorrt(precision: str):
+            out = Path(tmp) / f"trt-{precision}"
+            build_engine(BuildConfig(checkpoint=args.checkpoint, out_dir=out, patch_size=patch,
+                                     batch_size=args.batch, backend="tensorrt", precision=precision))
+            return load_engine(out).predictor
+
+        try_row("ONNX Runtime CUDA", onnxruntime_cuda, runners, skipped)
         for precision in ("fp32", "fp16"):
-            name = f"TensorRT {precision}"
-            try:
-                out = Path(tmp) / f"trt-{precision}"
-                build_engine(BuildConfig(checkpoint=args.checkpoint, out_dir=out, patch_size=patch,
-                                         batch_size=args.batch, backend="tensorrt", precision=precision))
-                runners[name] = load_engine(out).predictor
-            except BackendUnavailable as exc:
-                skipped[name] = str(exc)
+            try_row(f"TensorRT {precision}", lambda p=precision: tensorrt(p), runners, skipped)
 
         rows = []
         reference = sliding_window_inference(image, torch_fp32, classes, window).argmax(0)
         for name, predictor in runners.items():
-            per_tile = _cuda_time(lambda p=predictor: p(tiles), args.repeats)
-            per_volume = _cuda_time(lambda p=predictor: sliding_window_inference(image, p, classes, window),
-                                    max(3, args.repeats // 3))
-            labels = sliding_window_inference(image, predictor, classes, window).argmax(0)
-            rows.append({"runner": name, "tile_ms": per_tile * 1e3, "volume_s": per_volume,
-                         "agreement_vs_fp32": float((labels == reference).float().mean())})
+            measured: dict = {}
+            try_row(name, lambda p=predictor: _measure(p, tiles, image, classes, window, reference, args.repeats),
+                    measured, skipped)
+            if name in measured:
+                rows.append({"runner": name, **measured[name]})
 
+    if not rows or rows[0]["runner"] != "PyTorch fp32":
+        print(f"PyTorch fp32, the baseline, could not be measured: {skipped.get('PyTorch fp32')}")
+        return
     base = rows[0]
     print(f"\nGPU: {torch.cuda.get_device_name()} | patch {patch}, batch {args.batch}, volume {tuple(image.shape[1:])}")
     print(f"{'runner':<24}{'tile ms':>10}{'x':>7}{'volume s':>10}{'x':>7}{'agreement':>11}")

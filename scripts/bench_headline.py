@@ -44,7 +44,7 @@ def mni_volume(folder: Path, crop: int | None = None) -> Path:
 
 def random_faster_nnunet(folder: Path) -> Path:
     from nnslim.training.checkpoint import save_checkpoint
-    from nnslim.training.config import get_preset
+    from nnslim.training.presets import get_preset
     from nnslim.training.unet import UNet
 
     torch.manual_seed(0)

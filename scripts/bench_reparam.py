@@ -32,7 +32,7 @@ from nnslim.compiler.workflows.bench import onnx_latency
 from nnslim.compiler.build.model_stats import conv_macs
 from nnslim.compiler.runtime.files import write_json_atomic
 from nnslim.training.blocks import ConvNormAct, FasterFusionBlock
-from nnslim.training.config import get_preset
+from nnslim.training.presets import get_preset
 from nnslim.training.fusion import reparameterize_model
 from nnslim.training.unet import UNet, count_parameters
 

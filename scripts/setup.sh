@@ -12,8 +12,11 @@ fi
 stamp=.venv/.nnslim-install-stamp
 want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    echo "[setup] installing nnslim and its dependencies (torch==2.13.0 CPU build, onnx, onnxruntime-gpu, ...)"
+    echo "[setup] installing nnslim and its dependencies (torch==2.13.0 CPU build, onnx, onnxruntime-gpu, openvino, ...)"
     .venv/bin/python -m pip install --quiet --upgrade pip
-    .venv/bin/python -m pip install --quiet -e ".[dev]"
+    # torch first, pinned: 2.13.0 is a CPU build on local disk here; the project's range would let pip
+    # pick a newer CUDA build of several GB
+    .venv/bin/python -m pip install --quiet "torch==2.13.0"
+    .venv/bin/python -m pip install --quiet -e ".[dev,demo,plots]"
     echo "$want" > "$stamp"
 fi

@@ -1,12 +1,17 @@
-"""Shared fixtures: a small random U-Net checkpoint, the MNI data in raw layout, a built engine.
+"""Shared fixtures: a small random U-Net checkpoint, the MNI data in raw layout, a built engine,
+and the demo model's graphs in every precision (for the backend and quantization tests).
 
 The model is tiny (3 stages, 4..16 features) so every test runs in seconds on 2 cores; its
 InstanceNorm affine parameters are randomized so parity checks exercise them.
+
+Engines are built with an explicit `precision="fp32"`: the default ("auto") times several
+(backend, precision) candidates and may pick any of them, which a test must not depend on.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -18,6 +23,8 @@ from nnslim.training.config import UNetConfig
 from nnslim.training.unet import UNet
 
 PATCH = (16, 16, 16)
+DEMO_MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "mni-tissue-tiny.pt"
+DEMO_PATCH = (32, 32, 32)
 LABELS = ["background", "grey_matter", "white_matter"]
 
 
@@ -57,6 +64,22 @@ def metadata(patch=PATCH) -> dict:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """Point $NNSLIM_CACHE (OpenVINO's compiled models, TensorRT plans) at a temporary folder, so tests
+    neither read a stale cache nor fill the user's ~/.cache/nnslim; a cache the caller set is kept."""
+    import os
+
+    if os.environ.get("NNSLIM_CACHE"):
+        yield Path(os.environ["NNSLIM_CACHE"])
+        return
+    os.environ["NNSLIM_CACHE"] = str(tmp_path_factory.mktemp("nnslim-cache"))
+    try:
+        yield Path(os.environ["NNSLIM_CACHE"])
+    finally:
+        os.environ.pop("NNSLIM_CACHE", None)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "small.pt"
@@ -86,8 +109,50 @@ def engine_dir(checkpoint_path, small_volume, tmp_path_factory) -> Path:
     from nnslim.compiler.build.pipeline import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("engines") / "small"
-    build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, parity_volume=small_volume))
+    build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, parity_volume=small_volume,
+                             precision="fp32"))
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
+    """The trained demo model at 32^3 tiles: its graphs per precision, real MNI tiles and PyTorch's logits.
+
+    A trained model, not `random_model`: a random network's logits are near ties in most voxels, so
+    int8 agreement on it measures the ties rather than the quantization (0.95 measured, under
+    every recipe). Tiles 0-3 calibrate the int8 graphs, tiles 4-7 evaluate them.
+
+    Attributes: model (PyTorch, eval), fp32 / fp16 (the build's optimized graphs), int8 (signed
+    Q/DQ, TensorRT-ready), int8_uint8 (unsigned activations, for CPUs without VNNI), tiles,
+    expected (PyTorch fp32 logits of `tiles`), calibration / evaluation (index ranges of `tiles`).
+    """
+    import onnx
+
+    from nnslim.compiler.build.export import ExportSettings, export_onnx
+    from nnslim.compiler.build.parity import parity_tiles
+    from nnslim.compiler.build.passes import PassManager, default_passes
+    from nnslim.compiler.build.quantize import QuantRecipe, quantize_int8
+    from nnslim.compiler.build.source import load_source
+
+    out = tmp_path_factory.mktemp("demo-graphs")
+    source = load_source(DEMO_MODEL, ("0",), "checkpoint_final.pth")
+    export_onnx(source.model, out / "model.onnx", ExportSettings(DEMO_PATCH, source.in_channels))
+    exported = onnx.shape_inference.infer_shapes(onnx.load(str(out / "model.onnx")), strict_mode=True)
+    graphs = {}
+    for precision in ("fp32", "fp16"):
+        optimized, _ = PassManager(default_passes(precision)).run(exported)
+        graphs[precision] = out / f"model.{precision}.onnx"
+        onnx.save(optimized, str(graphs[precision]))
+    tiles, _ = parity_tiles(DEMO_PATCH, source.in_channels, 8, mni_raw / "imagesTr" / "mni_0000.nii.gz",
+                            source.preprocessing)
+    with torch.no_grad():
+        expected = source.model(tiles)
+    calibration, evaluation = slice(0, 4), slice(4, 8)
+    for name, activations in (("int8", "int8"), ("int8_uint8", "uint8")):
+        graphs[name] = out / f"model.{name}.onnx"
+        quantize_int8(graphs["fp32"], graphs[name], tiles[calibration].numpy(), QuantRecipe("minmax", 0, True, activations))
+    return SimpleNamespace(model=source.model, tiles=tiles, expected=expected, calibration=calibration,
+                           evaluation=evaluation, **graphs)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -164,9 +164,17 @@ def test_every_package_folder_is_installed():
 def test_installed_wheel_leaves_a_users_training_package_alone(tmp_path):
     """Build the wheel, install it alone into a fresh venv that borrows .venv's dependencies, and
     import it from a folder that has its own `training/` and `compiler/` packages."""
+    import shutil
+
+    source = tmp_path / "source"  # setuptools writes build/ beside the sources: build a copy, not the checkout
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for folder in FOLDERS:
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True)
+                    "-w", str(wheels), str(source)], check=True, capture_output=True)
     (wheel,) = wheels.glob("nnslim-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)

@@ -11,13 +11,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.training.fusion import fold_conv_batchnorm, fuse_faster_fusion
 
 NormFactory = Callable[[int], nn.Module]
 Triple = tuple[int, int, int]
 
 
-class BlockConfigError(ValueError):
+class BlockConfigError(NnslimError, ValueError):
     """Channel counts or settings a block cannot be built with."""
 
 

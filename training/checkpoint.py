@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.compiler.runtime.files import atomic_path
 from nnslim.training.config import ConfigError, UNetConfig
 from nnslim.training.revunet import RevUNet, RevUNetConfig
 from nnslim.training.unet import UNet
@@ -41,7 +42,7 @@ def _architecture_name(model: UNet | RevUNet) -> str:
     return next(name for name, (_, network) in ARCHITECTURES.items() if isinstance(model, network))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NnslimError, ValueError):
     """A checkpoint file that is missing, corrupt, or not in nnslim's format."""
 
 
@@ -71,23 +72,9 @@ def save_checkpoint(
         "metadata": json.loads(json.dumps(metadata)),
     }
     payload.update(extra or {})
-    _atomic_torch_save(payload, path)
+    with atomic_path(path) as tmp:  # an interrupted save never leaves a truncated checkpoint
+        torch.save(payload, tmp)
     return path
-
-
-def _atomic_torch_save(payload: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _chmod_default(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -157,10 +144,3 @@ def load_model(path: str | os.PathLike) -> tuple[UNet, dict[str, Any]]:
     model = build_model(payload)
     model.eval()
     return model, payload["metadata"]
-
-
-def _chmod_default(path: str) -> None:
-    """mkstemp creates files 0600; give the final file the permissions a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

@@ -1,4 +1,4 @@
-"""Architecture configuration: frozen dataclasses held as data, and the named presets.
+"""Architecture records: frozen dataclasses held as data (the named presets are in `training.presets`).
 
 A configuration is plain data (ints, tuples, strings) so that it round-trips through JSON and a
 checkpoint can rebuild its network without pickled classes.
@@ -10,15 +10,19 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from nnslim.compiler.runtime.errors import NnslimError
+
 Triple = tuple[int, int, int]
 Sizes = tuple[int, ...]  # one entry per spatial axis (2 or 3)
 
 NORMS = ("instance", "batch", "group")
+MEMORY_MODES = ("reversible", "plain", "checkpoint")  # how reversible sequences train (`training.reversible`)
+UNITS = ("conv", "mbconv")  # F and G of a reversible block
 BLOCKS = ("conv", "faster_fusion")
 ENCODERS = ("plain", "residual")
 
 
-class ConfigError(ValueError):
+class ConfigError(NnslimError, ValueError):
     """An architecture configuration or preset name that cannot be built."""
 
 
@@ -150,186 +154,62 @@ class UNetConfig:
 
 
 @dataclass(frozen=True)
-class Preset:
-    """A named architecture plus the patch and spacing it is trained at."""
+class RevUNetConfig:
+    """A (partially) reversible U-Net as data.
 
-    name: str
-    description: str
-    features_per_stage: tuple[int, ...]
-    kernel_sizes: tuple[Sizes, ...]
-    strides: tuple[Sizes, ...]
-    convs_per_stage: tuple[int, ...]
-    patch_size: Triple
-    spacing: tuple[float, float, float] | None
-    paper: str | None = None
-    fusion_threshold: int | None = None  # FasterFusion in stages with at least this many channels
+    Attributes:
+        widths: channels per level, highest resolution first (each even: blocks split them in two).
+        encoder_depths: reversible blocks per encoder level.
+        decoder_depths: blocks per decoder level, lowest resolution first (one fewer than levels).
+        encoder_unit / decoder_unit: F and G of the blocks, "conv" or "mbconv".
+        reversible_decoder: False trains the decoder's sequences with plain autograd (seed 002).
+        memory: "reversible", "plain" (the baseline) or "checkpoint" (torch.utils.checkpoint).
+        expand_ratio: MBConv expansion.
+        max_groups: GroupNorm groups (the largest divisor of the channels up to this).
+    """
 
-    def build(
-        self, in_channels: int, num_classes: int, fusion_threshold: int | None = None, **overrides: Any
-    ) -> UNetConfig:
-        """The architecture for a dataset with these channels and classes.
-
-        Args:
-            fusion_threshold: overrides the preset's FasterFusion channel threshold.
-        """
-        threshold = fusion_threshold if fusion_threshold is not None else self.fusion_threshold
-        blocks = None
-        if threshold is not None:
-            blocks = tuple("faster_fusion" if f >= threshold else "conv" for f in self.features_per_stage)
-        fields = dict(
-            in_channels=in_channels,
-            num_classes=num_classes,
-            features_per_stage=self.features_per_stage,
-            kernel_sizes=self.kernel_sizes,
-            strides=self.strides,
-            convs_per_stage=self.convs_per_stage,
-            convs_per_decoder_stage=tuple(self.convs_per_stage[:-1][::-1]),
-            blocks=blocks,
-            preset=self.name,
-            paper=self.paper,
-        )
-        fields.update(overrides)
-        return UNetConfig(**fields)
-
-
-def _isotropic(n: int, value: int) -> tuple[Triple, ...]:
-    return tuple((value, value, value) for _ in range(n))
-
-
-def _strides(n: int) -> tuple[Triple, ...]:
-    return ((1, 1, 1),) + _isotropic(n - 1, 2)
-
-
-PRESETS: dict[str, Preset] = {
-    preset.name: preset
-    for preset in (
-        Preset(
-            name="nnunet-3d-fullres",
-            description="nnU-Net v2 3d_fullres default: 6 stages, 32..320 features, 2 convs per stage",
-            features_per_stage=(32, 64, 128, 256, 320, 320),
-            kernel_sizes=_isotropic(6, 3),
-            strides=_strides(6),
-            convs_per_stage=(2, 2, 2, 2, 2, 2),
-            patch_size=(128, 128, 128),
-            spacing=None,
-            paper="Isensee et al., nnU-Net, Nature Methods 2021",
-        ),
-        Preset(
-            # Seed 003 Table 1 gives the first-stage width, convs per stage, downsampling count,
-            # patch and spacing (z, y, x). Kernels and strides are not published; these are what
-            # nnU-Net's planner chooses for a 4.0 x 1.2 x 1.2 mm grid (no z pooling at first).
-            name="flare22-small",
-            description="FLARE22 winner's efficient nnU-Net: 16..256 features, 4 downsamplings, patch 32x128x192",
-            features_per_stage=(16, 32, 64, 128, 256),
-            kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
-            strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 2, 2), (2, 2, 2)),
-            convs_per_stage=(2, 2, 2, 2, 2),
-            patch_size=(32, 128, 192),
-            spacing=(4.0, 1.2, 1.2),
-            paper="Huang et al., Revisiting nnU-Net for Iterative Pseudo Labeling and Efficient "
-            "Sliding Window Inference, FLARE22 (Table 1, efficient setting)",
-        ),
-        Preset(
-            name="tiny",
-            description="4 stages, 8..64 features: for tests and the CPU demo",
-            features_per_stage=(8, 16, 32, 64),
-            kernel_sizes=_isotropic(4, 3),
-            strides=_strides(4),
-            convs_per_stage=(2, 2, 2, 2),
-            patch_size=(96, 96, 96),
-            spacing=None,
-        ),
-    )
-}
-
-
-SEED_000 = "Heinrich & Hagenah, Make nnUNets Small Again (FasterFusion, MIDL short paper)"
-
-
-def _faster(base: Preset, name: str, threshold: int = 160) -> Preset:
-    """The base with FasterFusion units in stages of >= `threshold` channels (seed 000: 160)."""
-    return dataclasses.replace(
-        base, name=name, fusion_threshold=threshold, paper=SEED_000,
-        description=f"{base.name} with FasterFusion units in stages of >= {threshold} channels",
-    )
-
-
-def _half(base: Preset, name: str) -> Preset:
-    """The base with every width halved: seed 000's small-model comparison."""
-    return dataclasses.replace(
-        base, name=name, features_per_stage=tuple(f // 2 for f in base.features_per_stage), paper=SEED_000,
-        description=f"{base.name} with halved widths (seed 000's comparison)",
-    )
-
-
-for _name, _base in (("nnunet", PRESETS["nnunet-3d-fullres"]), ("flare22-small", PRESETS["flare22-small"])):
-    for _derived in (_faster(_base, f"faster-{_name}"), _half(_base, f"half-{_name}")):
-        PRESETS[_derived.name] = _derived
-# tiny has no stage of 160 channels; this variant puts FasterFusion where tiny is widest, for
-# training comparisons on a CPU
-PRESETS["tiny-faster"] = _faster(PRESETS["tiny"], "tiny-faster", threshold=32)
-
-
-@dataclass(frozen=True)
-class RevPreset:
-    """A named (partially) reversible U-Net (`training.revunet`) with its training patch."""
-
-    name: str
-    description: str
+    in_channels: int
+    num_classes: int
     widths: tuple[int, ...]
     encoder_depths: tuple[int, ...]
     decoder_depths: tuple[int, ...]
-    encoder_unit: str
-    reversible_decoder: bool
-    memory: str
-    patch_size: Triple
-    spacing: tuple[float, float, float] | None = None
+    encoder_unit: str = "conv"
+    decoder_unit: str = "conv"
+    reversible_decoder: bool = True
+    memory: str = "reversible"
+    expand_ratio: int = 2
+    max_groups: int = 8
+    negative_slope: float = 0.01
+    deep_supervision: bool = False  # not built; present so the training loop treats all models alike
+    preset: str | None = None
     paper: str | None = None
 
-    def build(self, in_channels: int, num_classes: int, fusion_threshold: int | None = None, **overrides: Any):
-        """The architecture for a dataset; `overrides` may set memory, encoder_depths, decoder_depths."""
-        from nnslim.training.revunet import RevUNetConfig  # revunet imports this module
+    def __post_init__(self) -> None:
+        n = len(self.widths)
+        if n < 2 or len(self.encoder_depths) != n or len(self.decoder_depths) != n - 1:
+            raise ConfigError(
+                f"need >= 2 levels, one encoder depth per level and one decoder depth per level below the top; got "
+                f"widths {self.widths}, encoder_depths {self.encoder_depths}, decoder_depths {self.decoder_depths}"
+            )
+        if any(w % 2 for w in self.widths):
+            raise ConfigError(f"reversible blocks split channels in two, so widths must be even; got {self.widths}")
+        if self.encoder_unit not in UNITS or self.decoder_unit not in UNITS:
+            raise ConfigError(f"units must be one of {UNITS}, got {self.encoder_unit!r}, {self.decoder_unit!r}")
+        if self.memory not in MEMORY_MODES:
+            raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
 
-        if fusion_threshold is not None:
-            raise ConfigError("FasterFusion applies to nnU-Net presets, not reversible U-Nets")
-        overrides.pop("deep_supervision", None)  # no deep supervision heads
-        fields = dict(
-            in_channels=in_channels, num_classes=num_classes, widths=self.widths,
-            encoder_depths=self.encoder_depths, decoder_depths=self.decoder_depths, encoder_unit=self.encoder_unit,
-            reversible_decoder=self.reversible_decoder, memory=self.memory, preset=self.name, paper=self.paper,
-        )
-        fields.update({k: v for k, v in overrides.items() if v is not None})
-        return RevUNetConfig(**fields)
+    @property
+    def spatial_dims(self) -> int:
+        return 3
 
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        s = 2 ** (len(self.widths) - 1)
+        return (s, s, s)
 
-SEED_004 = "Brügger et al., A Partially Reversible U-Net for Memory-Efficient Volumetric Image Segmentation, MICCAI 2019"
-SEED_002 = "Pendse et al., Memory Efficient 3D U-Net with Reversible Mobile Inverted Bottlenecks, BrainLes 2020"
-for _rev in (
-    RevPreset(
-        name="partially-reversible-unet",
-        description="seed 004: one reversible sequence per level (encoder and decoder), 30..480 channels, GroupNorm",
-        widths=(30, 60, 120, 240, 480), encoder_depths=(1, 1, 1, 1, 1), decoder_depths=(1, 1, 1, 1),
-        encoder_unit="conv", reversible_decoder=True, memory="reversible", patch_size=(128, 128, 128), paper=SEED_004,
-    ),
-    RevPreset(
-        name="rev-mbconv-unet",
-        description="seed 002: reversible MBConv encoder (expand 2), plain conv decoder, 30..240 channels",
-        widths=(30, 60, 120, 180, 240), encoder_depths=(1, 1, 1, 1, 1), decoder_depths=(1, 1, 1, 1),
-        encoder_unit="mbconv", reversible_decoder=False, memory="reversible", patch_size=(128, 128, 128),
-        paper=SEED_002,
-    ),
-):
-    PRESETS[_rev.name] = _rev
-    # the baseline: the same network and parameters, trained with ordinary autograd
-    PRESETS[f"{_rev.name}-baseline"] = dataclasses.replace(
-        _rev, name=f"{_rev.name}-baseline", memory="plain",
-        description=f"{_rev.name} trained without reversibility (equal parameters; the memory baseline)",
-    )
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
-
-def get_preset(name: str) -> Preset | RevPreset:
-    """Look up a preset by name, with the list of valid names in the error."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RevUNetConfig:
+        return cls(**known_fields(cls, data, int_tuples=("widths", "encoder_depths", "decoder_depths")))

@@ -25,13 +25,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.compiler.runtime.files import atomic_path, write_text_atomic
+from nnslim.compiler.runtime.preprocessing import zscore_normalize  # the runtime's: training and inference agree
+
 MNI_HOLDOUT_AXIS = 1
 MNI_HOLDOUT = (100, 140)
 HOLDOUT_MARGIN = 8
 MNI_LABELS = ("background", "grey_matter", "white_matter")
+# the runtime's atomic text writer under the name training's modules import (train,
+# pseudo_label_selection): one writer, no second copy
+atomic_write_text = write_text_atomic
 
 
-class DatasetError(ValueError):
+class DatasetError(NnslimError, ValueError):
     """A dataset folder or file that cannot be used for training."""
 
 
@@ -67,23 +74,6 @@ class Dataset:
             "validation_cases": [c.name for c in self.validation],
             "holdout": self.holdout,
         }
-
-
-def zscore_normalize(image: np.ndarray) -> np.ndarray:
-    """Per channel: subtract mean, divide by std, both over the channel's nonzero voxels.
-
-    The same rule lives in `compiler.runtime.preprocessing.normalize` (the runtime may not import
-    training); a test checks the two agree.
-    """
-    image = np.asarray(image, dtype=np.float32)
-    out = np.empty_like(image)
-    for c in range(image.shape[0]):
-        channel = image[c]
-        mask = channel != 0
-        values = channel[mask] if mask.any() else channel
-        mean, std = float(values.mean()), float(values.std())
-        out[c] = (channel - mean) / max(std, 1e-8)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,23 +174,15 @@ def write_mni_tissue_raw(out_dir: str | Path) -> Path:
         "file_ending": ".nii.gz",
         "holdout": {"axis": MNI_HOLDOUT_AXIS, "slices": list(MNI_HOLDOUT), "margin": HOLDOUT_MARGIN},
     }
-    atomic_write_text(out / "dataset.json", json.dumps(dataset_json, indent=2))
+    write_text_atomic(out / "dataset.json", json.dumps(dataset_json, indent=2))
     return out
 
 
 def _save_nifti_like(reference: nib.Nifti1Image, data: np.ndarray, path: Path) -> None:
     image = nib.Nifti1Image(data, reference.affine, reference.header)
     image.set_data_dtype(data.dtype)
-    tmp = path.with_name(f".{path.name}.tmp.nii.gz")
-    nib.save(image, tmp)
-    tmp.replace(path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Temp file + rename (the build side uses compiler.runtime.files; training may not import it)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # the temporary keeps the .nii.gz suffix nibabel reads the format from
+        nib.save(image, tmp)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,12 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from nnslim.compiler.runtime.errors import NnslimError
+
+
+class FusionError(NnslimError, ValueError):
+    """A layer combination the fusion algebra cannot fold."""
+
 
 @runtime_checkable
 class Reparameterizable(Protocol):
@@ -53,7 +59,7 @@ def fold_batchnorm(
         out_channel_dim: 0 for ConvNd (groups any), 1 for ConvTransposeNd with groups=1.
     """
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+        raise FusionError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
     std = torch.sqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
@@ -68,9 +74,9 @@ def fold_conv_batchnorm(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) ->
     """A new Conv / ConvTranspose (with bias) equal to `bn(conv(x))` in eval mode."""
     transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
     if transposed and conv.groups != 1:
-        raise ValueError("folding BatchNorm into a grouped ConvTranspose is not supported")
+        raise FusionError("folding BatchNorm into a grouped ConvTranspose is not supported")
     if conv.weight.shape[1 if transposed else 0] != bn.num_features:
-        raise ValueError(
+        raise FusionError(
             f"BatchNorm has {bn.num_features} channels but the conv produces {conv.weight.shape[1 if transposed else 0]}"
         )
     weight, bias = fold_batchnorm(conv.weight.detach(), None if conv.bias is None else conv.bias.detach(),
@@ -95,7 +101,7 @@ def fuse_faster_fusion(
     """
     half = spatial_weight.shape[0]
     if bn.num_features != half + pointwise_weight.shape[0]:
-        raise ValueError(
+        raise FusionError(
             f"BatchNorm has {bn.num_features} channels; the branches produce {half} + {pointwise_weight.shape[0]}"
         )
     zeros = spatial_weight.new_zeros(bn.num_features)
@@ -126,7 +132,7 @@ class _BatchNormSlice:
     @classmethod
     def of(cls, bn: nn.modules.batchnorm._BatchNorm, channels: slice) -> _BatchNormSlice:
         if bn.running_mean is None or bn.running_var is None:
-            raise ValueError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
+            raise FusionError("BatchNorm without running statistics (track_running_stats=False) cannot be folded")
         return cls(
             running_mean=bn.running_mean[channels],
             running_var=bn.running_var[channels],

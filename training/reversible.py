@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-MEMORY_MODES = ("reversible", "plain", "checkpoint")
+from nnslim.training.config import MEMORY_MODES
 
 
 def group_count(channels: int, max_groups: int = 8) -> int:

@@ -18,78 +18,14 @@ preset has exactly its parameter count. Seed 002's decoder is not reversible
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from nnslim.training.config import ConfigError, known_fields
-from nnslim.training.reversible import MEMORY_MODES, ConvUnit, MBConv3d, ReversibleBlock, ReversibleSequence
+from nnslim.training.config import RevUNetConfig
+from nnslim.training.reversible import ConvUnit, MBConv3d, ReversibleBlock, ReversibleSequence
 
-UNITS = ("conv", "mbconv")
-
-
-@dataclass(frozen=True)
-class RevUNetConfig:
-    """A (partially) reversible U-Net as data.
-
-    Attributes:
-        widths: channels per level, highest resolution first (each even: blocks split them in two).
-        encoder_depths: reversible blocks per encoder level.
-        decoder_depths: blocks per decoder level, lowest resolution first (one fewer than levels).
-        encoder_unit / decoder_unit: F and G of the blocks, "conv" or "mbconv".
-        reversible_decoder: False trains the decoder's sequences with plain autograd (seed 002).
-        memory: "reversible", "plain" (the baseline) or "checkpoint" (torch.utils.checkpoint).
-        expand_ratio: MBConv expansion.
-        max_groups: GroupNorm groups (the largest divisor of the channels up to this).
-    """
-
-    in_channels: int
-    num_classes: int
-    widths: tuple[int, ...]
-    encoder_depths: tuple[int, ...]
-    decoder_depths: tuple[int, ...]
-    encoder_unit: str = "conv"
-    decoder_unit: str = "conv"
-    reversible_decoder: bool = True
-    memory: str = "reversible"
-    expand_ratio: int = 2
-    max_groups: int = 8
-    negative_slope: float = 0.01
-    deep_supervision: bool = False  # not built; present so the training loop treats all models alike
-    preset: str | None = None
-    paper: str | None = None
-
-    def __post_init__(self) -> None:
-        n = len(self.widths)
-        if n < 2 or len(self.encoder_depths) != n or len(self.decoder_depths) != n - 1:
-            raise ConfigError(
-                f"need >= 2 levels, one encoder depth per level and one decoder depth per level below the top; got "
-                f"widths {self.widths}, encoder_depths {self.encoder_depths}, decoder_depths {self.decoder_depths}"
-            )
-        if any(w % 2 for w in self.widths):
-            raise ConfigError(f"reversible blocks split channels in two, so widths must be even; got {self.widths}")
-        if self.encoder_unit not in UNITS or self.decoder_unit not in UNITS:
-            raise ConfigError(f"units must be one of {UNITS}, got {self.encoder_unit!r}, {self.decoder_unit!r}")
-        if self.memory not in MEMORY_MODES:
-            raise ConfigError(f"memory must be one of {MEMORY_MODES}, got {self.memory!r}")
-
-    @property
-    def spatial_dims(self) -> int:
-        return 3
-
-    @property
-    def total_stride(self) -> tuple[int, int, int]:
-        s = 2 ** (len(self.widths) - 1)
-        return (s, s, s)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RevUNetConfig:
-        return cls(**known_fields(cls, data, int_tuples=("widths", "encoder_depths", "decoder_depths")))
+__all__ = ["RevDecoder", "RevUNet", "RevUNetConfig"]  # RevUNetConfig lives in training.config
 
 
 def _sequence(config: RevUNetConfig, channels: int, depth: int, unit: str, memory: str) -> ReversibleSequence:

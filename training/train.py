@@ -26,12 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nnslim.training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
-from nnslim.training.config import ConfigError, get_preset
+from nnslim.training.config import ConfigError
 from nnslim.training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
 from nnslim.training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
+from nnslim.training.presets import get_preset
 from nnslim.training.unet import UNet, count_parameters
 
 logger = logging.getLogger(__name__)
@@ -81,6 +83,25 @@ def poly_lr(initial: float, epoch: int, max_epochs: int, exponent: float) -> flo
     return initial * (1 - epoch / max_epochs) ** exponent
 
 
+@dataclass
+class _Run:
+    """A training run's live state, shared by the per-epoch steps."""
+
+    config: TrainConfig
+    dataset: Dataset
+    patch: tuple[int, int, int]
+    model: nn.Module  # the network itself (checkpoints, validation)
+    network: nn.Module  # what the forward pass calls: the model, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.SGD
+    share: slice  # this process's part of the global batch
+    device: torch.device
+    history: list[dict[str, Any]]
+    started: float = field(default_factory=time.perf_counter)
+
+    def metadata(self) -> dict[str, Any]:
+        return _metadata(self.config, self.dataset, self.patch, self.history, time.perf_counter() - self.started)
+
+
 def train(
     config: TrainConfig,
     dataset: Dataset | None = None,
@@ -96,6 +117,34 @@ def train(
     out = Path(config.out_dir)
     preset = get_preset(config.preset)
     dataset = dataset or load_dataset(config.dataset)
+    arch, patch = _architecture(config, preset, dataset)
+    rank, world, device, created_group = _distributed()
+    if config.batch_size % world:
+        raise ConfigError(f"--batch-size {config.batch_size} is the global batch; it must divide over {world} processes")
+    share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
+    model, optimizer_state, start_epoch, history = _initial_state(config, arch, out)
+    model.to(device)
+    run = _Run(config, dataset, patch, model, _parallel(model, arch, world, device),
+               _optimizer(model, config, optimizer_state), share, device, history)
+    logger.info("training %s (%d parameters) on %s, patch %s, %d process(es) on %s",
+                arch.preset, count_parameters(model), dataset.name, patch, world, device)
+    sampler = PatchSampler(dataset.train, patch, config.oversample_foreground)
+    for epoch in range(start_epoch, config.epochs):
+        record = _train_epoch(run, sampler, epoch, on_iteration)
+        if rank == 0:  # rank 0 validates and writes
+            _close_epoch(run, record, out)
+    if rank == 0:
+        save_checkpoint(out / FINAL, _without_deep_supervision(model.cpu()), run.metadata())
+        atomic_write_text(out / "history.json", json.dumps(history, indent=2))
+    if world > 1:
+        dist.barrier()  # the other ranks return once the checkpoint exists
+        if created_group:
+            dist.destroy_process_group()
+    return TrainResult(out / FINAL, history)
+
+
+def _architecture(config: TrainConfig, preset, dataset: Dataset) -> tuple[Any, tuple[int, int, int]]:
+    """The architecture record for the dataset, and the training patch (checked against its stride)."""
     patch = tuple(config.patch_size or preset.patch_size)
     reversible = {k: getattr(config, k) for k in ("memory", "encoder_depths", "decoder_depths") if getattr(config, k)}
     if reversible and not hasattr(preset, "widths"):
@@ -107,84 +156,74 @@ def train(
         deep_supervision=config.deep_supervision,
         **reversible,
     )
-    bad = [p for p, s in zip(patch, arch.total_stride) if p % s]
-    if bad:
+    if any(p % s for p, s in zip(patch, arch.total_stride)):
         raise ConfigError(f"patch {patch} must be a multiple of the network's total stride {arch.total_stride}")
+    return arch, patch
 
-    rank, world, device, created_group = _distributed()
-    if config.batch_size % world:
-        raise ConfigError(f"--batch-size {config.batch_size} is the global batch; it must divide over {world} processes")
-    share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
 
+def _initial_state(config: TrainConfig, arch, out: Path) -> tuple[nn.Module, dict | None, int, list[dict[str, Any]]]:
+    """(model, optimizer state, first epoch, history): fresh from `config.seed`, or resumed from
+    OUT/checkpoint_latest.pt with --resume."""
     torch.manual_seed(config.seed)
     model = network_for(arch)
-    optimizer_state = None
-    history: list[dict[str, Any]] = []
-    start_epoch = 0
     if config.resume and (out / LATEST).is_file():
         payload = read_checkpoint(out / LATEST)
-        model = build_model(payload, deep_supervision=config.deep_supervision)
-        optimizer_state = payload["optimizer"]
         start_epoch = int(payload["epoch"]) + 1
-        history = json.loads(payload["history"])
         logger.info("resuming %s at epoch %d", out / LATEST, start_epoch)
-    elif config.resume:
+        model = build_model(payload, deep_supervision=config.deep_supervision)
+        return model, payload["optimizer"], start_epoch, json.loads(payload["history"])
+    if config.resume:
         logger.info("no %s in %s; starting fresh", LATEST, out)
+    return model, None, 0, []
 
-    model.to(device)
-    optimizer = _optimizer(model, config, optimizer_state)
-    network = model
-    if world > 1:
-        network = DistributedDataParallel(  # the lowest deep-supervision head has weight 0: unused
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(getattr(arch, "deep_supervision", False)),
-        )
-    sampler = PatchSampler(dataset.train, patch, config.oversample_foreground)
-    logger.info("training %s (%d parameters) on %s, patch %s, %d process(es) on %s",
-                arch.preset, count_parameters(model), dataset.name, patch, world, device)
-    started = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        lr = poly_lr(config.learning_rate, epoch, config.epochs, config.poly_exponent)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        model.train()
-        losses = []
-        for iteration in range(config.iterations_per_epoch):
-            rng = np.random.default_rng([config.seed, epoch, iteration])
-            images, labels = augment(*sampler.sample(config.batch_size, rng), rng)  # the global batch
-            outputs = network(torch.from_numpy(images[share]).to(device))
-            target = torch.from_numpy(labels[share]).to(device)
-            loss = deep_supervision_loss(outputs, target) if isinstance(outputs, list) else dice_ce_loss(outputs, target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)  # nnU-Net clips at 12
-            optimizer.step()
-            losses.append(loss.detach().item())
-            if on_iteration:
-                on_iteration({"epoch": epoch, "iteration": iteration, "loss": losses[-1]})
-        record: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses))}
-        last_epoch = epoch == config.epochs - 1
-        if rank != 0:
-            continue  # rank 0 validates and writes
-        if dataset.validation and ((epoch + 1) % config.validate_every == 0 or last_epoch):
-            dice = validate(model, dataset.validation, len(dataset.label_names), patch)
-            record["val_dice"] = dict(zip(dataset.label_names[1:], dice))
-            record["val_mean_dice"] = float(np.nanmean(dice))
-        history.append(record)
-        logger.info("epoch %d: %s", epoch, record)
-        metadata = _metadata(config, dataset, patch, history, time.perf_counter() - started)
-        save_checkpoint(out / LATEST, model, metadata, extra={
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "history": json.dumps(history),
-        })
-    if rank == 0:
-        save_checkpoint(out / FINAL, _without_deep_supervision(model.cpu()), _metadata(
-            config, dataset, patch, history, time.perf_counter() - started))
-        atomic_write_text(out / "history.json", json.dumps(history, indent=2))
-    if world > 1:
-        dist.barrier()  # the other ranks return once the checkpoint exists
-        if created_group:
-            dist.destroy_process_group()
-    return TrainResult(out / FINAL, history)
+
+def _parallel(model: nn.Module, arch, world: int, device: torch.device) -> nn.Module:
+    """The model wrapped in DistributedDataParallel when there are several processes."""
+    if world == 1:
+        return model
+    return DistributedDataParallel(  # the lowest deep-supervision head has weight 0: unused
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=bool(getattr(arch, "deep_supervision", False)),
+    )
+
+
+def _train_epoch(run: _Run, sampler: PatchSampler, epoch: int, on_iteration) -> dict[str, Any]:
+    """One epoch of SGD at the epoch's poly learning rate; returns its record (mean loss)."""
+    config = run.config
+    lr = poly_lr(config.learning_rate, epoch, config.epochs, config.poly_exponent)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    run.model.train()
+    dtype = next(run.model.parameters()).dtype  # float32, or the default dtype the model was built in
+    losses = []
+    for iteration in range(config.iterations_per_epoch):
+        rng = np.random.default_rng([config.seed, epoch, iteration])
+        images, labels = augment(*sampler.sample(config.batch_size, rng), rng)  # the global batch
+        outputs = run.network(torch.from_numpy(images[run.share]).to(run.device, dtype))
+        target = torch.from_numpy(labels[run.share]).to(run.device)
+        loss = deep_supervision_loss(outputs, target) if isinstance(outputs, list) else dice_ce_loss(outputs, target)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 12.0)  # nnU-Net clips at 12
+        run.optimizer.step()
+        losses.append(loss.detach().item())
+        if on_iteration:
+            on_iteration({"epoch": epoch, "iteration": iteration, "loss": losses[-1]})
+    return {"epoch": epoch, "lr": lr, "train_loss": float(np.mean(losses))}
+
+
+def _close_epoch(run: _Run, record: dict[str, Any], out: Path) -> None:
+    """Rank 0 after an epoch: validate when due, log, and write checkpoint_latest.pt."""
+    config, dataset, epoch = run.config, run.dataset, record["epoch"]
+    if dataset.validation and ((epoch + 1) % config.validate_every == 0 or epoch == config.epochs - 1):
+        dice = validate(run.model, dataset.validation, len(dataset.label_names), run.patch)
+        record["val_dice"] = dict(zip(dataset.label_names[1:], dice))
+        record["val_mean_dice"] = float(np.nanmean(dice))
+    run.history.append(record)
+    logger.info("epoch %d: %s", epoch, record)
+    save_checkpoint(out / LATEST, run.model, run.metadata(), extra={
+        "optimizer": run.optimizer.state_dict(), "epoch": epoch, "history": json.dumps(run.history),
+    })
 
 
 def _distributed() -> tuple[int, int, torch.device, bool]:
@@ -248,7 +287,7 @@ def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int,
     sliding window lives in `compiler.runtime`, which training must not import.)
     """
     was_training, deep = model.training, model.decoder.deep_supervision
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     model.eval()
     model.set_deep_supervision(False)
     scores = []
@@ -260,7 +299,7 @@ def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int,
         prediction = torch.empty(image.shape[1:], dtype=torch.long)
         for start in itertools.product(*(range(0, s, p) for s, p in zip(image.shape[1:], patch))):
             window = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            tile = image[(slice(None), *window)][None].to(device)
+            tile = image[(slice(None), *window)][None].to(device, dtype)
             prediction[window] = model(tile)[0].argmax(0).cpu()
         prediction = prediction[: shape[0], : shape[1], : shape[2]]
         target = torch.from_numpy(case.label.astype(np.int64))

@@ -13,7 +13,7 @@ come highest resolution first.
 
 Module names follow nnU-Net's (`encoder.stages.0.0.convs.0.conv`, `encoder.stem.convs.0.conv`,
 `encoder.stages.1.blocks.0.skip.1.conv`, `decoder.transpconvs.0`, `decoder.seg_layers.3`), so its
-checkpoints map onto this model key for key (less its aliases, see `compiler.nnunet_import`).
+checkpoints map onto this model key for key (less its aliases, see `compiler.build.nnunet_checkpoint`).
 """
 
 from __future__ import annotations
@@ -66,17 +66,32 @@ class StackedConvBlocks(nn.Module):
         return self.convs(x)
 
 
-def unit_factory(config: UNetConfig, block: str) -> UnitFactory:
-    """Builds one unit of the given block type, in train or deploy form per the config."""
+def conv_unit(config: UNetConfig) -> UnitFactory:
+    """Conv -> norm -> LeakyReLU (`ConvNormAct`), nnU-Net's unit."""
     norm = norm_factory(config)
-    deploy = config.reparameterized
-    if block == "faster_fusion":
-        return lambda cin, cout, kernel, stride: FasterFusionBlock(
-            cin, cout, kernel, stride, config.negative_slope, deploy=deploy
-        )
     return lambda cin, cout, kernel, stride: ConvNormAct(
-        cin, cout, kernel, stride, config.conv_bias, norm, config.negative_slope, deploy=deploy
+        cin, cout, kernel, stride, config.conv_bias, norm, config.negative_slope, deploy=config.reparameterized
     )
+
+
+def faster_fusion_unit(config: UNetConfig) -> UnitFactory:
+    """Seed 000's FasterFusion unit (`FasterFusionBlock`)."""
+    return lambda cin, cout, kernel, stride: FasterFusionBlock(
+        cin, cout, kernel, stride, config.negative_slope, deploy=config.reparameterized
+    )
+
+
+# Block type name (as `UNetConfig.blocks` gives it) -> the builder of its units, in train or deploy
+# form per the config. A new block type is one entry here and its name in `config.BLOCKS`.
+BLOCK_TYPES: dict[str, Callable[[UNetConfig], UnitFactory]] = {
+    "conv": conv_unit,
+    "faster_fusion": faster_fusion_unit,
+}
+
+
+def unit_factory(config: UNetConfig, block: str) -> UnitFactory:
+    """Builds one unit of the given block type (a name of `BLOCK_TYPES`)."""
+    return BLOCK_TYPES[block](config)
 
 
 def stage_blocks(config: UNetConfig) -> tuple[str, ...]:

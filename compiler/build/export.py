@@ -17,13 +17,15 @@ import onnx
 import torch
 from torch import nn
 
+from nnslim.compiler.runtime.errors import NnslimError
+
 logger = logging.getLogger(__name__)
 
 # The highest IR version the supported ONNX Runtime releases load.
 MAX_IR_VERSION = 10
 
 
-class ExportError(RuntimeError):
+class ExportError(NnslimError, RuntimeError):
     """The model could not be exported, or the exported graph is invalid."""
 
 

@@ -6,13 +6,9 @@ checkpoint is a dict: `network_weights` (the state dict), `init_args` (with `con
 `trainer_name`, `inference_allowed_mirroring_axes`, plus optimizer state and training logs.
 
 What this module does:
-- loads checkpoints with `torch.load(weights_only=True)` and an explicit allow-list (numpy scalars,
-  arrays and dtypes, `torch.device`); a checkpoint holding any other global is refused before
-  anything is unpickled;
-- rebuilds the network from the plans (`PlainConvUNet` or `ResidualEncoderUNet`, 2D or 3D) as an
-  nnslim `UNet` and maps the state dict onto it strictly (nnU-Net saves every conv twice, as
-  `...convs.0.conv.weight` and `...convs.0.all_modules.0.weight`, and the whole encoder a second
-  time under `decoder.encoder.`; those aliases are checked to be copies and dropped);
+- loads checkpoints safely (`nnunet_checkpoint`: weights only, an allow-list of globals);
+- rebuilds the network from the plans (`nnunet_plans`: `PlainConvUNet` or `ResidualEncoderUNet`,
+  2D or 3D) as an nnslim `UNet` and maps the state dict onto it strictly (`nnunet_checkpoint`);
 - turns several folds into one network averaging their logits (nnU-Net's ensemble), and a 2D
   network into one that takes `[B, C, 1, H, W]` tiles, so the runtime always walks 3D windows;
 - describes preprocessing (axis order, transpose, crop to nonzero, per-channel normalization,
@@ -22,21 +18,20 @@ What this module does:
 from __future__ import annotations
 
 import json
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from nnslim.compiler.runtime.errors import NnslimError
-from nnslim.training.config import ConfigError, UNetConfig
+from nnslim.compiler.build.nnunet_checkpoint import NnUNetImportError, load_checkpoint, map_state_dict
+from nnslim.compiler.build.nnunet_plans import resolve_configuration, unet_config
 from nnslim.training.unet import UNet
 
+__all__ = ["NnUNetImportError", "NnUNetModel", "is_model_folder", "load_checkpoint", "read_model_folder", "unet_config"]
+
 CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
-ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")
 # nnU-Net's intensity normalization classes -> the runtime's per-channel scheme names
 NORMALIZATIONS = {
     "CTNormalization": "ct",
@@ -47,207 +42,6 @@ NORMALIZATIONS = {
 }
 # image readers whose arrays are the NIfTI voxel array with its axes reversed (SimpleITK order)
 READERS = ("SimpleITKIO", "NibabelIO")
-
-
-class NnUNetImportError(NnslimError):
-    """A model folder or checkpoint that nnslim cannot import (or will not, for safety)."""
-
-
-def _allowed_globals() -> list[Any]:
-    """What nnU-Net checkpoints legitimately pickle besides tensors and containers."""
-    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 / numpy 1
-    scalar, reconstruct = multiarray.scalar, multiarray._reconstruct
-    dtype_classes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType") and n[0].isupper()]
-    return [
-        scalar, (scalar, "numpy.core.multiarray.scalar"),  # numpy 2 and numpy 1 spellings
-        reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"),
-        np.ndarray, np.dtype, *dtype_classes,
-        torch.device,
-    ]
-
-
-def _allowed_names() -> set[str]:
-    names = set()
-    for item in _allowed_globals():
-        if isinstance(item, tuple):
-            names.add(item[1])
-        else:
-            names.add(f"{item.__module__}.{item.__qualname__}")
-    return names
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read an nnU-Net checkpoint safely (see module docstring) and check its entries."""
-    if not path.is_file():
-        raise NnUNetImportError(f"checkpoint not found: {path}")
-    try:
-        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as exc:  # not a zip-format torch file
-        raise NnUNetImportError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
-    refused = sorted(found - _allowed_names())
-    if refused:
-        raise NnUNetImportError(
-            f"refusing to load {path}: it pickles {', '.join(refused)}, which is outside the allow-list for "
-            "nnU-Net checkpoints (numpy scalars/arrays/dtypes, torch.device). Unpickling it could run "
-            "arbitrary code. If you trust the file, re-save just its 'network_weights', 'init_args' and "
-            "'inference_allowed_mirroring_axes' with plain types."
-        )
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise NnUNetImportError(f"cannot load {path} with weights_only=True: {str(exc).splitlines()[0][:300]}") from exc
-    if not isinstance(checkpoint, dict):
-        raise NnUNetImportError(f"{path} holds a {type(checkpoint).__name__}, not an nnU-Net checkpoint dict")
-    missing = [k for k in ("network_weights", "init_args") if k not in checkpoint]
-    if missing:
-        raise NnUNetImportError(f"{path} lacks {missing}; is it an nnU-Net v2 checkpoint (checkpoint_final.pth)?")
-    return checkpoint
-
-
-def resolve_configuration(plans: dict[str, Any], name: str) -> dict[str, Any]:
-    """A configuration from plans.json with its `inherits_from` chain applied."""
-    configurations = plans.get("configurations", {})
-    chain, current = [], name
-    while current is not None:
-        if current not in configurations:
-            raise NnUNetImportError(
-                f"configuration {current!r} is not in plans.json (it has {sorted(configurations)})"
-            )
-        if current in chain:
-            raise NnUNetImportError(f"plans.json configurations inherit in a cycle: {chain + [current]}")
-        chain.append(current)
-        current = configurations[current].get("inherits_from")
-    resolved: dict[str, Any] = {}
-    for entry in reversed(chain):
-        resolved.update(configurations[entry])
-    resolved.pop("inherits_from", None)
-    return resolved
-
-
-def _per_stage(value: Any, n: int, dims: int) -> tuple[tuple[int, ...], ...]:
-    """nnU-Net accepts an int, a list of ints or a list of lists for kernels and strides."""
-    if isinstance(value, int):
-        value = [value] * n
-    return tuple((int(v),) * dims if isinstance(v, int) else tuple(int(x) for x in v) for v in value)
-
-
-def _counts(value: Any, n: int) -> tuple[int, ...]:
-    return (int(value),) * n if isinstance(value, int) else tuple(int(v) for v in value)
-
-
-def _short(name: Any) -> str:
-    return str(name).rsplit(".", 1)[-1] if name else "None"
-
-
-def unet_config(configuration: dict[str, Any], in_channels: int, num_outputs: int) -> UNetConfig:
-    """The nnslim `UNetConfig` equal to the configuration's network (new or pre-2.3 plans)."""
-    if "architecture" in configuration:
-        arch = configuration["architecture"]
-        class_name, kwargs = _short(arch.get("network_class_name")), dict(arch.get("arch_kwargs", {}))
-    elif "UNet_class_name" in configuration:  # plans written before nnU-Net 2.3
-        class_name = configuration["UNet_class_name"]
-        kernels = configuration["conv_kernel_sizes"]
-        n = len(kernels)
-        dims = len(kernels[0])
-        base, cap = configuration["UNet_base_num_features"], configuration["unet_max_num_features"]
-        kwargs = {
-            "n_stages": n, "features_per_stage": [min(base * 2**i, cap) for i in range(n)],
-            "conv_op": f"torch.nn.Conv{dims}d", "kernel_sizes": kernels,
-            "strides": configuration["pool_op_kernel_sizes"],
-            "n_conv_per_stage": configuration["n_conv_per_stage_encoder"],
-            "n_conv_per_stage_decoder": configuration["n_conv_per_stage_decoder"],
-            "conv_bias": True, "norm_op": f"torch.nn.InstanceNorm{dims}d", "norm_op_kwargs": {"eps": 1e-5, "affine": True},
-            "dropout_op": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
-        }
-    else:
-        raise NnUNetImportError("the configuration has neither 'architecture' nor 'UNet_class_name'; not nnU-Net v2 plans")
-    if class_name not in ARCHITECTURES:
-        raise NnUNetImportError(
-            f"network architecture {class_name!r} is not supported; nnslim rebuilds {', '.join(ARCHITECTURES)} "
-            "(nnU-Net's default and residual-encoder presets)"
-        )
-    conv = _short(kwargs.get("conv_op"))
-    if conv not in ("Conv2d", "Conv3d"):
-        raise NnUNetImportError(f"conv_op {kwargs.get('conv_op')!r} is not supported (Conv2d or Conv3d)")
-    dims = int(conv[-2])
-    norm_name, norm_kwargs = _short(kwargs.get("norm_op")), kwargs.get("norm_op_kwargs") or {}
-    norms = {f"InstanceNorm{dims}d": "instance", f"BatchNorm{dims}d": "batch"}
-    if norm_name not in norms:
-        raise NnUNetImportError(f"norm_op {kwargs.get('norm_op')!r} is not supported ({', '.join(norms)})")
-    if float(norm_kwargs.get("eps", 1e-5)) != 1e-5 or (norm_name.startswith("Instance") and not norm_kwargs.get("affine")):
-        raise NnUNetImportError(f"norm_op_kwargs {norm_kwargs} not supported (nnslim norms use eps 1e-5, affine)")
-    nonlin, nonlin_kwargs = _short(kwargs.get("nonlin")), kwargs.get("nonlin_kwargs") or {}
-    if nonlin == "LeakyReLU":
-        slope = float(nonlin_kwargs.get("negative_slope", 0.01))
-    elif nonlin == "ReLU":
-        slope = 0.0
-    else:
-        raise NnUNetImportError(f"nonlin {kwargs.get('nonlin')!r} is not supported (LeakyReLU or ReLU)")
-    unsupported = {
-        "nonlin_first": bool(kwargs.get("nonlin_first")),
-        "block": _short(kwargs.get("block", "BasicBlockD")) != "BasicBlockD",
-        "stochastic_depth_p": bool(kwargs.get("stochastic_depth_p")),
-        "squeeze_excitation": bool(kwargs.get("squeeze_excitation")),
-        "pool_type": kwargs.get("pool_type", "conv") != "conv",
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise NnUNetImportError(f"arch_kwargs {', '.join(f'{k}={kwargs[k]!r}' for k in bad)} are not supported")
-    n = int(kwargs["n_stages"])
-    blocks_key = "n_blocks_per_stage" if class_name == "ResidualEncoderUNet" else "n_conv_per_stage"
-    try:
-        return UNetConfig(
-            in_channels=in_channels,
-            num_classes=num_outputs,
-            features_per_stage=_counts(kwargs["features_per_stage"], n),
-            kernel_sizes=_per_stage(kwargs["kernel_sizes"], n, dims),
-            strides=_per_stage(kwargs["strides"], n, dims),
-            convs_per_stage=_counts(kwargs[blocks_key], n),
-            convs_per_decoder_stage=_counts(kwargs["n_conv_per_stage_decoder"], n - 1),
-            conv_bias=bool(kwargs.get("conv_bias", False)),
-            norm=norms[norm_name],
-            negative_slope=slope,
-            encoder="residual" if class_name == "ResidualEncoderUNet" else "plain",
-            stem_channels=kwargs.get("stem_channels"),
-        )
-    except (ConfigError, KeyError) as exc:
-        raise NnUNetImportError(f"cannot build {class_name} from the plans' arch_kwargs: {exc}") from exc
-
-
-def _is_alias(key: str) -> bool:
-    return ".all_modules." in key or key.startswith("decoder.encoder.")
-
-
-def _canonical(key: str) -> str | None:
-    """The key an alias duplicates (None if it is not a known alias form)."""
-    if key.startswith("decoder.encoder."):
-        key = key[len("decoder."):]
-    return key if ".all_modules." not in key else None
-
-
-def map_state_dict(weights: dict[str, torch.Tensor], model: nn.Module, source: str) -> dict[str, torch.Tensor]:
-    """nnU-Net's state dict as `model`'s, aliases dropped; any other mismatch is an error."""
-    weights = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in weights.items()}  # DDP / compile
-    for key, value in weights.items():
-        target = _canonical(key) if key.startswith("decoder.encoder.") else None
-        if target is not None and target in weights and not torch.equal(weights[target], value):
-            raise NnUNetImportError(f"{source}: {key} differs from {target}; the checkpoint is inconsistent")
-    kept = {k: v for k, v in weights.items() if not _is_alias(k)}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(kept))
-    unexpected = sorted(set(kept) - set(expected))
-    if missing or unexpected:
-        raise NnUNetImportError(
-            f"{source}: the weights do not match the network rebuilt from plans.json "
-            f"(missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}); "
-            "was the checkpoint trained with these plans?"
-        )
-    wrong = [(k, tuple(kept[k].shape), tuple(v.shape)) for k, v in expected.items() if kept[k].shape != v.shape]
-    if wrong:
-        raise NnUNetImportError(f"{source}: shapes differ from the plans' network, e.g. {wrong[:3]} (checkpoint, plans)")
-    return kept
 
 
 class FoldEnsemble(nn.Module):

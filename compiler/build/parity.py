@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.compiler.runtime.precision import get_precision
 from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor, TorchPredictor
 from nnslim.compiler.runtime.preprocessing import prepare
 from nnslim.compiler.runtime.sliding_window import pad_to_patch
@@ -42,8 +43,9 @@ class ParityTolerance:
 
     @classmethod
     def for_precision(cls, precision: str) -> ParityTolerance:
-        """fp32: the defaults. fp16: 10-bit mantissas through every conv; agreement >= 99.5%."""
-        return cls() if precision == "fp32" else cls(max_rel_logit_error=5e-2, min_argmax_agreement=0.995)
+        """The gate of `precision` (`nnslim.compiler.runtime.precision`); unknown names are refused."""
+        record = get_precision(precision)
+        return cls(max_rel_logit_error=record.max_rel_logit_error, min_argmax_agreement=record.min_agreement)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from nnslim.compiler.runtime.errors import SettingsError
+
 PRUNABLE = (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -64,7 +66,7 @@ def prunable_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 def threshold_for_sparsity(model: nn.Module, sparsity: float) -> float:
     """The smallest magnitude kept when the `round(sparsity * N)` smallest are dropped."""
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise SettingsError(f"sparsity must be in [0, 1), got {sparsity}")
     magnitudes = torch.cat([w.detach().abs().flatten() for w in prunable_weights(model).values()])
     k = int(round(sparsity * magnitudes.numel()))
     if k == 0:
@@ -75,11 +77,11 @@ def threshold_for_sparsity(model: nn.Module, sparsity: float) -> float:
 def magnitude_masks(model: nn.Module, threshold: float | None = None, sparsity: float | None = None) -> dict[str, torch.Tensor]:
     """Keep masks (`True` = keep) for one global magnitude threshold or target sparsity."""
     if (threshold is None) == (sparsity is None):
-        raise ValueError("give exactly one of threshold or sparsity")
+        raise SettingsError("give exactly one of threshold or sparsity")
     weights = prunable_weights(model)
     if threshold is not None:
         if threshold < 0:
-            raise ValueError(f"threshold must be >= 0, got {threshold}")
+            raise SettingsError(f"threshold must be >= 0, got {threshold}")
         return {name: w.detach().abs() >= threshold for name, w in weights.items()}
     # exact count: rank all magnitudes once, drop the k smallest
     flat = torch.cat([w.detach().abs().flatten() for w in weights.values()])
@@ -122,7 +124,7 @@ def check_two_four(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         moved = w.movedim(cin_axis, -1)
         zeros = (moved.reshape(*moved.shape[:-1], -1, 4) == 0).sum(-1)
         if (zeros < 2).any():
-            raise ValueError(f"{name}: {int((zeros < 2).sum())} group(s) of four input channels hold fewer than 2 zeros")
+            raise SettingsError(f"{name}: {int((zeros < 2).sum())} group(s) of four input channels hold fewer than 2 zeros")
 
 
 @torch.no_grad()
@@ -134,7 +136,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
     for name, mask in masks.items():
         weight = model.get_submodule(name).weight
         if mask.shape != weight.shape:
-            raise ValueError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
+            raise SettingsError(f"mask for {name} has shape {tuple(mask.shape)}, weight {tuple(weight.shape)}")
         weight.mul_(mask.to(weight.dtype))
     for name, mask in masks.items():
         module = model.get_submodule(name)
@@ -229,11 +231,11 @@ class PruneSettings:
 
     def validate(self) -> None:
         if self.sparsity is not None and self.threshold is not None:
-            raise ValueError("give either a prune sparsity or a prune threshold, not both")
+            raise SettingsError("give either a prune sparsity or a prune threshold, not both")
         if self.finetune_steps and self.structured_ratio is None:
-            raise ValueError("fine-tuning applies after structured pruning; add a structured ratio")
+            raise SettingsError("fine-tuning applies after structured pruning; add a structured ratio")
         if self.finetune_steps and not self.finetune_dataset:
-            raise ValueError("fine-tuning needs a dataset (--finetune-dataset)")
+            raise SettingsError("fine-tuning needs a dataset (--finetune-dataset)")
 
 
 def prune_for_deploy(model: nn.Module, settings: PruneSettings, patch: tuple[int, int, int]) -> tuple[nn.Module, dict]:

@@ -25,11 +25,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.training.blocks import ConvNormAct, FasterFusionBlock
 from nnslim.training.unet import UNet
 
 
-class StructuredPruningError(ValueError):
+class StructuredPruningError(NnslimError, ValueError):
     """A model the structured pruner cannot rewrite."""
 
 

@@ -6,7 +6,9 @@
 
 The config declares the tile input and logit output without the batch dimension (Triton adds it
 for `max_batch_size > 0`), the engine's maximum batch, dynamic batching (tiles from concurrent
-requests are batched up to that maximum) and the instance group. Triton serves the network
+requests are batched up to that maximum; preferred sizes never include 1) and the instance group.
+For a TensorRT plan it also records the TensorRT version that built it (a comment and the
+parameter `nnslim_tensorrt_version`): Triton can only load the plan with that exact version. Triton serves the network
 only: clients do the sliding window (nnslim's runtime with a Triton predictor, or their own).
 `parse_pbtxt` reads the protobuf text format back, so what is written is checked before the
 repository is renamed into place.
@@ -24,7 +26,10 @@ from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.compiler.runtime.manifest import read_manifest
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
-PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnxruntime": ("onnxruntime_onnx", "model.onnx")}
+# OpenVINO engines are ONNX graphs (fp32, or Q/DQ int8): Triton serves them with its ONNX Runtime
+# backend and that backend's OpenVINO CPU accelerator (`_accelerator`).
+PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnxruntime": ("onnxruntime_onnx", "model.onnx"),
+             "openvino": ("onnxruntime_onnx", "model.onnx")}
 
 
 class TritonExportError(NnslimError):
@@ -37,13 +42,16 @@ def config_pbtxt(name: str, manifest: dict[str, Any], instances: int = 1, kind: 
     platform, _ = PLATFORMS[manifest["backend"]]
     io = manifest["io"]
     max_batch = int(io["batch"]["max"])
-    preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 1})
+    # A preferred size of 1 would let the batcher send single tiles at once, which is what dynamic
+    # batching is there to avoid; with max 1 there is nothing to prefer.
+    preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 2})
 
     def tensor(entry: dict[str, Any]) -> str:
         dims = ", ".join(str(int(d)) for d in entry["shape"][1:])
         return f'  {{\n    name: "{entry["name"]}"\n    data_type: {TRITON_TYPES[entry["dtype"]]}\n    dims: [ {dims} ]\n  }}'
 
     return "\n".join([
+        *_plan_record(manifest),
         f'name: "{name}"',
         f'platform: "{platform}"',
         f"max_batch_size: {max_batch}",
@@ -54,7 +62,7 @@ def config_pbtxt(name: str, manifest: dict[str, Any], instances: int = 1, kind: 
         tensor(io["output"]),
         "]",
         "dynamic_batching {",
-        f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]",
+        *([f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]"] if preferred else []),
         f"  max_queue_delay_microseconds: {max_queue_delay_us}",
         "}",
         "instance_group [",
@@ -63,8 +71,36 @@ def config_pbtxt(name: str, manifest: dict[str, Any], instances: int = 1, kind: 
         f"    kind: {kind}",
         "  }",
         "]",
+        *_plan_parameters(manifest),
+        *_accelerator(manifest),
         "",
     ])
+
+
+def _accelerator(manifest: dict[str, Any]) -> list[str]:
+    """OpenVINO engines: run the ONNX graph through ONNX Runtime's OpenVINO execution provider."""
+    if manifest["backend"] != "openvino":
+        return []
+    return ["optimization {", "  execution_accelerators {", '    cpu_execution_accelerator: [ { name: "openvino" } ]',
+            "  }", "}"]
+
+
+def _plan_record(manifest: dict[str, Any]) -> list[str]:
+    """Comment lines saying which TensorRT and GPU a plan needs (Triton's TensorRT must be that one)."""
+    if manifest["backend"] != "tensorrt":
+        return []
+    built = manifest.get("tensorrt") or {}
+    return [f"# TensorRT plan built with TensorRT {built.get('version')} for {built.get('gpu')} "
+            f"(compute capability {built.get('compute_capability')}): serve it with a Triton release whose "
+            "TensorRT is exactly this version, on this GPU family"]
+
+
+def _plan_parameters(manifest: dict[str, Any]) -> list[str]:
+    """The plan's TensorRT version as a config parameter, so tools can check it before loading."""
+    if manifest["backend"] != "tensorrt":
+        return []
+    version = (manifest.get("tensorrt") or {}).get("version")
+    return ["parameters {", '  key: "nnslim_tensorrt_version"', f'  value: {{ string_value: "{version}" }}', "}"]
 
 
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([A-Za-z0-9_.+-]+))')

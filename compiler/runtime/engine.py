@@ -6,7 +6,6 @@ are enough; nothing here imports `training` or the build stages.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,20 +16,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nnslim.compiler.runtime.case_plan import check_case_fits, plan_cases
 from nnslim.compiler.runtime.errors import EngineError, InputError
 from nnslim.compiler.runtime.manifest import read_manifest, rebuild_hint
-from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
+from nnslim.compiler.runtime.backends import OpenRequest, RuntimeChoice, open_predictor, resolve_runtime
 from nnslim.compiler.runtime.preprocessing import StreamingLabeler, prepare, restore_geometry
-from nnslim.compiler.runtime.sliding_window import (
-    SlidingWindowConfig,
-    WindowReport,
-    WindowSelection,
-    body_mask,
-    count_tiles,
-    stream_logits,
-    walk_order,
-)
-from nnslim.compiler.runtime.volume_io import Volume, find_cases, load_volume, save_segmentation
+from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, count_tiles, stream_logits
+from nnslim.compiler.runtime.window_selection import SKIP_MODES, WindowReport, WindowSelection, body_mask
+from nnslim.compiler.runtime.volume_io import Volume, load_volume, save_segmentation, volume_from_array
 
 logger = logging.getLogger(__name__)
 
@@ -82,50 +75,63 @@ class Engine:
     manifest: dict[str, Any]
     spec: ModelSpec
     predictor: Callable[[torch.Tensor], torch.Tensor]
+    runtime: RuntimeChoice | None = None  # how it runs here (None: a predictor the caller supplied)
+
+    def segment(self, image: np.ndarray | torch.Tensor, spacing: tuple[float, float, float] | None = None,
+                options: InferenceOptions | None = None) -> np.ndarray:
+        """Labels for an in-memory image, with the same numerics as `nnslim infer` and no file I/O.
+
+        Args:
+            image: `[X, Y, Z]` (one channel) or `[C, X, Y, Z]`, numpy or torch, in the array axes
+                nibabel gives for the scan.
+            spacing: voxel size in mm along those axes (None: the engine's training spacing, or 1 mm).
+            options: window settings (default: no progress bar).
+
+        Returns:
+            uint8 labels `[X, Y, Z]`.
+        """
+        volume = volume_from_array(image, spacing or self.spec.spacing or (1.0, 1.0, 1.0), self.spec.in_channels)
+        labels, _ = segment_volume(volume, self.predictor, self.spec, options or InferenceOptions(progress=False))
+        return labels
 
 
 DEVICES = ("cpu", "cuda")
 
 
-def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", ort_tensorrt: bool = False) -> Engine:
+def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", ort_tensorrt: bool = False,
+                backend: str | None = None, precision: str | None = None) -> Engine:
     """Verify an engine directory and open its runtime model.
 
+    The engine records how its build chose to run it (`selection` in the manifest); `backend` /
+    `precision` override that choice. When the recorded backend or CPU feature is missing here, the
+    next choice that passed its parity gate at build time is used, and a warning says so.
+
     Args:
-        threads: ONNX Runtime CPU threads (0: one per core).
-        device: ONNX Runtime engines: "cpu", or "cuda" (CUDA execution provider, I/O binding).
-            TensorRT engines always run on the GPU.
+        threads: CPU threads (0: the backend's default, one per core).
+        device: "cpu", or "cuda" (ONNX graphs on ONNX Runtime's CUDA execution provider, I/O
+            binding). TensorRT engines always run on the GPU.
         ort_tensorrt: with device "cuda", put ONNX Runtime's TensorRT execution provider first.
     """
     engine_dir = Path(engine_dir)
-    manifest = read_manifest(engine_dir)
-    spec = ModelSpec.from_manifest(manifest)
-    backend = manifest.get("backend")
-    model_path = engine_dir / manifest["runtime_model"]
     if device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {device!r}")
-    if backend == "tensorrt":
-        from nnslim.compiler.runtime.tensorrt_runtime import TensorRTPredictor, check_compatibility, gpu_record, import_tensorrt
+    manifest = read_manifest(engine_dir)
+    spec = ModelSpec.from_manifest(manifest)
+    choice, note = resolve_runtime(manifest, backend, precision, device)
+    if note:
+        logger.warning("%s: %s", engine_dir, note)
+    model_path = engine_dir / choice.model
+    if choice.backend == "tensorrt":
+        from nnslim.compiler.runtime.tensorrt_runtime import check_compatibility, gpu_record, import_tensorrt
 
         trt = import_tensorrt()
         if not torch.cuda.is_available():
             raise EngineError(f"{engine_dir} holds a TensorRT plan, which needs a CUDA GPU; "
                               f"{rebuild_hint(manifest)} --backend onnxruntime")
         check_compatibility(manifest, trt.__version__, tuple(gpu_record()["compute_capability"]), rebuild_hint(manifest))
-        predictor = TensorRTPredictor(model_path, spec.input_name, spec.output_name)
-    elif backend == "onnxruntime" and device == "cuda":
-        from nnslim.compiler.runtime.predictors import OnnxRuntimeGpuPredictor
-
-        predictor = OnnxRuntimeGpuPredictor(model_path, spec.input_name, spec.output_name, tensorrt=ort_tensorrt,
-                                            fp16=manifest.get("precision") == "fp16")
-    elif backend == "onnxruntime":
-        predictor = OnnxRuntimePredictor(model_path, spec.input_name, spec.output_name, threads=threads)
-    else:
-        raise EngineError(f"{engine_dir} was built for backend {backend!r}, which this runtime cannot run; "
-                          f"{rebuild_hint(manifest)} --backend onnxruntime")
-    return Engine(engine_dir, manifest, spec, predictor)
-
-
-SKIP_MODES = ("none", "mask", "roi", "roi+mask")
+    request = OpenRequest(model_path, spec.input_name, spec.output_name, choice.precision, threads, ort_tensorrt)
+    predictor = open_predictor(choice.backend, request)
+    return Engine(engine_dir, manifest, spec, predictor, choice)
 
 
 @dataclass(frozen=True)
@@ -149,31 +155,20 @@ class InferenceOptions:
     memory_cap_mb: float | None = None
 
 
-def window_config(spec: ModelSpec, options: InferenceOptions, image_shape: tuple[int, ...] | None = None) -> SlidingWindowConfig:
+def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowConfig:
+    """The window for this engine and these options; a bad batch or skip mode fails here, before any case runs."""
     batch = options.batch_size or spec.max_batch
     if batch > spec.max_batch:
         raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
     if options.skip not in SKIP_MODES:
         raise InputError(f"--skip must be one of {SKIP_MODES}, got {options.skip!r}")
-    config = SlidingWindowConfig(
+    return SlidingWindowConfig(
         patch_size=spec.patch_size,
         step_fraction=options.step_fraction,
         batch_size=batch,
         mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
+        memory_cap_mb=options.memory_cap_mb,
     )
-    if options.memory_cap_mb is None or image_shape is None:
-        return config
-    walk, *rest = walk_order(image_shape, config)  # the accumulators hold one slab along the walk axis
-    slab = spec.patch_size[walk] * int(np.prod([max(image_shape[a], spec.patch_size[a]) for a in rest]))
-    need = {d: (spec.num_classes + 1) * slab * d.itemsize / 2**20 for d in (torch.float32, torch.float16)}
-    if need[torch.float32] <= options.memory_cap_mb:
-        return config
-    if need[torch.float16] > options.memory_cap_mb:
-        raise InputError(
-            f"the slab accumulators need {need[torch.float16]:.0f} MB even in fp16, over the cap of "
-            f"{options.memory_cap_mb:.0f} MB; raise --memory-cap-mb or build the engine with a smaller patch"
-        )
-    return dataclasses.replace(config, accumulate_dtype=torch.float16)
 
 
 def segment_volume(
@@ -198,18 +193,14 @@ def segment_volume(
     image = prepared.image
     if prepared.target_spacing is not None and tuple(image.shape[1:]) != prepared.cropped_shape:
         logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
-    config = window_config(spec, options, tuple(image.shape[1:]))
-    mode = "full" if options.skip == "none" else options.skip
-    selection = WindowSelection(mode, options.roi_threshold, body_mask(image) if mode != "full" else None)
-    order = walk_order(image.shape[1:], config)  # the labeler works in the walk's axis order
-    labeler = StreamingLabeler(tuple(image.shape[1:][a] for a in order),
-                               tuple(prepared.cropped_shape[a] for a in order), spec.postprocessing)
+    config = window_config(spec, options)
+    selection = WindowSelection(options.skip, options.roi_threshold, body_mask(image) if options.skip != "none" else None)
+    labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
     total = count_tiles(image.shape[1:], config)
     with tqdm(total=total, desc=volume.name, unit="window", disable=None if options.progress else True, leave=False) as bar:
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
-                               selection=selection, slab_axis=order[0])
-    labels = labeler.result().transpose(np.argsort(order))
-    return restore_geometry(np.ascontiguousarray(labels), prepared), report
+                               selection=selection)
+    return restore_geometry(labeler.result(), prepared), report
 
 
 def _label_voxels(counts: np.ndarray, spec: ModelSpec) -> dict[str, int]:
@@ -236,8 +227,13 @@ def segment_files(
     output: Path,
     options: InferenceOptions = InferenceOptions(),
     predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    existing: str = "refuse",
 ) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
+
+    What would lose data is refused before the first case runs (`case_plan`): no output may be
+    an input, and existing outputs need an explicit choice. Each case's header is checked (sane
+    voxel sizes, a memory need the machine can meet) before its voxels are read.
 
     Args:
         engine: the loaded engine (its spec drives preprocessing and the window).
@@ -245,23 +241,19 @@ def segment_files(
         output: a file (single case) or a folder (folder input).
         options: window and TTA settings.
         predictor: run this instead of the engine's own (e.g. PyTorch, for parity).
+        existing: folder mode, outputs that already exist: "refuse" (default), "overwrite"
+            (replaced, each logged) or "continue" (those cases are skipped).
     """
     predictor = predictor or engine.predictor
-    if len(inputs) == 1 and inputs[0].is_dir():
-        cases = find_cases(inputs[0])
-        if output.suffix in (".gz", ".nii"):
-            raise InputError(f"input {inputs[0]} is a folder, so the output must be a folder, got {output}")
-        targets = {case: output / f"{case}.nii.gz" for case in cases}
-    else:
-        cases = {"case": inputs}
-        targets = {"case": output}
+    plans = plan_cases([Path(p) for p in inputs], Path(output), existing)
     passes = 2 ** len(window_config(engine.spec, options).mirror_axes)  # also fails early on a bad batch
     results = []
-    for case, files in cases.items():
+    for plan in plans:
         started = time.perf_counter()
-        volume = load_volume(files, engine.spec.in_channels)
+        check_case_fits(plan, engine.spec, engine.spec.patch_size)  # headers only, before allocating
+        volume = load_volume(plan.files, engine.spec.in_channels)
         segmentation, report = segment_volume(volume, predictor, engine.spec, options)
-        path = save_segmentation(segmentation, volume.reference, targets[case])
+        path = save_segmentation(segmentation, volume.reference, plan.target)
         counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
         results.append(CaseResult(
             name=volume.name,

@@ -11,3 +11,7 @@ class InputError(NnslimError, ValueError):
 
 class EngineError(NnslimError):
     """An engine directory that is incomplete, tampered with, or built for another setup."""
+
+
+class SettingsError(NnslimError, ValueError):
+    """Settings that are out of range or contradict each other (the values and the fix in the message)."""

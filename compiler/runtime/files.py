@@ -1,13 +1,22 @@
 """Atomic file writes: a temporary file in the destination folder, then a rename, so an
-interrupted run never leaves a half-written file that looks complete."""
+interrupted run never leaves a half-written file that looks complete.
+
+`atomic_path` is the one mechanism; the bytes / text / JSON writers use it, and so does any
+writer that wants a file name (`torch.save`, `nibabel.save`). The temporary file is
+`.NAME.PID.XXXXXXXX<NAME's suffixes>`, hidden, beside the target (a rename within one folder is
+atomic), and keeps the target's suffixes so writers that pick the format from the name
+(`.nii.gz`) write the right one. It is flushed to disk before the rename, and removed on any
+failure (an exception or Ctrl-C), leaving an existing target as it was.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 def chmod_default(path: str | os.PathLike) -> None:
@@ -17,19 +26,52 @@ def chmod_default(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write to; on success it becomes `path`.
+
+    On leaving the block normally the temporary file is fsynced, given a plain open()'s
+    permissions and renamed over `path` (then the folder is fsynced); if the block raises, the
+    temporary file is removed and `path` is untouched. Parent folders are created.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix="".join(path.suffixes),
+                                dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        yield tmp
+        _fsync(tmp)  # on disk before the rename makes it visible
         chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+    _fsync(path.parent)  # the rename itself survives a power cut
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to disk (folders: where the OS allows opening them)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if path.is_dir():
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

@@ -87,6 +87,11 @@ class OnnxRuntimeGpuPredictor:
     Inputs and outputs are torch CUDA tensors bound by address, so nothing is copied through the
     host. With `tensorrt=True` the TensorRT execution provider builds its own engines, cached in
     `cache_dir` (its engine and timing caches), and falls back to CUDA for unsupported nodes.
+
+    ONNX Runtime lists the CUDA provider as available whenever the wheel has it, and when the
+    provider then fails to load (CUDA or cuDNN libraries missing, wrong CUDA major, no driver) it
+    quietly runs the session on the CPU. The providers the session really got are checked after
+    it is created, and a session without every requested GPU provider is refused.
     """
 
     def __init__(
@@ -116,9 +121,10 @@ class OnnxRuntimeGpuPredictor:
                 "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
             }))
         self.session = open_session(model_path, providers, where=" on the GPU")
+        self.providers = self.session.get_providers()
+        self._refuse_fallback(model_path, [name for name, _ in providers], self.providers)
         self.input_name, self.output_name = input_name, output_name
         self.device = torch.device("cuda", device)
-        self.providers = self.session.get_providers()
         output = next(o for o in self.session.get_outputs() if o.name == output_name)
         self.output_channels_and_patch = tuple(output.shape[1:])
         self.output_dtype = torch.float16 if "float16" in output.type else torch.float32
@@ -134,3 +140,21 @@ class OnnxRuntimeGpuPredictor:
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
         return out
+
+    @staticmethod
+    def _refuse_fallback(model_path: str | Path, requested: list[str], active: list[str]) -> None:
+        """EngineError when ONNX Runtime dropped a requested GPU provider (it falls back silently)."""
+        missing = [name for name in requested if name not in active]
+        if not missing:
+            return
+        import onnxruntime as ort
+
+        cuda = getattr(getattr(ort.capi, "build_and_package_info", None), "cuda_version", "?")
+        needs = ("the TensorRT libraries its TensorRT provider links (libnvinfer.so.10 for onnxruntime-gpu 1.31), "
+                 if "TensorrtExecutionProvider" in missing else "")
+        raise EngineError(
+            f"ONNX Runtime {ort.__version__} could not start {missing} for {model_path}: the session would run on "
+            f"{active}. This onnxruntime-gpu is built for CUDA {cuda}; it needs {needs}that CUDA major's runtime, cuBLAS "
+            f"and cuDNN 9 libraries and a driver that supports it (pip install 'nnslim[tensorrt-cu13]' installs a "
+            f"matching set; ONNX Runtime's log above names the library it could not load); or use --device cpu"
+        )

@@ -20,6 +20,7 @@ matches the training data) the two agree exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,17 +28,42 @@ from scipy.ndimage import binary_fill_holes
 
 from nnslim.compiler.runtime.errors import EngineError
 
+if TYPE_CHECKING:  # only for annotations: training imports this module, keep it light
+    from nnslim.compiler.runtime.sliding_window import LogitChunk
+
 SCHEMES = {("zscore", "nonzero"), ("zscore", "none")}
 CHANNEL_SCHEMES = ("ct", "zscore", "none", "rescale01", "rgb01")
+
+
+def zscore_channel(channel: np.ndarray, statistics_from: np.ndarray | None = None) -> np.ndarray:
+    """In place: subtract the mean and divide by the standard deviation (floored at 1e-8) of the
+    voxels in `statistics_from` (all voxels when None or empty); every voxel is transformed.
+
+    The one z-score of nnslim: training (`training.data`) and inference use it. float32
+    arithmetic, statistics taken in float32 and applied as Python floats (nnU-Net's order).
+    """
+    values = channel[statistics_from] if statistics_from is not None and statistics_from.any() else channel
+    mean, std = float(values.mean()), max(float(values.std()), 1e-8)
+    del values  # large volumes: free the masked copy before transforming
+    channel -= mean
+    channel /= std
+    return channel
+
+
+def zscore_normalize(image: np.ndarray, nonzero: bool = True) -> np.ndarray:
+    """nnslim's normalization of `[C, *spatial]`: per channel, `zscore_channel` with the statistics
+    of the channel's nonzero voxels (`nonzero`), or of all voxels. Returns a float32 copy."""
+    image = np.array(image, dtype=np.float32)  # a copy: the caller's volume is left as it is
+    for channel in image:  # in place on the copy: large volumes hold one normalized copy, not two
+        zscore_channel(channel, channel != 0 if nonzero else None)
+    return image
 
 
 def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = None) -> np.ndarray:
     """Normalize `[C, *spatial]` as the manifest's `normalization` entry says.
 
-    nnslim's own scheme, `{"scheme": "zscore", "mask": "nonzero" | "none"}`: per channel, subtract
-    the mean and divide by the standard deviation of the channel's nonzero voxels (all voxels
-    when none are nonzero); every voxel is transformed. Training applies the same rule
-    (`training.data.zscore_normalize`); a test checks that the two agree.
+    nnslim's own scheme, `{"scheme": "zscore", "mask": "nonzero" | "none"}`: `zscore_normalize`,
+    the function training normalizes with (`training.data` imports it from here).
 
     nnU-Net's, `{"scheme": "per-channel", "channels": [...]}`, one entry per channel:
     `ct` clips to `clip` and applies the stored `mean` / `std`; `zscore` uses the channel's own
@@ -45,24 +71,17 @@ def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = 
     voxels outside it unchanged); `rescale01` maps min..max to 0..1; `rgb01` divides by 255;
     `none` leaves the channel as it is. Arithmetic in float32 in nnU-Net's order.
     """
+    if normalization.get("scheme") != "per-channel":
+        key = (normalization.get("scheme"), normalization.get("mask", "none"))
+        if key not in SCHEMES:
+            raise EngineError(f"unsupported normalization {normalization}; this nnslim knows {sorted(SCHEMES)}")
+        return zscore_normalize(image, nonzero=key[1] == "nonzero")
     image = np.array(image, dtype=np.float32)  # a copy: the caller's volume is left as it is
-    if normalization.get("scheme") == "per-channel":
-        channels = normalization.get("channels") or []
-        if len(channels) != len(image):
-            raise EngineError(f"normalization lists {len(channels)} channels but the image has {len(image)}")
-        for c, entry in enumerate(channels):
-            image[c] = _normalize_channel(image[c], entry, mask)
-        return image
-    key = (normalization.get("scheme"), normalization.get("mask", "none"))
-    if key not in SCHEMES:
-        raise EngineError(f"unsupported normalization {normalization}; this nnslim knows {sorted(SCHEMES)}")
-    for channel in image:  # in place on the copy: large volumes hold one normalized copy, not two
-        nonzero = channel != 0 if key[1] == "nonzero" else None
-        values = channel[nonzero] if nonzero is not None and nonzero.any() else channel
-        mean, std = float(values.mean()), max(float(values.std()), 1e-8)
-        del nonzero, values
-        channel -= mean
-        channel /= std
+    channels = normalization.get("channels") or []
+    if len(channels) != len(image):
+        raise EngineError(f"normalization lists {len(channels)} channels but the image has {len(image)}")
+    for c, entry in enumerate(channels):
+        image[c] = _normalize_channel(image[c], entry, mask)
     return image
 
 
@@ -74,11 +93,9 @@ def _normalize_channel(channel: np.ndarray, entry: dict, mask: np.ndarray | None
         channel -= entry["mean"]
         channel /= max(entry["std"], 1e-8)
     elif scheme == "zscore" and entry.get("mask") == "nonzero-region" and mask is not None:
-        values = channel[mask]
-        channel[mask] = (values - values.mean()) / max(values.std(), 1e-8)
+        channel[mask] = zscore_channel(channel[mask])  # only inside the region, as nnU-Net
     elif scheme == "zscore":
-        channel -= channel.mean()
-        channel /= max(channel.std(), 1e-8)
+        zscore_channel(channel)
     elif scheme == "rescale01":
         channel -= channel.min()
         channel /= max(float(channel.max()), 1e-8)
@@ -172,6 +189,10 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, device: tor
 def logits_to_labels(logits: torch.Tensor, post: dict | None) -> torch.Tensor:
     """argmax, or nnU-Net's regions: heads in `class_order`, sigmoid > 0.5 (logit > 0), later wins."""
     if not post or post.get("kind", "argmax") == "argmax":
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # numpy's argmax over the class axis is ~7x faster than torch's on the CPU (same
+            # first-maximum tie rule); labels fit uint8 (at most 255 classes, checked at load)
+            return torch.from_numpy(np.argmax(logits.numpy(), axis=0).astype(np.uint8, copy=False))
         return logits.argmax(0).to(torch.uint8)
     if post.get("kind") != "regions":
         raise EngineError(f"unsupported postprocessing {post}")
@@ -195,47 +216,73 @@ def restore_geometry(labels: np.ndarray, prepared: Prepared) -> np.ndarray:
 
 
 class StreamingLabeler:
-    """Turns model-space logit chunks (along the first axis, in order) into labels at the cropped
-    shape, resampling on the way, without ever holding the whole volume's logits.
+    """Turns model-space logit chunks (`LogitChunk`s along one axis, in order) into labels at the
+    cropped shape, resampling on the way, without ever holding the whole volume's logits.
 
-    In-plane, each chunk is resampled bilinearly; along the first axis, output slice `o` blends
-    source slices `floor(x)` and `floor(x) + 1` at `x = max(0, (o + 0.5) * n_in / n_out - 0.5)`:
+    In the chunks' plane, each chunk is resampled bilinearly; along their axis, output slice `o`
+    blends source slices `floor(x)` and `floor(x) + 1` at `x = max(0, (o + 0.5) * n_in / n_out - 0.5)`:
     together the same trilinear interpolation `resample` does (align_corners=False), in stages.
-    Source slices are kept only until no later output slice needs them.
+    Source slices are kept only until no later output slice needs them. Labels are in the model's
+    axis order, whichever axis the window walked.
     """
 
     def __init__(self, model_shape: tuple[int, ...], cropped_shape: tuple[int, ...], post: dict | None) -> None:
         self.model_shape, self.cropped_shape, self.post = tuple(model_shape), tuple(cropped_shape), post
         self.labels = np.zeros(cropped_shape, dtype=np.uint8)
-        self.pending: dict[int, torch.Tensor] = {}  # source slice -> in-plane resampled logits [K, *rest]
+        self.pending: dict[int, torch.Tensor] = {}  # source slice -> in-plane resampled logits [K, *plane]
         self.next_output = 0
-        self.scale = model_shape[0] / cropped_shape[0]
+        self.axis: int | None = None  # the chunks' axis, set by the first chunk
+
+    def _begin(self, axis: int) -> None:
+        """Fix the streaming axis; `out` is a view of the labels with that axis first."""
+        self.axis = axis
+        self.n_in, self.n_out = self.model_shape[axis], self.cropped_shape[axis]
+        self.plane = tuple(s for a, s in enumerate(self.cropped_shape) if a != axis)
+        self.out = np.moveaxis(self.labels, axis, 0)
+        self.scale = self.n_in / self.n_out
 
     def _source(self, o: int) -> tuple[int, int, float]:
         x = max(0.0, (o + 0.5) * self.scale - 0.5)
-        i0 = min(int(np.floor(x)), self.model_shape[0] - 1)
-        return i0, min(i0 + 1, self.model_shape[0] - 1), x - i0
+        i0 = min(int(np.floor(x)), self.n_in - 1)
+        return i0, min(i0 + 1, self.n_in - 1), x - i0
 
-    def __call__(self, first: int, chunk: torch.Tensor) -> None:
-        if tuple(chunk.shape[2:]) != self.cropped_shape[1:]:
-            chunk = torch.nn.functional.interpolate(
-                chunk.float().transpose(0, 1), size=self.cropped_shape[1:], mode="bilinear", align_corners=False
+    def __call__(self, chunk: LogitChunk) -> None:
+        if self.axis is None:
+            self._begin(chunk.axis)
+        elif chunk.axis != self.axis:
+            raise ValueError(f"chunks along axis {chunk.axis} after chunks along axis {self.axis}; one walk per labeler")
+        logits = chunk.logits.movedim(chunk.axis + 1, 1)  # [K, n, *plane]
+        if self.n_in == self.n_out and tuple(logits.shape[2:]) == self.plane and chunk.start == self.next_output:
+            # no resampling (the usual case): label the whole chunk at once
+            n = logits.shape[1]
+            self.out[chunk.start : chunk.start + n] = logits_to_labels(logits.contiguous(), self.post).cpu().numpy()
+            self.next_output = chunk.start + n
+            return
+        if tuple(logits.shape[2:]) != self.plane:
+            logits = torch.nn.functional.interpolate(
+                logits.float().transpose(0, 1), size=self.plane, mode="bilinear", align_corners=False
             ).transpose(0, 1)
-        for i in range(chunk.shape[1]):
-            self.pending[first + i] = chunk[:, i]
-        available = first + chunk.shape[1]
-        while self.next_output < self.cropped_shape[0]:
+        for i in range(logits.shape[1]):
+            self.pending[chunk.start + i] = logits[:, i]
+        self._label_ready(chunk.start + logits.shape[1])
+
+    def _label_ready(self, available: int) -> None:
+        """Label every output slice whose source slices have all arrived; drop sources no longer needed."""
+        while self.next_output < self.n_out:
             i0, i1, w = self._source(self.next_output)
             if i1 >= available:
                 break
             logits = self.pending[i0] if w == 0 or i0 == i1 else (1 - w) * self.pending[i0] + w * self.pending[i1]
-            self.labels[self.next_output] = logits_to_labels(logits, self.post).cpu().numpy()
+            self.out[self.next_output] = logits_to_labels(logits, self.post).cpu().numpy()
             self.next_output += 1
-            keep = self._source(self.next_output)[0] if self.next_output < self.cropped_shape[0] else available
+            keep = self._source(self.next_output)[0] if self.next_output < self.n_out else available
             for old in [k for k in self.pending if k < keep]:
                 del self.pending[old]
 
     def result(self) -> np.ndarray:
-        if self.next_output != self.cropped_shape[0]:
-            raise RuntimeError(f"streamed {self.next_output} of {self.cropped_shape[0]} output slices; the walk ended early")
+        """The labels `[*cropped_shape]`, in the model's axis order."""
+        if self.axis is None:
+            raise RuntimeError("no logit chunk arrived; the walk ended before its first slab")
+        if self.next_output != self.n_out:
+            raise RuntimeError(f"streamed {self.next_output} of {self.n_out} output slices; the walk ended early")
         return self.labels

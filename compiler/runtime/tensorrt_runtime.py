@@ -1,11 +1,15 @@
 """TensorRT at run time: load a plan and run it. The one module that imports `tensorrt` (lazily).
 
 Building plans is the build side's job (`nnslim.compiler.build.tensorrt_builder`, which gets the
-module from `import_tensorrt` here). Written against the TensorRT 10.x and 11.x Python API:
+module from `import_tensorrt` here). Written against the TensorRT 10.x and 11.x Python API, and
+checked against the real bindings of both by `tests/compiler/test_tensorrt_bindings.py`:
 
 - Run: `Runtime.deserialize_cuda_engine`, name-based I/O (`num_io_tensors`, `get_tensor_name`,
   `get_tensor_mode`, `get_tensor_dtype`, `get_tensor_profile_shape`), `set_input_shape`,
-  `set_tensor_address` on torch CUDA tensors and `execute_async_v3` on torch's current stream.
+  `set_tensor_address` on torch CUDA tensors and `execute_async_v3` on a dedicated CUDA stream.
+- TensorRT objects are created through `create`, which turns the bindings' "factory function
+  returned nullptr" (no usable GPU, a driver too old for the wheel's CUDA, mismatched libraries)
+  into `BackendUnavailable` with what to check.
 
 A plan runs only on the TensorRT version and GPU family it was built for; `check_compatibility`
 compares the manifest's record with this machine before anything is deserialized.
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -24,7 +28,14 @@ from nnslim.compiler.runtime.errors import EngineError, NnslimError
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'nnslim[tensorrt]' on a machine with an NVIDIA GPU; or use --backend onnxruntime"
+INSTALL_HINT = ("pip install 'nnslim[tensorrt]' (the CUDA 13 set, driver 580 or newer; 'nnslim[tensorrt-cu12]' for a "
+                "CUDA 12 driver) on a machine with an NVIDIA GPU; or use --backend onnxruntime")
+NULL_FACTORY_HINT = (
+    "check that `nvidia-smi` lists the GPU and CUDA_VISIBLE_DEVICES does not hide it, that the NVIDIA driver "
+    "supports the CUDA major of the installed TensorRT wheel (tensorrt-cu13 needs driver 580 or newer, "
+    "tensorrt-cu12 driver 525 or newer), and that the tensorrt-*-libs package has the same version as the "
+    "bindings (pip list | grep -i tensorrt); TensorRT's own log lines above name the cause"
+)
 
 
 class BackendUnavailable(NnslimError):
@@ -45,6 +56,24 @@ def tensorrt_available() -> bool:
     except BackendUnavailable:
         return False
     return torch.cuda.is_available()
+
+
+def create(factory: Callable[..., Any], *args: Any) -> Any:
+    """`factory(*args)` for a TensorRT class (`trt.Builder`, `trt.Runtime`, `trt.OnnxParser`).
+
+    The bindings construct these through C factories (`createInferBuilder`, ...) that return NULL
+    when TensorRT cannot start; pybind11 then raises a bare `TypeError`. That case becomes
+    `BackendUnavailable` naming the object and what to check; any other TypeError is a bug and
+    propagates unchanged.
+    """
+    try:
+        return factory(*args)
+    except TypeError as exc:
+        if "returned nullptr" not in str(exc):
+            raise
+        name = getattr(factory, "__name__", repr(factory))
+        raise BackendUnavailable(f"TensorRT could not create its {name} (the factory returned NULL): "
+                                 f"{NULL_FACTORY_HINT}") from exc
 
 
 def gpu_record(device: int = 0) -> dict[str, Any]:
@@ -73,18 +102,25 @@ _TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16}
 
 
 class TensorRTPredictor:
-    """Runs a TensorRT plan on torch CUDA tensors: any batch from 1 to the profile's maximum."""
+    """Runs a TensorRT plan on torch CUDA tensors: any batch from 1 to the profile's maximum.
+
+    TensorRT runs on a stream of its own, not on torch's current stream: that is normally the
+    legacy default stream, on which `execute_async_v3` forces extra device synchronisations.
+    The two streams are ordered with `wait_stream` both ways, so to the caller the result behaves
+    as if it had been computed on torch's current stream.
+    """
 
     def __init__(self, plan_path: Path, input_name: str, output_name: str, device: int = 0) -> None:
         trt = import_tensorrt()
         self.device = torch.device("cuda", device)
         self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
+        self._runtime = create(trt.Runtime, self._logger)
         with torch.cuda.device(self.device):
             self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
             if self.engine is None:
                 raise EngineError(f"TensorRT cannot deserialize {plan_path}; rebuild the engine on this machine")
             self.context = self.engine.create_execution_context()
+            self.stream = torch.cuda.Stream(self.device)
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if input_name not in names or output_name not in names:
             raise EngineError(f"{plan_path} has tensors {names}, expected {input_name!r} and {output_name!r}")
@@ -105,7 +141,12 @@ class TensorRTPredictor:
                           device=self.device)
         self.context.set_tensor_address(self.input_name, tiles.data_ptr())
         self.context.set_tensor_address(self.output_name, out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not self.context.execute_async_v3(stream.cuda_stream):
-            raise EngineError("TensorRT execution failed")
-        return out  # ordered on torch's stream: later torch ops on it see the result
+        current = torch.cuda.current_stream(self.device)
+        # Both tensors were made on torch's stream: TensorRT starts after that work, and anything
+        # queued on torch's stream later (reading `out`, reusing the memory of `tiles`) waits for
+        # TensorRT. Hence no record_stream is needed for these allocations.
+        self.stream.wait_stream(current)
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise EngineError("TensorRT execution failed; its log above says why")
+        current.wait_stream(self.stream)
+        return out

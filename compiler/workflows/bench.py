@@ -6,9 +6,13 @@ Rows, each segmenting the same volume with the same sliding-window numerics (ste
   magnitude      (side row) global magnitude pruning to --prune-sparsity (seed 001): smaller
                  compressed files, no speed change with dense kernels, some accuracy cost
   structured     (side row) --structured-ratio of every layer's channels removed, no fine-tuning
-  + ONNX Runtime the build's graph passes and ONNX Runtime engine (of the re-parameterized model)
+  + ONNX Runtime the build's graph passes and ONNX Runtime fp32 engine (of the re-parameterized model)
   + batched      the same engine with --batch tiles per call
-  + skipping     the same with windows outside the body mask skipped
+  candidates     every other (backend, precision) candidate of `build-engine --precision auto`,
+                 batched, each through the same runtime (OpenVINO fp32 / int8, ONNX Runtime int8, ...)
+  + skipping     the engine's chosen candidate with windows outside the body mask skipped
+  end to end     `nnslim infer` file to file in a subprocess: the usual way (`--torch-checkpoint`,
+                 batch 1) and the engine as built (its chosen candidate), NIfTI read to NIfTI written
 The pruning rows branch off the re-parameterized model instead of feeding the engine: on a CPU
 they buy size (magnitude) or speed at an accuracy cost without fine-tuning (structured), which
 each user weighs; the cumulative chain keeps the accuracy.
@@ -16,16 +20,16 @@ each user weighs; the cumulative chain keeps the accuracy.
 
 Per row: median seconds per volume over --repeats, speed-up against the first row, parameters,
 conv MACs of all evaluated windows and the achieved GFLOP/s against this machine's measured
-convolution peak (one large Conv3d in ONNX Runtime), model size raw and zlib-compressed, peak
-resident memory while the row ran (sampled), windows, and argmax agreement / mean Dice against
-the first row's segmentation.
+convolution peak in the row's precision (`conv_peaks`: one large Conv3d in fp32, bf16, int8), model
+size raw and zlib-compressed, peak resident memory while the row ran (sampled), windows, argmax
+agreement / mean Dice against the first row's segmentation, and mean Dice against reference labels
+(inside a mask) when `labels` are given.
 """
 
 from __future__ import annotations
 
 import io
 import statistics
-import tempfile
 import threading
 import time
 import zlib
@@ -41,6 +45,7 @@ from nnslim.compiler.build.prune import PruneSettings, file_sizes, prune_for_dep
 from nnslim.compiler.build.reparam_stage import reparameterize_for_deploy
 from nnslim.compiler.build.report import PerfRow, perf_table
 from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
+from nnslim.compiler.runtime.errors import SettingsError
 from nnslim.compiler.runtime.files import write_json_atomic, write_text_atomic
 from nnslim.compiler.runtime.metrics import mean_dice
 from nnslim.compiler.runtime.predictors import TorchPredictor, open_session
@@ -61,6 +66,10 @@ class BenchConfig:
     structured_ratio: float = 0.25
     skip: str = "mask"
     threads: int = 0
+    labels: Path | None = None  # reference labels: Dice per row against them
+    mask: Path | None = None  # score the labels only where this volume is nonzero (a held-out band)
+    side_rows: bool = True  # the pruning rows
+    end_to_end: bool = True  # the `nnslim infer` rows
 
 
 class PeakMemory:
@@ -118,14 +127,6 @@ def onnx_latency(
     return statistics.median(times), out, sizes
 
 
-def conv_peak_gflops(channels: int = 64, size: int = 64, repeats: int = 5, threads: int = 0) -> float:
-    """Sustained throughput of one large 3x3x3 Conv3d in ONNX Runtime (CPU), GFLOP/s."""
-    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        seconds, _, _ = onnx_latency(conv, (channels, size, size, size), repeats, Path(tmp), threads)
-    return 2 * channels * channels * 27 * size**3 / seconds / 1e9
-
-
 def _state_size(model: torch.nn.Module) -> tuple[int, int]:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -133,104 +134,231 @@ def _state_size(model: torch.nn.Module) -> tuple[int, int]:
     return len(data), len(zlib.compress(data, 6))
 
 
+@dataclass
+class _Way:
+    """One row of the benchmark: how a volume is segmented, and the model whose size it reports."""
+
+    name: str
+    predictor: Any
+    options: InferenceOptions
+    model: torch.nn.Module
+    sizes: tuple[int, int] | None  # (raw, compressed) bytes of the deployed file; None: the state dict's
+    precision: str = "fp32"
+
+
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every row (module docstring); write `report.md`, plots and `bench.json` to out_dir."""
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
     from nnslim.compiler.runtime.tensorrt_runtime import tensorrt_available
+    from nnslim.compiler.workflows.conv_peaks import conv_peaks
 
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trained, metadata = load_model(config.checkpoint)
     patch = tuple(config.patch_size or metadata["patch_size"])
     volume = load_volume(config.volume, trained.config.in_channels)
-    log("measuring this machine's convolution peak ...")
-    peak = conv_peak_gflops(threads=config.threads)
-
-    engine_dir = out / "engine"
-    build_engine(BuildConfig(checkpoint=config.checkpoint, out_dir=engine_dir, patch_size=patch,
-                             batch_size=config.batch_size, parity_volume=config.volume, parity_tiles=2))
-    engine = load_engine(engine_dir, threads=config.threads)
-    spec = engine.spec
-    if spec.patch_size != patch:
-        raise ValueError(f"engine patch {spec.patch_size} differs from the requested {patch}")
-    deployed, _ = reparameterize_for_deploy(trained)
-    magnitude, _ = prune_for_deploy(deployed, PruneSettings(sparsity=config.prune_sparsity), patch)
-    try:
-        structured, _ = prune_for_deploy(deployed, PruneSettings(structured_ratio=config.structured_ratio), patch)
-        structured_skipped = None
-    except ValueError as exc:  # e.g. FasterFusion units: no channel pruning for them
-        structured, structured_skipped = None, str(exc)
-    onnx_sizes = file_sizes(engine_dir / "model.opt.onnx")
-
-    one = InferenceOptions(batch_size=1, mirror=False, progress=False)
-    batched = replace(one, batch_size=config.batch_size)
-    skipping = replace(batched, skip=config.skip)
-    ways: list[tuple[str, Any, InferenceOptions, torch.nn.Module, tuple[int, int] | None]] = [
-        ("usual: PyTorch eager, trained form, batch 1", TorchPredictor(trained), one, trained, None),
-        ("+ re-parameterization", TorchPredictor(deployed), one, deployed, None),
-        (f"re-param + magnitude pruning {config.prune_sparsity:.0%} (side)", TorchPredictor(magnitude), one,
-         magnitude, None),
-        (f"re-param + structured pruning {config.structured_ratio:.0%} (side)", TorchPredictor(structured), one,
-         structured, None) if structured is not None else None,
-        ("+ graph passes, ONNX Runtime engine", engine.predictor, one, deployed,
-         (onnx_sizes["bytes"], onnx_sizes["compressed_bytes"])),
-        (f"+ batched tiles ({config.batch_size})", engine.predictor, batched, deployed,
-         (onnx_sizes["bytes"], onnx_sizes["compressed_bytes"])),
-        (f"+ window skipping ({config.skip})", engine.predictor, skipping, deployed,
-         (onnx_sizes["bytes"], onnx_sizes["compressed_bytes"])),
-    ]
-    ways = [w for w in ways if w is not None]
-    macs_per_tile = {id(m): conv_macs(m, (trained.config.in_channels, *patch))
-                     for m in (trained, deployed, magnitude, structured) if m is not None}
-    rows: list[PerfRow] = []
-    labels: dict[str, np.ndarray] = {}
-    times: dict[str, list[float]] = {name: [] for name, *_ in ways}
-    peaks: dict[str, float] = {}
-    reports: dict[str, Any] = {}
-    for repeat in range(config.repeats):  # interleaved: every row sees the same machine load
-        for name, predictor, options, _, _ in ways:
-            log(f"[{repeat + 1}/{config.repeats}] {name}")
-            with PeakMemory() as memory:
-                started = time.perf_counter()
-                labels[name], reports[name] = segment_volume(volume, predictor, spec, options)
-                times[name].append(time.perf_counter() - started)
-            peaks[name] = max(peaks.get(name, 0.0), memory.mb)
-    first = ways[0][0]
-    for name, _, _, model, sizes in ways:
-        raw, compressed = sizes or _state_size(model)
-        rows.append(PerfRow(
-            name=name, seconds=statistics.median(times[name]), parameters=count_parameters(model),
-            macs=macs_per_tile[id(model)] * reports[name].evaluated, model_bytes=raw, model_bytes_compressed=compressed,
-            peak_memory_mb=peaks[name], agreement=float((labels[name] == labels[first]).mean()),
-            dice=mean_dice(labels[name], labels[first], spec.num_classes), windows=reports[name].evaluated,
-        ))
+    log("measuring this machine's convolution peak per precision ...")
+    peaks = conv_peaks(threads=config.threads)
+    engine = _build_bench_engine(config, out / "engine", patch)
+    ways, structured_skipped = _ways(config, trained, engine, patch)
+    truth = _reference_labels(config)
+    rows = _measure(ways, volume, engine.spec, config.repeats, (trained.config.in_channels, *patch), log, truth)
+    if config.end_to_end:
+        rows += _end_to_end(config, out, engine, rows[0], truth, log)
     if structured_skipped:
         rows.append(PerfRow(name=f"re-param + structured pruning {config.structured_ratio:.0%} (side)",
                             note=f"skipped: {structured_skipped}"))
+    rows += [PerfRow(name=f"{reason.split(':')[0]}", note=f"skipped: {reason.split(': ', 1)[-1]}")
+             for reason in engine.manifest["selection"]["skipped"]]
     if not tensorrt_available():
         rows.append(PerfRow(name="TensorRT fp32 / fp16", note="skipped: needs TensorRT and a CUDA GPU"))
     result = {
         "checkpoint": str(config.checkpoint), "volume": str(config.volume), "volume_shape": list(volume.data.shape[1:]),
         "patch": list(patch), "batch": config.batch_size, "repeats": config.repeats,
-        "conv_peak_gflops": peak, "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows],
+        "conv_peaks_gflops": peaks, "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows],
+        "engine": {"backend": engine.manifest["backend"], "precision": engine.manifest["precision"],
+                   "selection": engine.manifest["selection"]},
     }
     write_json_atomic(out / "bench.json", result)
-    _write_report(out, result, rows, peak)
+    _write_report(out, result, rows, peaks)
     return result
 
 
-def _write_report(out: Path, result: dict[str, Any], rows: list[PerfRow], peak: float) -> None:
-    measured = [r for r in rows if r.seconds]
+def _build_bench_engine(config: BenchConfig, engine_dir: Path, patch: tuple[int, ...]):
+    """The engine as `build-engine --precision auto` builds it (every CPU candidate checked and timed
+    on the volume's tiles), loaded with its chosen candidate."""
+    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+
+    build_engine(BuildConfig(checkpoint=config.checkpoint, out_dir=engine_dir, patch_size=patch, precision="auto",
+                             batch_size=config.batch_size, parity_volume=config.volume, parity_tiles=4,
+                             threads=config.threads, overwrite=True))
+    engine = load_engine(engine_dir, threads=config.threads)
+    if engine.spec.patch_size != patch:
+        raise SettingsError(f"engine patch {engine.spec.patch_size} differs from the requested {patch}")
+    return engine
+
+
+def _candidate_ways(config: BenchConfig, engine, deployed, batched: InferenceOptions) -> list[_Way]:
+    """One batched row per candidate of the engine's selection (ONNX Runtime fp32 comes earlier)."""
+    from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
+
+    ways = []
+    for c in engine.manifest["selection"]["candidates"]:
+        if (c["backend"], c["precision"]) == ("onnxruntime", "fp32") or c.get("error"):
+            continue
+        path = engine.directory / c["model"]
+        sizes = file_sizes(path)
+        chosen = (c["backend"], c["precision"]) == (engine.manifest["backend"], engine.manifest["precision"])
+        gate = "" if c["passed"] else ", outside its parity gate"
+        ways.append(_Way(f"{c['backend']} {c['precision']} engine, batched{' (chosen)' if chosen else ''}{gate}",
+                         open_predictor(c["backend"], OpenRequest(path, precision=c["precision"], threads=config.threads)),
+                         batched, deployed, (sizes["bytes"], sizes["compressed_bytes"]), c["precision"]))
+    return ways
+
+
+def _ways(config: BenchConfig, trained, engine, patch) -> tuple[list[_Way], str | None]:
+    """The rows in order (the usual way first), and why structured pruning was skipped, if it was."""
+    from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
+
+    deployed, _ = reparameterize_for_deploy(trained)
+    one = InferenceOptions(batch_size=1, mirror=False, progress=False)
+    batched = replace(one, batch_size=config.batch_size)
+    ways = [_Way("usual: PyTorch eager, trained form, batch 1", TorchPredictor(trained), one, trained, None),
+            _Way("+ re-parameterization", TorchPredictor(deployed), one, deployed, None)]
+    structured_skipped = None
+    if config.side_rows:
+        side, structured_skipped = _pruned_ways(config, deployed, one, patch)
+        ways += side
+    fp32 = engine.directory / "model.opt.onnx"
+    onnx_sizes = file_sizes(fp32)
+    sizes = (onnx_sizes["bytes"], onnx_sizes["compressed_bytes"])
+    ort = open_predictor("onnxruntime", OpenRequest(fp32, threads=config.threads))
+    precision = engine.manifest["precision"]
+    ways += [
+        _Way("+ graph passes, ONNX Runtime fp32 engine", ort, one, deployed, sizes),
+        _Way(f"+ batched tiles ({config.batch_size})", ort, batched, deployed, sizes),
+        *_candidate_ways(config, engine, deployed, batched),
+        _Way(f"+ window skipping ({config.skip}), {engine.runtime.label}", engine.predictor,
+             replace(batched, skip=config.skip), deployed, sizes, precision),
+    ]
+    return ways, structured_skipped
+
+
+def _pruned_ways(config: BenchConfig, deployed, one: InferenceOptions, patch) -> tuple[list[_Way], str | None]:
+    """The side rows: magnitude pruning, and structured pruning where the model allows it."""
+    magnitude, _ = prune_for_deploy(deployed, PruneSettings(sparsity=config.prune_sparsity), patch)
+    ways = [_Way(f"re-param + magnitude pruning {config.prune_sparsity:.0%} (side)", TorchPredictor(magnitude), one,
+                 magnitude, None)]
+    try:
+        structured = prune_for_deploy(deployed, PruneSettings(structured_ratio=config.structured_ratio), patch)[0]
+    except ValueError as exc:  # e.g. FasterFusion units: no channel pruning for them
+        return ways, str(exc)
+    ways.append(_Way(f"re-param + structured pruning {config.structured_ratio:.0%} (side)",
+                     TorchPredictor(structured), one, structured, None))
+    return ways, None
+
+
+def _reference_labels(config: BenchConfig) -> tuple[np.ndarray, np.ndarray | None] | None:
+    if config.labels is None:
+        return None
+    labels = np.asarray(load_volume(config.labels, 1).data[0], dtype=np.uint8)
+    mask = None if config.mask is None else load_volume(config.mask, 1).data[0] > 0
+    return labels, mask
+
+
+def _dice_vs_labels(labels: np.ndarray, truth, num_classes: int) -> float | None:
+    if truth is None:
+        return None
+    reference, mask = truth
+    if mask is not None:
+        labels, reference = labels[mask], reference[mask]
+    return mean_dice(labels, reference, num_classes)
+
+
+def _measure(ways: list[_Way], volume, spec, repeats: int, tile: tuple[int, ...], log, truth=None) -> list[PerfRow]:
+    """Segment the volume `repeats` times per way, interleaved (every row sees the same machine
+    load), and compare each way's labels with the first's (and with reference labels)."""
+    labels: dict[str, np.ndarray] = {}
+    times: dict[str, list[float]] = {way.name: [] for way in ways}
+    peaks: dict[str, float] = {}
+    reports: dict[str, Any] = {}
+    for repeat in range(repeats):
+        for way in ways:
+            log(f"[{repeat + 1}/{repeats}] {way.name}")
+            with PeakMemory() as memory:
+                started = time.perf_counter()
+                labels[way.name], reports[way.name] = segment_volume(volume, way.predictor, spec, way.options)
+                times[way.name].append(time.perf_counter() - started)
+            peaks[way.name] = max(peaks.get(way.name, 0.0), memory.mb)
+    macs_per_tile = {id(way.model): conv_macs(way.model, tile) for way in ways}
+    first = labels[ways[0].name]
+    rows = []
+    for way in ways:
+        raw, compressed = way.sizes or _state_size(way.model)
+        evaluated = reports[way.name].evaluated
+        rows.append(PerfRow(
+            name=way.name, seconds=statistics.median(times[way.name]), parameters=count_parameters(way.model),
+            macs=macs_per_tile[id(way.model)] * evaluated, model_bytes=raw, model_bytes_compressed=compressed,
+            peak_memory_mb=peaks[way.name], agreement=float((labels[way.name] == first).mean()),
+            dice=mean_dice(labels[way.name], first, spec.num_classes), windows=evaluated, precision=way.precision,
+            dice_labels=_dice_vs_labels(labels[way.name], truth, spec.num_classes),
+        ))
+    labels.clear()
+    return rows
+
+
+def _end_to_end(config: BenchConfig, out: Path, engine, usual: PerfRow, truth, log) -> list[PerfRow]:
+    """`nnslim infer` file to file, the usual way (PyTorch, batch 1) and the engine as built, interleaved."""
+    import subprocess
+    import sys
+
+    nnslim = Path(sys.executable).parent / "nnslim"
+    common = [str(nnslim), "infer", str(engine.directory), str(config.volume), "--no-progress", "--overwrite"]
+    runs = {
+        "end to end: nnslim infer --torch-checkpoint (usual way, batch 1)":
+            (["--torch-checkpoint", str(config.checkpoint), "--batch", "1"], "fp32", out / "e2e_torch.nii.gz"),
+        f"end to end: nnslim infer, {engine.runtime.label} engine":
+            ([], engine.manifest["precision"], out / "e2e_engine.nii.gz"),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for repeat in range(config.repeats):
+        for name, (extra, _, target) in runs.items():
+            log(f"[{repeat + 1}/{config.repeats}] {name}")
+            target.unlink(missing_ok=True)
+            started = time.perf_counter()
+            subprocess.run([*common, "-o", str(target), *extra], check=True, capture_output=True)
+            times[name].append(time.perf_counter() - started)
+    first = next(iter(runs.values()))[2]
+    reference = np.asarray(load_volume(first, 1).data[0], dtype=np.uint8)
+    rows = []
+    for name, (_, precision, target) in runs.items():
+        labels = np.asarray(load_volume(target, 1).data[0], dtype=np.uint8)
+        rows.append(PerfRow(name=name, seconds=statistics.median(times[name]), windows=usual.windows,
+                            agreement=float((labels == reference).mean()), precision=precision,
+                            dice=mean_dice(labels, reference, engine.spec.num_classes),
+                            dice_labels=_dice_vs_labels(labels, truth, engine.spec.num_classes),
+                            note="whole command, speed-up against the first end-to-end row"))
+    return rows
+
+
+def _write_report(out: Path, result: dict[str, Any], rows: list[PerfRow], peaks: dict[str, float]) -> None:
+    measured = [r for r in rows if r.seconds and not r.name.startswith("end to end")]
     _plots(out, measured)
     lines = [
         "# nnslim headline benchmark",
         "",
         f"Checkpoint `{result['checkpoint']}`, volume `{result['volume']}` {tuple(result['volume_shape'])}, "
         f"tiles {tuple(result['patch'])}, median of {result['repeats']} interleaved runs, "
-        f"CPU ({result['threads']} threads). Convolution peak of this machine (one 64->64 3x3x3 Conv3d "
-        f"on 64^3 in ONNX Runtime): {peak:.1f} GFLOP/s.",
+        f"CPU ({result['threads']} threads). Convolution peak of this machine per precision (one 64->64 "
+        f"3x3x3 Conv3d on 48^3; \"of peak\" uses the row's precision): "
+        + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items()) + ". "
+        f"Engine chosen by `build-engine --precision auto`: {result['engine']['backend']} "
+        f"{result['engine']['precision']}.",
         "",
-        *perf_table(rows, peak),
+        *perf_table([r for r in rows if not r.name.startswith("end to end")], peaks),
+        "",
+        "End to end (`nnslim infer`, file to file, whole command):",
+        "",
+        *perf_table([r for r in rows if r.name.startswith("end to end")], peaks),
         "",
         "![seconds per volume](time_per_stage.png) ![accuracy against speed](accuracy_vs_speed.png)",
         "",
@@ -239,10 +367,9 @@ def _write_report(out: Path, result: dict[str, Any], rows: list[PerfRow], peak: 
 
 
 def _plots(out: Path, rows: list[PerfRow]) -> None:
-    import matplotlib
+    from nnslim.compiler.build.report import import_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot()
 
     names = [r.name for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.5))

@@ -29,6 +29,7 @@ from nnslim.compiler.build.prune import (
     region_sparsity,
     threshold_for_sparsity,
 )
+from nnslim.compiler.runtime.errors import SettingsError
 from nnslim.compiler.runtime.files import write_json_atomic
 from nnslim.compiler.runtime.metrics import dice_scores
 from nnslim.compiler.runtime.predictors import TorchPredictor
@@ -62,17 +63,16 @@ class SweepConfig:
 def run_sweep(config: SweepConfig) -> dict[str, Any]:
     """Run the sweep; write `sweep.json` and `sweep.png` into `config.out_dir`; return the JSON."""
     if (config.sparsities is None) == (config.thresholds is None):
-        raise ValueError("give either sparsities or thresholds")
+        raise SettingsError("give either sparsities or thresholds")
     model, metadata = load_model(config.checkpoint)
     model = reparameterize_model(model)
     labels = list(metadata["label_names"])
     patch = tuple(config.patch_size or metadata["patch_size"])
     volume = load_volume(Path(config.volume), model.config.in_channels)
     image = torch.from_numpy(normalize(volume.data, metadata["normalization"]))
-    reference = _load_labels(config.labels) if config.labels else None
     region = _load_labels(config.mask) != 0 if config.mask else np.ones(volume.data.shape[1:], dtype=bool)
+    reference = _load_labels(config.labels)[region] if config.labels else None
     window = SlidingWindowConfig(patch_size=patch, step_fraction=config.step_fraction, batch_size=config.batch_size)
-    foreground = list(range(1, len(labels)))
 
     def segment(net: torch.nn.Module) -> np.ndarray:
         logits = sliding_window_inference(image, TorchPredictor(net), len(labels), window)
@@ -85,33 +85,12 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     rows = []
     for kind, value in tqdm(levels, desc="prune-sweep", unit="level", disable=None if config.progress else True):
         pruned = copy.deepcopy(model)
-        masks = magnitude_masks(pruned, **{kind: value})
-        apply_masks(pruned, masks)
-        segmentation = segment(pruned)
-        proxy = dice_scores(segmentation[region], baseline[region], foreground)
-        row = {
-            kind: value,
-            "threshold": value if kind == "threshold" else threshold_for_sparsity(model, value),
-            "sparsity": global_sparsity(pruned),
-            "region_sparsity": region_sparsity(layer_sparsity(pruned)),
-            "proxy_dice": dict(zip(labels[1:], proxy)),
-            "proxy_mean_dice": float(np.nanmean(proxy)),
-        }
-        if reference is not None:
-            true = dice_scores(segmentation[region], reference[region], foreground)
-            row["true_dice"] = dict(zip(labels[1:], true))
-            row["true_mean_dice"] = float(np.nanmean(true))
+        apply_masks(pruned, magnitude_masks(pruned, **{kind: value}))
+        row = {kind: value, "threshold": value if kind == "threshold" else threshold_for_sparsity(model, value),
+               **_scores(pruned, segment(pruned)[region], baseline[region], reference, labels)}
         rows.append(row)
         logger.info("sparsity %.3f: proxy Dice %.4f", row["sparsity"], row["proxy_mean_dice"])
-    passing = [r for r in rows if r["proxy_mean_dice"] >= config.min_proxy_dice]
-    best = max(passing, key=lambda r: r["sparsity"]) if passing else None
-    best_model = copy.deepcopy(model)
-    if best is not None:
-        apply_masks(best_model, magnitude_masks(best_model, threshold=best["threshold"]))
-    layers = [
-        {**after.to_dict(), "mean_abs_unpruned": before.mean_abs}
-        for before, after in zip(layer_sparsity(model), layer_sparsity(best_model))
-    ]
+    best, layers = _best_level(model, rows, config.min_proxy_dice)
     result = {
         "checkpoint": str(config.checkpoint),
         "volume": str(config.volume),
@@ -132,6 +111,40 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     return result
 
 
+def _scores(pruned: torch.nn.Module, segmentation: np.ndarray, baseline: np.ndarray, reference: np.ndarray | None,
+            labels: list[str]) -> dict[str, Any]:
+    """A level's figures: sparsity overall and by region, proxy Dice against the unpruned
+    segmentation, and true Dice against the reference labels if given (voxels of the scored region)."""
+    foreground = list(range(1, len(labels)))
+    proxy = dice_scores(segmentation, baseline, foreground)
+    row = {
+        "sparsity": global_sparsity(pruned),
+        "region_sparsity": region_sparsity(layer_sparsity(pruned)),
+        "proxy_dice": dict(zip(labels[1:], proxy)),
+        "proxy_mean_dice": float(np.nanmean(proxy)),
+    }
+    if reference is not None:
+        true = dice_scores(segmentation, reference, foreground)
+        row["true_dice"] = dict(zip(labels[1:], true))
+        row["true_mean_dice"] = float(np.nanmean(true))
+    return row
+
+
+def _best_level(model: torch.nn.Module, rows: list[dict], min_proxy_dice: float) -> tuple[dict | None, list[dict]]:
+    """The sparsest level with proxy Dice >= the floor (None if none passes), and per layer its
+    sparsity there with the mean |w| before pruning."""
+    passing = [r for r in rows if r["proxy_mean_dice"] >= min_proxy_dice]
+    best = max(passing, key=lambda r: r["sparsity"]) if passing else None
+    best_model = copy.deepcopy(model)
+    if best is not None:
+        apply_masks(best_model, magnitude_masks(best_model, threshold=best["threshold"]))
+    layers = [
+        {**after.to_dict(), "mean_abs_unpruned": before.mean_abs}
+        for before, after in zip(layer_sparsity(model), layer_sparsity(best_model))
+    ]
+    return best, layers
+
+
 def _load_labels(path: Path) -> np.ndarray:
     import nibabel as nib
 
@@ -144,10 +157,9 @@ REGION_COLOURS = {"encoder": "tab:blue", "bottleneck": "tab:red", "decoder": "ta
 def plot_sweep(result: dict, path: Path) -> None:
     """Left: proxy (and true) Dice against sparsity. Right: per layer, mean |w| before pruning
     and sparsity at the chosen level, coloured by region (seed 001, Fig. 2b)."""
-    import matplotlib
+    from nnslim.compiler.build.report import import_pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = import_pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5))
     sparsity = [r["sparsity"] for r in result["levels"]]

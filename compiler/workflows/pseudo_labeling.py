@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from nnslim.compiler.runtime.engine import InferenceOptions, ModelSpec, segment_volume
+from nnslim.compiler.runtime.errors import SettingsError
 from nnslim.compiler.runtime.files import write_json_atomic
 from nnslim.compiler.runtime.predictors import TorchPredictor
 from nnslim.compiler.runtime.volume_io import find_cases, load_volume, save_segmentation
@@ -48,11 +49,11 @@ class PseudoLabelConfig:
 
     def validate(self) -> None:
         if self.rounds < 2:
-            raise ValueError(f"eq. (1) compares rounds, so --rounds must be >= 2, got {self.rounds}")
+            raise SettingsError(f"eq. (1) compares rounds, so --rounds must be >= 2, got {self.rounds}")
         if not (self.labeled / "dataset.json").is_file():
-            raise ValueError(f"{self.labeled} is not an nnU-Net raw-layout dataset (no dataset.json)")
+            raise SettingsError(f"{self.labeled} is not an nnU-Net raw-layout dataset (no dataset.json)")
         if not self.unlabeled.is_dir():
-            raise ValueError(f"unlabeled folder not found: {self.unlabeled}")
+            raise SettingsError(f"unlabeled folder not found: {self.unlabeled}")
 
 
 def _spec(metadata: dict[str, Any], in_channels: int, num_classes: int) -> ModelSpec:

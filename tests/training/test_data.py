@@ -31,6 +31,8 @@ def test_mni_tissue_holdout_band_is_never_trained_on():
 
 
 def test_raw_layout_written_by_prepare_loads(mni_raw):
+    # written through the runtime's atomic writer: no temporaries left beside the files
+    assert not [p for p in mni_raw.rglob(".*")], sorted(mni_raw.rglob(".*"))
     meta = json.loads((mni_raw / "dataset.json").read_text())
     assert meta["labels"] == {"background": 0, "grey_matter": 1, "white_matter": 2}
     dataset = load_raw_dataset(mni_raw)
@@ -68,3 +70,4 @@ def test_flips_move_image_and_label_together():
         midpoint = (image.min() + image.max()) / 2
         assert np.array_equal(image > midpoint, label.astype(bool))
     assert not np.array_equal(out_labels, labels)  # some flip happened
+

@@ -4,6 +4,7 @@ With default BN statistics (mean 0, var 1, gamma 1, beta 0) a wrong folding form
 passes, so every test randomizes them first (as RepVGG's verify.py does).
 """
 
+import dataclasses
 from collections import Counter
 
 import onnx
@@ -12,10 +13,10 @@ import torch
 from torch import nn
 
 from nnslim.compiler.build.export import ExportSettings, export_onnx
-from nnslim.training.blocks import BlockConfigError, FasterFusionBlock
+from nnslim.training.blocks import BlockConfigError, ConvNormAct, FasterFusionBlock
 from nnslim.training.checkpoint import load_model, save_checkpoint
-from nnslim.training.config import get_preset
 from nnslim.training.fusion import fold_conv_batchnorm, reparameterize_model
+from nnslim.training.presets import get_preset
 from nnslim.training.unet import UNet
 from tests.conftest import metadata, small_config
 
@@ -116,14 +117,35 @@ def test_model_level_reparameterization_copies_unless_inplace():
     assert reparameterize_model(model, inplace=True) is model
 
 
-def test_batchnorm_unet_folds_every_norm():
-    model = randomize_batchnorm(UNet(small_config(norm="batch")))
+def test_batchnorm_unet_folds_every_norm_into_its_conv():
+    """The deploy structure that matters: no BatchNorm left, every conv unit's conv carries the folded
+    bias (the convs were built without one), and the result is exactly what the deploy-form
+    constructor builds (strict state-dict load), computing the same function."""
+    config = small_config(norm="batch", conv_bias=False)
+    model = randomize_batchnorm(UNet(config))
     x = torch.randn(2, 1, 16, 16, 16)
     with torch.no_grad():
         expected = model(x)
         fused = reparameterize_model(model)
         assert relative_error(fused(x), expected) <= 1e-5
-    assert sum(isinstance(m, nn.Identity) for m in fused.modules()) == 8  # one per conv unit
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    units = [m for m in fused.modules() if isinstance(m, ConvNormAct)]
+    assert len(units) == 8  # 2 + 2 + 2 encoder, 1 + 1 decoder
+    assert all(isinstance(u.norm, nn.Identity) and u.conv.bias is not None for u in units)
+    direct = UNet(dataclasses.replace(config, reparameterized=True)).eval()
+    direct.load_state_dict(fused.state_dict())  # strict: the same modules, names and shapes
+    with torch.no_grad():
+        assert torch.equal(direct(x), fused(x))
+
+
+def test_block_types_table_matches_the_config_names():
+    from nnslim.training.config import BLOCKS
+    from nnslim.training.unet import BLOCK_TYPES
+
+    assert set(BLOCK_TYPES) == set(BLOCKS)
+    config = small_config(features_per_stage=(8, 16, 32), blocks=("conv", "faster_fusion", "faster_fusion"))
+    unit = BLOCK_TYPES["faster_fusion"](config)(16, 32, (3, 3, 3), (2, 2, 2))
+    assert isinstance(unit, FasterFusionBlock)
 
 
 def test_fused_checkpoint_loads_into_the_deploy_form(tmp_path):

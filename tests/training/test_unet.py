@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tests.conftest import random_model, small_config
-from nnslim.training.config import PRESETS, ConfigError, get_preset
+from nnslim.training.config import ConfigError
+from nnslim.training.presets import PRESETS, get_preset
 from nnslim.training.unet import UNet, count_parameters
 
 

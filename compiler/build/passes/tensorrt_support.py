@@ -1,9 +1,10 @@
 """Which ONNX operators TensorRT 10.x / 11.x can parse, checked before any GPU is involved.
 
-The table is transcribed from onnx-tensorrt's operator support matrix (docs/operators.md of
-the ONNX-TensorRT 10.1 release, "TensorRT 10.0 supports operators in the inclusive range of opset
-9 to opset 20"); restrictions are checked for the operators a U-Net export uses. Operators of a
-non-default domain need a TensorRT plugin and are reported too.
+Where TensorRT is installed and can start, its own parser decides (`OnnxParser.supports_model_v2`
+and the unsupported subgraphs it reports). Otherwise a table does: the operator list is transcribed
+from onnx-tensorrt's operator support matrix (docs/operators.md), restrictions are checked for the
+operators a U-Net export uses, and the highest opset depends on the TensorRT version
+(`OPSET_LIMITS`). Operators of a non-default domain need a TensorRT plugin and are reported too.
 """
 
 from __future__ import annotations
@@ -16,8 +17,32 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from nnslim.compiler.build.passes.base import PassError, PassResult
+from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable, create, import_tensorrt
 
-MAX_OPSET = 20
+# (first TensorRT release, highest ONNX opset its parser supports), oldest first. Sources:
+# onnx-tensorrt docs/operators.md of 10.0/10.1 ("opset 9 to opset 20") and of 10.15 ("9 to 24");
+# the TensorRT 11.5 release notes ("Added support for ONNX opset 25"), so 11.0-11.4 stop at 24;
+# NVIDIA's ONNX opset guide for 11.x (maximum 25). Releases in between are taken at the lower bound.
+OPSET_LIMITS: tuple[tuple[tuple[int, int], int], ...] = (
+    ((10, 0), 20),
+    ((10, 15), 24),
+    ((11, 0), 24),
+    ((11, 5), 25),
+)
+MAJORS = sorted({release[0] for release, _ in OPSET_LIMITS})
+
+
+def max_opset(tensorrt_version: str) -> int:
+    """The highest opset the ONNX parser of `tensorrt_version` ("10.16.1.11", or "11") supports."""
+    parts = [int(p) for p in tensorrt_version.split(".")[:2] if p.isdigit()]
+    release = (parts[0], parts[1] if len(parts) > 1 else 0)
+    known = [limit for first, limit in OPSET_LIMITS if first <= release]
+    if not known:
+        raise ValueError(f"TensorRT {tensorrt_version} is older than nnslim supports (10.0)")
+    return known[-1]
+
+
+MAX_OPSET = max_opset("10")  # the highest opset every supported TensorRT parses
 
 SUPPORTED = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast CastLike
@@ -49,11 +74,23 @@ class Incompatibility:
         return f"{self.op} {self.node!r}: {self.reason}"
 
 
-def tensorrt_incompatibilities(graph: gs.Graph, opset: int | None = None) -> list[Incompatibility]:
-    """Every node TensorRT 10.x/11.x's ONNX parser would reject, with the reason."""
-    found = []
-    if opset is not None and opset > MAX_OPSET:
-        found.append(Incompatibility("<model>", "opset", f"opset {opset} is above TensorRT's {MAX_OPSET}"))
+def _opset_incompatibilities(opset: int | None, tensorrt_version: str | None) -> list[Incompatibility]:
+    if opset is None:
+        return []
+    versions = [tensorrt_version] if tensorrt_version else [str(major) for major in MAJORS]
+    too_new = [v for v in versions if opset > max_opset(v)]
+    return [Incompatibility("<model>", "opset", f"opset {opset} is above TensorRT {v}'s {max_opset(v)}") for v in too_new]
+
+
+def tensorrt_incompatibilities(graph: gs.Graph, opset: int | None = None,
+                               tensorrt_version: str | None = None) -> list[Incompatibility]:
+    """Every node TensorRT's ONNX parser would reject, with the reason, by the table.
+
+    Args:
+        tensorrt_version: the target TensorRT; None checks the opset against every supported
+            major version's oldest release.
+    """
+    found = _opset_incompatibilities(opset, tensorrt_version)
     for node in graph.nodes:
         name = node.name or (node.outputs[0].name if node.outputs else node.op)
         if node.domain not in (None, "", "ai.onnx"):
@@ -67,10 +104,45 @@ def tensorrt_incompatibilities(graph: gs.Graph, opset: int | None = None) -> lis
     return found
 
 
+def installed_tensorrt_version() -> str | None:
+    try:
+        return import_tensorrt().__version__
+    except BackendUnavailable:
+        return None
+
+
+def parser_incompatibilities(model: onnx.ModelProto) -> list[Incompatibility] | None:
+    """What the installed TensorRT's own ONNX parser says; None when TensorRT is absent or cannot start."""
+    try:
+        trt = import_tensorrt()
+        trt_logger = trt.Logger(trt.Logger.ERROR)
+        builder = create(trt.Builder, trt_logger)  # needs a GPU: BackendUnavailable without one
+        parser = create(trt.OnnxParser, builder.create_network(0), trt_logger)
+    except BackendUnavailable:
+        return None
+    if parser.supports_model_v2(model.SerializeToString()):
+        return []
+    found = []
+    for subgraph in range(parser.num_subgraphs):
+        if parser.is_subgraph_supported(subgraph):
+            continue
+        for index in parser.get_subgraph_nodes(subgraph):
+            node = model.graph.node[index]
+            found.append(Incompatibility(node.name or node.output[0], node.op_type,
+                                         f"TensorRT {trt.__version__}'s ONNX parser cannot take it"))
+    errors = [parser.get_error(i).desc() for i in range(parser.num_errors)]
+    return found or [Incompatibility("<model>", "model", f"TensorRT {trt.__version__}'s ONNX parser rejects it: "
+                                     + ("; ".join(errors) or "no reason given"))]
+
+
 def model_tensorrt_incompatibilities(model: onnx.ModelProto) -> list[Incompatibility]:
-    """`tensorrt_incompatibilities` for an ONNX model (shape-inferred first, for rank checks)."""
+    """TensorRT's own parser when it can run here, else the table (shape-inferred first, for rank checks)."""
+    verdict = parser_incompatibilities(model) if installed_tensorrt_version() else None
+    if verdict is not None:
+        return verdict
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return tensorrt_incompatibilities(gs.import_onnx(onnx.shape_inference.infer_shapes(model)), opset)
+    graph = gs.import_onnx(onnx.shape_inference.infer_shapes(model))
+    return tensorrt_incompatibilities(graph, opset, installed_tensorrt_version())
 
 
 def _restriction(node: gs.Node) -> str | None:
@@ -111,7 +183,10 @@ class CheckTensorRTCompatibilityPass:
         self.incompatibilities: list[Incompatibility] = []
 
     def run(self, graph: gs.Graph) -> PassResult:
-        self.incompatibilities = tensorrt_incompatibilities(graph, graph.opset)
+        if installed_tensorrt_version():
+            self.incompatibilities = model_tensorrt_incompatibilities(gs.export_onnx(graph))
+        else:
+            self.incompatibilities = tensorrt_incompatibilities(graph, graph.opset)
         if self.incompatibilities and self.strict:
             raise PassError("TensorRT cannot parse this graph:\n  " + "\n  ".join(map(str, self.incompatibilities)))
         verdict = "TensorRT 10.x/11.x compatible" if not self.incompatibilities else (

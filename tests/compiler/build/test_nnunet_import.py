@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import nibabel as nib
@@ -121,7 +122,7 @@ def test_build_engine_and_infer_match_nnunet_predictor(tmp_path):
     volume = _ct_volume(tmp_path / "case_0000.nii.gz")
     engine_dir = tmp_path / "engine"
     result = CliRunner().invoke(cli, ["build-engine", str(folder), "--out", str(engine_dir), "--folds", "0", "1",
-                                      "--batch", "2", "--parity-volume", str(volume)], catch_exceptions=False)
+                                      "--batch", "2", "--parity-volume", str(volume), "--precision", "fp32"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     manifest = json.loads((engine_dir / "manifest.json").read_text())
     assert manifest["source"]["kind"] == "nnunet-v2" and manifest["source"]["folds"] == ["0", "1"]
@@ -133,7 +134,9 @@ def test_build_engine_and_infer_match_nnunet_predictor(tmp_path):
     result = CliRunner().invoke(cli, ["infer", str(engine_dir), str(volume), "-o", str(out), "--no-progress"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "8 passes" not in result.output
+    # mirroring is on by default for an imported nnU-Net model, as in nnU-Net: 8 passes per window
+    windows, calls = re.search(r"(\d+) of \d+ windows \((\d+) network calls\)", result.output).groups()
+    assert int(calls) == 8 * int(windows), result.output
     ours = np.asarray(nib.load(out).dataobj)
     expected = reference_predict(np.asarray(nib.load(volume).dataobj), info, use_tta=True)
     assert ours.shape == expected.shape == (44, 50, 23)

@@ -13,9 +13,11 @@ from nnslim.compiler.runtime.errors import InputError
 from nnslim.compiler.runtime.predictors import TorchPredictor
 from nnslim.compiler.runtime.preprocessing import StreamingLabeler, logits_to_labels, resample
 from nnslim.compiler.runtime.sliding_window import (
+    LogitChunk,
     SlidingWindowConfig,
     WindowReport,
     WindowSelection,
+    accumulator_dtype,
     body_mask,
     compute_steps,
     eq2_window_count,
@@ -60,26 +62,41 @@ def test_slab_accumulation_equals_whole_volume_accumulation():
     config = SlidingWindowConfig(patch_size=(16, 16, 16), step_fraction=0.5, batch_size=1)  # as the reference
     expected = whole_volume_reference(image, predictor, 3, config)
     chunks = []
-    report = stream_logits(image, predictor, 3, config, lambda first, c: chunks.append((first, c.clone())))
-    assert [first for first, _ in chunks] == sorted(first for first, _ in chunks)  # in order
-    assert sum(c.shape[1] for _, c in chunks) == 37  # every slice exactly once
-    streamed = torch.cat([c for _, c in chunks], dim=1)
+    report = stream_logits(image, predictor, 3, config, chunks.append)
+    assert {c.axis for c in chunks} == {0}  # the long axis
+    assert [c.start for c in chunks] == sorted(c.start for c in chunks)  # in order
+    assert sum(c.stop - c.start for c in chunks) == 37  # every slice exactly once
+    streamed = torch.cat([c.logits for c in chunks], dim=1)
     torch.testing.assert_close(streamed, expected, rtol=1e-6, atol=1e-6)
     assert report.evaluated == report.grid == 4 * 3 * 2 and report.uncovered_voxels == 0
     torch.testing.assert_close(sliding_window_inference(image, predictor, 3, config), expected, rtol=1e-6, atol=1e-6)
 
 
-def test_streamed_labels_equal_labels_from_whole_logits_with_resampling():
+@pytest.mark.parametrize("slab_axis", [0, 2])
+def test_streamed_labels_equal_labels_from_whole_logits_with_resampling(slab_axis):
     image = torch.randn(1, 40, 26, 22, generator=torch.Generator().manual_seed(1))
     predictor = TorchPredictor(random_model())
     config = SlidingWindowConfig(patch_size=(16, 16, 16))
     logits = sliding_window_inference(image, predictor, 3, config)
-    for cropped_shape in [(40, 26, 22), (57, 19, 30)]:  # no resampling; up along z, down and up in-plane
+    for cropped_shape in [(40, 26, 22), (57, 19, 30)]:  # no resampling; up along x, down and up elsewhere
         expected = logits_to_labels(resample(logits, cropped_shape), None).numpy()
         labeler = StreamingLabeler(tuple(image.shape[1:]), cropped_shape, None)
-        stream_logits(image, predictor, 3, config, labeler)
-        agreement = (labeler.result() == expected).mean()
+        stream_logits(image, predictor, 3, config, labeler, slab_axis=slab_axis)
+        labels = labeler.result()
+        assert labels.shape == cropped_shape  # the model's axis order, whichever axis was walked
+        agreement = (labels == expected).mean()
         assert agreement == 1.0 if cropped_shape == (40, 26, 22) else agreement >= 0.999
+
+
+def test_labeler_refuses_a_walk_that_ends_early_or_changes_axis():
+    labeler = StreamingLabeler((4, 3, 2), (4, 3, 2), None)
+    with pytest.raises(RuntimeError, match="no logit chunk arrived"):
+        labeler.result()
+    labeler(LogitChunk(1, 0, torch.zeros(2, 4, 1, 2)))
+    with pytest.raises(ValueError, match="one walk per labeler"):
+        labeler(LogitChunk(0, 0, torch.zeros(2, 1, 3, 2)))
+    with pytest.raises(RuntimeError, match="streamed 1 of 3"):  # without resampling a chunk is labelled at once
+        labeler.result()
 
 
 def _two_objects(size=(48, 96, 96)):
@@ -158,10 +175,16 @@ def test_memory_cap_switches_to_fp16_then_refuses():
                      label_names=tuple(str(i) for i in range(14)), spacing=None, mirror_axes=(), input_name="image",
                      output_name="logits")
     shape = (600, 512, 512)  # the slab is 32 x 512 x 512: 15 channels x 8M voxels = 480 MB in fp32
-    assert window_config(spec, InferenceOptions(memory_cap_mb=1000), shape).accumulate_dtype == torch.float32
-    assert window_config(spec, InferenceOptions(memory_cap_mb=300), shape).accumulate_dtype == torch.float16
+
+    def dtype(cap):  # the engine hands the cap to the window, which sizes its accumulators
+        config = window_config(spec, InferenceOptions(memory_cap_mb=cap))
+        assert config.memory_cap_mb == cap and config.accumulate_dtype == torch.float32
+        return accumulator_dtype(shape, spec.num_classes, config)
+
+    assert dtype(1000) == torch.float32
+    assert dtype(300) == torch.float16
     with pytest.raises(InputError, match="even in fp16"):
-        window_config(spec, InferenceOptions(memory_cap_mb=100), shape)
+        dtype(100)
 
 
 def test_walking_along_the_long_axis_gives_the_same_logits():
@@ -178,7 +201,7 @@ def test_walking_along_the_long_axis_gives_the_same_logits():
     # with mirroring: the same as walking along axis 0
     along_z = sliding_window_inference(image, predictor, 3, config)
     chunks = []
-    stream_logits(image, predictor, 3, config, lambda first, c: chunks.append(c), slab_axis=0)
+    stream_logits(image, predictor, 3, config, lambda chunk: chunks.append(chunk.logits), slab_axis=0)
     torch.testing.assert_close(along_z, torch.cat(chunks, dim=1), rtol=1e-5, atol=1e-5)
 
 

@@ -3,18 +3,46 @@ import torch
 import pytest
 
 from nnslim.compiler.runtime.errors import EngineError
-from nnslim.compiler.runtime.preprocessing import normalize
-from nnslim.training.data import zscore_normalize
+from nnslim.compiler.runtime.preprocessing import normalize, zscore_normalize
 
 
-def test_runtime_normalization_equals_training_normalization():
+def reference_zscore(image):
+    """nnslim's z-score written out (the formula training used before it shared the runtime's)."""
+    image = np.asarray(image, dtype=np.float32)
+    out = np.empty_like(image)
+    for c, channel in enumerate(image):
+        values = channel[channel != 0] if (channel != 0).any() else channel
+        out[c] = (channel - float(values.mean())) / max(float(values.std()), 1e-8)
+    return out
+
+
+def test_training_normalizes_with_the_runtimes_function():
+    from nnslim.training import data
+
+    assert data.zscore_normalize is zscore_normalize  # one function, not two that must agree
     rng = np.random.default_rng(0)
     image = rng.normal(100, 20, (2, 20, 21, 22)).astype(np.float32)
     image[:, :5] = 0  # background, excluded from the statistics
     ours = normalize(image, {"scheme": "zscore", "mask": "nonzero"})
-    np.testing.assert_array_equal(ours, zscore_normalize(image))
+    np.testing.assert_array_equal(ours, reference_zscore(image))  # bit for bit
+    np.testing.assert_array_equal(zscore_normalize(image), ours)
     foreground = ours[0][image[0] != 0]
     assert abs(foreground.mean()) < 1e-5 and abs(foreground.std() - 1) < 1e-5
+    assert image[0, 0, 0, 0] == 0 and image.mean() > 50  # the caller's array is left alone
+
+
+def test_zscore_edge_cases():
+    empty = np.zeros((1, 3, 3, 3), dtype=np.float32)  # no nonzero voxel: all voxels, std floored
+    np.testing.assert_array_equal(zscore_normalize(empty), empty)
+    constant = np.full((1, 2, 2, 2), 7.0, dtype=np.float32)
+    np.testing.assert_array_equal(zscore_normalize(constant), np.zeros_like(constant))
+    rng = np.random.default_rng(2)
+    image = rng.normal(5, 2, (1, 6, 7, 8)).astype(np.float32)
+    image[0, :2] = 0
+    whole = normalize(image, {"scheme": "zscore", "mask": "none"})
+    np.testing.assert_array_equal(whole, (image - float(image.mean())) / float(image.std()))
+    # nnU-Net's per-channel "zscore" (no mask) is the same computation
+    np.testing.assert_array_equal(normalize(image, {"scheme": "per-channel", "channels": [{"scheme": "zscore"}]}), whole)
 
 
 def test_unknown_scheme_is_refused():

@@ -1,4 +1,5 @@
 import gzip
+import os
 
 import nibabel as nib
 import numpy as np
@@ -64,3 +65,61 @@ def test_segmentation_keeps_affine_and_writes_atomically(tmp_path):
     np.testing.assert_array_equal(np.asarray(written.dataobj), labels)
     assert written.get_data_dtype() == np.uint8
     assert [p.name for p in out.parent.iterdir()] == ["seg.nii.gz"]  # no temp file left behind
+
+
+def forged_header(path, shape, zooms=(1.0, 1.0, 1.0), payload=b"\0" * 64):
+    """A NIfTI file whose header claims `shape` but holds only `payload` (a gzip bomb's header)."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape(shape)
+    header.set_zooms(zooms)
+    header["vox_offset"] = 352
+    raw = header.binaryblock + b"\0" * 4 + payload
+    path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
+    return path
+
+
+@pytest.mark.parametrize("zooms, message", [
+    ((1.0, 0.0, 1.0), "voxel size"),
+    ((1.0, float("nan"), 1.0), "voxel size"),
+    ((1.0, 1e30, 1.0), "voxel size"),
+])
+def test_impossible_voxel_sizes_are_refused_from_the_header(tmp_path, zooms, message):
+    with pytest.raises(InputError, match=message):
+        load_volume(forged_header(tmp_path / "v.nii", (4, 4, 4), zooms), 1)
+
+
+def test_a_header_larger_than_the_machine_is_refused_before_reading(tmp_path):
+    path = forged_header(tmp_path / "bomb.nii.gz", (4096, 4096, 4096))
+    with pytest.raises(InputError, match=r"would need about 256\.0 GB of memory but this machine has"):
+        load_volume(path, 1)
+
+
+def test_a_truncated_file_is_a_read_error_not_a_crash(tmp_path):
+    with pytest.raises(InputError, match="cannot read"):
+        load_volume(forged_header(tmp_path / "short.nii.gz", (64, 64, 64)), 1)
+
+
+def test_intensities_that_overflow_float32_arithmetic_are_refused(tmp_path):
+    data = np.ones((8, 8, 8), dtype=np.float32)
+    data[0, 0, 0] = 3e38
+    with pytest.raises(InputError, match="intensities up to 3e\\+38.*overflows"):
+        load_volume(_save(tmp_path / "hot.nii.gz", data), 1)
+    data[0, 0, 0] = 1e6  # large but real (e.g. unscaled MRI): fine
+    assert load_volume(_save(tmp_path / "ok.nii.gz", data), 1).data.max() == 1e6
+
+
+def test_partial_outputs_of_dead_processes_are_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    stale = tmp_path / f".seg.nii.gz.{child.pid}.abcd1234.nii.gz"
+    live = tmp_path / f".seg.nii.gz.{os.getppid()}.abcd1234.nii.gz"
+    user = tmp_path / ".hidden.nii.gz"
+    for path in (stale, live, user):
+        path.write_bytes(b"partial")
+    source = nib.load(_save(tmp_path / "in.nii.gz", np.zeros((3, 3, 3), dtype=np.float32)))
+    save_segmentation(np.zeros((3, 3, 3), dtype=np.uint8), source, tmp_path / "seg.nii.gz")
+    assert not stale.exists() and live.exists() and user.exists()

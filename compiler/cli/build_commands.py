@@ -1,0 +1,183 @@
+"""`nnslim build-engine`: its options (all here, in one stack), their config, and the summary it prints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from nnslim.compiler.cli.options import fold_names, list_options_command, out_dir_option, patch_option, patch_tuple, path_type
+
+EPILOG = """\b
+Examples:
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny \\
+      --parity-volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz
+  nnslim build-engine model.pt --out engines/m --patch 64 64 64 --batch 4 \\
+      --parity-volume scan.nii.gz --calibration scan2.nii.gz --calibration scan3.nii.gz
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-ov --backend openvino --precision fp32
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-ort --precision fp32
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-fp16 --precision fp16
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-p80 --prune-sparsity 0.8
+  nnslim build-engine artifacts/models/mni-tissue-tiny.pt --out artifacts/engines/tiny-s25 \\
+      --prune-structured 0.25 --finetune-steps 50
+  nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
+      --out engines/liver --folds 0 1 2 3 4
+  nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
+      --out engines/liver-012 --folds 0,1,2 --checkpoint-name checkpoint_best.pth
+"""
+
+
+# Every build-engine option, in the order --help shows them. A new option goes here and into
+# `build_config` below.
+@click.command("build-engine", cls=list_options_command("--folds"), epilog=EPILOG)
+@click.argument("checkpoint", type=path_type())
+@out_dir_option("Engine directory.")
+@patch_option("Tile size (default: training patch).")
+@click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1), help="Tiles per call (max batch).")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+              show_default=True, help="auto: TensorRT on a machine with it and a GPU, else every CPU backend installed.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+              show_default=True,
+              help="auto: time every (backend, precision) candidate on the parity tiles and keep the fastest inside "
+                   "its parity gate. fp32 alone (with --backend auto): ONNX Runtime fp32, as before. fp16: an fp16 "
+                   "graph (norms and I/O fp32). bf16: OpenVINO's bf16 on CPUs that have it. int8: a Q/DQ graph "
+                   "calibrated on --calibration (needs real volumes).")
+@click.option("--parity-volume", type=path_type(dir_okay=False), default=None,
+              help="A real volume to cut parity tiles from (default: synthetic tiles; then no int8 candidate).")
+@click.option("--parity-tiles", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--calibration", multiple=True, type=path_type(dir_okay=False), metavar="VOLUME",
+              help="int8 calibration volume (repeatable) [default: the parity volume].")
+@click.option("--calibration-tiles", default=4, show_default=True, type=click.IntRange(1),
+              help="int8 calibration tiles per calibration volume.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
+              help="CPU threads of the candidates while they are timed (0: each backend's default).")
+@click.option("--parity-rtol", default=None, type=click.FloatRange(min=0),
+              help="With an explicit --precision: max |logit error| vs PyTorch, relative to the largest logit "
+                   "[default: the precision's gate: 1e-2 fp32, 5e-2 fp16, 1e-1 bf16, 3e-1 int8].")
+@click.option("--min-agreement", default=None, type=click.FloatRange(0, 1),
+              help="With an explicit --precision: min argmax agreement vs PyTorch "
+                   "[default: 0.999 fp32, 0.995 fp16 / bf16, 0.99 int8].")
+@click.option("--overwrite", is_flag=True, help="Replace --out even when it is not an nnslim engine (its files are lost).")
+@click.option("--no-pass-parity", is_flag=True, help="Skip the ONNX Runtime parity check after each graph pass.")
+@click.option("--prune-sparsity", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Magnitude-prune this fraction of conv weights (one global threshold, seed 001).")
+@click.option("--prune-threshold", type=click.FloatRange(min=0), default=None,
+              help="Magnitude-prune every conv weight with |w| below this.")
+@click.option("--prune-structured", "structured_ratio", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Remove this fraction of the channels of every layer (physically smaller convs).")
+@click.option("--two-four", is_flag=True, help="2:4 sparsity along input channels (TensorRT SPARSE_WEIGHTS).")
+@click.option("--finetune-steps", type=click.IntRange(0), default=0, show_default=True,
+              help="Fine-tune steps after --prune-structured.")
+@click.option("--finetune-dataset", default=None, help="Dataset for --finetune-steps (default: the checkpoint's).")
+@click.option("--folds", multiple=True, default=None, metavar="FOLD...",
+              help="nnU-Net model folder: folds to ensemble (logits averaged), e.g. --folds 0 1 2 or "
+                   "--folds 0,1,2 [default: 0].")
+@click.option("--checkpoint-name", type=click.Choice(["checkpoint_final.pth", "checkpoint_best.pth"]),
+              default="checkpoint_final.pth", show_default=True, help="nnU-Net model folder: which checkpoint of each fold.")
+@click.option("--workspace-mb", default=4096, show_default=True, type=click.IntRange(16),
+              help="TensorRT: workspace memory pool limit.")
+@click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
+              help="TensorRT: builder optimization level (higher: longer build, maybe faster plan).")
+@click.option("--trt-fp16-mode", type=click.Choice(["typed", "flag"]), default="typed", show_default=True,
+              help="TensorRT fp16: the fp16 graph (strongly typed; the only way on TensorRT 11) or "
+                   "TensorRT 10's FP16 builder flag on the fp32 graph.")
+@click.option("--engine-cache", type=path_type(file_okay=False), default=None,
+              help="TensorRT plan cache [default: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt].")
+@click.option("--timing-cache", type=path_type(dir_okay=False), default=None,
+              help="TensorRT timing cache file (read if present, updated after a build).")
+def build_engine(**options: Any) -> None:
+    """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
+
+    CHECKPOINT is an nnslim checkpoint (.pt) or a trained nnU-Net v2 model folder
+    (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/); nnU-Net
+    checkpoints are read weights-only with an allow-list, never unpickled freely.
+
+    Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
+    """
+    from nnslim.compiler.build.pipeline import build_engine as run_build
+
+    result = run_build(build_config(options))
+    for line in summary_lines(result):
+        click.echo(line)
+
+
+def build_config(o: dict[str, Any]):
+    """The `BuildConfig` for build-engine's parsed options (flag conflicts are usage errors, exit 2)."""
+    from nnslim.compiler.build.parity import ParityTolerance
+    from nnslim.compiler.build.pipeline import BuildConfig
+    from nnslim.compiler.build.prune import PruneSettings
+
+    if o["prune_sparsity"] is not None and o["prune_threshold"] is not None:
+        raise click.UsageError("--prune-sparsity and --prune-threshold are alternatives; give one")
+    if o["finetune_steps"] and o["structured_ratio"] is None:
+        raise click.UsageError("--finetune-steps needs --prune-structured")
+    tolerance = None  # each precision's own gate
+    if o["parity_rtol"] is not None or o["min_agreement"] is not None:
+        if o["precision"] == "auto":
+            raise click.UsageError("--parity-rtol / --min-agreement set one precision's gate; give --precision too")
+        default = ParityTolerance.for_precision(o["precision"])
+        tolerance = ParityTolerance(
+            default.max_rel_logit_error if o["parity_rtol"] is None else o["parity_rtol"],
+            default.min_argmax_agreement if o["min_agreement"] is None else o["min_agreement"],
+        )
+    prune = PruneSettings(
+        sparsity=o["prune_sparsity"], threshold=o["prune_threshold"], structured_ratio=o["structured_ratio"],
+        two_four=o["two_four"], finetune_steps=o["finetune_steps"], finetune_dataset=o["finetune_dataset"],
+    )
+    return BuildConfig(
+        checkpoint=o["checkpoint"], out_dir=o["out_dir"], patch_size=patch_tuple(o["patch"]),
+        batch_size=o["batch_size"], backend=o["backend"], parity_volume=o["parity_volume"],
+        parity_tiles=o["parity_tiles"], precision=o["precision"], tolerance=tolerance,
+        pass_parity=not o["no_pass_parity"], prune=prune, folds=fold_names(o["folds"]),
+        nnunet_checkpoint=o["checkpoint_name"], trt_workspace_mb=o["workspace_mb"],
+        trt_optimization_level=o["trt_opt_level"], trt_fp16_mode=o["trt_fp16_mode"],
+        engine_cache=o["engine_cache"], timing_cache=o["timing_cache"], calibration=tuple(o["calibration"]),
+        calibration_tiles=o["calibration_tiles"], threads=o["threads"], overwrite=o["overwrite"],
+    )
+
+
+def summary_lines(result) -> list[str]:
+    """What build-engine prints: the engine, what was fused and pruned, the passes, and parity."""
+    p, m = result.parity, result.manifest["model"]
+    r = m["reparameterization"]
+    lines = [
+        f"engine: {result.out_dir} ({result.manifest['backend']} {result.manifest['precision']})",
+        f"reparameterized: {', '.join(f'{n} {name}' for name, n in r['fused'].items()) or 'nothing to fuse'}; "
+        f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}",
+    ]
+    if m["pruning"]:
+        pr = m["pruning"]
+        line = f"pruned: conv weight sparsity {pr['global_sparsity']:.1%}"
+        if "structured" in pr:
+            st = pr["structured"]
+            line += f"; structured: parameters {st['parameters_before']:,} -> {st['parameters_after']:,}"
+        lines.append(line + f"; model.opt.onnx {m['runtime_model_size']['bytes']:,} B, "
+                     f"{m['runtime_model_size']['compressed_bytes']:,} B compressed")
+    lines.append(f"conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
+    passes = next(st for st in result.manifest["stages"] if st["name"] == "passes")
+    for record in passes["results"]:
+        figures = "" if record["max_abs_error"] is None else (
+            f"  (vs export: max |error| {record['max_abs_error']:.2e}, agreement {record['argmax_agreement']:.6f})")
+        lines.append(f"  {record['name']:<32} {record['changed']:>4} change(s){figures}")
+    lines += _selection_lines(result.manifest.get("selection") or {})
+    lines.append(
+        f"parity vs PyTorch on {p.tiles} tiles ({result.manifest['backend']} {result.manifest['precision']}): max |logit error| "
+        f"{p.max_abs_logit_error:.2e} ({p.max_rel_logit_error:.1e} of the largest logit), "
+        f"argmax agreement {p.argmax_agreement:.6f}"
+    )
+    return lines
+
+
+def _selection_lines(selection: dict[str, Any]) -> list[str]:
+    """The candidates of `--precision auto`, fastest first, with their gate verdicts."""
+    candidates = selection.get("candidates") or []
+    if len(candidates) < 2:
+        return []
+    lines = [f"candidates (batch {selection['batch']}; PyTorch eager {selection['reference_seconds_per_batch']:.3f} s):"]
+    for c in candidates:
+        chosen = (c["backend"], c["precision"]) == (selection["backend"], selection["precision"])
+        timing = f"{c['seconds_per_batch']:.3f} s ({c['speedup_vs_torch']:.2f}x)" if c["seconds_per_batch"] else "-"
+        agreement = f"agreement {c['parity']['argmax_agreement']:.5f}" if c["parity"] else c["error"]
+        verdict = "chosen" if chosen else ("passed" if c["passed"] else "outside its gate")
+        lines.append(f"  {c['backend']:<12} {c['precision']:<5} {timing:<18} {agreement}  {verdict}")
+    return lines + [f"  skipped: {s}" for s in selection.get("skipped", [])]

@@ -1,0 +1,138 @@
+"""`nnslim infer` (its options all here, in one stack) and `nnslim evaluate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from nnslim.compiler.cli.options import path_type, progress_option
+
+EPILOG = """\b
+Examples:
+  nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --tta --continue
+  nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_fp32.nii.gz --backend openvino --precision fp32
+  nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta --skip roi+mask
+  nnslim infer engines/liver big_ct.nii.gz -o seg.nii.gz --memory-cap-mb 1024
+  nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_torch.nii.gz --torch-checkpoint model.pt
+"""
+
+
+# Every infer option, in the order --help shows them. A new option goes here and into
+# `inference_options` (window settings) or `infer` (engine loading).
+@click.command(epilog=EPILOG)
+@click.argument("engine_dir", type=path_type(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True, type=path_type())
+@click.option("-o", "--output", required=True, type=path_type(exists=False), help="Output file, or folder for a folder input.")
+@click.option("--step", "step_fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Window step as a fraction of the patch.")
+@click.option("--batch", "batch_size", default=None, type=click.IntRange(1), help="Tiles per call (default: engine max).")
+@click.option("--tta/--no-tta", "mirror", default=None,
+              help="Mirror test-time augmentation (8 passes for 3 axes) [default: on for imported nnU-Net "
+                   "models, like nnU-Net; off for nnslim checkpoints].")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores).")
+@click.option("--skip", type=click.Choice(["none", "mask", "roi", "roi+mask"]), default="none", show_default=True,
+              help="Skip windows (opt-in approximation): outside a body mask, and/or seed 003's ROI test "
+                   "(a slab's centre window must predict --roi-threshold foreground voxels).")
+@click.option("--roi-threshold", default=1000, show_default=True, type=click.IntRange(0))
+@click.option("--memory-cap-mb", type=click.FloatRange(min=1), default=None,
+              help="Cap for the slab accumulators (fp16 above it; an error if a slab does not fit even then).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
+              help="Run the engine on this backend instead of the one its build chose (a choice the build "
+                   "checked; the fp32 graph may run on any ONNX backend).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+              help="Run this precision of the engine instead of the one its build chose.")
+@click.option("--overwrite", "existing", flag_value="overwrite", default=None,
+              help="Folder mode: replace outputs that already exist (each is logged).")
+@click.option("--continue", "existing", flag_value="continue",
+              help="Folder mode: skip cases whose output already exists (outputs are written atomically).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="ONNX Runtime engines: CPU, or the CUDA execution provider (TensorRT engines always use the GPU).")
+@click.option("--ort-tensorrt", is_flag=True, help="With --device cuda: ONNX Runtime's TensorRT execution provider first.")
+@click.option("--torch-checkpoint", type=path_type(), default=None,
+              help="Run this PyTorch checkpoint (or nnU-Net model folder) instead of the engine, with the "
+                   "engine's settings (parity checks).")
+@progress_option
+def infer(**o: Any) -> None:
+    """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
+
+    INPUTS is one file (3D, or 4D with channels last), the channel files of one case
+    (CASE_0000.nii.gz CASE_0001.nii.gz ...), or one folder of cases.
+    """
+    from nnslim.compiler.runtime.engine import load_engine, segment_files
+
+    engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
+                         backend=o["backend"], precision=o["precision"])
+    checkpoint = o["torch_checkpoint"]
+    predictor = torch_predictor(engine, checkpoint) if checkpoint else None
+    results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
+                            existing=o["existing"] or "refuse")
+    runner = f"PyTorch ({checkpoint})" if checkpoint else f"{engine.runtime.label} engine"
+    for r in results:
+        w = r.windows
+        skipped = f", {w['skipped_by_mask'] + w['skipped_by_roi']} skipped" if o["skip"] != "none" else ""
+        click.echo(f"{r.name}: {r.output} shape {r.shape}, {w['evaluated']} of {w['grid']} windows{skipped} "
+                   f"({r.tiles} network calls), {r.seconds:.2f} s with {runner}")
+
+
+def inference_options(o: dict[str, Any]):
+    """The sliding-window settings of infer's parsed options."""
+    from nnslim.compiler.runtime.engine import InferenceOptions
+
+    return InferenceOptions(
+        step_fraction=o["step_fraction"], batch_size=o["batch_size"], mirror=o["mirror"], progress=o["progress"],
+        skip=o["skip"], roi_threshold=o["roi_threshold"], memory_cap_mb=o["memory_cap_mb"],
+    )
+
+
+def torch_predictor(engine, checkpoint: Path):
+    """A PyTorch predictor for `checkpoint` (an nnslim checkpoint, or the nnU-Net model folder the
+    engine was built from, with the folds and checkpoint name its manifest records)."""
+    from nnslim.compiler.build.source import load_source
+    from nnslim.compiler.runtime.errors import InputError
+    from nnslim.compiler.runtime.predictors import TorchPredictor
+
+    recorded = engine.manifest["source"]
+    source = load_source(checkpoint, tuple(recorded.get("folds") or ("0",)),
+                         recorded.get("checkpoint_name", "checkpoint_final.pth"))
+    spec = engine.spec
+    if (source.in_channels, source.num_classes) != (spec.in_channels, spec.num_classes):
+        raise InputError(f"--torch-checkpoint {checkpoint} has {source.in_channels} input channel(s) and "
+                         f"{source.num_classes} classes but the engine has {spec.in_channels} and {spec.num_classes}; "
+                         "pass the checkpoint the engine was built from")
+    bad = [p for p, s in zip(spec.patch_size, source.total_stride) if p % s]
+    if bad:
+        raise InputError(f"the engine's patch {spec.patch_size} is not a multiple of {checkpoint}'s total stride "
+                         f"{source.total_stride}; pass the checkpoint the engine was built from")
+    return TorchPredictor(source.model, device=getattr(engine.predictor, "device", "cpu"))
+
+
+@click.command(epilog="""\b
+Examples:
+  nnslim evaluate seg.nii.gz artifacts/data/mni-tissue/labelsTr/mni.nii.gz \\
+      --mask artifacts/data/mni-tissue/holdout_mask.nii.gz --labels-from artifacts/engines/tiny
+  nnslim evaluate seg_onnxruntime.nii.gz seg_torch.nii.gz --json artifacts/parity.json
+""")
+@click.argument("prediction", type=path_type(dir_okay=False))
+@click.argument("reference", type=path_type(dir_okay=False))
+@click.option("--mask", type=path_type(dir_okay=False), default=None, help="Evaluate only where this volume is nonzero.")
+@click.option("--labels-from", type=path_type(file_okay=False), default=None, help="Engine directory whose label names to use.")
+@click.option("--json", "json_out", type=path_type(exists=False, dir_okay=False), default=None, help="Also write the figures here.")
+def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
+    """Dice per label and voxel agreement between two label volumes."""
+    from nnslim.compiler.runtime.files import write_json_atomic
+    from nnslim.compiler.runtime.manifest import read_manifest
+    from nnslim.compiler.runtime.metrics import evaluate_files
+
+    names = read_manifest(labels_from, verify=False)["labels"] if labels_from else None
+    result = evaluate_files(prediction, reference, mask, names)
+    where = f" inside {mask}" if mask else ""
+    click.echo(f"{prediction} vs {reference}{where} ({result.voxels:,} voxels)")
+    for name, score in result.dice.items():
+        click.echo(f"  Dice {name:<16} {score:.4f}")
+    click.echo(f"  mean Dice          {result.mean_dice:.4f}")
+    click.echo(f"  voxel agreement    {result.agreement:.6f}")
+    if json_out:
+        write_json_atomic(json_out, result.to_dict())

@@ -1,0 +1,80 @@
+"""Options and parameter types shared by several commands, defined once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nnslim.training.presets import PRESETS
+
+# the presets module is plain data (no torch), so --help stays instant
+PRESET_NAMES = list(PRESETS)
+
+
+def path_type(exists: bool = True, **kwargs) -> click.Path:
+    return click.Path(exists=exists, path_type=Path, **kwargs)
+
+
+def progress_option(f):
+    return click.option("--progress/--no-progress", default=True, show_default=True, help="Show progress bars.")(f)
+
+
+def out_dir_option(help_text: str | None = None):
+    return click.option("--out", "out_dir", required=True, type=path_type(exists=False, file_okay=False), help=help_text)
+
+
+def patch_option(help_text: str):
+    return click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help=help_text)
+
+
+def patch_tuple(patch) -> tuple[int, int, int] | None:
+    return tuple(patch) if patch else None
+
+
+def _is_list_value(arg: str) -> bool:
+    """An integer, nnU-Net's fold name "all", or a comma-separated list of them ("0,1,2")."""
+    parts = [p for p in arg.split(",") if p]
+    return bool(parts) and all(p.isdigit() or p == "all" for p in parts)
+
+
+def list_options_command(*names: str) -> type[click.Command]:
+    """A command class that reads `--opt 0 1 2` and `--opt 0,1,2` as `--opt 0 --opt 1 --opt 2` for
+    the named `multiple=True` options (values: integers, or "all" as nnU-Net names its fold), as
+    users of nnU-Net type them."""
+
+    class ListOptionsCommand(click.Command):
+        def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+            expanded, current, pending = [], None, False
+            for arg in args:
+                if current and _is_list_value(arg):
+                    expanded += [x for value in arg.split(",") if value for x in (current, value)]
+                    pending = False
+                    continue
+                if pending:  # a list option without a list value: let click parse (and judge) it
+                    expanded.append(current)
+                current = arg if arg in names else None
+                pending = current is not None
+                if current is None:
+                    expanded.append(arg)
+            if pending:
+                expanded.append(current)
+            return super().parse_args(ctx, expanded)
+
+    return ListOptionsCommand
+
+
+def fold_names(folds: tuple[str, ...]) -> tuple[str, ...]:
+    """Fold names from repeated --folds (see `list_options_command`), also `--folds=0,1,2`."""
+    names = [f for group in folds for f in group.replace(",", " ").split()]
+    return tuple(names) or ("0",)
+
+
+def float_list(ctx, param, value):
+    """Callback: "0,0.5,0.9" -> (0.0, 0.5, 0.9)."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None

@@ -1,0 +1,124 @@
+"""Commands around engines and experiments: inspect, export-triton, bench, prune-sweep."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nnslim.compiler.cli.options import float_list, out_dir_option, patch_option, patch_tuple, path_type, progress_option
+
+
+@click.command(epilog="""\b
+Examples:
+  nnslim inspect artifacts/engines/mni-tissue-tiny
+  nnslim inspect artifacts/engines/mni-tissue-tiny/model.onnx
+""")
+@click.argument("target", type=path_type())
+def inspect(target) -> None:
+    """Op histogram, parameters, MACs, dtypes, sparsity and TensorRT compatibility of an ONNX model
+    or an engine directory (plus its manifest summary)."""
+    from nnslim.compiler.build.inspect_model import format_summary, inspect_path
+
+    click.echo(format_summary(inspect_path(target)))
+
+
+@click.command("export-triton", epilog="""\b
+Examples:
+  nnslim export-triton artifacts/engines/tiny model_repository
+  nnslim export-triton engines/liver /models --name liver_ct --instances 2
+""")
+@click.argument("engine_dir", type=path_type(file_okay=False))
+@click.argument("repository", type=path_type(exists=False, file_okay=False))
+@click.option("--name", default=None, help="Model name in the repository [default: the engine directory's name].")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances per GPU.")
+@click.option("--kind", type=click.Choice(["KIND_GPU", "KIND_CPU"]), default="KIND_GPU", show_default=True)
+def export_triton(engine_dir, repository, name, instances, kind) -> None:
+    """Write a Triton Inference Server model repository entry (config.pbtxt with dynamic batching,
+    and the plan or ONNX model) from an engine directory."""
+    from nnslim.compiler.deploy.triton import export_triton as run_export
+
+    target = run_export(engine_dir, repository, name, instances, kind)
+    click.echo(f"Triton model written to {target} (config.pbtxt, 1/{next((target / '1').iterdir()).name})")
+
+
+@click.command(epilog="""\b
+Examples:
+  nnslim bench artifacts/models/mni-tissue-tiny.pt artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz \\
+      --out artifacts/bench/headline/mni-tissue-tiny --patch 96 96 96
+  nnslim bench model.pt scan.nii.gz --out bench/ --batch 4 --repeats 5 --prune-sparsity 0.8
+""")
+@click.argument("checkpoint", type=path_type(dir_okay=False))
+@click.argument("volume", type=path_type(dir_okay=False))
+@out_dir_option()
+@patch_option("Tile size (default: training patch).")
+@click.option("--batch", "batch_size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Runs per row (median).")
+@click.option("--prune-sparsity", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--structured-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, max_open=True))
+@click.option("--skip", type=click.Choice(["mask", "roi", "roi+mask"]), default="mask", show_default=True)
+def bench(checkpoint, out_dir, volume, patch, batch_size, repeats, prune_sparsity, structured_ratio, skip) -> None:
+    """The usual way (PyTorch eager, batch 1) against nnslim stage by stage on one volume, in one run:
+    seconds, speed-up, MACs and GFLOP/s against the machine's convolution peak, sizes, memory, and
+    agreement; writes OUT/report.md, plots and bench.json."""
+    from nnslim.compiler.workflows.bench import BenchConfig, run_bench
+
+    result = run_bench(BenchConfig(
+        checkpoint=checkpoint, volume=volume, out_dir=out_dir, patch_size=patch_tuple(patch),
+        batch_size=batch_size, repeats=repeats, prune_sparsity=prune_sparsity, structured_ratio=structured_ratio,
+        skip=skip,
+    ), log=lambda m: click.echo(m, err=True))
+    click.echo((Path(out_dir) / "report.md").read_text())
+    click.echo(f"written {out_dir}/report.md, bench.json and plots ({len(result['rows'])} rows)")
+
+
+@click.command("prune-sweep", epilog="""\b
+Examples:
+  nnslim prune-sweep artifacts/models/mni-tissue-tiny.pt \\
+      --volume artifacts/data/mni-tissue/imagesTr/mni_0000.nii.gz \\
+      --labels artifacts/data/mni-tissue/labelsTr/mni.nii.gz --out artifacts/prune-sweep/tiny
+  nnslim prune-sweep model.pt --volume scan.nii.gz --thresholds 0.01,0.02,0.05 --out artifacts/sweep
+""")
+@click.argument("checkpoint", type=path_type(dir_okay=False))
+@click.option("--volume", required=True, type=path_type(dir_okay=False), help="Volume to segment at every level.")
+@click.option("--labels", type=path_type(dir_okay=False), default=None, help="Reference labels, for true Dice.")
+@click.option("--mask", type=path_type(dir_okay=False), default=None, help="Score only where this volume is nonzero.")
+@click.option("--sparsities", callback=float_list, default=None,
+              help="Comma-separated target sparsities [default: 0,0.5,0.7,0.8,0.85,0.9,0.95].")
+@click.option("--thresholds", callback=float_list, default=None, help="Comma-separated magnitude thresholds instead.")
+@click.option("--min-proxy-dice", default=0.95, show_default=True, type=click.FloatRange(0, 1))
+@out_dir_option("Writes sweep.json, sweep.png.")
+@progress_option
+def prune_sweep(checkpoint, volume, labels, mask, sparsities, thresholds, min_proxy_dice, out_dir, progress) -> None:
+    """Global magnitude pruning at several levels without retraining (seed 001): proxy Dice of
+    pruned vs unpruned segmentations, true Dice, and the largest sparsity at proxy Dice >= 0.95."""
+    from nnslim.compiler.workflows.prune_sweep import DEFAULT_SPARSITIES, SweepConfig, run_sweep
+
+    if sparsities is not None and thresholds is not None:
+        raise click.UsageError("--sparsities and --thresholds are alternatives; give one")
+    config = SweepConfig(
+        checkpoint=checkpoint, volume=volume, labels=labels, mask=mask, out_dir=out_dir,
+        sparsities=None if thresholds is not None else (sparsities or DEFAULT_SPARSITIES),
+        thresholds=thresholds, min_proxy_dice=min_proxy_dice, progress=progress,
+    )
+    for line in sweep_lines(run_sweep(config), min_proxy_dice, with_labels=labels is not None):
+        click.echo(line)
+    click.echo(f"written: {out_dir / 'sweep.json'}, {out_dir / 'sweep.png'}")
+
+
+def sweep_lines(result: dict, min_proxy_dice: float, with_labels: bool) -> list[str]:
+    """prune-sweep's table: one row per level, the best level, and its layers."""
+    lines = [f"{'sparsity':>9} {'threshold':>10} {'proxy Dice':>11}" + (f" {'true Dice':>10}" if with_labels else "")]
+    for row in result["levels"]:
+        line = f"{row['sparsity']:>9.3f} {row['threshold']:>10.3g} {row['proxy_mean_dice']:>11.4f}"
+        lines.append(line + (f" {row['true_mean_dice']:>10.4f}" if with_labels else ""))
+    best = result["largest_sparsity_at_min_proxy_dice"]
+    lines.append(f"largest sparsity at proxy Dice >= {min_proxy_dice}: " + (f"{best:.1%}" if best is not None else "none"))
+    if result["best_level"]:
+        lines.append("sparsity by region: " + ", ".join(
+            f"{k} {v:.1%}" for k, v in result["best_level"]["region_sparsity"].items()))
+        lines.append(f"{'layer':<36} {'region':<10} {'weights':>9} {'sparsity':>9} {'mean |w|':>9}")
+        for layer in result["layers_at_best_level"]:
+            lines.append(f"{layer['name']:<36} {layer['region']:<10} {layer['parameters']:>9,} "
+                         f"{layer['sparsity']:>9.1%} {layer['mean_abs_unpruned']:>9.4f}")
+    return lines

@@ -1,0 +1,75 @@
+"""Checks made before work starts: memory a request would need, live processes, same-file tests.
+
+The memory check compares an estimate with what the machine has (physical memory from
+`os.sysconf`, or the address-space limit when one is set, whichever is smaller), so an absurd
+request (a forged header, a voxel size that resamples a scan to billions of voxels) is refused
+with the estimate before anything is allocated, instead of swapping the machine to a halt.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+
+from nnslim.compiler.runtime.errors import InputError
+
+GB = 2**30
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory, capped by RLIMIT_AS when set; None when the platform does not say."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        total = None
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+        total = soft if total is None else min(total, soft)
+    return total
+
+
+def require_fits(estimate_bytes: float, what: str, advice: str) -> None:
+    """Refuse a request whose estimated memory exceeds the machine's, naming both figures."""
+    available = machine_memory_bytes()
+    if available is not None and estimate_bytes > available:
+        raise InputError(f"{what} would need about {estimate_bytes / GB:.1f} GB of memory but this machine has "
+                         f"{available / GB:.1f} GB; {advice}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a reused id counts as alive: the safe side)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def same_file(a: Path, b: Path) -> bool:
+    """True when `a` and `b` are one file: the same path, a symlink to it, or a hard link."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist yet
+        return False
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk; a no-op where directories cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
