@@ -76,7 +76,7 @@ def _build_engine(out: Path, patch: tuple[int, int, int]) -> Path:
     from nnslim.compiler.build.pipeline import BuildConfig, build_engine
 
     build_engine(BuildConfig(checkpoint=MODEL, out_dir=out, patch_size=patch, batch_size=2, pass_parity=False,
-                             parity_tiles=1))
+                             parity_tiles=1, precision="fp32"))
     return out
 
 

@@ -110,7 +110,7 @@ def main() -> None:
         def onnxruntime_cuda():
             engine = Path(tmp) / "ort"
             build_engine(BuildConfig(checkpoint=args.checkpoint, out_dir=engine, patch_size=patch,
-                                     batch_size=args.batch, backend="onnxruntime"))
+                                     batch_size=args.batch, backend="onnxruntime", precision="fp32"))
             return OnnxRuntimeGpuPredictor(engine / "model.opt.onnx")
 
         def tensorrt(precision: str):

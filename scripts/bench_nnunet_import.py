@@ -126,7 +126,7 @@ def run_profile(name: str, profile: dict, workdir: Path, repeats: int) -> dict:
     import_seconds = time.perf_counter() - started
     started = time.perf_counter()
     build_engine(BuildConfig(checkpoint=folder, out_dir=workdir / name / "engine", batch_size=1, folds=folds,
-                             parity_volume=volume_path, parity_tiles=2))
+                             parity_volume=volume_path, parity_tiles=2, precision="fp32"))
     build_seconds = time.perf_counter() - started
 
     engine = load_engine(workdir / name / "engine")

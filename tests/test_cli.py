@@ -317,3 +317,24 @@ def test_every_nnslim_error_class_derives_from_nnslim_error():
     outside = sorted(key for key, value in bases.items() if key.rsplit(":", 1)[1] != "NnslimError"
                      and not reaches(key.rsplit(":", 1)[1]))
     assert len(bases) > 10 and not outside, outside
+
+
+def test_a_corrupt_case_in_a_folder_is_reported_and_the_others_are_written(engine_dir, small_volume, tmp_path):
+    from nnslim.compiler.cli.boundary import EXIT_SOME_CASES_FAILED
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    for name in ("a", "c"):
+        (cases / f"{name}_0000.nii.gz").write_bytes(small_volume.read_bytes())
+    (cases / "b_0000.nii.gz").write_bytes(small_volume.read_bytes()[:300])  # truncated gzip: unreadable
+    out = tmp_path / "segs"
+    lines = []
+    result = CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--no-progress"])
+    lines = result.output.splitlines()
+    assert result.exit_code == EXIT_SOME_CASES_FAILED, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]  # nothing for b, nothing else
+    assert any(line.startswith("b") and "FAILED" in line for line in lines), result.output
+    assert "1 of 3 case(s) failed: b" in result.output and "Traceback" not in result.output
+    # a second run with --continue skips the finished cases and fails b again, nothing else
+    again = CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--no-progress", "--continue"])
+    assert again.exit_code == EXIT_SOME_CASES_FAILED and "1 of 1 case(s) failed: b" in again.output, again.output

@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from nnslim.compiler.runtime.errors import InputError
-from nnslim.compiler.runtime.manifest import MANIFEST, read_manifest
+from nnslim.compiler.runtime.manifest import MANIFEST, manifest_digest, read_manifest
 
 
 @dataclass
@@ -34,6 +34,7 @@ class ModelSummary:
     tensorrt_issues: list[str]
     opset: int
     manifest: dict[str, Any] | None = None
+    manifest_sha256: str | None = None
 
 
 def inspect_path(path: Path) -> ModelSummary:
@@ -51,6 +52,8 @@ def inspect_path(path: Path) -> ModelSummary:
         raise InputError(f"{path} is not a readable ONNX model: {exc}") from exc
     summary = _summarize(model, path)
     summary.manifest = manifest
+    if manifest is not None:
+        summary.manifest_sha256 = manifest_digest(Path(path).parent)
     return summary
 
 
@@ -142,4 +145,7 @@ def format_summary(summary: ModelSummary) -> str:
             lines.append(f"  parity vs PyTorch max |logit error| {parity.get('max_abs_logit_error', float('nan')):.2e}, "
                          f"argmax agreement {parity.get('argmax_agreement', float('nan')):.6f}")
         lines.append(f"  files             {', '.join(sorted(m.get('files', {})))} (see {MANIFEST})")
+        if summary.manifest_sha256:
+            lines.append(f"  manifest sha256   {summary.manifest_sha256} (pin it: infer --engine-sha256, "
+                         "load_engine(expected_sha256=...))")
     return "\n".join(lines)

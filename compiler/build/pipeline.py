@@ -206,7 +206,10 @@ def plan_build(config: BuildConfig) -> BuildPlan:
                          f"{config.calibration_tiles}")
     if config.backend == "tensorrt" or (config.backend == AUTO and tensorrt_available()):
         return _tensorrt_plan(config)
-    if config.backend == AUTO and config.precision != AUTO:  # an explicit precision alone: ONNX Runtime, as before
+    if config.tolerance is not None and config.precision == AUTO:
+        raise BuildError("a parity tolerance sets one precision's gate; give an explicit precision with it "
+                         "(precision auto checks each candidate against its own precision's gate)")
+    if config.backend == AUTO and config.precision in ("fp32", "fp16"):  # fp32/fp16 alone: ONNX Runtime, as before
         candidates, skipped = plan_candidates("onnxruntime", config.precision, bool(_calibration_volumes(config)))
     else:
         candidates, skipped = plan_candidates(config.backend, config.precision, bool(_calibration_volumes(config)))

@@ -178,6 +178,18 @@ def _attach_timing_cache(config: Any, path: Path | None) -> bool:
     return False
 
 
+def _verified_cache_entry(cached: Path) -> bool:
+    """Whether the cache holds `cached` with the sha256 written beside it when it was stored; a
+    damaged or unhashed entry is ignored (and rebuilt), never copied into an engine."""
+    digest = cached.with_suffix(".sha256")
+    if not cached.is_file() or not digest.is_file():
+        return False
+    if hashlib.sha256(cached.read_bytes()).hexdigest() != digest.read_text().strip():
+        logger.warning("TensorRT plan cache entry %s does not match its sha256; rebuilding it", cached)
+        return False
+    return True
+
+
 def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, input_name: str,
                input_shape: tuple[int, ...], onnx_sha256: str, cache_dir: Path | None = None,
                timing_cache: Path | None = None) -> dict[str, Any]:
@@ -197,7 +209,7 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, inp
     key = cache_key(onnx_sha256, trt.__version__, tuple(gpu["compute_capability"]), settings, input_shape)
     record = {"version": trt.__version__, **gpu, "settings": asdict(settings), "cache_key": key}
     cached = (cache_dir or default_cache_dir()) / f"{key}.plan"
-    if cached.is_file():
+    if _verified_cache_entry(cached):
         shutil.copyfile(cached, plan_path)
         logger.info("TensorRT plan taken from the cache (%s)", cached)
         return {**record, "cache_hit": True}
@@ -217,6 +229,7 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, inp
     data = bytes(serialized)
     write_bytes_atomic(plan_path, data)
     write_bytes_atomic(cached, data)
+    write_bytes_atomic(cached.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
     if timing_file:
         write_bytes_atomic(timing_file, bytes(config.get_timing_cache().serialize()))
     timing = {"path": str(timing_file), "loaded": timing_loaded} if timing_file else None

@@ -7,6 +7,8 @@
 - 2: a usage error (unknown option, bad value); click reports those itself.
 - 3: anything else is a bug in nnslim: `internal error: <type>: <message>` and a hint to rerun with
   `-v`, which prints the traceback.
+- 4: `infer` on a folder finished, but some cases failed (each reported on its own line; the
+  others were written).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from nnslim.compiler.runtime.errors import NnslimError
 EXIT_USER_ERROR = 1
 EXIT_USAGE_ERROR = 2  # click's own
 EXIT_INTERNAL_ERROR = 3
+EXIT_SOME_CASES_FAILED = 4
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -30,6 +33,7 @@ Exit codes:
      permission denied (one line `error: ...` says what and what to do)
   2  a usage error: unknown option, bad option value
   3  an internal error (a bug): rerun with -v for the traceback and report it
+  4  infer: some cases of a folder failed (each is reported; the others were written)
 """
 
 # The operating system's refusals a user can act on, and what to do about each.

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from nnslim.compiler.cli.boundary import EXIT_SOME_CASES_FAILED
 from nnslim.compiler.cli.options import path_type, progress_option
 
 EPILOG = """\b
@@ -44,6 +45,8 @@ Examples:
                    "checked; the fp32 graph may run on any ONNX backend).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Run this precision of the engine instead of the one its build chose.")
+@click.option("--engine-sha256", default=None, metavar="HEX",
+              help="Refuse the engine unless its manifest.json has this sha256 (pin it; `nnslim inspect` prints it).")
 @click.option("--overwrite", "existing", flag_value="overwrite", default=None,
               help="Folder mode: replace outputs that already exist (each is logged).")
 @click.option("--continue", "existing", flag_value="continue",
@@ -64,17 +67,26 @@ def infer(**o: Any) -> None:
     from nnslim.compiler.runtime.engine import load_engine, segment_files
 
     engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
-                         backend=o["backend"], precision=o["precision"])
+                         backend=o["backend"], precision=o["precision"], expected_sha256=o["engine_sha256"])
     checkpoint = o["torch_checkpoint"]
     predictor = torch_predictor(engine, checkpoint) if checkpoint else None
-    results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
-                            existing=o["existing"] or "refuse")
     runner = f"PyTorch ({checkpoint})" if checkpoint else f"{engine.runtime.label} engine"
-    for r in results:
+
+    def report(r) -> None:  # each case's line as soon as it is done
+        if r.error:
+            click.echo(f"{r.name}: FAILED ({r.error}); no output written", err=True)
+            return
         w = r.windows
         skipped = f", {w['skipped_by_mask'] + w['skipped_by_roi']} skipped" if o["skip"] != "none" else ""
         click.echo(f"{r.name}: {r.output} shape {r.shape}, {w['evaluated']} of {w['grid']} windows{skipped} "
                    f"({r.tiles} network calls), {r.seconds:.2f} s with {runner}")
+
+    results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
+                            existing=o["existing"] or "refuse", on_case=report)
+    failed = [r.name for r in results if r.error]
+    if failed:
+        click.echo(f"{len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}", err=True)
+        raise SystemExit(EXIT_SOME_CASES_FAILED)
 
 
 def inference_options(o: dict[str, Any]):

@@ -186,7 +186,8 @@ def resolve_runtime(manifest: dict, backend: str | None = None, precision: str |
     if device == "cuda":  # the ONNX graphs checked on the CPU run on ONNX Runtime's CUDA provider
         choices = [RuntimeChoice("onnxruntime-cuda", c.precision, c.model) if c.backend == "onnxruntime" else c
                    for c in choices]
-        backend = "onnxruntime-cuda" if backend in (None, "onnxruntime") else backend
+        choices = [c for c in choices if c.backend not in BACKENDS or BACKENDS[c.backend].device == "cuda"]
+        backend = "onnxruntime-cuda" if backend == "onnxruntime" else backend
     wanted = [c for c in choices if backend in (None, c.backend) and precision in (None, c.precision)]
     if not wanted and backend is not None and precision in (None, "fp32") and get_backend(backend).model == "onnx":
         fp32 = next((c for c in choices if c.precision == "fp32" and c.model.endswith(".onnx")), None)
@@ -197,8 +198,10 @@ def resolve_runtime(manifest: dict, backend: str | None = None, precision: str |
                           f"{', '.join(c.label for c in choices)}; rebuild with --backend/--precision to add it")
     reasons = []
     for choice in wanted:
-        entry = get_backend(choice.backend)
-        if not entry.available():
+        entry = BACKENDS.get(choice.backend)
+        if entry is None:  # recorded by a newer nnslim
+            reasons.append(f"{choice.label}: backend unknown to this nnslim (a newer version built the engine)")
+        elif not entry.available():
             reasons.append(f"{choice.label}: backend not available here")
         elif choice.precision not in entry.precisions():
             reasons.append(f"{choice.label}: this machine cannot run {choice.precision} on {choice.backend}")

@@ -17,8 +17,8 @@ import torch
 from tqdm import tqdm
 
 from nnslim.compiler.runtime.case_plan import check_case_fits, plan_cases
-from nnslim.compiler.runtime.errors import EngineError, InputError
-from nnslim.compiler.runtime.manifest import read_manifest, rebuild_hint
+from nnslim.compiler.runtime.errors import EngineError, InputError, NnslimError
+from nnslim.compiler.runtime.manifest import TamperedEngineError, manifest_digest, read_manifest, rebuild_hint
 from nnslim.compiler.runtime.backends import OpenRequest, RuntimeChoice, open_predictor, resolve_runtime
 from nnslim.compiler.runtime.preprocessing import StreamingLabeler, prepare, restore_geometry
 from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, count_tiles, stream_logits
@@ -99,7 +99,7 @@ DEVICES = ("cpu", "cuda")
 
 
 def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", ort_tensorrt: bool = False,
-                backend: str | None = None, precision: str | None = None) -> Engine:
+                backend: str | None = None, precision: str | None = None, expected_sha256: str | None = None) -> Engine:
     """Verify an engine directory and open its runtime model.
 
     The engine records how its build chose to run it (`selection` in the manifest); `backend` /
@@ -111,10 +111,15 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
         device: "cpu", or "cuda" (ONNX graphs on ONNX Runtime's CUDA execution provider, I/O
             binding). TensorRT engines always run on the GPU.
         ort_tensorrt: with device "cuda", put ONNX Runtime's TensorRT execution provider first.
+        expected_sha256: the sha256 of `manifest.json` a deployment pinned (`nnslim inspect` prints
+            it): the files are verified against the manifest, and the manifest against this.
     """
     engine_dir = Path(engine_dir)
     if device not in DEVICES:
         raise InputError(f"device must be one of {DEVICES}, got {device!r}")
+    if expected_sha256 is not None and manifest_digest(engine_dir) != expected_sha256.strip().lower():
+        raise TamperedEngineError(f"{engine_dir}/manifest.json has sha256 {manifest_digest(engine_dir)}, not the pinned "
+                                  f"{expected_sha256}; the engine was changed since it was pinned: rebuild or re-pin it")
     manifest = read_manifest(engine_dir)
     spec = ModelSpec.from_manifest(manifest)
     choice, note = resolve_runtime(manifest, backend, precision, device)
@@ -219,6 +224,7 @@ class CaseResult:
     tiles: int  # network calls: windows evaluated x mirror passes
     windows: dict[str, int] = field(default_factory=dict)  # WindowReport
     label_voxels: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # why this case failed (its output was not written); None: it succeeded
 
 
 def segment_files(
@@ -228,6 +234,7 @@ def segment_files(
     options: InferenceOptions = InferenceOptions(),
     predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     existing: str = "refuse",
+    on_case: Callable[[CaseResult], None] | None = None,
 ) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
 
@@ -243,26 +250,41 @@ def segment_files(
         predictor: run this instead of the engine's own (e.g. PyTorch, for parity).
         existing: folder mode, outputs that already exist: "refuse" (default), "overwrite"
             (replaced, each logged) or "continue" (those cases are skipped).
+        on_case: called with each case's result as soon as it is written (or has failed).
+
+    In folder mode a case that cannot be read or segmented is reported (its `error`) and skipped;
+    the others go on. With a single case, its error is raised.
     """
     predictor = predictor or engine.predictor
     plans = plan_cases([Path(p) for p in inputs], Path(output), existing)
     passes = 2 ** len(window_config(engine.spec, options).mirror_axes)  # also fails early on a bad batch
+    folder = len(inputs) == 1 and Path(inputs[0]).is_dir()
     results = []
     for plan in plans:
         started = time.perf_counter()
-        check_case_fits(plan, engine.spec, engine.spec.patch_size)  # headers only, before allocating
-        volume = load_volume(plan.files, engine.spec.in_channels)
-        segmentation, report = segment_volume(volume, predictor, engine.spec, options)
-        path = save_segmentation(segmentation, volume.reference, plan.target)
-        counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
-        results.append(CaseResult(
-            name=volume.name,
-            output=path,
-            shape=segmentation.shape,
-            seconds=time.perf_counter() - started,
-            tiles=report.evaluated * passes,
-            windows=report.to_dict(),
-            label_voxels=_label_voxels(counts, engine.spec),
-        ))
-        logger.info("%s -> %s in %.1f s", volume.name, path, results[-1].seconds)
+        try:
+            results.append(_segment_case(engine, plan, predictor, options, passes, started))
+        except (NnslimError, OSError) as exc:
+            if not folder:  # one case: its error is the command's error
+                raise
+            # one bad case must not stop a folder: report it, write nothing for it, go on
+            logger.error("%s failed: %s", plan.target.name, exc)
+            results.append(CaseResult(name=plan.target.name, output=plan.target, shape=(), tiles=0,
+                                      seconds=time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"))
+        if on_case is not None:
+            on_case(results[-1])
     return results
+
+
+def _segment_case(engine: Engine, plan: Any, predictor: Callable[[torch.Tensor], torch.Tensor],
+                  options: InferenceOptions, passes: int, started: float) -> CaseResult:
+    check_case_fits(plan, engine.spec, engine.spec.patch_size)  # headers only, before allocating
+    volume = load_volume(plan.files, engine.spec.in_channels)
+    segmentation, report = segment_volume(volume, predictor, engine.spec, options)
+    path = save_segmentation(segmentation, volume.reference, plan.target)
+    counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
+    result = CaseResult(name=volume.name, output=path, shape=segmentation.shape, seconds=time.perf_counter() - started,
+                        tiles=report.evaluated * passes, windows=report.to_dict(),
+                        label_voxels=_label_voxels(counts, engine.spec))
+    logger.info("%s -> %s in %.1f s", volume.name, path, result.seconds)
+    return result

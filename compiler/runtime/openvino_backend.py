@@ -102,6 +102,9 @@ class OpenVinoPredictor:
         names = {name for port in self.compiled.inputs for name in port.get_names()}
         if input_name not in names:
             raise EngineError(f"{model_path} has inputs {sorted(names)}, expected {input_name!r}")
+        outputs = {name for port in self.compiled.outputs for name in port.get_names()}
+        if output_name not in outputs:
+            raise EngineError(f"{model_path} has outputs {sorted(outputs)}, expected {output_name!r}")
         self.input_name, self.output = input_name, self.compiled.output(output_name)
         self.request = self.compiled.create_infer_request()
         self.device = torch.device("cpu")

@@ -191,7 +191,8 @@ def test_reversible_preset_trains_and_builds_an_engine(tmp_path):
     data = _write_spheres(tmp_path / "spheres")
     result = train(TrainConfig(preset="rev-mbconv-unet", dataset=str(data), out_dir=str(tmp_path / "run"), epochs=1,
                                iterations_per_epoch=1, patch_size=(32, 32, 32), encoder_depths=(2, 1, 1, 1, 1)))
-    built = build_engine(BuildConfig(checkpoint=result.checkpoint, out_dir=tmp_path / "engine", parity_tiles=2))
+    built = build_engine(BuildConfig(checkpoint=result.checkpoint, out_dir=tmp_path / "engine", parity_tiles=2,
+                                     precision="fp32"))
     assert built.manifest["model"]["architecture"]["name"] == "rev_unet"
     assert built.parity.argmax_agreement >= 0.999  # the reversible sequences export as a plain graph
 

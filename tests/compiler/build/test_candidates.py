@@ -205,19 +205,15 @@ def test_auto_engine_overrides(auto_engine):
     assert engine.runtime == RuntimeChoice("onnxruntime", "fp32", "model.opt.onnx")
 
 
-# --- known bugs (see the xfail reasons; remove the mark with the fix) --------------------------------
+# --- regressions of bugs found while writing these tests ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.plan_build: any explicit precision with --backend auto plans "
-                                       "ONNX Runtime alone; meant for fp32 ('as before'), it drops OpenVINO int8")
 def test_explicit_int8_with_auto_backend_considers_openvino(checkpoint_path, synthetic_volume, tmp_path):
     plan = plan_build(BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path / "e", precision="int8",
                                   parity_volume=synthetic_volume))
     assert Candidate("openvino", "int8") in plan.candidates
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.plan_build: --precision bf16 with --backend auto plans ONNX "
-                                       "Runtime alone, which never runs bf16 (the CLI help says OpenVINO does)")
 def test_explicit_bf16_with_auto_backend_means_openvino(checkpoint_path, tmp_path):
     config = BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path / "e", precision="bf16")
     if cpu_has_bf16():
@@ -227,8 +223,6 @@ def test_explicit_bf16_with_auto_backend_means_openvino(checkpoint_path, tmp_pat
             plan_build(config)
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline._tolerance ignores BuildConfig.tolerance under precision 'auto' "
-                                       "without a word (the CLI refuses the combination; the library does not)")
 def test_a_tolerance_without_a_precision_is_refused(checkpoint_path, tmp_path):
     strict = ParityTolerance(max_rel_logit_error=0.0, min_argmax_agreement=1.0)
     with pytest.raises(BuildError, match="tolerance"):

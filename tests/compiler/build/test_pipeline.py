@@ -6,7 +6,7 @@ import pytest
 from nnslim.compiler.build.parity import ParityError, ParityTolerance
 from nnslim.compiler.build.pipeline import BuildConfig, BuildError, build_engine
 from nnslim.compiler.runtime.engine import load_engine
-from nnslim.compiler.runtime.errors import EngineError
+from nnslim.compiler.runtime.errors import EngineError, NnslimError
 from nnslim.compiler.runtime.manifest import read_manifest, sha256_file
 from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable
 
@@ -17,7 +17,8 @@ def test_manifest_records_io_stages_tools_and_hashes(engine_dir, checkpoint_path
     assert manifest["io"]["input"] == {"name": "image", "dtype": "float32", "shape": ["batch", 1, 16, 16, 16]}
     assert manifest["io"]["output"]["shape"] == ["batch", 3, 16, 16, 16]
     assert manifest["io"]["batch"] == {"min": 1, "opt": 2, "max": 2}
-    assert [s["name"] for s in manifest["stages"]] == ["load", "reparameterize", "export", "passes", "parity"]
+    assert [s["name"] for s in manifest["stages"]] == ["load", "reparameterize", "export", "passes", "select"]
+    assert manifest["precision"] == "fp32" and manifest["selection"]["requested"] == {"backend": "auto", "precision": "fp32"}
     assert set(manifest["files"]) == {"model.onnx", "model.opt.onnx", "report.md"}
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_file(engine_dir / name)
@@ -47,14 +48,14 @@ def test_failed_parity_writes_nothing(checkpoint_path, tmp_path):
     out = tmp_path / "engine"
     strict = ParityTolerance(max_rel_logit_error=0.0, min_argmax_agreement=1.0)
     with pytest.raises(ParityError, match="engine not written"):
-        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, tolerance=strict))
+        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, tolerance=strict, precision="fp32"))
     assert list(tmp_path.iterdir()) == []  # no engine and no staging directory left behind
 
 
 def test_refuses_to_overwrite_a_foreign_directory(checkpoint_path, tmp_path):
     (tmp_path / "keep.txt").write_text("user data")
-    with pytest.raises(BuildError, match="not an engine directory"):
-        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path))
+    with pytest.raises(NnslimError, match="not an nnslim engine"):
+        build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=tmp_path, precision="fp32"))
     assert (tmp_path / "keep.txt").read_text() == "user data"
 
 
@@ -80,9 +81,10 @@ def test_engine_from_another_backend_is_refused(engine_dir, tmp_path):
     copy = tmp_path / "engine"
     shutil.copytree(engine_dir, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
-    manifest["backend"] = "openvino"  # a backend this runtime does not have
+    manifest["backend"] = "quantum"  # a backend this runtime does not have (a newer nnslim's)
+    manifest.pop("selection")  # and no other checked choice to fall back to
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(EngineError, match="cannot run"):
+    with pytest.raises(EngineError, match="backend unknown to this nnslim"):
         load_engine(copy)
 
 
@@ -105,7 +107,7 @@ def test_build_engine_fuses_faster_fusion_and_batchnorm_first(tmp_path):
             bn.running_mean.copy_(torch.randn(bn.num_features, generator=generator) * 0.3)
             bn.running_var.copy_(torch.rand(bn.num_features, generator=generator) + 0.5)
     checkpoint = save_checkpoint(tmp_path / "ff.pt", model, metadata())
-    result = build_engine(BuildConfig(checkpoint=checkpoint, out_dir=tmp_path / "engine"))
+    result = build_engine(BuildConfig(checkpoint=checkpoint, out_dir=tmp_path / "engine", precision="fp32"))
     fused = result.manifest["model"]["reparameterization"]
     # FasterFusion: 2 + 2 encoder units (widths 16, 32) + 1 decoder unit (width 16); the width-8
     # stage keeps conv-BN units: 2 encoder + 1 decoder
@@ -152,3 +154,20 @@ def test_inspect_reports_ops_macs_and_manifest(engine_dir):
     assert summary.tensorrt_issues == [] and summary.manifest["backend"] == "onnxruntime"
     result = CliRunner().invoke(cli, ["inspect", str(engine_dir)])
     assert result.exit_code == 0 and "every node is supported" in result.output and "parity vs PyTorch" in result.output
+
+
+def test_a_pinned_manifest_digest_detects_an_edit_of_manifest_and_files_together(engine_dir, tmp_path):
+    import shutil
+
+    from nnslim.compiler.runtime.manifest import TamperedEngineError, manifest_digest
+
+    pinned = manifest_digest(engine_dir)
+    assert load_engine(engine_dir, expected_sha256=pinned.upper()).runtime.backend == "onnxruntime"
+    copy = tmp_path / "engine"
+    shutil.copytree(engine_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["labels"] = ["background", "tumour", "organ"]  # a consistent edit: the file hashes still match
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_engine(copy).spec.label_names[1] == "tumour"  # the hashes alone cannot see it
+    with pytest.raises(TamperedEngineError, match="not the pinned"):
+        load_engine(copy, expected_sha256=pinned)

@@ -222,3 +222,27 @@ def test_choose_recipe_keeps_the_best_by_agreement(graph, tiles, tmp_path):
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)  # the winner's file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.onnx"]  # scratch files removed
     assert scores[0].to_dict()["name"] == "minmax, int8 activations, float below 16 channels, float ends"
+
+
+def test_exported_demo_graph_has_the_same_structure(demo_graphs):
+    """The same properties on a real export (PyTorch -> ONNX -> graph passes -> Q/DQ), not just a hand-built one."""
+    g = Graph(demo_graphs.int8)
+    float_model = onnx.load(str(demo_graphs.fp32))
+    assert [n.op_type for n in g.model.graph.node if n.op_type == "InstanceNormalization"] == \
+        [n.op_type for n in float_model.graph.node if n.op_type == "InstanceNormalization"]
+    kept = float_layers(conv_layers(float_model), QuantRecipe())
+    assert sum(n.op_type == "ConvTranspose" and n.name not in kept for n in g.model.graph.node) == 3
+    for node in g.qdq:
+        zero_point = g.init[node.input[2]]
+        assert zero_point.dtype == np.int8 and not zero_point.any(), node.name
+    for node in g.model.graph.node:
+        if node.op_type == "InstanceNormalization":
+            assert g.made_by(node.input[0]) in ("Conv", "ConvTranspose"), node.name
+        if node.op_type in ("Conv", "ConvTranspose") and node.name not in kept:
+            weight_dq = g.producer[node.input[1]]
+            axis = next(a.i for a in weight_dq.attribute if a.name == "axis")
+            channels = g.init[weight_dq.input[0]].shape[0 if node.op_type == "Conv" else 1]
+            assert axis == (0 if node.op_type == "Conv" else 1) and g.init[weight_dq.input[1]].shape == (channels,)
+    assert {n.op_type for n in g.model.graph.node if n.name in kept} <= {"Conv"} and len(kept) == 2
+    assert not [n for n in g.consumers(g.model.graph.input[0].name) if n.op_type == "QuantizeLinear"]
+    assert g.made_by(g.model.graph.output[0].name) not in ("DequantizeLinear", "QuantizeLinear")

@@ -182,7 +182,8 @@ def test_no_runnable_choice_is_a_clear_error(monkeypatch):
 
 
 def two_backend_engine(engine_dir: Path, tmp_path: Path) -> Path:
-    """A copy of the fp32 engine whose selection says: OpenVINO fp32 won, ONNX Runtime fp32 passed too.
+    """A copy of the fp32 engine whose selection says: OpenVINO fp32 won, ONNX Runtime int8 missed its gate,
+    ONNX Runtime fp32 passed too.
 
     Both run the engine's own `model.opt.onnx`, so only the manifest changes and every file keeps its
     recorded hash (the runtime verifies them).
@@ -194,6 +195,8 @@ def two_backend_engine(engine_dir: Path, tmp_path: Path) -> Path:
     manifest.update(backend="openvino", precision="fp32")
     manifest["selection"]["candidates"] = [
         {"backend": "openvino", "precision": "fp32", "model": model, "passed": True},
+        # missed its gate at build time (its file was never kept): never a fallback
+        {"backend": "onnxruntime", "precision": "int8", "model": "model.int8.onnx", "passed": False},
         {"backend": "onnxruntime", "precision": "fp32", "model": model, "passed": True},
     ]
     (copy / "manifest.json").write_text(json.dumps(manifest))
@@ -252,7 +255,7 @@ def test_cache_root_follows_nnslim_cache(monkeypatch, tmp_path):
     assert backends.cache_root() == tmp_path
 
 
-# --- known bugs (see the xfail reasons; remove the mark with the fix) --------------------------------
+# --- regressions of bugs found while writing these tests ------------------------------------------
 
 TENSORRT_BUILD = {  # what a TensorRT build records: the plan, and the ONNX graph it checked on the CPU first
     "backend": "tensorrt", "precision": "fp32", "runtime_model": "engine.plan",
@@ -261,15 +264,11 @@ TENSORRT_BUILD = {  # what a TensorRT build records: the plan, and the ONNX grap
 }
 
 
-@pytest.mark.xfail(strict=True, reason="backends.resolve_runtime: device='cuda' with no --backend forces "
-                                       "backend='onnxruntime-cuda', so a TensorRT engine's plan is never chosen")
 def test_tensorrt_engine_on_the_cuda_device_runs_its_plan(monkeypatch):
     monkeypatch.setitem(BACKENDS, "tensorrt", dataclasses.replace(BACKENDS["tensorrt"], available=lambda: True))
     assert resolve_runtime(TENSORRT_BUILD, device="cuda") == (RuntimeChoice("tensorrt", "fp32", "engine.plan"), None)
 
 
-@pytest.mark.xfail(strict=True, reason="backends.resolve_runtime: get_backend() of a backend this nnslim does not "
-                                       "know raises InputError ('choose one of') instead of falling back")
 def test_engine_naming_an_unknown_backend_falls_back_to_a_known_one():
     newer = selection_manifest(("tflite", "fp32", "model.tflite", True), ("onnxruntime", "fp32", "model.opt.onnx", True))
     choice, note = resolve_runtime(newer)

@@ -104,8 +104,6 @@ def test_cpu_record_agrees_with_the_kernel():
         assert not cpu_has_bf16()
 
 
-@pytest.mark.xfail(strict=True, reason="openvino_backend.OpenVinoPredictor: a wrong output name escapes as "
-                                       "OpenVINO's RuntimeError from compiled.output(); inputs are checked, outputs not")
 def test_wrong_output_name_is_an_engine_error(demo_graphs):
     with pytest.raises(EngineError, match=r"has outputs \['logits'\], expected 'x'"):
         OpenVinoPredictor(demo_graphs.fp32, output_name="x")
