@@ -39,7 +39,7 @@ from nnslim.compiler.build.parity import (
 )
 from nnslim.compiler.build.passes import ParityProbe, PassManager, default_passes
 from nnslim.compiler.build.prune import PruneSettings, file_sizes, prune_for_deploy
-from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, choose_recipe
+from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, calibration_tiles_that_fit, choose_recipe
 from nnslim.compiler.build.source import Source, load_source
 from nnslim.compiler.build.reparam_stage import reparameterize_for_deploy
 from nnslim.compiler.runtime.errors import NnslimError
@@ -272,7 +272,9 @@ def _quantize(config: BuildConfig, plan: BuildPlan, source: Source, patch: tuple
               tiles: torch.Tensor, expected: torch.Tensor) -> tuple[Path, list[dict[str, Any]]]:
     """The int8 graph (`model.int8.onnx`), its recipe chosen by agreement as run by the int8 backend."""
     volumes = _calibration_volumes(config)
-    calibration = torch.cat([parity_tiles(patch, source.in_channels, config.calibration_tiles, volume,
+    per_volume = max(1, calibration_tiles_that_fit(staging / "model.opt.onnx", (source.in_channels, *patch),
+                                                   config.calibration_tiles * len(volumes)) // len(volumes))
+    calibration = torch.cat([parity_tiles(patch, source.in_channels, per_volume, volume,
                                           source.preprocessing, seed=1 + i)[0] for i, volume in enumerate(volumes)])
     # score recipes on the backend where int8 pays (OpenVINO's int8 kernels differ from ONNX Runtime's)
     int8_backends = [c.backend for c in plan.candidates if c.graph == "int8"]

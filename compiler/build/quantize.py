@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -159,6 +160,57 @@ def _named(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def calibration_bytes_per_tile(model: onnx.ModelProto, tile_shape: tuple[int, ...]) -> int:
+    """Bytes ONNX Runtime's calibrator keeps per tile: every conv's float input, which it records
+    for every tile before computing ranges (its own per-batch merge option drops data in the
+    installed version). Shapes come from shape inference with the batch set to 1."""
+    from onnx import shape_inference
+
+    static = onnx.ModelProto()
+    static.CopyFrom(model)
+    del static.graph.value_info[:]
+    dims = static.graph.input[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, (1, *tile_shape)):
+        dim.Clear()
+        dim.dim_value = int(size)
+    inferred = shape_inference.infer_shapes(static)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*inferred.graph.value_info, *inferred.graph.input)}
+    inputs = {node.input[0] for node in inferred.graph.node if node.op_type in QUANTIZED_OPS}
+    return sum(4 * int(np.prod(shapes[name])) for name in inputs if name in shapes and all(shapes[name]))
+
+
+def calibration_tiles_that_fit(fp32_path: Path, tile_shape: tuple[int, ...], requested: int,
+                               budget_fraction: float = 0.3) -> int:
+    """How many of `requested` calibration tiles fit in `budget_fraction` of this machine's memory."""
+    from nnslim.compiler.runtime.safety import machine_memory_bytes
+
+    # measured: the calibration session's own working memory is about as large again
+    per_tile = 2 * calibration_bytes_per_tile(onnx.load(str(fp32_path)), tile_shape)
+    memory = machine_memory_bytes()
+    if not memory or not per_tile:
+        return requested
+    fits = max(1, int(budget_fraction * memory // per_tile))
+    if fits < requested:
+        logger.warning("int8 calibration keeps %.1f GB per %s tile; calibrating on %d of %d tiles to stay within "
+                       "%.0f%% of this machine's %.1f GB", per_tile / 1e9, "x".join(map(str, tile_shape[1:])), fits,
+                       requested, 100 * budget_fraction, memory / 1e9)
+    return min(requested, fits)
+
+
+@contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs advice ("consider pre-processing") on the root logger at WARNING
+    for every call; nnslim's own log says what was quantized and how."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
 def quantize_int8(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray, recipe: QuantRecipe,
                   input_name: str = "image", cache_dir: Path | None = None) -> list[str]:
     """Write the Q/DQ int8 graph of `fp32_path` to `out_path`; returns the names of the convs kept in float.
@@ -191,13 +243,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray
     with tempfile.TemporaryDirectory(prefix="nnslim-quant-") as scratch:
         named = Path(scratch) / "named.onnx"
         onnx.save(model, str(named))
-        quantize_static(
-            str(named), str(out_path), _TileReader(input_name, calibration_tiles),
-            quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
-            activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=keep,
-            calibrate_method=method, extra_options=extra,
-            calibration_cache_path=cache_dir / f"ranges-{recipe.method}-{recipe.activations}.json" if cache_dir else None,
-        )
+        with _quiet_root_logger():
+            quantize_static(
+                str(named), str(out_path), _TileReader(input_name, calibration_tiles),
+                quant_format=QuantFormat.QDQ, op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                activation_type=QuantType.QInt8 if signed else QuantType.QUInt8, weight_type=QuantType.QInt8,
+                nodes_to_exclude=keep, calibrate_method=method, extra_options=extra,
+                calibration_cache_path=cache_dir / f"ranges-{recipe.method}-{recipe.activations}.json" if cache_dir else None,
+            )
     return keep
 
 

@@ -246,3 +246,15 @@ def test_exported_demo_graph_has_the_same_structure(demo_graphs):
     assert {n.op_type for n in g.model.graph.node if n.name in kept} <= {"Conv"} and len(kept) == 2
     assert not [n for n in g.consumers(g.model.graph.input[0].name) if n.op_type == "QuantizeLinear"]
     assert g.made_by(g.model.graph.output[0].name) not in ("DequantizeLinear", "QuantizeLinear")
+
+
+def test_calibration_memory_is_estimated_from_the_conv_inputs_at_the_tile_size(graph):
+    from nnslim.compiler.build.quantize import calibration_bytes_per_tile, calibration_tiles_that_fit
+
+    model = onnx.load(str(graph))
+    # conv inputs: image 1 x P^3, stem 4 x P^3, down 16 x (P/2)^3, up 8 x P^3, mid 16 x P^3 (float32)
+    for p in (8, 16):
+        expected = 4 * (1 * p**3 + 4 * p**3 + 16 * (p // 2) ** 3 + 8 * p**3 + 16 * p**3)
+        assert calibration_bytes_per_tile(model, (1, p, p, p)) == expected
+    assert calibration_tiles_that_fit(graph, (1, 8, 8, 8), requested=4) == 4  # tiny tiles: all of them
+    assert calibration_tiles_that_fit(graph, (1, 8, 8, 8), requested=4, budget_fraction=1e-12) == 1  # never 0
