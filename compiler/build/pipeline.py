@@ -38,6 +38,7 @@ from nnslim.compiler.build.parity import (
     torch_agreement,
 )
 from nnslim.compiler.build.passes import ParityProbe, PassManager, default_passes
+from nnslim.compiler.build.passes.tensorrt_support import tensorrt_qdq_issues
 from nnslim.compiler.build.prune import PruneSettings, file_sizes, prune_for_deploy
 from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, calibration_tiles_that_fit, choose_recipe
 from nnslim.compiler.build.source import Source, load_source
@@ -228,9 +229,17 @@ def _tensorrt_plan(config: BuildConfig) -> BuildPlan:
                                  "or openvino")
     precision = "fp32" if config.precision == AUTO else config.precision
     if precision not in get_backend("tensorrt").precisions():
-        raise BuildError(f"TensorRT engines are built in fp32 or fp16 here, not {precision}")
-    # the ONNX graph is checked with ONNX Runtime on the CPU first, the plan on the GPU after
-    return BuildPlan(True, precision, (Candidate("onnxruntime", precision),), ())
+        raise BuildError(f"TensorRT engines are built in {', '.join(get_backend('tensorrt').precisions())} here, "
+                         f"not {precision}")
+    if precision == "int8" and not _calibration_volumes(config):
+        raise BuildError("a TensorRT int8 build needs real calibration tiles: give --parity-volume or --calibration")
+    if precision == "int8" and config.trt_fp16_mode == "flag":
+        raise BuildError("--trt-fp16-mode flag is for fp16; int8 is built from the Q/DQ graph, strongly typed "
+                         "(drop --trt-fp16-mode)")
+    # the ONNX graph is checked with ONNX Runtime on the CPU first, the plan on the GPU after; int8 is the
+    # Q/DQ graph made from the fp32 graph (`_quantize`), so the passes run in fp32
+    graph = "fp32" if precision == "int8" else precision
+    return BuildPlan(True, graph, (Candidate("onnxruntime", precision),), ())
 
 
 def _calibration_volumes(config: BuildConfig) -> tuple[Path, ...]:
@@ -279,12 +288,13 @@ def _quantize(config: BuildConfig, plan: BuildPlan, source: Source, patch: tuple
     # score recipes on the backend where int8 pays (OpenVINO's int8 kernels differ from ONNX Runtime's)
     int8_backends = [c.backend for c in plan.candidates if c.graph == "int8"]
     backend = "openvino" if "openvino" in int8_backends else int8_backends[0]
+    # a TensorRT build: the symmetric recipes only, quantized into TensorRT's form, scored by ONNX Runtime
     recipes = DEFAULT_RECIPES
-    if get_backend(backend).device == "cpu" and not cpu_has_vnni():  # see nnslim.compiler.build.quantize
+    if not plan.tensorrt and get_backend(backend).device == "cpu" and not cpu_has_vnni():  # see build.quantize
         recipes = (*DEFAULT_RECIPES, *UINT8_RECIPES)
     scores = choose_recipe(staging / "model.opt.onnx", staging / "model.int8.onnx", calibration.numpy(), tiles,
                            expected, lambda path: open_predictor(backend, OpenRequest(path, precision="int8")),
-                           recipes, config.batch_size)
+                           recipes, config.batch_size, tensorrt=plan.tensorrt)
     return staging / "model.int8.onnx", [s.to_dict() for s in scores]
 
 
@@ -315,14 +325,24 @@ def _check_within(parity: ParityReport, tolerance: ParityTolerance, runtime: str
 
 
 def _build_tensorrt(config: BuildConfig, staging: Path, in_channels: int, patch: tuple[int, int, int]) -> dict[str, Any]:
+    """The plan from the graph of the requested precision; the record names the graph TensorRT parsed."""
+    precision = "fp32" if config.precision == AUTO else config.precision
     settings = TrtBuildSettings(
-        max_batch=config.batch_size, precision="fp32" if config.precision == AUTO else config.precision,
+        max_batch=config.batch_size, precision=precision,
         fp16_mode=config.trt_fp16_mode, workspace_bytes=config.trt_workspace_mb << 20,
         optimization_level=config.trt_optimization_level, sparse_weights=config.prune.two_four,
     )
-    onnx_file = staging / ("model.onnx" if config.trt_fp16_mode == "flag" else "model.opt.onnx")
-    return build_plan(onnx_file, staging / "engine.plan", settings, "image", (in_channels, *patch),
-                      sha256_file(onnx_file), config.engine_cache, config.timing_cache)
+    if precision == "int8":  # explicit quantization: the Q/DQ graph, strongly typed (TensorRT 10 and 11)
+        onnx_file = staging / "model.int8.onnx"
+        issues = tensorrt_qdq_issues(onnx.load(str(onnx_file)))
+        if issues:
+            raise BuildError(f"{onnx_file.name} is not a Q/DQ graph TensorRT takes ({len(issues)} issue(s)):\n  "
+                             + "\n  ".join(issues[:20]))
+    else:
+        onnx_file = staging / ("model.onnx" if config.trt_fp16_mode == "flag" else "model.opt.onnx")
+    record = build_plan(onnx_file, staging / "engine.plan", settings, "image", (in_channels, *patch),
+                        sha256_file(onnx_file), config.engine_cache, config.timing_cache)
+    return {**record, "onnx_model": onnx_file.name}
 
 
 def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[int, int, int]:

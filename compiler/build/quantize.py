@@ -8,6 +8,9 @@ where `range` comes from calibration: the largest |x| (MinMax), a percentile of 
 or the threshold that minimizes the KL divergence between the float and quantized histograms
 (Entropy). Weights get one scale per output channel (axis 0 of a Conv weight, axis 1 of a
 ConvTranspose weight, whose layout is `[C_in, C_out, ...]`); activations one scale per tensor.
+For a TensorRT build (`tensorrt=True`) ConvTranspose weights are scaled on axis 0 instead, the axis
+TensorRT's deconvolution kernels take, and only the quantized convs read dequantized tensors (see
+`nnslim.compiler.build.passes.tensorrt_support.tensorrt_qdq_issues`).
 
 Only Conv and ConvTranspose are quantized, so InstanceNormalization, the nonlinearities, Softmax
 and the graph's input and output stay float; biases stay float too (TensorRT fuses float biases;
@@ -187,15 +190,25 @@ def calibration_tiles_that_fit(fp32_path: Path, tile_shape: tuple[int, ...], req
 
     # measured: the calibration session's own working memory is about as large again
     per_tile = 2 * calibration_bytes_per_tile(onnx.load(str(fp32_path)), tile_shape)
-    memory = machine_memory_bytes()
+    memory = _available_memory_bytes() or machine_memory_bytes()
     if not memory or not per_tile:
         return requested
     fits = max(1, int(budget_fraction * memory // per_tile))
     if fits < requested:
-        logger.warning("int8 calibration keeps %.1f GB per %s tile; calibrating on %d of %d tiles to stay within "
-                       "%.0f%% of this machine's %.1f GB", per_tile / 1e9, "x".join(map(str, tile_shape[1:])), fits,
-                       requested, 100 * budget_fraction, memory / 1e9)
+        logger.warning("int8 calibration needs about %.1f GB per %s tile; calibrating on %d of %d tiles to stay "
+                       "within %.0f%% of the %.1f GB available", per_tile / 1e9, "x".join(map(str, tile_shape[1:])),
+                       fits, requested, 100 * budget_fraction, memory / 1e9)
     return min(requested, fits)
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (Linux): what this build can use without pushing others out."""
+    try:
+        with open("/proc/meminfo") as info:
+            line = next((ln for ln in info if ln.startswith("MemAvailable:")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024 if line else None
 
 
 @contextmanager
@@ -212,17 +225,23 @@ def _quiet_root_logger():
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray, recipe: QuantRecipe,
-                  input_name: str = "image", cache_dir: Path | None = None) -> list[str]:
+                  input_name: str = "image", cache_dir: Path | None = None, tensorrt: bool = False) -> list[str]:
     """Write the Q/DQ int8 graph of `fp32_path` to `out_path`; returns the names of the convs kept in float.
 
     Args:
+        tensorrt: make the form TensorRT's explicit quantization takes (`passes.tensorrt_support`):
+            weight scales on the axes its kernels use (`TENSORRT_WEIGHT_AXES`; ONNX Runtime's default
+            for ConvTranspose differs), and Q/DQ on the inputs of the quantized convs only.
         cache_dir: where to keep the calibrated tensor ranges, one file per (method, activation
             type), so recipes that differ only in which layers stay in float calibrate once. The
             first recipe of a method must keep the fewest layers in float (it calibrates the most tensors).
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    from nnslim.compiler.build.passes.tensorrt_support import TENSORRT_WEIGHT_AXES
+
     model = _named(onnx.load(str(fp32_path)))
+    weight_axes = TENSORRT_WEIGHT_AXES if tensorrt else {}
     layers = conv_layers(model)
     if not layers:
         raise QuantizationError(f"{fp32_path} has no Conv/ConvTranspose layers to quantize")
@@ -239,6 +258,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray
         "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS),
         "CalibPercentile": 99.999,
         "CalibTensorRangeSymmetric": signed,
+        # the per-channel axis of a weight, where the caller's backend needs another than ONNX Runtime's
+        # default (its per-op-type option does not reach Conv / ConvTranspose, a per-tensor override does)
+        "TensorQuantOverrides": {node.input[1]: [{"axis": weight_axes[node.op_type]}] for node in model.graph.node
+                                 if node.op_type in weight_axes and node.name not in keep},
+        # ONNX Runtime widens weight scales so that an int32 bias would be representable, assuming one weight
+        # scale per output channel; biases stay float here, and with ConvTranspose scales per input channel
+        # that assumption indexes past the bias
+        "QDQDisableWeightAdjustForInt32Bias": bool(weight_axes),
     }
     with tempfile.TemporaryDirectory(prefix="nnslim-quant-") as scratch:
         named = Path(scratch) / "named.onnx"
@@ -251,7 +278,36 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray
                 nodes_to_exclude=keep, calibrate_method=method, extra_options=extra,
                 calibration_cache_path=cache_dir / f"ranges-{recipe.method}-{recipe.activations}.json" if cache_dir else None,
             )
+    if tensorrt:
+        quantized = onnx.load(str(out_path))
+        if _float_into_unquantized_consumers(quantized, set(keep)):
+            onnx.save(quantized, str(out_path))
     return keep
+
+
+def _float_into_unquantized_consumers(model: onnx.ModelProto, float_convs: set[str]) -> int:
+    """Give every op that is not a quantized conv the float tensor instead of its dequantized copy.
+
+    ONNX Runtime rewires every reader of a quantized activation to the DequantizeLinear, so a skip
+    connection's Concat (or a conv kept in float) would read the int8-rounded copy only the conv
+    needs; TensorRT would have to run that DequantizeLinear on its own. Returns the inputs rewired.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    float_of = {}
+    for node in model.graph.node:
+        quantize = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            float_of[node.output[0]] = quantize.input[0]
+    rewired = 0
+    for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") or (
+                node.op_type in QUANTIZED_OPS and node.name not in float_convs):
+            continue
+        for index, tensor in enumerate(node.input):
+            if tensor in float_of:
+                node.input[index] = float_of[tensor]
+                rewired += 1
+    return rewired
 
 
 @dataclass(frozen=True)
@@ -268,13 +324,15 @@ class RecipeScore:
 
 def choose_recipe(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray, evaluation_tiles: torch.Tensor,
                   reference_logits: torch.Tensor, open_predictor: Callable[[Path], Callable[[torch.Tensor], torch.Tensor]],
-                  recipes: tuple[QuantRecipe, ...] = DEFAULT_RECIPES, batch_size: int = 2) -> list[RecipeScore]:
+                  recipes: tuple[QuantRecipe, ...] = DEFAULT_RECIPES, batch_size: int = 2,
+                  tensorrt: bool = False) -> list[RecipeScore]:
     """Quantize with every recipe, score each on the evaluation tiles, leave the best at `out_path`.
 
     Args:
         open_predictor: opens an int8 graph with the backend that will run it (OpenVINO or ONNX
             Runtime), so the score is what that backend computes.
         reference_logits: PyTorch fp32 logits of `evaluation_tiles`.
+        tensorrt: quantize into the form TensorRT takes (see `quantize_int8`).
 
     Returns:
         Every recipe's score, best first.
@@ -284,7 +342,8 @@ def choose_recipe(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray
     try:
         for index, recipe in enumerate(recipes):
             candidate = scratch / f"recipe{index}.onnx"
-            keep = quantize_int8(fp32_path, candidate, calibration_tiles, recipe, cache_dir=scratch)
+            keep = quantize_int8(fp32_path, candidate, calibration_tiles, recipe, cache_dir=scratch,
+                                 tensorrt=tensorrt)
             predict = open_predictor(candidate)
             logits = torch.cat([predict(evaluation_tiles[i : i + batch_size]).float().cpu()
                                 for i in range(0, len(evaluation_tiles), batch_size)])

@@ -14,6 +14,10 @@ Written against the TensorRT 10.x and 11.x Python API (the module itself comes f
   gone and `STRONGLY_TYPED` is implied); on TensorRT 10, `fp16_mode="flag"` instead parses the
   fp32 graph weakly typed and sets `BuilderFlag.FP16`. An fp32 build needs no flag, so
   `fp16_mode="flag"` with fp32 is accepted on TensorRT 11 too.
+- int8: explicit quantization only. The caller parses the Q/DQ graph (`model.int8.onnx`, symmetric
+  int8 checked by `passes.tensorrt_support.tensorrt_qdq_issues`) strongly typed on TensorRT 10 and
+  11 alike: no `BuilderFlag.INT8` and no calibrator (both gone in 11, and needless in 10, where
+  TensorRT's "Explicit Quantization" guide says to use strong typing and no precision flags).
 - Cache: plans are stored under a key of the ONNX file's sha256, the TensorRT version, the GPU's
   compute capability and the build settings, so a rebuild with the same inputs is a copy.
 - Timing cache: the file the user names is keyed by TensorRT version and GPU
@@ -51,6 +55,8 @@ from nnslim.compiler.runtime.tensorrt_runtime import (
 
 logger = logging.getLogger(__name__)
 
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: the Q/DQ graph (explicit quantization), never a builder flag
+
 
 class TensorRTBuildError(NnslimError):
     """TensorRT could not parse or build the network."""
@@ -64,7 +70,7 @@ class TrtBuildSettings:
         max_batch: the profile's max (and opt) batch; min is 1.
         fp16_mode: "typed" (use the graph's own types; the fp16 pass made it fp16) or "flag"
             (TensorRT 10 only: weakly typed fp32 graph plus BuilderFlag.FP16).
-        precision: "fp32" or "fp16", what the graph / flag gives.
+        precision: "fp32", "fp16" or "int8", what the graph (or TensorRT 10's FP16 flag) gives.
         workspace_bytes: the WORKSPACE memory pool limit.
         optimization_level: builder optimization level 0..5 (TensorRT's default is 3).
         sparse_weights: allow 2:4 sparse kernels (SPARSE_WEIGHTS), for 2:4-pruned models.
@@ -80,8 +86,12 @@ class TrtBuildSettings:
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {self.max_batch}")
-        if self.precision not in ("fp32", "fp16") or self.fp16_mode not in ("typed", "flag"):
-            raise ValueError(f"precision fp32|fp16 and fp16_mode typed|flag, got {self.precision}, {self.fp16_mode}")
+        if self.precision not in PRECISIONS or self.fp16_mode not in ("typed", "flag"):
+            raise ValueError(f"precision {'|'.join(PRECISIONS)} and fp16_mode typed|flag, got {self.precision}, "
+                             f"{self.fp16_mode}")
+        if self.precision == "int8" and self.fp16_mode == "flag":
+            raise ValueError("int8 comes from the Q/DQ graph parsed strongly typed; fp16_mode 'flag' (a weakly typed "
+                             "fp32 graph) cannot carry it: use fp16_mode 'typed'")
         if not 0 <= self.optimization_level <= 5:
             raise ValueError(f"optimization level must be 0..5, got {self.optimization_level}")
 
@@ -112,7 +122,8 @@ def timing_cache_path(base: Path, tensorrt_version: str, gpu: dict[str, Any]) ->
 
 
 def network_flags(trt: Any, settings: TrtBuildSettings) -> int:
-    """`create_network` flags: strongly typed, except TensorRT 10's weakly typed fp16-flag build."""
+    """`create_network` flags: strongly typed (fp32, fp16 and int8 graphs alike), except TensorRT 10's
+    weakly typed fp16-flag build."""
     major = int(trt.__version__.split(".")[0])
     if settings.fp16_mode == "flag":
         if major >= 11 and settings.precision == "fp16":

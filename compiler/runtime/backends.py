@@ -122,7 +122,8 @@ BACKENDS: dict[str, Backend] = {
         Backend("onnxruntime-cuda", "cuda", "onnx", lambda: _has("onnxruntime") and _cuda(), lambda: ("fp32", "fp16"),
                 _open_onnxruntime_cuda),
         Backend("openvino", "cpu", "onnx", lambda: _has("openvino"), _openvino_precisions, _open_openvino),
-        Backend("tensorrt", "cuda", "plan", _tensorrt_available, lambda: ("fp32", "fp16"), _open_tensorrt),
+        # int8: a plan built from the Q/DQ graph (explicit quantization, TensorRT 10 and 11)
+        Backend("tensorrt", "cuda", "plan", _tensorrt_available, lambda: ("fp32", "fp16", "int8"), _open_tensorrt),
     )
 }
 

@@ -272,3 +272,67 @@ def test_without_a_gpu_the_table_uses_this_versions_opset_limit():
 
     assert max_opset(trt.__version__) >= 22  # both wheels tested are past 10.15
     assert model_tensorrt_incompatibilities(_two_node_model(22)) == []  # the real Builder factory returns NULL here
+
+
+# ---------------------------------------------------------------- int8: the Q/DQ graph, strongly typed
+
+def _int8_staging(tmp_path, tensorrt_form=True):
+    """An engine staging folder holding a real Q/DQ graph quantized by ONNX Runtime (signed, TensorRT's
+    form; or the uint8 CPU-only form)."""
+    import numpy as np
+
+    from nnslim.compiler.build.quantize import UINT8_RECIPES, QuantRecipe, quantize_int8
+    from tests.compiler.build.test_quantize import write_graph
+
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    tiles = np.random.default_rng(1).standard_normal((2, 1, 8, 8, 8)).astype(np.float32)
+    recipe = QuantRecipe() if tensorrt_form else UINT8_RECIPES[0]
+    quantize_int8(write_graph(tmp_path / "model.opt.onnx"), staging / "model.int8.onnx", tiles, recipe,
+                  tensorrt=tensorrt_form)
+    return staging
+
+
+def _int8_config(tmp_path, **overrides):
+    from nnslim.compiler.build.pipeline import BuildConfig
+
+    fields = dict(checkpoint=tmp_path / "model.pt", out_dir=tmp_path / "engine", backend="tensorrt", precision="int8",
+                  parity_volume=tmp_path / "volume.nii.gz", engine_cache=tmp_path / "cache")
+    return BuildConfig(**{**fields, **overrides})
+
+
+def test_int8_build_parses_the_qdq_graph_strongly_typed_without_an_int8_flag(factories, tmp_path):
+    from nnslim.compiler.build.pipeline import _build_tensorrt
+
+    staging = _int8_staging(tmp_path)
+    record = _build_tensorrt(_int8_config(tmp_path), staging, 1, (8, 8, 8))
+    builder, config = factories.of(trt.Builder), factories.of(trt.IBuilderConfig)
+    strongly_typed = 0 if MAJOR >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    builder.create_network.assert_called_once_with(strongly_typed)
+    factories.of(trt.OnnxParser).parse_from_file.assert_called_once_with(str(staging / "model.int8.onnx"))
+    assert not config.set_flag.called, config.set_flag.call_args_list  # no INT8 (gone in 11), no FP16
+    assert not [c for c in config.mock_calls if "calibrat" in str(c) or "INT8" in str(c)], config.mock_calls
+    assert record["onnx_model"] == "model.int8.onnx" and record["settings"]["precision"] == "int8"
+    assert (staging / "engine.plan").read_bytes() == b"PLAN"
+
+
+def test_int8_build_refuses_a_graph_tensorrt_would_not_take_before_any_builder(factories, tmp_path):
+    from nnslim.compiler.build.pipeline import BuildError, _build_tensorrt
+
+    staging = _int8_staging(tmp_path, tensorrt_form=False)
+    with pytest.raises(BuildError, match="(?s)not a Q/DQ graph TensorRT takes.*zero point of type uint8"):
+        _build_tensorrt(_int8_config(tmp_path), staging, 1, (8, 8, 8))
+    assert factories.made == []
+
+
+def test_int8_build_plan_checks_the_qdq_graph_on_onnx_runtime_first(gpu, tmp_path):
+    from nnslim.compiler.build.candidates import Candidate
+    from nnslim.compiler.build.pipeline import BuildError, plan_build
+
+    plan = plan_build(_int8_config(tmp_path))
+    assert (plan.tensorrt, plan.graph_precision, plan.candidates) == (True, "fp32", (Candidate("onnxruntime", "int8"),))
+    assert plan_build(_int8_config(tmp_path, precision="auto")).candidates == (Candidate("onnxruntime", "fp32"),)
+    with pytest.raises(BuildError, match="needs real calibration tiles"):
+        plan_build(_int8_config(tmp_path, parity_volume=None))
+    with pytest.raises(BuildError, match="--trt-fp16-mode flag is for fp16"):
+        plan_build(_int8_config(tmp_path, trt_fp16_mode="flag"))

@@ -5,6 +5,9 @@ and the unsupported subgraphs it reports). Otherwise a table does: the operator 
 from onnx-tensorrt's operator support matrix (docs/operators.md), restrictions are checked for the
 operators a U-Net export uses, and the highest opset depends on the TensorRT version
 (`OPSET_LIMITS`). Operators of a non-default domain need a TensorRT plugin and are reported too.
+
+For int8, `tensorrt_qdq_issues` checks that a Q/DQ graph has the form TensorRT's explicit
+quantization takes (symmetric int8, weight scales on the axis its kernels use, Q/DQ only on conv inputs).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import numpy_helper
 
 from nnslim.compiler.build.passes.base import PassError, PassResult
 from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable, create, import_tensorrt
@@ -193,3 +197,95 @@ class CheckTensorRTCompatibilityPass:
             f"{len(self.incompatibilities)} node(s) TensorRT cannot parse: "
             + "; ".join(map(str, self.incompatibilities[:10])))
         return PassResult(0, verdict)
+
+
+# ---------------------------------------------------------------- int8: the Q/DQ form TensorRT takes
+#
+# TensorRT quantizes explicitly (the only int8 of TensorRT 11): it reads QuantizeLinear /
+# DequantizeLinear pairs and fuses them into the op they feed. What it takes, and how nnslim's graph
+# meets it:
+# - symmetric only: "zeroPt must only contain zero-valued coefficients, because only symmetric
+#   quantization is supported"; scales strictly positive; a scalar scale per tensor or a 1-D scale
+#   per channel (IDequantizeLayer reference, TensorRT 10.x). So int8 with zero point 0: the uint8
+#   recipes (asymmetric activations, for CPUs without VNNI) never reach a TensorRT build.
+# - activations per tensor, weights per channel on the output channels of a Conv (axis 0 of its
+#   `[C_out, C_in, ...]` weight). ConvTranspose is the exception: TensorRT's deconvolution int8
+#   kernels take one scale per channel of axis 0 of the ONNX weight `[C_in, C_out / group, ...]`
+#   (NVIDIA/TensorRT#2380: "We don't support per-output-channel quant for ConvTranspose", the
+#   kernels "assume per-input-channel quant"; NVIDIA/TensorRT#1694 and NVIDIA's own quantization
+#   toolkits, pytorch-quantization and TensorRT Model Optimizer, set axis 0 for ConvTranspose
+#   weights). ONNX Runtime's default is axis 1, so a TensorRT build quantizes with
+#   `quantize_int8(..., tensorrt=True)`, which sets TENSORRT_WEIGHT_AXES.
+# - Q/DQ only where TensorRT fuses them: here the data and weight inputs of Conv / ConvTranspose;
+#   a DequantizeLinear feeding anything else would leave an int8 tensor TensorRT must convert back.
+TENSORRT_WEIGHT_AXES = {"Conv": 0, "ConvTranspose": 0}
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def _qdq_node_issues(node: onnx.NodeProto, init: dict[str, np.ndarray]) -> list[str]:
+    """Type, zero point and scale of one QuantizeLinear / DequantizeLinear."""
+    name, issues = node.name or node.output[0], []
+    scale = init.get(node.input[1])
+    if scale is None:
+        issues.append(f"{node.op_type} {name!r}: its scale {node.input[1]!r} is not an initializer (TensorRT needs a "
+                      "build-time constant)")
+    elif scale.ndim > 1 or not np.all(scale > 0):
+        issues.append(f"{node.op_type} {name!r}: scale must be a positive scalar or 1-D tensor, got shape "
+                      f"{scale.shape}, min {float(scale.min()):.3g}")
+    zero_point = init.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if zero_point is None and len(node.input) > 2 and node.input[2]:
+        issues.append(f"{node.op_type} {name!r}: zero point {node.input[2]!r} is not an initializer")
+    elif zero_point is not None and zero_point.dtype != np.int8:
+        issues.append(f"{node.op_type} {name!r}: zero point of type {zero_point.dtype} (TensorRT takes int8 only; "
+                      "a uint8 recipe's graph runs on CPU backends only)")
+    elif zero_point is not None and zero_point.any():
+        issues.append(f"{node.op_type} {name!r}: non-zero zero point {zero_point.ravel()[:4].tolist()} (TensorRT "
+                      "quantizes symmetrically only)")
+    return issues
+
+
+def _placement_issues(node: onnx.NodeProto, consumers: list[tuple[onnx.NodeProto, int]],
+                      init: dict[str, np.ndarray]) -> list[str]:
+    """Where one DequantizeLinear sits: it must feed only a conv's data or weight, on the right axis."""
+    name = node.name or node.output[0]
+    wrong = [f"{c.op_type} {c.name!r} input {i}" for c, i in consumers
+             if c.op_type not in TENSORRT_WEIGHT_AXES or i > 1]
+    if wrong or not consumers:
+        return [f"DequantizeLinear {name!r} feeds {', '.join(wrong) or 'nothing'}: TensorRT fuses Q/DQ only into "
+                f"the data and weight inputs of {'/'.join(TENSORRT_WEIGHT_AXES)} here"]
+    scale = init.get(node.input[1])
+    per_channel = scale is not None and scale.ndim == 1 and scale.size > 1
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    issues = []
+    for consumer, index in consumers:
+        if index == 0 and per_channel:
+            issues.append(f"DequantizeLinear {name!r}: activation of {consumer.name!r} quantized per channel "
+                          "(TensorRT takes one scale per activation tensor)")
+        if index == 1 and per_channel and axis != TENSORRT_WEIGHT_AXES[consumer.op_type]:
+            issues.append(f"DequantizeLinear {name!r}: {consumer.op_type} {consumer.name!r} weight scales on axis "
+                          f"{axis}; TensorRT needs axis {TENSORRT_WEIGHT_AXES[consumer.op_type]} "
+                          "(quantize with quantize_int8(..., tensorrt=True))")
+    return issues
+
+
+def tensorrt_qdq_issues(model: onnx.ModelProto) -> list[str]:
+    """Why TensorRT's explicit quantization would refuse or mis-handle this Q/DQ graph (empty: it takes it)."""
+    init = _initializers(model)
+    consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for index, tensor in enumerate(node.input):
+            consumers.setdefault(tensor, []).append((node, index))
+    issues = []
+    for node in model.graph.node:
+        if node.op_type not in QDQ_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        issues += _qdq_node_issues(node, init)
+        if node.op_type == "DequantizeLinear":
+            issues += _placement_issues(node, consumers.get(node.output[0], []), init)
+        elif any(c.op_type != "DequantizeLinear" for c, _ in consumers.get(node.output[0], [])):
+            issues.append(f"QuantizeLinear {node.name or node.output[0]!r} feeds an op other than DequantizeLinear")
+    return issues

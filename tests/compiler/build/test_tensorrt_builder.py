@@ -33,6 +33,7 @@ def test_cache_key_is_stable_and_changes_with_every_input():
         cache_key(SHA, "10.9.0", (8, 9), settings, (1, 96, 96, 96)),
         cache_key(SHA, "10.9.0", (8, 6), replace(settings, max_batch=4), (1, 96, 96, 96)),
         cache_key(SHA, "10.9.0", (8, 6), replace(settings, precision="fp16"), (1, 96, 96, 96)),
+        cache_key(SHA, "10.9.0", (8, 6), replace(settings, precision="int8"), (1, 96, 96, 96)),
         cache_key(SHA, "10.9.0", (8, 6), replace(settings, sparse_weights=True), (1, 96, 96, 96)),
         cache_key(SHA, "10.9.0", (8, 6), replace(settings, optimization_level=5), (1, 96, 96, 96)),
         cache_key(SHA, "10.9.0", (8, 6), settings, (1, 64, 96, 96)),
@@ -46,6 +47,11 @@ def test_build_settings_are_checked():
     with pytest.raises(ValueError, match="max_batch"):
         TrtBuildSettings(max_batch=0)
     TrtBuildSettings(fp16_mode="flag", precision="fp32")  # accepted: no flag to set (TensorRT 11 too)
+    assert TrtBuildSettings(precision="int8").precision == "int8"  # the Q/DQ graph, strongly typed
+    with pytest.raises(ValueError, match="int8 comes from the Q/DQ graph parsed strongly typed"):
+        TrtBuildSettings(precision="int8", fp16_mode="flag")
+    with pytest.raises(ValueError, match=r"precision fp32\|fp16\|int8"):
+        TrtBuildSettings(precision="bf16")
 
 
 def test_timing_cache_file_is_keyed_by_tensorrt_version_and_gpu():
@@ -102,6 +108,31 @@ def test_tensorrt_engine_builds_matches_pytorch_and_hits_the_cache(checkpoint_pa
     tiles = torch.randn(2, 1, 16, 16, 16, device="cuda")
     assert engine.predictor(tiles[:1]).shape == (1, 3, 16, 16, 16)  # any batch up to the profile maximum
     assert engine.predictor(tiles).shape == (2, 3, 16, 16, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_tensorrt_int8_plan_from_the_qdq_graph_matches_pytorch_within_the_int8_gate(mni_raw, tmp_path):
+    """The trained demo model (a random one's logits are near ties: int8 agreement measures the ties)."""
+    import onnx
+
+    from nnslim.compiler.build.parity import ParityTolerance
+    from nnslim.compiler.build.passes.tensorrt_support import tensorrt_qdq_issues
+    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.runtime.engine import load_engine
+    from tests.conftest import DEMO_MODEL, DEMO_PATCH
+
+    result = build_engine(BuildConfig(checkpoint=DEMO_MODEL, out_dir=tmp_path / "e", backend="tensorrt",
+                                      precision="int8", patch_size=DEMO_PATCH, engine_cache=tmp_path / "cache",
+                                      parity_volume=mni_raw / "imagesTr" / "mni_0000.nii.gz"))
+    manifest = result.manifest
+    assert (manifest["backend"], manifest["precision"]) == ("tensorrt", "int8")
+    assert manifest["tensorrt"]["onnx_model"] == "model.int8.onnx"  # the graph TensorRT parsed
+    assert manifest["tensorrt"]["settings"]["precision"] == "int8"
+    assert tensorrt_qdq_issues(onnx.load(str(tmp_path / "e" / "model.int8.onnx"))) == []
+    assert result.parity.within(ParityTolerance.for_precision("int8")), result.parity  # the plan, on the GPU
+    engine = load_engine(tmp_path / "e")
+    assert engine.predictor(torch.randn(2, 1, *DEMO_PATCH, device="cuda")).shape == (2, 3, *DEMO_PATCH)
 
 
 @pytest.mark.gpu
