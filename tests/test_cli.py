@@ -338,3 +338,35 @@ def test_a_corrupt_case_in_a_folder_is_reported_and_the_others_are_written(engin
     # a second run with --continue skips the finished cases and fails b again, nothing else
     again = CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--no-progress", "--continue"])
     assert again.exit_code == EXIT_SOME_CASES_FAILED and "1 of 1 case(s) failed: b" in again.output, again.output
+
+
+def test_six_cases_in_two_parts_with_a_corrupt_one_and_an_interrupt(engine_dir, small_volume, tmp_path):
+    """Issue 16's acceptance run: 6 cases, one corrupt, 2 parts; part 1 was interrupted after one case
+    (its output written, a partial temporary of a dead process left beside it) and is resumed with
+    --continue. Ends with 5 outputs, one reported failure, exit code 4, and no litter."""
+    from nnslim.compiler.cli.boundary import EXIT_SOME_CASES_FAILED
+
+    cases, out = tmp_path / "cases", tmp_path / "segs"
+    cases.mkdir()
+    names = [f"case{i}" for i in range(6)]
+    for name in names:
+        (cases / f"{name}_0000.nii.gz").write_bytes(small_volume.read_bytes())
+    (cases / "case3_0000.nii.gz").write_bytes(small_volume.read_bytes()[:200])  # corrupt; part 1 = case1, 3, 5
+
+    def infer(*extra):
+        return CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--no-progress",
+                                        "--num-parts", "2", *extra])
+
+    part0 = infer("--part-id", "0")
+    assert part0.exit_code == 0, part0.output
+    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case2.nii.gz", "case4.nii.gz"]
+    # the interrupted part 1: case1 finished, case3's writer was killed mid-write (pid 2**22 + 7 is gone)
+    (out / "case1.nii.gz").write_bytes((out / "case0.nii.gz").read_bytes())
+    (out / f".case5.nii.gz.{2**22 + 7}.abcdefgh.nii.gz").write_bytes(b"partial")
+    resumed = infer("--part-id", "1", "--continue")
+    assert resumed.exit_code == EXIT_SOME_CASES_FAILED, resumed.output
+    assert "1 of 2 case(s) failed: case3" in resumed.output  # case1 skipped, case5 written, case3 reported
+    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in (0, 1, 2, 4, 5)]
+    bad = CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--num-parts", "2",
+                                   "--part-id", "2"])
+    assert bad.exit_code == 1 and "--part-id must be in 0..1" in bad.output

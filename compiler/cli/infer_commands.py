@@ -14,6 +14,7 @@ EPILOG = """\b
 Examples:
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --tta --continue
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --num-parts 4 --part-id 0 --continue
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_fp32.nii.gz --backend openvino --precision fp32
   nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta --skip roi+mask
   nnslim infer engines/liver big_ct.nii.gz -o seg.nii.gz --memory-cap-mb 1024
@@ -45,6 +46,10 @@ Examples:
                    "checked; the fp32 graph may run on any ONNX backend).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
               help="Run this precision of the engine instead of the one its build chose.")
+@click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1),
+              help="Folder mode: split the sorted cases into this many parts (one per machine or process).")
+@click.option("--part-id", default=0, show_default=True, type=click.IntRange(0),
+              help="Folder mode: which part this run segments (0 .. --num-parts - 1), like nnUNetv2_predict.")
 @click.option("--engine-sha256", default=None, metavar="HEX",
               help="Refuse the engine unless its manifest.json has this sha256 (pin it; `nnslim inspect` prints it).")
 @click.option("--overwrite", "existing", flag_value="overwrite", default=None,
@@ -82,7 +87,7 @@ def infer(**o: Any) -> None:
                    f"({r.tiles} network calls), {r.seconds:.2f} s with {runner}")
 
     results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
-                            existing=o["existing"] or "refuse", on_case=report)
+                            existing=o["existing"] or "refuse", on_case=report, part=(o["part_id"], o["num_parts"]))
     failed = [r.name for r in results if r.error]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}", err=True)

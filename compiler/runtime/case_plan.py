@@ -35,10 +35,19 @@ class CasePlan:
     target: Path
 
 
-def plan_cases(inputs: list[Path], output: Path, existing: str = "refuse") -> list[CasePlan]:
-    """Map inputs to output files and refuse anything that would lose data (module docstring)."""
+def plan_cases(inputs: list[Path], output: Path, existing: str = "refuse", part: tuple[int, int] = (0, 1)) -> list[CasePlan]:
+    """Map inputs to output files and refuse anything that would lose data (module docstring).
+
+    Args:
+        part: `(part_id, num_parts)`: in folder mode, keep every num_parts-th case of the sorted
+            list starting at part_id (nnU-Net's `-part_id/-num_parts`): parts are disjoint, cover
+            the folder, and do not depend on which outputs already exist.
+    """
     if existing not in EXISTING:
         raise InputError(f"existing outputs: choose one of {EXISTING}, got {existing!r}")
+    part_id, num_parts = part
+    if num_parts < 1 or not 0 <= part_id < num_parts:
+        raise InputError(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
     folder_mode = len(inputs) == 1 and inputs[0].is_dir()
     if folder_mode:
         if output.name.endswith((".nii.gz", ".nii")) or output.is_file():
@@ -47,6 +56,7 @@ def plan_cases(inputs: list[Path], output: Path, existing: str = "refuse") -> li
             raise InputError(f"the output folder {output} is the input folder; the labels would overwrite the "
                              "scans; choose another output folder")
         plans = [CasePlan(case, files, output / f"{case}.nii.gz") for case, files in find_cases(inputs[0]).items()]
+        plans = plans[part_id::num_parts]
     else:
         if output.is_dir():
             raise InputError(f"-o {output} is a folder, but a single case writes one file; "

@@ -235,6 +235,7 @@ def segment_files(
     predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
     existing: str = "refuse",
     on_case: Callable[[CaseResult], None] | None = None,
+    part: tuple[int, int] = (0, 1),
 ) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
 
@@ -251,12 +252,13 @@ def segment_files(
         existing: folder mode, outputs that already exist: "refuse" (default), "overwrite"
             (replaced, each logged) or "continue" (those cases are skipped).
         on_case: called with each case's result as soon as it is written (or has failed).
+        part: `(part_id, num_parts)`: this process's share of a folder (`case_plan.plan_cases`).
 
     In folder mode a case that cannot be read or segmented is reported (its `error`) and skipped;
     the others go on. With a single case, its error is raised.
     """
     predictor = predictor or engine.predictor
-    plans = plan_cases([Path(p) for p in inputs], Path(output), existing)
+    plans = plan_cases([Path(p) for p in inputs], Path(output), existing, part)
     passes = 2 ** len(window_config(engine.spec, options).mirror_axes)  # also fails early on a bad batch
     folder = len(inputs) == 1 and Path(inputs[0]).is_dir()
     results = []

@@ -188,7 +188,18 @@ def find_cases(folder: Path) -> dict[str, list[Path]]:
         cases.setdefault(case, []).append((channel, path))
     if not cases:
         raise InputError(f"no .nii or .nii.gz files in {folder}")
-    return {case: [p for _, p in sorted(files)] for case, files in cases.items()}
+    grouped: dict[str, list[Path]] = {}
+    for case, files in sorted(cases.items()):
+        channels = sorted(channel for channel, _ in files)
+        if channels == list(range(len(channels))):
+            grouped[case] = [p for _, p in sorted(files)]
+        elif 0 not in channels:  # patient_0001.nii.gz, patient_0002.nii.gz: numbered cases, not channels
+            grouped.update({_stem(p): [p] for _, p in files})
+        else:
+            missing = sorted(set(range(channels[-1] + 1)) - set(channels))
+            raise InputError(f"case {case!r} in {folder} has channel files {[f'_{c:04d}' for c in channels]}; channels "
+                             f"are _0000, _0001, ... without gaps (missing {[f'_{c:04d}' for c in missing]})")
+    return grouped
 
 
 def save_segmentation(segmentation: np.ndarray, reference: nib.Nifti1Image, path: Path) -> Path:

@@ -123,3 +123,27 @@ def test_partial_outputs_of_dead_processes_are_removed_by_the_next_write(tmp_pat
     source = nib.load(_save(tmp_path / "in.nii.gz", np.zeros((3, 3, 3), dtype=np.float32)))
     save_segmentation(np.zeros((3, 3, 3), dtype=np.uint8), source, tmp_path / "seg.nii.gz")
     assert not stale.exists() and live.exists() and user.exists()
+
+
+def test_channel_files_group_only_when_they_start_at_0000_and_are_consecutive(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    import pytest
+
+    from nnslim.compiler.runtime.errors import InputError
+    from nnslim.compiler.runtime.volume_io import find_cases
+
+    def write(folder, *names):
+        folder.mkdir()
+        for name in names:
+            nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), folder / name)
+        return folder
+
+    numbered = write(tmp_path / "numbered", "patient_0001.nii.gz", "patient_0002.nii.gz", "patient_0003.nii.gz")
+    assert {k: len(v) for k, v in find_cases(numbered).items()} == {"patient_0001": 1, "patient_0002": 1, "patient_0003": 1}
+    channels = write(tmp_path / "channels", "ct_0000.nii.gz", "ct_0001.nii.gz", "mr_0000.nii.gz")
+    assert {k: [p.name for p in v] for k, v in find_cases(channels).items()} == {
+        "ct": ["ct_0000.nii.gz", "ct_0001.nii.gz"], "mr": ["mr_0000.nii.gz"]}
+    gap = write(tmp_path / "gap", "ct_0000.nii.gz", "ct_0002.nii.gz")
+    with pytest.raises(InputError, match=r"missing \['_0001'\]"):
+        find_cases(gap)
