@@ -1,6 +1,6 @@
 """What the memory benchmarks share: a job's peak memory, measured in a fresh process.
 
-(Timing an exported model in ONNX Runtime is `compiler.bench.onnx_latency`.)"""
+(Timing an exported model in ONNX Runtime is `nnslim.compiler.workflows.bench.onnx_latency`.)"""
 
 from __future__ import annotations
 

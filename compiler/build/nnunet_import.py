@@ -176,7 +176,7 @@ class NnUNetModel:
         return {"scheme": "per-channel", "channels": channels}
 
     def preprocessing(self) -> dict[str, Any]:
-        """The manifest's preprocessing entry (see `compiler.runtime.preprocessing`)."""
+        """The manifest's preprocessing entry (see `nnslim.compiler.runtime.preprocessing`)."""
         return {
             "normalization": self.normalization(),
             "spacing": [float(s) for s in self.configuration["spacing"]],

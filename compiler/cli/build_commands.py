@@ -84,7 +84,8 @@ Examples:
 @click.option("--engine-cache", type=path_type(file_okay=False), default=None,
               help="TensorRT plan cache [default: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt].")
 @click.option("--timing-cache", type=path_type(dir_okay=False), default=None,
-              help="TensorRT timing cache file (read if present, updated after a build).")
+              help="TensorRT timing cache base name; the file used is keyed by TensorRT version and GPU "
+                   "(read if present, updated after a build).")
 def build_engine(**options: Any) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 

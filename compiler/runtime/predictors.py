@@ -2,7 +2,7 @@
 
 Tiles and logits are torch tensors. The ONNX Runtime CPU adapter shares memory with numpy (no
 copies); the GPU adapter binds torch CUDA tensors to the session (I/O binding), so tiles and
-logits never leave the GPU. TensorRT lives in its own module (`compiler.runtime.trt_backend`),
+logits never leave the GPU. TensorRT lives in its own module (`nnslim.compiler.runtime.tensorrt_runtime`),
 imported lazily.
 """
 
