@@ -10,7 +10,6 @@ artifacts/bench/openvino_settings.json. nnslim's default (`OpenVinoPredictor`) i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time

@@ -27,6 +27,7 @@ from torch import nn
 
 from nnslim.compiler.build.nnunet_checkpoint import NnUNetImportError, load_checkpoint, map_state_dict
 from nnslim.compiler.build.nnunet_plans import resolve_configuration, unet_config
+from nnslim.training.config import UNetConfig
 from nnslim.training.unet import UNet
 
 __all__ = ["NnUNetImportError", "NnUNetModel", "is_model_folder", "load_checkpoint", "read_model_folder", "unet_config"]

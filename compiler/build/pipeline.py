@@ -48,7 +48,7 @@ from nnslim.compiler.runtime.backends import OpenRequest, get_backend, open_pred
 from nnslim.compiler.runtime.files import write_json_atomic
 from nnslim.compiler.runtime.manifest import MANIFEST, sha256_file
 from nnslim.compiler.runtime.openvino_backend import cpu_has_vnni, cpu_record
-from nnslim.compiler.runtime.precision import AUTO, get_precision
+from nnslim.compiler.runtime.precision import AUTO
 from nnslim.compiler.runtime.predictors import TorchPredictor
 from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable, import_tensorrt, tensorrt_available
 from nnslim.compiler.build.tensorrt_builder import TrtBuildSettings, build_plan
