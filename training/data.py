@@ -33,9 +33,6 @@ MNI_HOLDOUT_AXIS = 1
 MNI_HOLDOUT = (100, 140)
 HOLDOUT_MARGIN = 8
 MNI_LABELS = ("background", "grey_matter", "white_matter")
-# the runtime's atomic text writer under the name training's modules import (train,
-# pseudo_label_selection): one writer, no second copy
-atomic_write_text = write_text_atomic
 
 
 class DatasetError(NnslimError, ValueError):

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nnslim.training.data import DatasetError, atomic_write_text
+from nnslim.compiler.runtime.files import write_text_atomic
+from nnslim.training.data import DatasetError
 
 
 def uncertainty(rounds: list[np.ndarray]) -> float:
@@ -82,7 +83,7 @@ def write_union_dataset(labeled: Path, images: dict[str, list[Path]], labels: di
         _link_or_copy(labels[name], staging / "labelsTr" / f"{name}{ending}")
     meta = {**meta, "numTraining": len(list((staging / "labelsTr").iterdir())),
             "pseudo_labeled_cases": sorted(labels)}
-    atomic_write_text(staging / "dataset.json", json.dumps(meta, indent=2))
+    write_text_atomic(staging / "dataset.json", json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     staging.rename(out)
     return out

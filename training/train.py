@@ -31,7 +31,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnslim.training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
 from nnslim.training.config import ConfigError
-from nnslim.training.data import Case, Dataset, PatchSampler, atomic_write_text, augment, load_dataset
+from nnslim.compiler.runtime.files import write_text_atomic
+from nnslim.training.data import Case, Dataset, PatchSampler, augment, load_dataset
 from nnslim.training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
 from nnslim.training.presets import get_preset
 from nnslim.training.unet import UNet, count_parameters
@@ -135,7 +136,7 @@ def train(
             _close_epoch(run, record, out)
     if rank == 0:
         save_checkpoint(out / FINAL, _without_deep_supervision(model.cpu()), run.metadata())
-        atomic_write_text(out / "history.json", json.dumps(history, indent=2))
+        write_text_atomic(out / "history.json", json.dumps(history, indent=2))
     if world > 1:
         dist.barrier()  # the other ranks return once the checkpoint exists
         if created_group:

@@ -30,7 +30,8 @@ from typing import Iterable, Iterator
 
 from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.compiler.runtime.manifest import FORMAT, MANIFEST
-from nnslim.compiler.runtime.safety import fsync_path, pid_alive
+from nnslim.compiler.runtime.files import fsync_path
+from nnslim.compiler.runtime.safety import pid_alive
 
 logger = logging.getLogger(__name__)
 

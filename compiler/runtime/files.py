@@ -42,16 +42,16 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        _fsync(tmp)  # on disk before the rename makes it visible
+        fsync_path(tmp)  # on disk before the rename makes it visible
         chmod_default(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent)  # the rename itself survives a power cut
+    fsync_path(path.parent)  # the rename itself survives a power cut
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
     """Flush a file, or a folder's entries, to disk (folders: where the OS allows opening them)."""
     try:
         fd = os.open(path, os.O_RDONLY)
