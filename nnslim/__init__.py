@@ -29,6 +29,7 @@ def __getattr__(name: str):
 
         engine = nnslim.load_engine("engines/brain")        # verifies hashes, picks the backend
         labels = engine.segment(array, spacing=(1.0, 1.0, 1.0))
+        labels, probabilities = engine.segment(array, return_probabilities=True)  # + float16 [K, *array.shape]
     """
     if name in ("load_engine", "InferenceOptions"):
         from nnslim.compiler.runtime import engine

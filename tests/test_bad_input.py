@@ -259,7 +259,7 @@ CASES = [
     Case("two channels for one", _infer_on(lambda r: raw_nifti(r / "s.nii.gz", np.ones((8, 8, 8, 2), np.float32))),
          1, "gives 2 channel"),
     Case("empty folder", lambda r, e: ["infer", e, (r / "empty").mkdir() or r / "empty", "-o", r / "out"], 1,
-         "no .nii"),
+         "no volumes in"),
     Case("missing input", lambda r, e: ["infer", e, r / "nope.nii.gz", "-o", r / "seg.nii.gz"], 2, "does not exist"),
     Case("malicious pickle checkpoint", _evil_checkpoint, 1, "checkpoint"),
     # accepted

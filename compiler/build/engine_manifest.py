@@ -148,6 +148,8 @@ def write_report(path: Path, manifest: dict[str, Any]) -> None:
         f"- mean |logit error|: {parity['mean_abs_logit_error']:.3g}",
         f"- argmax agreement: {parity['argmax_agreement']:.6f} (needed {parity['tolerance']['min_argmax_agreement']})",
         "",
+        *([f"![where the engine and PyTorch disagree on the parity tiles]({parity['figure']})", ""]
+          if parity.get("figure") else []),
         "## Stages",
         "",
         "| stage | seconds | settings |",

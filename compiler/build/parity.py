@@ -7,7 +7,7 @@ predicted class is the same). Tiles are random crops of a real volume when one i
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +57,8 @@ class ParityReport:
     mean_abs_logit_error: float
     max_abs_reference_logit: float
     argmax_agreement: float
+    # [tiles, *patch] bool: where the argmaxes differ (for the report's figure; not in to_dict)
+    disagreement: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def max_rel_logit_error(self) -> float:
@@ -69,7 +71,18 @@ class ParityReport:
         )
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "max_rel_logit_error": self.max_rel_logit_error}
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "disagreement"}
+        return {**values, "max_rel_logit_error": self.max_rel_logit_error}
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where parity tiles were cut: the padded model-space volume (first channel) and each tile's start."""
+
+    image: np.ndarray  # [*padded shape], normalized as the engine sees it
+    region: tuple[slice, ...]  # the unpadded volume inside `image`
+    starts: tuple[tuple[int, int, int], ...]
+    spacing: tuple[float, float, float]  # model-space voxel size
 
 
 def parity_tiles(
@@ -80,37 +93,70 @@ def parity_tiles(
     preprocessing: dict,
     seed: int = 0,
 ) -> tuple[torch.Tensor, str]:
-    """`count` tiles `[count, C, *patch]` and a description of where they came from.
+    """`count` tiles `[count, C, *patch]` and a description of where they came from (`parity_crops`)."""
+    tiles, source, _ = parity_crops(patch_size, in_channels, count, volume, preprocessing, seed)
+    return tiles, source
+
+
+def parity_crops(
+    patch_size: tuple[int, int, int],
+    in_channels: int,
+    count: int,
+    volume: Path | None,
+    preprocessing: dict,
+    seed: int = 0,
+) -> tuple[torch.Tensor, str, TileLayout | None]:
+    """`count` tiles `[count, C, *patch]`, a description of where they came from, and their layout.
 
     A real volume goes through the runtime's preprocessing (`preprocessing` is the manifest's
-    entry), so the tiles are what the engine will see.
+    entry), so the tiles are what the engine will see. Synthetic tiles have no layout (None).
     """
     rng = np.random.default_rng(seed)
     if volume is None:
         tiles = rng.standard_normal((count, in_channels, *patch_size), dtype=np.float32)
-        return torch.from_numpy(tiles), f"synthetic (standard normal, seed {seed})"
+        return torch.from_numpy(tiles), f"synthetic (standard normal, seed {seed})", None
     loaded = load_volume(Path(volume), in_channels)
-    image = prepare(loaded.data, loaded.spacing, preprocessing).image
+    prepared = prepare(loaded.data, loaded.spacing, preprocessing)
     unnormalized = {**preprocessing, "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * in_channels}}
     raw = prepare(loaded.data, loaded.spacing, unnormalized).image.numpy()  # same geometry, raw intensities
-    padded, region = pad_to_patch(image, patch_size)
+    padded, region = pad_to_patch(prepared.image, patch_size)
     # centre each crop on a random nonzero voxel, so tiles show anatomy rather than air
     nonzero = np.argwhere(raw.any(axis=0)) if raw.any() else np.argwhere(np.ones(raw.shape[1:], dtype=bool))
     offsets = [r.start for r in region[1:]]
     starts = []
     for _ in range(count):
         centre = nonzero[int(rng.integers(len(nonzero)))]
-        starts.append([
+        starts.append(tuple(
             int(np.clip(c + o - p // 2, 0, s - p))
             for c, o, p, s in zip(centre, offsets, patch_size, padded.shape[1:])
-        ])
+        ))
     tiles = torch.stack([padded[(slice(None), *(slice(a, a + p) for a, p in zip(st, patch_size)))] for st in starts])
-    return tiles, f"{count} crops of {volume} centred on random nonzero voxels (seed {seed})"
+    spacing = tuple(float(v) for v in (prepared.target_spacing or prepared.spacing))
+    layout = TileLayout(padded[0].numpy(), tuple(region[1:]), tuple(starts), spacing)
+    return tiles, f"{count} crops of {volume} centred on random nonzero voxels (seed {seed})", layout
+
+
+def disagreement_view(layout: TileLayout | None, tiles: torch.Tensor,
+                      disagreement: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], str]:
+    """(image, marks, spacing, what is shown) for the report's figure; marks: 0 not compared, 1 agree, 2 differ.
+
+    With a layout the tiles' disagreement is put back in the parity volume (overlapping tiles: a
+    voxel differs if it differs in any tile); synthetic tiles show the tile with the most.
+    """
+    if layout is None:
+        worst = int(disagreement.reshape(len(disagreement), -1).sum(axis=1).argmax())
+        marks = np.where(disagreement[worst], 2, 1).astype(np.uint8)
+        return tiles[worst, 0].numpy(), marks, (1.0, 1.0, 1.0), f"synthetic parity tile {worst} (tile voxels)"
+    marks = np.zeros(layout.image.shape, dtype=np.uint8)
+    for start, differs in zip(layout.starts, disagreement):
+        box = tuple(slice(a, a + n) for a, n in zip(start, differs.shape))
+        marks[box] = np.maximum(marks[box], np.where(differs, 2, 1).astype(np.uint8))
+    return layout.image[layout.region], marks[layout.region], layout.spacing, "the parity volume (model-space axes)"
 
 
 def compare(reference: torch.Tensor, candidate: torch.Tensor, source: str) -> ParityReport:
     diff = (reference.double() - candidate.double()).abs()
-    agreement = (reference.argmax(1) == candidate.argmax(1)).double().mean()
+    disagreement = reference.argmax(1) != candidate.argmax(1)
     return ParityReport(
         source=source,
         tiles=reference.shape[0],
@@ -118,7 +164,8 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor, source: str) -> Pa
         max_abs_logit_error=float(diff.max()),
         mean_abs_logit_error=float(diff.mean()),
         max_abs_reference_logit=float(reference.abs().max()),
-        argmax_agreement=float(agreement),
+        argmax_agreement=float((~disagreement).double().mean()),
+        disagreement=disagreement.numpy(),
     )
 
 

@@ -33,7 +33,10 @@ from nnslim.compiler.build.parity import (
     ParityError,
     ParityReport,
     ParityTolerance,
+    TileLayout,
     check_tensorrt_parity,
+    disagreement_view,
+    parity_crops,
     parity_tiles,
     torch_agreement,
 )
@@ -43,6 +46,7 @@ from nnslim.compiler.build.prune import PruneSettings, file_sizes, prune_for_dep
 from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, calibration_tiles_that_fit, choose_recipe
 from nnslim.compiler.build.source import Source, load_source
 from nnslim.compiler.build.reparam_stage import reparameterize_for_deploy
+from nnslim.compiler.build.report import write_disagreement_figure
 from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.compiler.runtime.backends import OpenRequest, get_backend, open_predictor
 from nnslim.compiler.runtime.files import write_json_atomic
@@ -134,8 +138,8 @@ def build_engine(config: BuildConfig) -> BuildResult:
         settings = ExportSettings(patch_size=patch, in_channels=source.in_channels, opset=config.opset)
         with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
             export_onnx(deployed, staging / "model.onnx", settings)
-        tiles, tile_source = parity_tiles(patch, source.in_channels, config.parity_tiles, config.parity_volume,
-                                          source.preprocessing)
+        tiles, tile_source, layout = parity_crops(patch, source.in_channels, config.parity_tiles,
+                                                  config.parity_volume, source.preprocessing)
         passes = default_passes(plan.graph_precision, strict_tensorrt=plan.tensorrt)
         with _timed(stages, "passes", precision=plan.graph_precision,                 # graph passes
                     passes=[type(p).__name__ for p in passes]) as record:
@@ -183,6 +187,7 @@ def build_engine(config: BuildConfig) -> BuildResult:
         manifest = engine_manifest(config, runtime, source, patch, stages, parity, tolerance, model_stats)
         manifest["tensorrt"] = tensorrt_record
         manifest["selection"] = _selection_record(config, plan, runtime, results, reference_seconds, models)
+        manifest["parity"]["figure"] = _parity_figure(staging, layout, tiles, parity, runtime)  # beside report.md
         write_report(staging / "report.md", manifest)
         manifest["files"] = {
             p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
@@ -312,6 +317,18 @@ def _selection_record(config: BuildConfig, plan: BuildPlan, runtime: dict[str, s
         "models": {graph: path.name for graph, path in models.items()},
         "machine": cpu_record(),
     }
+
+
+def _parity_figure(staging: Path, layout: TileLayout | None, tiles: torch.Tensor, parity: ParityReport,
+                   runtime: dict[str, str]) -> str | None:
+    """`parity_disagreement.png` from the chosen engine's parity (no second run); its name, or None without one."""
+    if parity.disagreement is None:
+        return None
+    image, marks, spacing, shown = disagreement_view(layout, tiles, parity.disagreement)
+    title = f"where {runtime['backend']} {runtime['precision']} and PyTorch fp32 disagree (argmax)"
+    path = write_disagreement_figure(staging / "parity_disagreement.png", image, marks, spacing, shown,
+                                     int(parity.disagreement.sum()), int(parity.disagreement.size), title)
+    return None if path is None else path.name
 
 
 def _check_within(parity: ParityReport, tolerance: ParityTolerance, runtime: str) -> None:

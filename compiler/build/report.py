@@ -2,12 +2,24 @@
 
 A `PerfRow` is one way of running a model on a volume; `perf_table` renders rows side by side
 with their ratios to the first row. Columns without a measurement print "-" (never a guess).
+`write_disagreement_figure` draws where the engine and PyTorch disagree on the parity tiles.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.compiler.runtime.preview import foreground_centre, import_pyplot, orthogonal_figure, save_figure
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PerfRow", "import_pyplot", "markdown_table", "perf_table", "write_disagreement_figure"]
 
 
 @dataclass
@@ -77,15 +89,30 @@ def perf_table(rows: list[PerfRow], peak_gflops: float | dict[str, float] | None
     return markdown_table(headers, body)
 
 
-def import_pyplot():
-    """matplotlib's pyplot on the Agg backend, or a clear error naming the extra that installs it."""
+def write_disagreement_figure(path: Path, image: np.ndarray, marks: np.ndarray, spacing: tuple[float, ...],
+                              shown: str, differing: int, compared: int, title: str) -> Path | None:
+    """The parity figure: slices through the most disagreeing voxels, those in red over the image in grey.
+
+    Args:
+        marks: 0 not compared, 1 engine and PyTorch agree, 2 their argmaxes differ (`parity.disagreement_view`).
+        shown: what the image is (the parity volume, or a synthetic tile).
+        differing, compared: the counts over all parity tiles (the report's agreement).
+    Returns the path, or None when matplotlib is missing (the build does not need the `plots` extra).
+    """
     try:
-        import matplotlib
-    except ImportError as exc:
-        from nnslim.compiler.runtime.errors import NnslimError
-
-        raise NnslimError("plots need matplotlib: pip install 'nnslim[plots]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+        import_pyplot()
+    except NnslimError as exc:
+        logger.warning("no parity figure: %s", exc)
+        return None
+    differs = marks == 2
+    # per axis: the slice with the most differing voxels (the compared region's centre when none differ)
+    centre = tuple(int(differs.sum(axis=tuple(a for a in range(3) if a != k)).argmax()) for k in range(3)) \
+        if differs.any() else foreground_centre(marks > 0)
+    if differing:
+        caption = f"{differing:,} of {compared:,} compared voxels differ ({differing / compared:.4%}); {shown}"
+    else:
+        caption = f"engine and PyTorch agree on all {compared:,} compared voxels; {shown}"
+    colours = {1: (0.3, 0.6, 1.0, 0.12), 2: (1.0, 0.0, 0.0, 1.0)}
+    legend = {"compared (parity tiles)": (0.3, 0.6, 1.0, 0.4), "argmax differs": (1.0, 0.0, 0.0, 1.0)}
+    fig = orthogonal_figure(image, marks, colours, spacing, centre, title, legend, caption)
+    return save_figure(fig, path)

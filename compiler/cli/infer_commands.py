@@ -15,6 +15,8 @@ Examples:
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --tta --continue
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --num-parts 4 --part-id 0 --continue
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --log-jsonl segs.jsonl --save-probabilities --preview
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --io-workers 0 --device cpu
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_fp32.nii.gz --backend openvino --precision fp32
   nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta --skip roi+mask
   nnslim infer engines/liver big_ct.nii.gz -o seg.nii.gz --memory-cap-mb 1024
@@ -56,26 +58,54 @@ Examples:
               help="Folder mode: replace outputs that already exist (each is logged).")
 @click.option("--continue", "existing", flag_value="continue",
               help="Folder mode: skip cases whose output already exists (outputs are written atomically).")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
-              help="ONNX Runtime engines: CPU, or the CUDA execution provider (TensorRT engines always use the GPU).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: the GPU when the engine's backend can use one here (ONNX Runtime's CUDA execution "
+                   "provider, or a TensorRT plan), else the CPU; each case's line names it (-v logs why). cuda: ONNX Runtime's CUDA "
+                   "execution provider (TensorRT engines always use the GPU).")
 @click.option("--ort-tensorrt", is_flag=True, help="With --device cuda: ONNX Runtime's TensorRT execution provider first.")
 @click.option("--torch-checkpoint", type=path_type(), default=None,
               help="Run this PyTorch checkpoint (or nnU-Net model folder) instead of the engine, with the "
                    "engine's settings (parity checks).")
+@click.option("--log-jsonl", type=path_type(exists=False, dir_okay=False), default=None, metavar="FILE",
+              help="Append one JSON line per case to FILE as it finishes (fields above). Not an input or output.")
+@click.option("--io-workers", default=1, show_default=True, type=click.IntRange(0, 8),
+              help="Folder mode: read the next case and write finished ones in background threads while the "
+                   "network runs (N writer threads; at most one case read ahead). 0: one step after another.")
+@click.option("--save-probabilities", is_flag=True,
+              help="Also write CASE.npz beside each label map: key 'probabilities', float16 [classes, *label map "
+                   "shape], softmax in the label map's geometry (argmax = the labels). Not for region-based engines.")
+@click.option("--preview", is_flag=True,
+              help="Also draw a PNG per case (labels over the image): OUTPUT/previews/CASE.png and "
+                   "OUTPUT/previews/index.html for a folder, OUTPUT_STEM.png beside a single output.")
 @progress_option
 def infer(**o: Any) -> None:
     """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
 
     INPUTS is one file (3D, or 4D with channels last), the channel files of one case
     (CASE_0000.nii.gz CASE_0001.nii.gz ...), or one folder of cases.
+
+    \b
+    --log-jsonl FILE appends one JSON object per case, flushed as the case finishes:
+      case           the case name
+      status         "ok", "failed", or "skipped" (--continue: its output existed)
+      seconds        its read + compute + write time (overlapped I/O: its own stages)
+      windows        {"grid", "evaluated", "skipped_by_mask", ...}: the WindowReport (null unless ok)
+      tiles          network calls (windows evaluated x mirror passes)
+      output         the label map's path
+      probabilities  CASE.npz (--save-probabilities), else null
+      preview        the PNG (--preview), else null
+      error          why the case failed, else null
     """
+    from nnslim.compiler.runtime.batch import BatchOptions
     from nnslim.compiler.runtime.engine import load_engine, segment_files
 
     engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
                          backend=o["backend"], precision=o["precision"], expected_sha256=o["engine_sha256"])
     checkpoint = o["torch_checkpoint"]
     predictor = torch_predictor(engine, checkpoint) if checkpoint else None
-    runner = f"PyTorch ({checkpoint})" if checkpoint else f"{engine.runtime.label} engine"
+    runner = f"PyTorch ({checkpoint})" if checkpoint else f"{engine.runtime.label} engine on {engine.device}"
+    batch = BatchOptions(io_workers=o["io_workers"], save_probabilities=o["save_probabilities"], preview=o["preview"],
+                         log_jsonl=o["log_jsonl"])
 
     def report(r) -> None:  # each case's line as soon as it is done
         if r.error:
@@ -87,7 +117,8 @@ def infer(**o: Any) -> None:
                    f"({r.tiles} network calls), {r.seconds:.2f} s with {runner}")
 
     results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
-                            existing=o["existing"] or "refuse", on_case=report, part=(o["part_id"], o["num_parts"]))
+                            existing=o["existing"] or "refuse", on_case=report, part=(o["part_id"], o["num_parts"]),
+                            batch=batch)
     failed = [r.name for r in results if r.error]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}", err=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from nnslim.compiler.runtime.errors import InputError
 from nnslim.compiler.runtime.safety import require_fits, same_file
-from nnslim.compiler.runtime.volume_io import find_cases, read_header
+from nnslim.compiler.runtime.sitk_io import is_dicom_series
+from nnslim.compiler.runtime.volume_io import (VOLUME_SUFFIXES, check_output_name, find_cases, output_suffix,
+                                                 read_header)
 
 logger = logging.getLogger(__name__)
 
@@ -36,34 +38,46 @@ class CasePlan:
 
 
 def plan_cases(inputs: list[Path], output: Path, existing: str = "refuse", part: tuple[int, int] = (0, 1)) -> list[CasePlan]:
+    """The cases to segment (`plan_and_skip` without the cases --continue skips)."""
+    return plan_and_skip(inputs, output, existing, part)[0]
+
+
+def plan_and_skip(inputs: list[Path], output: Path, existing: str = "refuse",
+                  part: tuple[int, int] = (0, 1)) -> tuple[list[CasePlan], list[CasePlan]]:
     """Map inputs to output files and refuse anything that would lose data (module docstring).
 
     Args:
         part: `(part_id, num_parts)`: in folder mode, keep every num_parts-th case of the sorted
             list starting at part_id (nnU-Net's `-part_id/-num_parts`): parts are disjoint, cover
             the folder, and do not depend on which outputs already exist.
+
+    Returns:
+        The cases to segment, and the cases skipped because their output exists ("continue").
     """
     if existing not in EXISTING:
         raise InputError(f"existing outputs: choose one of {EXISTING}, got {existing!r}")
     part_id, num_parts = part
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise InputError(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
-    folder_mode = len(inputs) == 1 and inputs[0].is_dir()
+    # a folder is a folder of cases, unless it is itself one DICOM series (one case)
+    folder_mode = len(inputs) == 1 and inputs[0].is_dir() and not is_dicom_series(inputs[0])
     if folder_mode:
-        if output.name.endswith((".nii.gz", ".nii")) or output.is_file():
+        if output.name.endswith(VOLUME_SUFFIXES) or output.is_file():
             raise InputError(f"input {inputs[0]} is a folder, so the output must be a folder, got {output}")
         if same_file(output, inputs[0]):
             raise InputError(f"the output folder {output} is the input folder; the labels would overwrite the "
                              "scans; choose another output folder")
-        plans = [CasePlan(case, files, output / f"{case}.nii.gz") for case, files in find_cases(inputs[0]).items()]
+        plans = [CasePlan(case, files, output / f"{case}{output_suffix(files)}")
+                 for case, files in find_cases(inputs[0]).items()]
         plans = plans[part_id::num_parts]
     else:
         if output.is_dir():
             raise InputError(f"-o {output} is a folder, but a single case writes one file; "
                              f"give a file name such as {output / 'seg.nii.gz'}")
+        check_output_name(output)
         plans = [CasePlan("case", list(inputs), output)]
     _refuse_inputs_as_outputs(plans)
-    return _apply_existing(plans, existing) if folder_mode else _note_replaced(plans)
+    return _apply_existing(plans, existing) if folder_mode else (_note_replaced(plans), [])
 
 
 def _refuse_inputs_as_outputs(plans: list[CasePlan]) -> None:
@@ -75,18 +89,18 @@ def _refuse_inputs_as_outputs(plans: list[CasePlan]) -> None:
                              "would overwrite the scan; write the output somewhere else")
 
 
-def _apply_existing(plans: list[CasePlan], existing: str) -> list[CasePlan]:
+def _apply_existing(plans: list[CasePlan], existing: str) -> tuple[list[CasePlan], list[CasePlan]]:
     present = [p for p in plans if p.target.exists()]
     if not present:
-        return plans
+        return plans, []
     if existing == "refuse":
         raise InputError(f"{len(present)} of {len(plans)} outputs already exist in {present[0].target.parent} "
                          f"(e.g. {present[0].target.name}); pass --overwrite to replace them or --continue to "
                          "segment only the cases without an output")
     if existing == "continue":
         logger.info("--continue: skipping %d case(s) whose output exists", len(present))
-        return [p for p in plans if p not in present]
-    return _note_replaced(plans)
+        return [p for p in plans if p not in present], present
+    return _note_replaced(plans), []
 
 
 def _note_replaced(plans: list[CasePlan]) -> list[CasePlan]:
@@ -98,10 +112,9 @@ def _note_replaced(plans: list[CasePlan]) -> list[CasePlan]:
 
 def check_case_fits(plan: CasePlan, spec, patch: tuple[int, ...]) -> None:
     """Headers only: refuse a case whose resampling or memory need is absurd (module docstring)."""
-    images = [read_header(f) for f in plan.files]
-    shape = tuple(int(s) for s in images[0].shape[:3])
-    channels = sum(int(i.shape[3]) if len(i.shape) == 4 else 1 for i in images)
-    spacing = [float(z) for z in images[0].header.get_zooms()[:3]]
+    headers = [read_header(f) for f in plan.files]
+    shape, channels = headers[0].shape, sum(h.channels for h in headers)
+    spacing = list(headers[0].spacing)
     shown = f"({', '.join(f'{z:g}' for z in spacing)}) mm"
     voxels = math.prod(shape)
     target = (spec.preprocessing or {}).get("spacing") if (spec.preprocessing or {}).get("resample") else None

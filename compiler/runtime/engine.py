@@ -7,8 +7,7 @@ are enough; nothing here imports `training` or the build stages.
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,57 +15,40 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnslim.compiler.runtime.case_plan import check_case_fits, plan_cases
+from nnslim.compiler.runtime.backends import (
+    BACKENDS,
+    OpenRequest,
+    RuntimeChoice,
+    open_predictor,
+    resolve_runtime,
+    runtime_choices,
+)
+from nnslim.compiler.runtime.batch import BatchOptions, CaseLog, Stages, run_cases
+from nnslim.compiler.runtime.case_plan import plan_and_skip
+from nnslim.compiler.runtime.case_stages import CaseResult, CaseStages, previews_folder
+from nnslim.compiler.runtime.devices import DEVICE_CHOICES, detect_device
 from nnslim.compiler.runtime.errors import EngineError, InputError, NnslimError
-from nnslim.compiler.runtime.manifest import TamperedEngineError, manifest_digest, read_manifest, rebuild_hint
-from nnslim.compiler.runtime.backends import OpenRequest, RuntimeChoice, open_predictor, resolve_runtime
-from nnslim.compiler.runtime.preprocessing import StreamingLabeler, prepare, restore_geometry
-from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, count_tiles, stream_logits
-from nnslim.compiler.runtime.window_selection import SKIP_MODES, WindowReport, WindowSelection, body_mask
-from nnslim.compiler.runtime.volume_io import Volume, load_volume, save_segmentation, volume_from_array
+from nnslim.compiler.runtime.manifest import (
+    TamperedEngineError,
+    manifest_digest,
+    read_manifest,
+    rebuild_hint,
+)
+from nnslim.compiler.runtime.model_spec import ModelSpec
+from nnslim.compiler.runtime.segmentation import (
+    InferenceOptions,
+    Segmentation,
+    prepare_volume,
+    segment_prepared,
+    segment_volume,
+    window_config,
+)
+
+__all__ = ["BatchOptions", "CaseResult", "Engine", "InferenceOptions", "ModelSpec", "Segmentation", "load_engine",
+           "prepare_volume", "segment_files", "segment_prepared", "segment_volume", "window_config"]
+from nnslim.compiler.runtime.volume_io import volume_from_array
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the runtime needs to know about a model; read from the manifest."""
-
-    in_channels: int
-    num_classes: int
-    patch_size: tuple[int, int, int]
-    max_batch: int
-    normalization: dict
-    label_names: tuple[str, ...]
-    spacing: tuple[float, ...] | None
-    mirror_axes: tuple[int, ...]
-    input_name: str
-    output_name: str
-    preprocessing: dict = field(default_factory=dict)  # the manifest entry, for `prepare`
-    postprocessing: dict = field(default_factory=lambda: {"kind": "argmax"})
-    tta_default: bool = False  # mirror TTA unless the user says otherwise (nnU-Net models: on)
-
-    @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> ModelSpec:
-        try:
-            io, pre = manifest["io"], manifest["preprocessing"]
-            return cls(
-                in_channels=int(io["input"]["shape"][1]),
-                num_classes=int(io["output"]["shape"][1]),
-                patch_size=tuple(int(v) for v in io["input"]["shape"][2:]),
-                max_batch=int(io["batch"]["max"]),
-                normalization=dict(pre["normalization"]),
-                label_names=tuple(manifest["labels"]),
-                spacing=tuple(pre["spacing"]) if pre.get("spacing") else None,
-                mirror_axes=tuple(pre.get("mirror_axes", ())),
-                input_name=io["input"]["name"],
-                output_name=io["output"]["name"],
-                preprocessing=dict(pre),
-                postprocessing=dict(manifest.get("postprocessing") or {"kind": "argmax"}),
-                tta_default=bool(pre.get("tta_default", False)),
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise EngineError(f"manifest lacks or garbles {exc}; {rebuild_hint(manifest)}") from exc
 
 
 @dataclass
@@ -76,9 +58,11 @@ class Engine:
     spec: ModelSpec
     predictor: Callable[[torch.Tensor], torch.Tensor]
     runtime: RuntimeChoice | None = None  # how it runs here (None: a predictor the caller supplied)
+    device: str = "cpu"  # where it runs: "cpu" or "cuda" (--device auto resolved, a TensorRT plan on the GPU)
 
     def segment(self, image: np.ndarray | torch.Tensor, spacing: tuple[float, float, float] | None = None,
-                options: InferenceOptions | None = None) -> np.ndarray:
+                options: InferenceOptions | None = None,
+                return_probabilities: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Labels for an in-memory image, with the same numerics as `nnslim infer` and no file I/O.
 
         Args:
@@ -86,16 +70,19 @@ class Engine:
                 nibabel gives for the scan.
             spacing: voxel size in mm along those axes (None: the engine's training spacing, or 1 mm).
             options: window settings (default: no progress bar).
+            return_probabilities: also return the class probabilities (`probabilities` module).
 
         Returns:
-            uint8 labels `[X, Y, Z]`.
+            uint8 labels `[X, Y, Z]`; with `return_probabilities`, `(labels, probabilities)` with
+            float16 probabilities `[K, X, Y, Z]` whose argmax over K is the labels (ties aside).
         """
         volume = volume_from_array(image, spacing or self.spec.spacing or (1.0, 1.0, 1.0), self.spec.in_channels)
-        labels, _ = segment_volume(volume, self.predictor, self.spec, options or InferenceOptions(progress=False))
-        return labels
+        result = segment_prepared(prepare_volume(volume, self.spec), volume.name, self.predictor, self.spec,
+                                  options or InferenceOptions(progress=False), return_probabilities)
+        return (result.labels, result.probabilities) if return_probabilities else result.labels
 
 
-DEVICES = ("cpu", "cuda")
+DEVICES = DEVICE_CHOICES
 
 
 def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", ort_tensorrt: bool = False,
@@ -108,8 +95,10 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
 
     Args:
         threads: CPU threads (0: the backend's default, one per core).
-        device: "cpu", or "cuda" (ONNX graphs on ONNX Runtime's CUDA execution provider, I/O
-            binding). TensorRT engines always run on the GPU.
+        device: "cpu", "cuda" (ONNX graphs on ONNX Runtime's CUDA execution provider, I/O
+            binding) or "auto" (the GPU when the engine's backend can use one here, else the CPU:
+            `devices.pick_device`; the choice is logged and kept in `Engine.device`). TensorRT
+            engines always run on the GPU.
         ort_tensorrt: with device "cuda", put ONNX Runtime's TensorRT execution provider first.
         expected_sha256: the sha256 of `manifest.json` a deployment pinned (`nnslim inspect` prints
             it): the files are verified against the manifest, and the manifest against this.
@@ -122,12 +111,20 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
                                   f"{expected_sha256}; the engine was changed since it was pinned: rebuild or re-pin it")
     manifest = read_manifest(engine_dir)
     spec = ModelSpec.from_manifest(manifest)
+    if device == "auto":
+        offered = [c.backend for c in runtime_choices(manifest) if precision in (None, c.precision)]
+        device, why = detect_device([backend] if backend else offered)
+        logger.info("--device auto: %s (%s)", device, why)
     choice, note = resolve_runtime(manifest, backend, precision, device)
     if note:
         logger.warning("%s: %s", engine_dir, note)
     model_path = engine_dir / choice.model
     if choice.backend == "tensorrt":
-        from nnslim.compiler.runtime.tensorrt_runtime import check_compatibility, gpu_record, import_tensorrt
+        from nnslim.compiler.runtime.tensorrt_runtime import (
+            check_compatibility,
+            gpu_record,
+            import_tensorrt,
+        )
 
         trt = import_tensorrt()
         if not torch.cuda.is_available():
@@ -136,95 +133,8 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
         check_compatibility(manifest, trt.__version__, tuple(gpu_record()["compute_capability"]), rebuild_hint(manifest))
     request = OpenRequest(model_path, spec.input_name, spec.output_name, choice.precision, threads, ort_tensorrt)
     predictor = open_predictor(choice.backend, request)
-    return Engine(engine_dir, manifest, spec, predictor, choice)
-
-
-@dataclass(frozen=True)
-class InferenceOptions:
-    """How `infer` walks a volume.
-
-    Attributes:
-        skip: "none" (the full nnU-Net grid), or an opt-in approximation (`WindowSelection`):
-            "mask" skips windows outside a cheap body mask, "roi" is seed 003's centre-window test.
-        roi_threshold: foreground voxels the centre window must predict to keep its slab.
-        memory_cap_mb: bound for the slab accumulators; over it they switch to fp16, and a slab
-            that does not fit even then is an error (use a smaller patch).
-    """
-
-    step_fraction: float = 0.5
-    batch_size: int | None = None  # None: the engine's maximum batch
-    mirror: bool | None = None  # None: the engine's default (on for imported nnU-Net models)
-    progress: bool = True
-    skip: str = "none"
-    roi_threshold: int = 1000
-    memory_cap_mb: float | None = None
-
-
-def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowConfig:
-    """The window for this engine and these options; a bad batch or skip mode fails here, before any case runs."""
-    batch = options.batch_size or spec.max_batch
-    if batch > spec.max_batch:
-        raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
-    if options.skip not in SKIP_MODES:
-        raise InputError(f"--skip must be one of {SKIP_MODES}, got {options.skip!r}")
-    return SlidingWindowConfig(
-        patch_size=spec.patch_size,
-        step_fraction=options.step_fraction,
-        batch_size=batch,
-        mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
-        memory_cap_mb=options.memory_cap_mb,
-    )
-
-
-def segment_volume(
-    volume: Volume,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
-    spec: ModelSpec,
-    options: InferenceOptions = InferenceOptions(),
-) -> tuple[np.ndarray, WindowReport]:
-    """Preprocess, walk the windows slab by slab, postprocess.
-
-    Returns the labels in the input's array axes and what the walk did (windows per mirror pass).
-    Logits are never held for the whole volume: each finished slab is resampled back and turned
-    into labels (`StreamingLabeler`), so memory grows with the slab, not the volume.
-    """
-    pre = spec.preprocessing or {"normalization": spec.normalization}
-    if not pre.get("resample") and spec.spacing and not np.allclose(volume.spacing, spec.spacing, rtol=0.05):
-        logger.warning(
-            "%s has spacing %s but the model was trained at %s; results may degrade (resampling is not applied)",
-            volume.name, volume.spacing, spec.spacing,
-        )
-    prepared = prepare(volume.data, volume.spacing, pre)
-    image = prepared.image
-    if prepared.target_spacing is not None and tuple(image.shape[1:]) != prepared.cropped_shape:
-        logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
-    config = window_config(spec, options)
-    selection = WindowSelection(options.skip, options.roi_threshold, body_mask(image) if options.skip != "none" else None)
-    labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
-    total = count_tiles(image.shape[1:], config)
-    with tqdm(total=total, desc=volume.name, unit="window", disable=None if options.progress else True, leave=False) as bar:
-        report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
-                               selection=selection)
-    return restore_geometry(labeler.result(), prepared), report
-
-
-def _label_voxels(counts: np.ndarray, spec: ModelSpec) -> dict[str, int]:
-    """Voxels per label, by name when labels are the output heads (argmax), else by value."""
-    if spec.postprocessing.get("kind", "argmax") == "argmax":
-        return {name: int(c) for name, c in zip(spec.label_names, counts)}
-    return {f"label {value}": int(c) for value, c in enumerate(counts) if c}
-
-
-@dataclass
-class CaseResult:
-    name: str
-    output: Path
-    shape: tuple[int, ...]
-    seconds: float
-    tiles: int  # network calls: windows evaluated x mirror passes
-    windows: dict[str, int] = field(default_factory=dict)  # WindowReport
-    label_voxels: dict[str, int] = field(default_factory=dict)
-    error: str | None = None  # why this case failed (its output was not written); None: it succeeded
+    where = BACKENDS[choice.backend].device if choice.backend in BACKENDS else device  # a TensorRT plan: the GPU
+    return Engine(engine_dir, manifest, spec, predictor, choice, where)
 
 
 def segment_files(
@@ -236,6 +146,7 @@ def segment_files(
     existing: str = "refuse",
     on_case: Callable[[CaseResult], None] | None = None,
     part: tuple[int, int] = (0, 1),
+    batch: BatchOptions = BatchOptions(),
 ) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
 
@@ -251,42 +162,58 @@ def segment_files(
         predictor: run this instead of the engine's own (e.g. PyTorch, for parity).
         existing: folder mode, outputs that already exist: "refuse" (default), "overwrite"
             (replaced, each logged) or "continue" (those cases are skipped).
-        on_case: called with each case's result as soon as it is written (or has failed).
+        on_case: called with each case's result as soon as it is written (or has failed), in case
+            order, one at a time (from a writer thread with overlapped I/O; not for cases --continue
+            skips).
         part: `(part_id, num_parts)`: this process's share of a folder (`case_plan.plan_cases`).
+        batch: overlapped I/O, probabilities, previews and the JSONL log (`batch.BatchOptions`).
 
-    In folder mode a case that cannot be read or segmented is reported (its `error`) and skipped;
-    the others go on. With a single case, its error is raised.
+    Returns the results of the cases run. In folder mode a case that cannot be read, segmented or
+    written is reported (its `error`) and the others go on; a single case's error is raised.
     """
-    predictor = predictor or engine.predictor
-    plans = plan_cases([Path(p) for p in inputs], Path(output), existing, part)
-    passes = 2 ** len(window_config(engine.spec, options).mirror_axes)  # also fails early on a bad batch
-    folder = len(inputs) == 1 and Path(inputs[0]).is_dir()
-    results = []
-    for plan in plans:
-        started = time.perf_counter()
-        try:
-            results.append(_segment_case(engine, plan, predictor, options, passes, started))
-        except (NnslimError, OSError) as exc:
-            if not folder:  # one case: its error is the command's error
+    inputs, output = [Path(p) for p in inputs], Path(output)
+    plans, skipped = plan_and_skip(inputs, output, existing, part)
+    folder = any(p.target != output for p in [*plans, *skipped])  # outputs inside OUTPUT (a DICOM folder is one case)
+    cases = CaseStages(engine, predictor or engine.predictor, options, batch, previews_folder(output, folder, batch))
+    if folder and existing == "refuse":
+        cases.refuse_existing(plans)
+    every = [*plans, *skipped]
+    log = CaseLog(batch.log_jsonl, [f for c in every for f in c.files], cases.outputs(every)) if batch.log_jsonl else None
+    try:
+        with tqdm(total=len(every), unit="case", desc="cases", disable=None if folder and options.progress else True) as bar:
+            report = _reporter(cases, log, on_case, bar)
+            for plan in skipped:
+                report(cases.skipped(plan), 0.0)
+            try:
+                results = run_cases(plans, Stages(cases.read, cases.compute, cases.write, cases.failed),
+                                    batch.io_workers if folder else 0, report, (NnslimError, OSError) if folder else ())
+            except (NnslimError, OSError) as exc:  # one case: its error is the command's; the log says so too
+                if log is not None:
+                    log.write(cases.failed(plans[0], exc).record())
                 raise
-            # one bad case must not stop a folder: report it, write nothing for it, go on
-            logger.error("%s failed: %s", plan.target.name, exc)
-            results.append(CaseResult(name=plan.target.name, output=plan.target, shape=(), tiles=0,
-                                      seconds=time.perf_counter() - started, error=f"{type(exc).__name__}: {exc}"))
-        if on_case is not None:
-            on_case(results[-1])
+    finally:
+        if log is not None:
+            log.close()
+    if folder:
+        cases.write_index()
     return results
 
 
-def _segment_case(engine: Engine, plan: Any, predictor: Callable[[torch.Tensor], torch.Tensor],
-                  options: InferenceOptions, passes: int, started: float) -> CaseResult:
-    check_case_fits(plan, engine.spec, engine.spec.patch_size)  # headers only, before allocating
-    volume = load_volume(plan.files, engine.spec.in_channels)
-    segmentation, report = segment_volume(volume, predictor, engine.spec, options)
-    path = save_segmentation(segmentation, volume.reference, plan.target)
-    counts = np.bincount(segmentation.ravel(), minlength=engine.spec.num_classes)
-    result = CaseResult(name=volume.name, output=path, shape=segmentation.shape, seconds=time.perf_counter() - started,
-                        tiles=report.evaluated * passes, windows=report.to_dict(),
-                        label_voxels=_label_voxels(counts, engine.spec))
-    logger.info("%s -> %s in %.1f s", volume.name, path, result.seconds)
-    return result
+def _reporter(cases: CaseStages, log: CaseLog | None, on_case: Callable[[CaseResult], None] | None,
+              bar: tqdm) -> Callable[[CaseResult, float], None]:
+    """What happens when a case is done (in case order, one case at a time): its log line, the bar,
+    and the caller's `on_case`, printed above the progress bars rather than through them."""
+
+    def report(result: CaseResult, seconds: float) -> None:
+        result.seconds = seconds
+        if result.error:  # one bad case must not stop a folder: reported, nothing written for it
+            logger.error("%s failed: %s", result.name, result.error)
+        cases.reported(result)
+        bar.update(1)
+        if log is not None:
+            log.write(result.record())
+        if on_case is not None and result.status != "skipped":
+            with tqdm.external_write_mode():
+                on_case(result)
+
+    return report

@@ -31,7 +31,12 @@ from nnslim.compiler.runtime.errors import EngineError
 if TYPE_CHECKING:  # only for annotations: training imports this module, keep it light
     from nnslim.compiler.runtime.sliding_window import LogitChunk
 
-SCHEMES = {("zscore", "nonzero"), ("zscore", "none")}
+# nnslim's own schemes: (scheme, mask, outside). "outside": "zero" is nnU-Net's `use_mask_for_norm`:
+# voxels outside the nonzero mask stay 0, so air, the runtime's padding and a volume a user zeroed
+# outside the body all reach the network as the same 0. "transform" (older checkpoints) z-scores them
+# too, which turns air into one negative constant that differs from the padding.
+SCHEMES = {("zscore", "nonzero", "transform"), ("zscore", "none", "transform"), ("zscore", "nonzero", "zero")}
+DEFAULT_NORMALIZATION = {"scheme": "zscore", "mask": "nonzero", "outside": "zero"}
 CHANNEL_SCHEMES = ("ct", "zscore", "none", "rescale01", "rgb01")
 
 
@@ -50,20 +55,34 @@ def zscore_channel(channel: np.ndarray, statistics_from: np.ndarray | None = Non
     return channel
 
 
-def zscore_normalize(image: np.ndarray, nonzero: bool = True) -> np.ndarray:
+def zscore_normalize(image: np.ndarray, nonzero: bool = True, zero_outside: bool = False) -> np.ndarray:
     """nnslim's normalization of `[C, *spatial]`: per channel, `zscore_channel` with the statistics
-    of the channel's nonzero voxels (`nonzero`), or of all voxels. Returns a float32 copy."""
+    of the channel's nonzero voxels (`nonzero`), or of all voxels. With `zero_outside` the voxels
+    that are 0 stay 0 (nnU-Net's `use_mask_for_norm`). Returns a float32 copy."""
     image = np.array(image, dtype=np.float32)  # a copy: the caller's volume is left as it is
     for channel in image:  # in place on the copy: large volumes hold one normalized copy, not two
+        outside = channel == 0 if zero_outside else None
         zscore_channel(channel, channel != 0 if nonzero else None)
+        if outside is not None:
+            channel[outside] = 0.0
     return image
+
+
+def nnslim_normalize(image: np.ndarray, normalization: dict) -> np.ndarray:
+    """nnslim's own scheme (`SCHEMES`), as a checkpoint's or manifest's `normalization` entry names it:
+    the one function training and inference both normalize with."""
+    key = (normalization.get("scheme"), normalization.get("mask", "none"), normalization.get("outside", "transform"))
+    if key not in SCHEMES:
+        raise EngineError(f"unsupported normalization {normalization}; this nnslim knows (scheme, mask, outside) in "
+                          f"{sorted(SCHEMES)}")
+    return zscore_normalize(image, nonzero=key[1] == "nonzero", zero_outside=key[2] == "zero")
 
 
 def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = None) -> np.ndarray:
     """Normalize `[C, *spatial]` as the manifest's `normalization` entry says.
 
-    nnslim's own scheme, `{"scheme": "zscore", "mask": "nonzero" | "none"}`: `zscore_normalize`,
-    the function training normalizes with (`training.data` imports it from here).
+    nnslim's own scheme, `{"scheme": "zscore", "mask": "nonzero" | "none", "outside": "zero" |
+    "transform"}`: `nnslim_normalize`, the function training normalizes with.
 
     nnU-Net's, `{"scheme": "per-channel", "channels": [...]}`, one entry per channel:
     `ct` clips to `clip` and applies the stored `mean` / `std`; `zscore` uses the channel's own
@@ -72,10 +91,7 @@ def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = 
     `none` leaves the channel as it is. Arithmetic in float32 in nnU-Net's order.
     """
     if normalization.get("scheme") != "per-channel":
-        key = (normalization.get("scheme"), normalization.get("mask", "none"))
-        if key not in SCHEMES:
-            raise EngineError(f"unsupported normalization {normalization}; this nnslim knows {sorted(SCHEMES)}")
-        return zscore_normalize(image, nonzero=key[1] == "nonzero")
+        return nnslim_normalize(image, normalization)
     image = np.array(image, dtype=np.float32)  # a copy: the caller's volume is left as it is
     channels = normalization.get("channels") or []
     if len(channels) != len(image):
@@ -255,7 +271,7 @@ class StreamingLabeler:
         if self.n_in == self.n_out and tuple(logits.shape[2:]) == self.plane and chunk.start == self.next_output:
             # no resampling (the usual case): label the whole chunk at once
             n = logits.shape[1]
-            self.out[chunk.start : chunk.start + n] = logits_to_labels(logits.contiguous(), self.post).cpu().numpy()
+            self._store(slice(chunk.start, chunk.start + n), logits.contiguous())
             self.next_output = chunk.start + n
             return
         if tuple(logits.shape[2:]) != self.plane:
@@ -266,6 +282,11 @@ class StreamingLabeler:
             self.pending[chunk.start + i] = logits[:, i]
         self._label_ready(chunk.start + logits.shape[1])
 
+    def _store(self, index: int | slice, logits: torch.Tensor) -> None:
+        """Label resampled logits `[K, ...]` into output slice(s) `index` of the streaming axis
+        (the one place labels are written; `probabilities.ProbabilityLabeler` also keeps softmax here)."""
+        self.out[index] = logits_to_labels(logits, self.post).cpu().numpy()
+
     def _label_ready(self, available: int) -> None:
         """Label every output slice whose source slices have all arrived; drop sources no longer needed."""
         while self.next_output < self.n_out:
@@ -273,7 +294,7 @@ class StreamingLabeler:
             if i1 >= available:
                 break
             logits = self.pending[i0] if w == 0 or i0 == i1 else (1 - w) * self.pending[i0] + w * self.pending[i1]
-            self.out[self.next_output] = logits_to_labels(logits, self.post).cpu().numpy()
+            self._store(self.next_output, logits)
             self.next_output += 1
             keep = self._source(self.next_output)[0] if self.next_output < self.n_out else available
             for old in [k for k in self.pending if k < keep]:

@@ -19,7 +19,7 @@ def test_manifest_records_io_stages_tools_and_hashes(engine_dir, checkpoint_path
     assert manifest["io"]["batch"] == {"min": 1, "opt": 2, "max": 2}
     assert [s["name"] for s in manifest["stages"]] == ["load", "reparameterize", "export", "passes", "select"]
     assert manifest["precision"] == "fp32" and manifest["selection"]["requested"] == {"backend": "auto", "precision": "fp32"}
-    assert set(manifest["files"]) == {"model.onnx", "model.opt.onnx", "report.md"}
+    assert set(manifest["files"]) == {"model.onnx", "model.opt.onnx", "report.md", "parity_disagreement.png"}
     for name, record in manifest["files"].items():
         assert record["sha256"] == sha256_file(engine_dir / name)
     assert manifest["source"]["checkpoint_sha256"] == sha256_file(checkpoint_path)

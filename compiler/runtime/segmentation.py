@@ -1,0 +1,148 @@
+"""Segment one in-memory volume: preprocess, walk the windows, restore labels (and probabilities).
+
+`segment_volume` is the whole path for a `Volume`; `prepare_volume` and `segment_prepared` are its
+two halves, so a batch can prepare the next case while the network runs this one (`batch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nnslim.compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.model_spec import ModelSpec
+from nnslim.compiler.runtime.preprocessing import (
+    Prepared,
+    StreamingLabeler,
+    prepare,
+    restore_geometry,
+)
+from nnslim.compiler.runtime.probabilities import (
+    ProbabilityLabeler,
+    check_probabilities_fit,
+    check_probabilities_supported,
+    probability_canvas,
+    restore_probabilities,
+)
+from nnslim.compiler.runtime.sliding_window import (
+    SlidingWindowConfig,
+    count_tiles,
+    stream_logits,
+)
+from nnslim.compiler.runtime.volume_io import Volume
+from nnslim.compiler.runtime.window_selection import (
+    SKIP_MODES,
+    WindowReport,
+    WindowSelection,
+    body_mask,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceOptions:
+    """How `infer` walks a volume.
+
+    Attributes:
+        skip: "none" (the full nnU-Net grid), or an opt-in approximation (`WindowSelection`):
+            "mask" skips windows outside a cheap body mask, "roi" is seed 003's centre-window test.
+        roi_threshold: foreground voxels the centre window must predict to keep its slab.
+        memory_cap_mb: bound for the slab accumulators; over it they switch to fp16, and a slab
+            that does not fit even then is an error (use a smaller patch).
+    """
+
+    step_fraction: float = 0.5
+    batch_size: int | None = None  # None: the engine's maximum batch
+    mirror: bool | None = None  # None: the engine's default (on for imported nnU-Net models)
+    progress: bool = True
+    skip: str = "none"
+    roi_threshold: int = 1000
+    memory_cap_mb: float | None = None
+
+
+def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowConfig:
+    """The window for this engine and these options; a bad batch or skip mode fails here, before any case runs."""
+    batch = options.batch_size or spec.max_batch
+    if batch > spec.max_batch:
+        raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
+    if options.skip not in SKIP_MODES:
+        raise InputError(f"--skip must be one of {SKIP_MODES}, got {options.skip!r}")
+    return SlidingWindowConfig(
+        patch_size=spec.patch_size,
+        step_fraction=options.step_fraction,
+        batch_size=batch,
+        mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
+        memory_cap_mb=options.memory_cap_mb,
+    )
+
+
+def segment_volume(
+    volume: Volume,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    spec: ModelSpec,
+    options: InferenceOptions = InferenceOptions(),
+) -> tuple[np.ndarray, WindowReport]:
+    """Preprocess, walk the windows slab by slab, postprocess (`prepare_volume`, `segment_prepared`).
+
+    Returns the labels in the input's array axes and what the walk did (windows per mirror pass).
+    """
+    result = segment_prepared(prepare_volume(volume, spec), volume.name, predictor, spec, options)
+    return result.labels, result.report
+
+
+def prepare_volume(volume: Volume, spec: ModelSpec) -> Prepared:
+    """The normalized model-space image of a case (and what undoes its geometry)."""
+    pre = spec.preprocessing or {"normalization": spec.normalization}
+    if not pre.get("resample") and spec.spacing and not np.allclose(volume.spacing, spec.spacing, rtol=0.05):
+        logger.warning(
+            "%s has spacing %s but the model was trained at %s; results may degrade (resampling is not applied)",
+            volume.name, volume.spacing, spec.spacing,
+        )
+    prepared = prepare(volume.data, volume.spacing, pre)
+    if prepared.target_spacing is not None and tuple(prepared.image.shape[1:]) != prepared.cropped_shape:
+        logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
+    return prepared
+
+
+@dataclass
+class Segmentation:
+    """One case's result in the input's array axes: labels, the walk's report, and the float16
+    class probabilities `[K, *labels.shape]` when asked for (`probabilities` module)."""
+
+    labels: np.ndarray
+    report: WindowReport
+    probabilities: np.ndarray | None = None
+
+
+def segment_prepared(prepared: Prepared, name: str, predictor: Callable[[torch.Tensor], torch.Tensor],
+                     spec: ModelSpec, options: InferenceOptions = InferenceOptions(),
+                     probabilities: bool = False) -> Segmentation:
+    """Walk the windows over a prepared image and restore labels (and probabilities) to its geometry.
+
+    Logits are never held for the whole volume: each finished slab is resampled back and turned
+    into labels (`StreamingLabeler`), so memory grows with the slab, not the volume. Probabilities
+    are the softmax of those same logits, written into one `[K, *input shape]` float16 array.
+    """
+    image = prepared.image
+    config = window_config(spec, options)
+    selection = WindowSelection(options.skip, options.roi_threshold, body_mask(image) if options.skip != "none" else None)
+    canvas = None
+    if probabilities:
+        check_probabilities_supported(spec.postprocessing)
+        check_probabilities_fit(spec.num_classes, prepared.full_shape, name)
+        canvas, crop = probability_canvas(spec.num_classes, prepared)
+        labeler = ProbabilityLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing, crop)
+    else:
+        labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
+    total = count_tiles(image.shape[1:], config)
+    with tqdm(total=total, desc=name, unit="window", disable=None if options.progress else True, leave=False) as bar:
+        report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
+                               selection=selection)
+    return Segmentation(restore_geometry(labeler.result(), prepared), report,
+                        None if canvas is None else restore_probabilities(canvas, prepared))
