@@ -12,6 +12,7 @@ Prints tables and writes artifacts/bench/reparam.json.
 
     .venv/bin/python scripts/bench_reparam.py
     .venv/bin/python scripts/bench_reparam.py --unit-sizes 16 --network-patches 64 --train-iterations 300
+    .venv/bin/python scripts/bench_reparam.py --training-only --train-iterations 300 --train-seeds 0 1 --train-patch 64
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def bench_networks(patches: list[int], repeats: int, workdir: Path) -> list[dict
     return rows
 
 
-def bench_training(iterations: int, workdir: Path) -> list[dict]:
+def bench_training(iterations: int, seeds: list[int], patch: int, workdir: Path) -> dict:
+    """Seed 000 at equal budget: tiny and tiny-faster trained on the same data, iterations, patch and
+    seeds (interleaved per seed); held-out Dice per run and its mean and spread per preset."""
     from nnslim.training.checkpoint import load_model
     from nnslim.training.data import load_mni_tissue
     from nnslim.training.train import TrainConfig, train
@@ -111,19 +114,37 @@ def bench_training(iterations: int, workdir: Path) -> list[dict]:
     dataset = load_mni_tissue()
     rows = []
     epochs = max(1, iterations // 25)
+    for seed in seeds:
+        for preset in ("tiny", "tiny-faster"):
+            started = time.perf_counter()
+            result = train(TrainConfig(preset=preset, dataset="mni-tissue", out_dir=str(workdir / f"{preset}-{seed}"),
+                                       epochs=epochs, iterations_per_epoch=25, validate_every=epochs,
+                                       patch_size=(patch,) * 3, seed=seed), dataset=dataset)
+            trained = load_model(result.checkpoint)[0]
+            rows.append({
+                "preset": preset, "seed": seed, "iterations": epochs * 25, "patch": patch,
+                "held_out_mean_dice": result.final_validation_dice, "held_out_dice": result.history[-1].get("val_dice"),
+                "train_params": count_parameters(trained),
+                "deploy_params": count_parameters(reparameterize_model(trained)),
+                "train_seconds": time.perf_counter() - started,
+            })
+            print(f"  seed {seed} {preset:<12} {epochs * 25} iterations at {patch}^3: held-out mean Dice "
+                  f"{result.final_validation_dice:.4f}, deploy params {rows[-1]['deploy_params']:,}, "
+                  f"{rows[-1]['train_seconds']:.0f} s", flush=True)
+    summary = {}
     for preset in ("tiny", "tiny-faster"):
-        started = time.perf_counter()
-        result = train(TrainConfig(preset=preset, dataset="mni-tissue", out_dir=str(workdir / preset), epochs=epochs,
-                                   iterations_per_epoch=25, validate_every=epochs, patch_size=(64, 64, 64)), dataset=dataset)
-        model = reparameterize_model(load_model(result.checkpoint)[0])
-        rows.append({
-            "preset": preset, "iterations": epochs * 25, "held_out_mean_dice": result.final_validation_dice,
-            "held_out_dice": result.history[-1].get("val_dice"), "inference_params": count_parameters(model),
-            "train_seconds": time.perf_counter() - started,
-        })
-        print(f"  {preset:<12} {epochs * 25} iterations: held-out mean Dice {result.final_validation_dice:.4f}, "
-              f"inference params {rows[-1]['inference_params']:,}, {rows[-1]['train_seconds']:.0f} s", flush=True)
-    return rows
+        scores = [r["held_out_mean_dice"] for r in rows if r["preset"] == preset]
+        params = next(r["deploy_params"] for r in rows if r["preset"] == preset)
+        summary[preset] = {"mean": float(np.mean(scores)), "min": min(scores), "max": max(scores),
+                           "std": float(np.std(scores)), "deploy_params": params}
+    gap = summary["tiny"]["mean"] - summary["tiny-faster"]["mean"]
+    ratio = summary["tiny-faster"]["deploy_params"] / summary["tiny"]["deploy_params"]
+    print(f"\n{'preset':<14}{'runs':>5}{'mean Dice':>11}{'min':>8}{'max':>8}{'deploy params':>15}")
+    for preset, row in summary.items():
+        print(f"{preset:<14}{len(seeds):>5}{row['mean']:>11.4f}{row['min']:>8.4f}{row['max']:>8.4f}"
+              f"{row['deploy_params']:>15,}")
+    print(f"plain - fused mean Dice {gap:+.4f} (target <= 0.01); deploy params {ratio:.2f}x (target <= 0.5x)")
+    return {"runs": rows, "summary": summary, "dice_gap": gap, "deploy_params_ratio": ratio}
 
 
 def main() -> None:
@@ -133,6 +154,9 @@ def main() -> None:
     parser.add_argument("--network-patches", type=int, nargs="+", default=[64, 96])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-iterations", type=int, default=0, help="0 skips the training comparison")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--train-patch", type=int, default=64)
+    parser.add_argument("--training-only", action="store_true", help="skip the unit and network timings")
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench" / "reparam.json")
     args = parser.parse_args()
 
@@ -143,13 +167,14 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        print("units (ONNX Runtime CPU, batch 1; params, conv MACs, median latency):")
-        report["units"] = bench_units(args.unit_channels, args.unit_sizes, args.repeats, workdir)
-        print("whole networks (deploy form):")
-        report["networks"] = bench_networks(args.network_patches, args.repeats, workdir)
+        if not args.training_only:
+            print("units (ONNX Runtime CPU, batch 1; params, conv MACs, median latency):")
+            report["units"] = bench_units(args.unit_channels, args.unit_sizes, args.repeats, workdir)
+            print("whole networks (deploy form):")
+            report["networks"] = bench_networks(args.network_patches, args.repeats, workdir)
         if args.train_iterations:
             print("training on mni-tissue, same budget:")
-            report["training"] = bench_training(args.train_iterations, workdir)
+            report["training"] = bench_training(args.train_iterations, args.train_seeds, args.train_patch, workdir)
     write_json_atomic(args.out, report)
     print(f"written: {args.out}")
 

@@ -123,7 +123,8 @@ def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
     every recipe). Tiles 0-3 calibrate the int8 graphs, tiles 4-7 evaluate them.
 
     Attributes: model (PyTorch, eval), fp32 / fp16 (the build's optimized graphs), int8 (signed
-    Q/DQ, TensorRT-ready), int8_uint8 (unsigned activations, for CPUs without VNNI), tiles,
+    Q/DQ), int8_uint8 (unsigned activations, for CPUs without VNNI), each the best of the build's
+    recipes on ONNX Runtime, scored on the evaluation tiles as `build-engine` scores them; tiles,
     expected (PyTorch fp32 logits of `tiles`), calibration / evaluation (index ranges of `tiles`).
     """
     import onnx
@@ -131,7 +132,8 @@ def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
     from nnslim.compiler.build.export import ExportSettings, export_onnx
     from nnslim.compiler.build.parity import parity_tiles
     from nnslim.compiler.build.passes import PassManager, default_passes
-    from nnslim.compiler.build.quantize import QuantRecipe, quantize_int8
+    from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, choose_recipe
+    from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
     from nnslim.compiler.build.source import load_source
 
     out = tmp_path_factory.mktemp("demo-graphs")
@@ -148,9 +150,11 @@ def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
     with torch.no_grad():
         expected = source.model(tiles)
     calibration, evaluation = slice(0, 4), slice(4, 8)
-    for name, activations in (("int8", "int8"), ("int8_uint8", "uint8")):
+    # each int8 graph is the best of the build's recipes on ONNX Runtime, as `build-engine` chooses it
+    for name, recipes in (("int8", DEFAULT_RECIPES), ("int8_uint8", UINT8_RECIPES)):
         graphs[name] = out / f"model.{name}.onnx"
-        quantize_int8(graphs["fp32"], graphs[name], tiles[calibration].numpy(), QuantRecipe("minmax", 0, True, activations))
+        choose_recipe(graphs["fp32"], graphs[name], tiles[calibration].numpy(), tiles[evaluation], expected[evaluation],
+                      lambda graph: OnnxRuntimePredictor(graph, "image", "logits"), recipes=recipes)
     return SimpleNamespace(model=source.model, tiles=tiles, expected=expected, calibration=calibration,
                            evaluation=evaluation, **graphs)
 

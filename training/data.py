@@ -10,8 +10,15 @@ Two sources:
 Held-out protocol for mni-tissue. It is one subject, and the template is left-right symmetric,
 so the other hemisphere is a mirror image of the training data, not a held-out one. Instead a
 coronal band (array axis 1, slices 100..139, through the basal ganglia, thalamus and ventricles)
-is held out: training crops stop `HOLDOUT_MARGIN` slices before it on either side, so no training
-patch sees a label inside the band; validation and the reported Dice use that band only.
+is held out: training sees the whole volume, but every label inside the band is replaced by
+`IGNORE` (the loss skips those voxels and no patch is centred on them), so no label inside the band
+is ever used. The band's image is visible as context, as it is to the deployed model; validation
+and the reported Dice score the band only. (Until issue 20 training used two crops that stopped
+8 slices before the band; both were narrower than a 96 patch, so every patch showed an artificial
+edge.)
+
+Normalization is the runtime's `nnslim_normalize` with `DEFAULT_NORMALIZATION` (statistics of the
+nonzero voxels, zeros stay zero): air, the sampler's padding and the runtime's padding are one value.
 """
 
 from __future__ import annotations
@@ -27,11 +34,11 @@ import numpy as np
 
 from nnslim.compiler.runtime.errors import NnslimError
 from nnslim.compiler.runtime.files import atomic_path, write_text_atomic
-from nnslim.compiler.runtime.preprocessing import zscore_normalize  # the runtime's: training and inference agree
+from nnslim.compiler.runtime.preprocessing import DEFAULT_NORMALIZATION, nnslim_normalize  # the runtime's
+from nnslim.training.losses import IGNORE  # the held-out band's label value in training
 
 MNI_HOLDOUT_AXIS = 1
 MNI_HOLDOUT = (100, 140)
-HOLDOUT_MARGIN = 8
 MNI_LABELS = ("background", "grey_matter", "white_matter")
 
 
@@ -45,7 +52,7 @@ class Case:
 
     name: str
     image: np.ndarray  # [C, X, Y, Z] float32
-    label: np.ndarray  # [X, Y, Z] int16
+    label: np.ndarray  # [X, Y, Z] int16; IGNORE where the loss must not look
     score_mask: np.ndarray | None = None  # validation: score only these voxels (None: all)
 
 
@@ -59,7 +66,7 @@ class Dataset:
     validation: list[Case]
     fingerprint: str
     holdout: str
-    normalization: dict = field(default_factory=lambda: {"scheme": "zscore", "mask": "nonzero"})
+    normalization: dict = field(default_factory=lambda: dict(DEFAULT_NORMALIZATION))
 
     def describe(self) -> dict:
         """JSON-able summary stored in checkpoints."""
@@ -117,38 +124,26 @@ def _file_digest(paths: list[Path]) -> str:
 
 
 def load_mni_tissue() -> Dataset:
-    t1, label, _ = mni_tissue_volumes()
-    image = zscore_normalize(np.asarray(t1.dataobj, dtype=np.float32)[None])
-    axis, (lo, hi) = MNI_HOLDOUT_AXIS, MNI_HOLDOUT
-
-    def crop(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        index = [slice(None)] * 3
-        index[axis] = slice(start, stop)
-        return image[(slice(None), *index)].copy(), label[tuple(index)].astype(np.int16)
-
-    size = label.shape[axis]
-    train = [
-        Case("mni_before_band", *crop(0, lo - HOLDOUT_MARGIN)),
-        Case("mni_after_band", *crop(hi + HOLDOUT_MARGIN, size)),
-    ]
+    t1, label, holdout = mni_tissue_volumes()
+    image = nnslim_normalize(np.asarray(t1.dataobj, dtype=np.float32)[None], DEFAULT_NORMALIZATION)
+    band = holdout.astype(bool)
+    train_label = label.astype(np.int16)
+    train_label[band] = IGNORE  # the band's labels are never used for training
     # the band is scored in place, inside the whole volume, so it is predicted with the same
-    # context the deployed model has; its labels are never sampled for training
-    band = np.zeros(label.shape, dtype=bool)
-    index = [slice(None)] * 3
-    index[axis] = slice(lo, hi)
-    band[tuple(index)] = True
+    # context the deployed model has
     validation = [Case("mni_holdout_band", image, label.astype(np.int16), score_mask=band)]
+    lo, hi = MNI_HOLDOUT
     return Dataset(
         name="mni-tissue",
         channel_names=("T1",),
         label_names=MNI_LABELS,
         spacing=tuple(float(z) for z in t1.header.get_zooms()[:3]),
-        train=train,
+        train=[Case("mni_outside_band", image, train_label)],
         validation=validation,
         fingerprint=_file_digest(list(mni_template_paths().values())),
         holdout=(
-            f"array axis {axis} slices [{lo}, {hi}) held out; training crops end {HOLDOUT_MARGIN} "
-            "slices before the band on both sides"
+            f"array axis {MNI_HOLDOUT_AXIS} slices [{lo}, {hi}) held out: their labels are ignored in training "
+            "(the whole volume is trained on, the band's image is context only)"
         ),
     )
 
@@ -169,7 +164,7 @@ def write_mni_tissue_raw(out_dir: str | Path) -> Path:
         "labels": {name: i for i, name in enumerate(MNI_LABELS)},
         "numTraining": 1,
         "file_ending": ".nii.gz",
-        "holdout": {"axis": MNI_HOLDOUT_AXIS, "slices": list(MNI_HOLDOUT), "margin": HOLDOUT_MARGIN},
+        "holdout": {"axis": MNI_HOLDOUT_AXIS, "slices": list(MNI_HOLDOUT)},
     }
     write_text_atomic(out / "dataset.json", json.dumps(dataset_json, indent=2))
     return out
@@ -224,7 +219,7 @@ def load_raw_dataset(folder: str | Path, validation_every: int = 5) -> Dataset:
                 f"declares {len(label_names)} labels"
             )
         spacing = spacing or tuple(float(z) for z in label_img.header.get_zooms()[:3])
-        cases.append(Case(name, zscore_normalize(np.stack(channels)), label.astype(np.int16)))
+        cases.append(Case(name, nnslim_normalize(np.stack(channels), DEFAULT_NORMALIZATION), label.astype(np.int16)))
         files += channel_files + [label_file]
     validation = [c for i, c in enumerate(cases) if len(cases) > 1 and i % validation_every == validation_every - 1]
     if len(cases) > 1 and not validation:
@@ -257,26 +252,33 @@ def load_dataset(spec: str) -> Dataset:
 
 
 class PatchSampler:
-    """Random patches with nnU-Net's foreground oversampling.
+    """Random patches with nnU-Net's foreground oversampling, over a zero-padded field of view.
 
     The last `round(batch_size * oversample)` items of each batch are centred on a voxel of a
-    randomly chosen foreground class present in the case; the others are uniform. Patches that
-    reach past the volume are zero-padded (label 0 there).
+    randomly chosen foreground class present in the case; the others are uniform over the volume
+    widened by `edge_extension` voxels on every side (a fraction of the patch), so patches show the
+    volume's edges and the air around it, padded as the runtime pads (0 after normalization,
+    label 0). A uniform item is pure padding with probability `air_probability`: a constant tile,
+    which InstanceNorm cannot tell from a flat region, must still come out background.
     """
 
-    def __init__(self, cases: list[Case], patch_size: tuple[int, int, int], oversample_foreground: float = 0.33):
+    def __init__(self, cases: list[Case], patch_size: tuple[int, int, int], oversample_foreground: float = 0.33,
+                 edge_extension: float = 0.5, air_probability: float = 0.05):
         if not cases:
             raise DatasetError("no training cases")
         self.cases = cases
         self.patch = tuple(patch_size)
         self.oversample = oversample_foreground
-        # voxel coordinates per foreground class, subsampled like nnU-Net (at most 10k per class)
+        self.extension = [int(p * edge_extension) for p in self.patch]
+        self.air_probability = air_probability
+        # voxel coordinates per foreground class, subsampled like nnU-Net (at most 10k per class);
+        # IGNORE voxels are never a centre
         rng = np.random.default_rng(0)
         self.class_locations = []
         for case in cases:
             locations = {}
             for cls in np.unique(case.label):
-                if cls == 0:
+                if cls <= 0:
                     continue
                 coords = np.argwhere(case.label == cls)
                 if len(coords) > 10_000:
@@ -293,12 +295,14 @@ class PatchSampler:
             k = int(rng.integers(len(self.cases)))
             case, locations = self.cases[k], self.class_locations[k]
             shape = case.label.shape
-            lo = [min(0, s - p) for s, p in zip(shape, self.patch)]
-            hi = [max(0, s - p) for s, p in zip(shape, self.patch)]
+            lo = [min(0, s - p) - e for s, p, e in zip(shape, self.patch, self.extension)]
+            hi = [max(0, s - p) + e for s, p, e in zip(shape, self.patch, self.extension)]
             if i >= batch_size - n_forced and locations:
                 cls = list(locations)[int(rng.integers(len(locations)))]
                 voxel = locations[cls][int(rng.integers(len(locations[cls])))]
                 start = [int(np.clip(v - p // 2, a, b)) for v, p, a, b in zip(voxel, self.patch, lo, hi)]
+            elif rng.random() < self.air_probability:
+                continue  # pure padding: the zeros images[i] / labels[i] already hold
             else:
                 start = [int(rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
             _crop_into(case.image, case.label, start, images[i], labels[i])

@@ -34,15 +34,21 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+IGNORE = -1  # target value of voxels the loss skips (training.data's held-out band)
+
+
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
     """1 - mean over foreground classes of the soft Dice, summed over the whole (global) batch.
 
     Args:
         logits: `[B, K, *spatial]`.
-        target: `[B, *spatial]` integer labels.
+        target: `[B, *spatial]` integer labels; `IGNORE` voxels count for nothing.
     """
+    valid = (target != IGNORE).unsqueeze(1)
     probs = torch.softmax(logits, dim=1)[:, 1:]
-    onehot = F.one_hot(target, logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+    onehot = F.one_hot(target.clamp_min(0), logits.shape[1]).movedim(-1, 1)[:, 1:].to(probs.dtype)
+    if not bool(valid.all()):
+        probs, onehot = probs * valid, onehot * valid
     axes = (0, *range(2, probs.ndim))
     intersection = _all_reduce((probs * onehot).sum(axes))
     denominator = _all_reduce(probs.sum(axes) + onehot.sum(axes))
@@ -51,7 +57,12 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return soft_dice_loss(logits, target) + F.cross_entropy(logits, target)
+    """Soft Dice + cross-entropy; `IGNORE` voxels are left out of both (a batch of only IGNORE has CE 0)."""
+    if bool((target == IGNORE).all()):
+        ce = logits.sum() * 0.0
+    else:
+        ce = F.cross_entropy(logits, target, ignore_index=IGNORE)
+    return soft_dice_loss(logits, target) + ce
 
 
 def deep_supervision_weights(n: int) -> list[float]:

@@ -67,6 +67,9 @@ class TrainConfig:
     decoder_depths: tuple[int, ...] | None = None
     seed: int = 0
     resume: bool = False
+    # channels-last 3D tensors: 3.0 s against 3.8 s per tiny 96^3 iteration (batch 2) on this
+    # project's Zen 3 CPU; bf16 autocast was over 3x slower there (no native bf16), so it is not offered
+    channels_last: bool = True
 
 
 @dataclass
@@ -125,6 +128,8 @@ def train(
     share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
     model, optimizer_state, start_epoch, history = _initial_state(config, arch, out)
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
     run = _Run(config, dataset, patch, model, _parallel(model, arch, world, device),
                _optimizer(model, config, optimizer_state), share, device, history)
     logger.info("training %s (%d parameters) on %s, patch %s, %d process(es) on %s",
@@ -135,7 +140,8 @@ def train(
         if rank == 0:  # rank 0 validates and writes
             _close_epoch(run, record, out)
     if rank == 0:
-        save_checkpoint(out / FINAL, _without_deep_supervision(model.cpu()), run.metadata())
+        model = model.cpu().to(memory_format=torch.contiguous_format)
+        save_checkpoint(out / FINAL, _without_deep_supervision(model), run.metadata())
         write_text_atomic(out / "history.json", json.dumps(history, indent=2))
     if world > 1:
         dist.barrier()  # the other ranks return once the checkpoint exists
@@ -200,7 +206,10 @@ def _train_epoch(run: _Run, sampler: PatchSampler, epoch: int, on_iteration) -> 
     for iteration in range(config.iterations_per_epoch):
         rng = np.random.default_rng([config.seed, epoch, iteration])
         images, labels = augment(*sampler.sample(config.batch_size, rng), rng)  # the global batch
-        outputs = run.network(torch.from_numpy(images[run.share]).to(run.device, dtype))
+        batch = torch.from_numpy(images[run.share]).to(run.device, dtype)
+        if config.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last_3d)
+        outputs = run.network(batch)
         target = torch.from_numpy(labels[run.share]).to(run.device)
         loss = deep_supervision_loss(outputs, target) if isinstance(outputs, list) else dice_ce_loss(outputs, target)
         run.optimizer.zero_grad(set_to_none=True)

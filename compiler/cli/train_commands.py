@@ -59,10 +59,12 @@ Examples:
               help="Reversible presets: blocks per decoder level, lowest resolution first.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoint_latest.pt if present.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="Channels-last 3D memory layout (faster convolutions on CPU; same arithmetic).")
 @progress_option
 def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, patch, learning_rate,
           validate_every, no_deep_supervision, fusion_threshold, memory, encoder_depths, decoder_depths, seed, resume,
-          progress) -> None:
+          channels_last, progress) -> None:
     """Train a U-Net (Dice + CE, SGD Nesterov 0.99, poly LR); writes OUT/checkpoint_final.pt.
 
     Under torchrun (WORLD_SIZE > 1) it trains data-parallel (DistributedDataParallel; gloo on CPU,
@@ -79,7 +81,7 @@ def train(preset, dataset, out_dir, epochs, iterations_per_epoch, batch_size, pa
         patch_size=patch_tuple(patch), learning_rate=learning_rate,
         deep_supervision=not no_deep_supervision, validate_every=validate_every, fusion_threshold=fusion_threshold,
         memory=memory, encoder_depths=tuple(encoder_depths) or None, decoder_depths=tuple(decoder_depths) or None,
-        seed=seed, resume=resume,
+        seed=seed, resume=resume, channels_last=channels_last,
     )
     with tqdm(total=epochs * iterations_per_epoch, unit="it", disable=None if progress else True) as bar:
         def on_iteration(event: dict) -> None:

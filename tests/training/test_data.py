@@ -3,22 +3,28 @@ import json
 import numpy as np
 
 from nnslim.training.data import (
-    HOLDOUT_MARGIN,
+    IGNORE,
     MNI_HOLDOUT,
     PatchSampler,
     augment,
     load_mni_tissue,
     load_raw_dataset,
 )
+from nnslim.training.data import Case
 
 
 def test_mni_tissue_holdout_band_is_never_trained_on():
     dataset = load_mni_tissue()
-    before, after = dataset.train
+    (whole,) = dataset.train
     (band,) = dataset.validation
     lo, hi = MNI_HOLDOUT
-    assert before.label.shape[1] == lo - HOLDOUT_MARGIN
-    assert after.label.shape[1] == 233 - (hi + HOLDOUT_MARGIN)
+    # training sees the whole volume (wider than any patch), every band label replaced by IGNORE
+    assert whole.label.shape == (197, 233, 189)
+    assert (whole.label[:, lo:hi] == IGNORE).all()
+    assert (whole.label[:, :lo] >= 0).all() and (whole.label[:, hi:] >= 0).all()
+    sampler = PatchSampler(dataset.train, (96, 96, 96))
+    assert all(((coords[:, 1] < lo) | (coords[:, 1] >= hi)).all() for locs in sampler.class_locations
+               for coords in locs.values())  # no foreground centre inside the band
     # validation scores the band in place, inside the whole volume
     assert band.label.shape == (197, 233, 189)
     assert band.score_mask.sum() == 197 * (hi - lo) * 189
@@ -56,7 +62,7 @@ def test_sampler_oversamples_foreground_and_pads_small_cases():
         hits += int(labels[1].any())  # the second half of the batch is forced onto foreground
     assert hits == 20
     small = Case("s", np.ones((1, 8, 20, 8), np.float32), np.ones((8, 20, 8), np.int16))
-    images, labels = PatchSampler([small], (16, 16, 16)).sample(1, rng)
+    images, labels = PatchSampler([small], (16, 16, 16), edge_extension=0, air_probability=0).sample(1, rng)
     assert images.sum() == labels.sum() == 8 * 16 * 8  # zero padding outside the case
 
 
@@ -71,3 +77,18 @@ def test_flips_move_image_and_label_together():
         assert np.array_equal(image > midpoint, label.astype(bool))
     assert not np.array_equal(out_labels, labels)  # some flip happened
 
+
+
+def test_sampler_shows_edges_and_pure_air():
+    """Uniform patches reach past the volume by up to half a patch, and some are pure padding."""
+    case = Case("c", np.ones((1, 32, 32, 32), np.float32), np.ones((32, 32, 32), np.int16))
+    sampler = PatchSampler([case], (16, 16, 16), oversample_foreground=0.0, air_probability=0.25)
+    air, partial = 0, 0
+    for i in range(50):
+        images, labels = sampler.sample(4, np.random.default_rng(i))
+        for image, label in zip(images, labels):
+            assert (image[0] == label).all()  # padding is image 0 and label 0 together
+            air += int(not image.any())
+            partial += int(0 < image.sum() < image.size)
+    assert 25 <= air <= 75  # 200 uniform items at p = 0.25 (pure-air corners add a few)
+    assert partial > 50  # most of the rest touch an edge: starts range over [-8, 24]

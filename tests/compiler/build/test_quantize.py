@@ -224,9 +224,11 @@ def test_choose_recipe_keeps_the_best_by_agreement(graph, tiles, tmp_path):
     assert scores[0].to_dict()["name"] == "minmax, int8 activations, float below 16 channels, float ends"
 
 
-def test_exported_demo_graph_has_the_same_structure(demo_graphs):
+def test_exported_demo_graph_has_the_same_structure(demo_graphs, tmp_path):
     """The same properties on a real export (PyTorch -> ONNX -> graph passes -> Q/DQ), not just a hand-built one."""
-    g = Graph(demo_graphs.int8)
+    path = tmp_path / "model.int8.onnx"
+    quantize_int8(demo_graphs.fp32, path, demo_graphs.tiles[demo_graphs.calibration].numpy(), QuantRecipe())
+    g = Graph(path)
     float_model = onnx.load(str(demo_graphs.fp32))
     assert [n.op_type for n in g.model.graph.node if n.op_type == "InstanceNormalization"] == \
         [n.op_type for n in float_model.graph.node if n.op_type == "InstanceNormalization"]

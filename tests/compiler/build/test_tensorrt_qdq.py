@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from nnslim.compiler.build.passes.tensorrt_support import TENSORRT_WEIGHT_AXES, tensorrt_qdq_issues
 from nnslim.compiler.build.pipeline import BuildConfig, BuildError, _build_tensorrt
-from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, QuantRecipe, quantize_int8
+from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, QuantRecipe, choose_recipe, quantize_int8
 from nnslim.compiler.runtime.precision import get_precision
 from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
 from tests.compiler.build.test_quantize import LAYERS, Graph, write_graph
@@ -89,17 +89,20 @@ def test_a_float_graph_has_nothing_to_refuse(graph):
 
 
 def test_the_trained_demo_model_quantized_for_tensorrt_passes_and_keeps_the_int8_gate(demo_graphs, tmp_path):
+    """As the TensorRT build does it: every default recipe in TensorRT's form, the best one kept."""
     path = tmp_path / "model.int8.onnx"
-    quantize_int8(demo_graphs.fp32, path, demo_graphs.tiles[demo_graphs.calibration].numpy(), QuantRecipe(),
-                  tensorrt=True)
+    evaluation = demo_graphs.tiles[demo_graphs.evaluation]
+    scores = choose_recipe(demo_graphs.fp32, path, demo_graphs.tiles[demo_graphs.calibration].numpy(), evaluation,
+                           demo_graphs.expected[demo_graphs.evaluation],
+                           lambda graph: OnnxRuntimePredictor(graph, "image", "logits"), tensorrt=True)
     model = onnx.load(str(path))
     assert tensorrt_qdq_issues(model) == []
     assert sum(n.op_type == "DequantizeLinear" and any(a.name == "axis" and a.i == 0 for a in n.attribute)
                for n in model.graph.node) > 3
-    logits = OnnxRuntimePredictor(path, "image", "logits")(demo_graphs.tiles[demo_graphs.evaluation])
-    expected = demo_graphs.expected[demo_graphs.evaluation]
-    agreement = float((logits.argmax(1) == expected.argmax(1)).double().mean())
-    assert agreement >= get_precision("int8").min_agreement, agreement
+    logits = OnnxRuntimePredictor(path, "image", "logits")(evaluation)
+    agreement = float((logits.argmax(1) == demo_graphs.expected[demo_graphs.evaluation].argmax(1)).double().mean())
+    assert agreement == scores[0].agreement  # the kept graph is the best recipe's
+    assert agreement >= get_precision("int8").min_agreement, [(s.recipe.name, s.agreement) for s in scores]
     assert tensorrt_qdq_issues(onnx.load(str(demo_graphs.int8_uint8)))  # the CPU-only form is refused
     cpu_form = tensorrt_qdq_issues(onnx.load(str(demo_graphs.int8)))  # ONNX Runtime's defaults: why tensorrt=True
     assert any("TensorRT needs axis 0" in i for i in cpu_form) and any("feeds Concat" in i for i in cpu_form)

@@ -223,3 +223,15 @@ def test_roi_counts_foreground_inside_the_body_only():
     # voxel, 39..56): starts 24 and 56 (one 18 x 18 slice each), 32, 40, 48
     active = 5
     assert report.evaluated == slabs + active * (report.grid // slabs - 1)
+
+
+def test_body_mask_finds_tissue_around_a_zero_background_that_is_not_the_darkest_value():
+    """nnslim's default normalization keeps air at 0 while CSF-like tissue runs negative: the
+    percentile cut alone would call the air body; the constant background rule does not."""
+    rng = np.random.default_rng(4)
+    image = np.zeros((40, 40, 40), dtype=np.float32)
+    image[10:30, 10:30, 10:30] = rng.normal(0.5, 1.0, (20, 20, 20))  # z-scored tissue, a third below 0
+    image[18:22, 18:22, 18:22] = -1.5  # dark structure inside the body
+    mask = body_mask(torch.from_numpy(image)[None])
+    assert bool(mask[10:30, 10:30, 10:30].all())  # the body, dark parts included
+    assert int(mask.sum()) <= 22**3 and not bool(mask[:8].any()) and not bool(mask[32:].any())

@@ -3,7 +3,7 @@ import torch
 import pytest
 
 from nnslim.compiler.runtime.errors import EngineError
-from nnslim.compiler.runtime.preprocessing import normalize, zscore_normalize
+from nnslim.compiler.runtime.preprocessing import DEFAULT_NORMALIZATION, nnslim_normalize, normalize, zscore_normalize
 
 
 def reference_zscore(image):
@@ -19,7 +19,8 @@ def reference_zscore(image):
 def test_training_normalizes_with_the_runtimes_function():
     from nnslim.training import data
 
-    assert data.zscore_normalize is zscore_normalize  # one function, not two that must agree
+    assert data.nnslim_normalize is nnslim_normalize  # one function, not two that must agree
+    assert data.Dataset("d", (), (), (1, 1, 1), [], [], "", "").normalization == DEFAULT_NORMALIZATION
     rng = np.random.default_rng(0)
     image = rng.normal(100, 20, (2, 20, 21, 22)).astype(np.float32)
     image[:, :5] = 0  # background, excluded from the statistics
@@ -98,3 +99,19 @@ def test_prepare_and_to_labels_round_trip_geometry():
     labels = to_labels(logits, coarse)
     assert labels.shape == (30, 20, 10)
     np.testing.assert_array_equal(labels, (data[0] != 0).astype(np.uint8))
+
+
+def test_default_scheme_keeps_air_at_zero_like_nnunets_mask_for_norm():
+    """Statistics from the nonzero voxels; zeros stay 0, the value the runtime pads with."""
+    rng = np.random.default_rng(3)
+    image = rng.normal(100, 20, (1, 10, 11, 12)).astype(np.float32)
+    image[:, :4] = 0
+    ours = normalize(image, DEFAULT_NORMALIZATION)
+    inside = image[0] != 0
+    assert (ours[0][~inside] == 0).all()
+    np.testing.assert_array_equal(ours[0][inside], reference_zscore(image)[0][inside])
+    # the older scheme (no "outside" key) still turns air into one negative constant
+    old = normalize(image, {"scheme": "zscore", "mask": "nonzero"})
+    assert np.unique(old[0][~inside]).size == 1 and old[0][~inside][0] < -3
+    with pytest.raises(EngineError, match="outside"):
+        normalize(image, {"scheme": "zscore", "mask": "none", "outside": "zero"})
