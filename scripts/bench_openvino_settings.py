@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from nnslim.compiler.build.parity import parity_tiles
+    from nnslim.compiler.build.parity import parity_crops
     from nnslim.compiler.runtime.files import write_json_atomic
     from nnslim.compiler.runtime.manifest import read_manifest
     from nnslim.compiler.runtime.openvino_backend import OpenVinoPredictor, cpu_record
@@ -33,7 +33,7 @@ def main() -> None:
     manifest = read_manifest(args.engine)
     models = (manifest.get("selection") or {}).get("models") or {"fp32": manifest["runtime_model"]}
     patch = tuple(manifest["io"]["input"]["shape"][2:])
-    tiles, _ = parity_tiles(patch, 1, 2, args.volume, manifest["preprocessing"], seed=3)
+    tiles, _, _ = parity_crops(patch, 1, 2, args.volume, manifest["preprocessing"], seed=3)
     threads = [0] + ([os.cpu_count()] if os.cpu_count() else []) + [1]
     settings = [(graph, hint, n) for graph in models for hint in ("LATENCY", "THROUGHPUT") for n in threads]
     predictors = {s: OpenVinoPredictor(args.engine / models[s[0]], precision=s[0], threads=s[2], performance_hint=s[1])

@@ -130,7 +130,7 @@ def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
     import onnx
 
     from nnslim.compiler.build.export import ExportSettings, export_onnx
-    from nnslim.compiler.build.parity import parity_tiles
+    from nnslim.compiler.build.parity import parity_crops
     from nnslim.compiler.build.passes import PassManager, default_passes
     from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, choose_recipe
     from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
@@ -145,7 +145,7 @@ def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
         optimized, _ = PassManager(default_passes(precision)).run(exported)
         graphs[precision] = out / f"model.{precision}.onnx"
         onnx.save(optimized, str(graphs[precision]))
-    tiles, _ = parity_tiles(DEMO_PATCH, source.in_channels, 8, mni_raw / "imagesTr" / "mni_0000.nii.gz",
+    tiles, _, _ = parity_crops(DEMO_PATCH, source.in_channels, 8, mni_raw / "imagesTr" / "mni_0000.nii.gz",
                             source.preprocessing)
     with torch.no_grad():
         expected = source.model(tiles)

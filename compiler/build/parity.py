@@ -85,19 +85,6 @@ class TileLayout:
     spacing: tuple[float, float, float]  # model-space voxel size
 
 
-def parity_tiles(
-    patch_size: tuple[int, int, int],
-    in_channels: int,
-    count: int,
-    volume: Path | None,
-    preprocessing: dict,
-    seed: int = 0,
-) -> tuple[torch.Tensor, str]:
-    """`count` tiles `[count, C, *patch]` and a description of where they came from (`parity_crops`)."""
-    tiles, source, _ = parity_crops(patch_size, in_channels, count, volume, preprocessing, seed)
-    return tiles, source
-
-
 def parity_crops(
     patch_size: tuple[int, int, int],
     in_channels: int,

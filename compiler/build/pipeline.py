@@ -37,7 +37,6 @@ from nnslim.compiler.build.parity import (
     check_tensorrt_parity,
     disagreement_view,
     parity_crops,
-    parity_tiles,
     torch_agreement,
 )
 from nnslim.compiler.build.passes import ParityProbe, PassManager, default_passes
@@ -288,7 +287,7 @@ def _quantize(config: BuildConfig, plan: BuildPlan, source: Source, patch: tuple
     volumes = _calibration_volumes(config)
     per_volume = max(1, calibration_tiles_that_fit(staging / "model.opt.onnx", (source.in_channels, *patch),
                                                    config.calibration_tiles * len(volumes)) // len(volumes))
-    calibration = torch.cat([parity_tiles(patch, source.in_channels, per_volume, volume,
+    calibration = torch.cat([parity_crops(patch, source.in_channels, per_volume, volume,
                                           source.preprocessing, seed=1 + i)[0] for i, volume in enumerate(volumes)])
     # score recipes on the backend where int8 pays (OpenVINO's int8 kernels differ from ONNX Runtime's)
     int8_backends = [c.backend for c in plan.candidates if c.graph == "int8"]

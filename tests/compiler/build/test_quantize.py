@@ -68,16 +68,6 @@ def write_graph(path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def graph(tmp_path_factory) -> Path:
-    return write_graph(tmp_path_factory.mktemp("qdq") / "model.onnx")
-
-
-@pytest.fixture(scope="module")
-def tiles() -> np.ndarray:
-    return np.random.default_rng(1).standard_normal((4, 1, 8, 8, 8)).astype(np.float32)
-
-
 class Graph:
     """Lookups over a quantized model: producers, consumers, initializers."""
 

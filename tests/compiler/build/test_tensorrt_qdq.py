@@ -22,17 +22,7 @@ from nnslim.compiler.build.pipeline import BuildConfig, BuildError, _build_tenso
 from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, QuantRecipe, choose_recipe, quantize_int8
 from nnslim.compiler.runtime.precision import get_precision
 from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
-from tests.compiler.build.test_quantize import LAYERS, Graph, write_graph
-
-
-@pytest.fixture(scope="module")
-def graph(tmp_path_factory) -> Path:
-    return write_graph(tmp_path_factory.mktemp("trt-qdq") / "model.onnx")
-
-
-@pytest.fixture(scope="module")
-def tiles() -> np.ndarray:
-    return np.random.default_rng(1).standard_normal((4, 1, 8, 8, 8)).astype(np.float32)
+from tests.compiler.build.test_quantize import LAYERS, Graph
 
 
 def _quantized(graph: Path, tiles: np.ndarray, out: Path, recipe: QuantRecipe, tensorrt: bool = True) -> Path:
