@@ -41,8 +41,9 @@ def case_folder(volume: Path, cases: int, root: Path) -> Path:
 
 
 def run_once(engine, folder: Path, out: Path, workers: int, probabilities: bool) -> dict:
-    from nnslim.compiler.runtime.batch import BatchOptions
-    from nnslim.compiler.runtime.engine import InferenceOptions, segment_files
+    from nnslim.compiler.runtime.cases.batch import BatchOptions
+    from nnslim.compiler.runtime.engine import InferenceOptions
+    from nnslim.compiler.runtime.cases.run import segment_files
 
     started = time.perf_counter()
     results = segment_files(engine, [folder], out, InferenceOptions(progress=False),
@@ -68,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nnslim.compiler.runtime.engine import load_engine
-    from nnslim.compiler.runtime.files import write_json_atomic
+    from nnslim.files import write_json_atomic
 
     engine = load_engine(args.engine)
     runs: dict[str, list[dict]] = {name: [] for name in SETTINGS}

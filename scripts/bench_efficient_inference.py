@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchlib import in_fresh_process, peak_rss_mb  # noqa: E402
-from nnslim.compiler.runtime.files import write_json_atomic  # noqa: E402
+from nnslim.files import write_json_atomic  # noqa: E402
 from nnslim.compiler.runtime.metrics import mean_dice  # noqa: E402
 
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
@@ -42,16 +42,20 @@ OUT = ROOT / "artifacts" / "bench" / "efficient_inference.json"
 
 def _segment(job: dict) -> dict:
     """In a child process: segment one volume one way; labels go to a file."""
-    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-    from nnslim.compiler.runtime.sliding_window import WindowReport, WindowSelection, body_mask, sliding_window_inference
-    from nnslim.compiler.runtime.volume_io import load_volume
+    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine
+    from nnslim.compiler.runtime.segmentation import segment_volume
+    from nnslim.compiler.runtime.window.selection import WindowReport, WindowSelection
+    from nnslim.compiler.runtime.window.walk import sliding_window_inference
+    from nnslim.compiler.runtime.window.mask import body_mask
+    from nnslim.compiler.runtime.volumes.volume import load_volume
 
     engine = load_engine(job["engine"])
     volume = load_volume(Path(job["volume"]), 1)
     started = time.perf_counter()
     if job["way"] == "whole-volume logits":  # the usual way: the same preprocessing, all logits in memory
-        from nnslim.compiler.runtime.preprocessing import prepare, to_labels
-        from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig
+        from nnslim.compiler.runtime.preprocessing import prepare
+        from nnslim.compiler.runtime.postprocessing import to_labels
+        from nnslim.compiler.runtime.window.config import SlidingWindowConfig
 
         prepared = prepare(volume.data, volume.spacing, engine.spec.preprocessing)
         report = WindowReport()
@@ -73,7 +77,7 @@ def _run(job: dict) -> dict:
 
 
 def _build_engine(out: Path, patch: tuple[int, int, int]) -> Path:
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
 
     build_engine(BuildConfig(checkpoint=MODEL, out_dir=out, patch_size=patch, batch_size=2, pass_parity=False,
                              parity_tiles=1, precision="fp32"))

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from nnslim.compiler.runtime.errors import NnslimError
-from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.errors import NnslimError
+from nnslim.files import write_json_atomic
 
 OUT = Path("artifacts/bench/gpu.json")
 # What one row may fail with without stopping the others: nnslim's own errors (missing backend,
@@ -55,7 +55,7 @@ def _cuda_time(fn, repeats: int) -> float:
 
 def _measure(predictor, tiles, image, classes, window, reference, repeats) -> dict:
     """Per-tile and per-volume median times and voxel agreement with PyTorch fp32 for one runner."""
-    from nnslim.compiler.runtime.sliding_window import sliding_window_inference
+    from nnslim.compiler.runtime.window.walk import sliding_window_inference
 
     per_tile = _cuda_time(lambda: predictor(tiles), repeats)
     per_volume = _cuda_time(lambda: sliding_window_inference(image, predictor, classes, window), max(3, repeats // 3))
@@ -77,12 +77,14 @@ def main() -> None:
         print("no CUDA GPU visible: nothing measured (this benchmark only reports figures it measured on a GPU)")
         return
 
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
     from nnslim.compiler.runtime.engine import load_engine
-    from nnslim.compiler.runtime.predictors import OnnxRuntimeGpuPredictor, TorchPredictor
+    from nnslim.compiler.runtime.backends.onnx_runtime import OnnxRuntimeGpuPredictor
+    from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
     from nnslim.compiler.runtime.preprocessing import normalize
-    from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
-    from nnslim.compiler.runtime.volume_io import load_volume
+    from nnslim.compiler.runtime.window.config import SlidingWindowConfig
+    from nnslim.compiler.runtime.window.walk import sliding_window_inference
+    from nnslim.compiler.runtime.volumes.volume import load_volume
     from nnslim.training.checkpoint import load_model
 
     model, metadata = load_model(args.checkpoint)

@@ -29,13 +29,15 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from nnslim.compiler.build.nnunet_import import read_model_folder, unet_config
-from nnslim.compiler.build.pipeline import BuildConfig, build_engine
-from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-from nnslim.compiler.runtime.files import write_json_atomic
-from nnslim.compiler.runtime.predictors import TorchPredictor
-from nnslim.compiler.runtime.volume_io import load_volume
-from nnslim.training.unet import UNet, count_parameters
+from nnslim.compiler.stages.nnunet_import import read_model_folder, unet_config
+from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
+from nnslim.compiler.runtime.engine import InferenceOptions, load_engine
+from nnslim.compiler.runtime.segmentation import segment_volume
+from nnslim.files import write_json_atomic
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
+from nnslim.compiler.runtime.volumes.volume import load_volume
+from nnslim.parameters import count_parameters
+from nnslim.training.unet import UNet
 
 PROFILES = {
     # nnU-Net's plans for MSD Hippocampus (3d_fullres): small MRI crops, z-score, 5 folds, TTA
@@ -150,7 +152,7 @@ def run_profile(name: str, profile: dict, workdir: Path, repeats: int) -> dict:
         "pytorch_seconds": seconds["pytorch"], "onnxruntime_seconds": seconds["onnxruntime"],
         "speedup": seconds["pytorch"] / seconds["onnxruntime"],
         "voxel_agreement": float((labels["pytorch"] == labels["onnxruntime"]).mean()),
-        "engine_parity": engine.manifest["parity"],
+        "engine_parity": engine.manifest.parity.to_dict(),
     }
 
 

@@ -25,15 +25,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from nnslim.compiler.build.parity import parity_crops
-    from nnslim.compiler.runtime.files import write_json_atomic
-    from nnslim.compiler.runtime.manifest import read_manifest
-    from nnslim.compiler.runtime.openvino_backend import OpenVinoPredictor, cpu_record
+    from nnslim.compiler.stages.parity import parity_crops
+    from nnslim.files import write_json_atomic
+    from nnslim.compiler.runtime.manifest import load_manifest
+    from nnslim.compiler.runtime.backends.openvino_cpu import OpenVinoPredictor, cpu_record
 
-    manifest = read_manifest(args.engine)
-    models = (manifest.get("selection") or {}).get("models") or {"fp32": manifest["runtime_model"]}
-    patch = tuple(manifest["io"]["input"]["shape"][2:])
-    tiles, _, _ = parity_crops(patch, 1, 2, args.volume, manifest["preprocessing"], seed=3)
+    manifest = load_manifest(args.engine)
+    models = (manifest.selection.models if manifest.selection else None) or {"fp32": manifest.runtime_model}
+    patch = manifest.io.patch_size
+    tiles, _, _ = parity_crops(patch, 1, 2, args.volume, manifest.preprocessing, seed=3)
     threads = [0] + ([os.cpu_count()] if os.cpu_count() else []) + [1]
     settings = [(graph, hint, n) for graph in models for hint in ("LATENCY", "THROUGHPUT") for n in threads]
     predictors = {s: OpenVinoPredictor(args.engine / models[s[0]], precision=s[0], threads=s[2], performance_hint=s[1])

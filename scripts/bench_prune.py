@@ -28,19 +28,20 @@ import onnxruntime as ort
 import torch
 
 from nnslim.compiler.workflows.bench import onnx_latency
-from nnslim.compiler.build.model_stats import conv_macs
-from nnslim.compiler.build.prune import apply_masks, magnitude_masks
-from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.compiler.stages.model_stats import conv_macs
+from nnslim.compiler.stages.prune import apply_masks, magnitude_masks
+from nnslim.files import write_json_atomic
 from nnslim.compiler.workflows.prune_sweep import SweepConfig, run_sweep
 from nnslim.compiler.runtime.metrics import dice_scores
-from nnslim.compiler.runtime.predictors import TorchPredictor
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.compiler.runtime.preprocessing import normalize
-from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
-from nnslim.compiler.runtime.volume_io import load_volume
-from nnslim.compiler.build.structured import apply_structured, finetune, structured_keep
+from nnslim.compiler.runtime.window.config import SlidingWindowConfig
+from nnslim.compiler.runtime.window.walk import sliding_window_inference
+from nnslim.compiler.runtime.volumes.volume import load_volume
+from nnslim.compiler.stages.structured import apply_structured, finetune, structured_keep
 from nnslim.training.checkpoint import load_model
 from nnslim.training.fusion import reparameterize_model
-from nnslim.training.unet import count_parameters
+from nnslim.parameters import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,7 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from nnslim.compiler.runtime.files import write_json_atomic  # noqa: E402
+from nnslim.files import write_json_atomic  # noqa: E402
 from nnslim.compiler.runtime.metrics import dice_scores  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def make_unlabeled(out: Path, count: int, seed: int) -> tuple[Path, Path]:
 
 
 def score(checkpoint: Path, images: Path, truths: Path, out: Path) -> dict[str, dict]:
-    from nnslim.compiler.runtime.volume_io import find_cases
+    from nnslim.compiler.runtime.volumes.layout import find_cases
     from nnslim.compiler.workflows.pseudo_labeling import _predict
 
     predicted = _predict(checkpoint, find_cases(images), out)

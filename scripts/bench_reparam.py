@@ -30,12 +30,13 @@ import torch
 from torch import nn
 
 from nnslim.compiler.workflows.bench import onnx_latency
-from nnslim.compiler.build.model_stats import conv_macs
-from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.compiler.stages.model_stats import conv_macs
+from nnslim.files import write_json_atomic
 from nnslim.training.blocks import ConvNormAct, FasterFusionBlock
 from nnslim.training.presets import get_preset
 from nnslim.training.fusion import reparameterize_model
-from nnslim.training.unet import UNet, count_parameters
+from nnslim.parameters import count_parameters
+from nnslim.training.unet import UNet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -42,12 +42,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchlib import in_fresh_process, peak_rss_mb  # noqa: E402
-from nnslim.compiler.runtime.files import write_json_atomic  # noqa: E402
+from nnslim.files import write_json_atomic  # noqa: E402
 from nnslim.training.presets import get_preset  # noqa: E402
 from nnslim.training.losses import dice_ce_loss  # noqa: E402
 from nnslim.training.reversible import SavedTensorMeter  # noqa: E402
 from nnslim.training.revunet import RevUNet  # noqa: E402
-from nnslim.training.unet import count_parameters  # noqa: E402
+from nnslim.parameters import count_parameters  # noqa: E402
 
 OUT = ROOT / "artifacts" / "bench" / "reversible.json"
 MODES = ("plain", "reversible", "checkpoint")

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.files import write_json_atomic
 from nnslim.compiler.runtime.precision import get_precision
 
 ROOT = Path(__file__).resolve().parent.parent

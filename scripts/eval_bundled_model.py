@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from bench_efficient_inference import padded_mni  # noqa: E402
-from nnslim.compiler.runtime.files import write_json_atomic  # noqa: E402
+from nnslim.files import write_json_atomic  # noqa: E402
 from nnslim.compiler.runtime.metrics import mean_dice  # noqa: E402
 
 MODEL = ROOT.parent / "artifacts" / "models" / "mni-tissue-tiny.pt"
@@ -36,7 +36,7 @@ OUT = ROOT.parent / "artifacts" / "bench" / "bundled_model.json"
 
 
 def build(model: Path, out: Path, patch: int) -> Path:
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
 
     build_engine(BuildConfig(checkpoint=model, out_dir=out, patch_size=(patch,) * 3, batch_size=2,
                              pass_parity=False, parity_tiles=1, precision="fp32", backend="onnxruntime"))
@@ -44,8 +44,9 @@ def build(model: Path, out: Path, patch: int) -> Path:
 
 
 def segment(engine_dir: Path, volume: Path, skip: str = "none") -> tuple[np.ndarray, dict, float]:
-    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-    from nnslim.compiler.runtime.volume_io import load_volume
+    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine
+    from nnslim.compiler.runtime.segmentation import segment_volume
+    from nnslim.compiler.runtime.volumes.volume import load_volume
 
     engine = load_engine(engine_dir)
     started = time.perf_counter()

@@ -9,8 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from nnslim.compiler.runtime.preview import import_pyplot
-from nnslim.compiler.runtime.files import atomic_path
+from nnslim.compiler.runtime.volumes.preview import import_pyplot
+from nnslim.files import atomic_path
 
 
 def main() -> None:

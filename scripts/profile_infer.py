@@ -51,7 +51,8 @@ class Timed:
 
 
 def profile_once(engine, volume: Path, predict, out: Path) -> dict[str, float]:
-    from nnslim.compiler.runtime.engine import InferenceOptions, segment_files
+    from nnslim.compiler.runtime.engine import InferenceOptions
+    from nnslim.compiler.runtime.cases.run import segment_files
 
     options = InferenceOptions(progress=False)
     predictor = Timed(predict)
@@ -75,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nnslim.compiler.runtime.engine import load_engine
-    from nnslim.compiler.runtime.files import write_json_atomic
+    from nnslim.files import write_json_atomic
 
     engine = load_engine(args.engine)
     classes = engine.spec.num_classes

@@ -23,6 +23,30 @@ from nnslim.training.config import UNetConfig
 from nnslim.training.unet import UNet
 
 PATCH = (16, 16, 16)
+HEX = "0" * 64
+
+
+def manifest_json(engine_dir: Path) -> dict:
+    """An engine's `manifest.json` as written (the file format, read without the runtime's record)."""
+    import json
+
+    return json.loads((Path(engine_dir) / "manifest.json").read_text())
+
+
+def manifest_record(**fields):
+    """An `EngineManifest` parsed from a minimal format-1 manifest with `fields` on top (the runtime's
+    tests of choices and exports need one without building an engine)."""
+    from nnslim.compiler.runtime.manifest import parse_manifest
+
+    raw = {
+        "format": "nnslim.engine", "format_version": 1, "backend": "onnxruntime", "runtime_model": "model.opt.onnx",
+        "io": {"input": {"name": "image", "dtype": "float32", "shape": ["batch", 1, 16, 16, 16]},
+               "output": {"name": "logits", "dtype": "float32", "shape": ["batch", 3, 16, 16, 16]},
+               "batch": {"min": 1, "opt": 2, "max": 2}},
+        "preprocessing": {"normalization": {"scheme": "zscore", "mask": "nonzero"}},
+        "labels": ["background", "grey", "white"], "files": {"model.opt.onnx": {"sha256": HEX, "bytes": 1}, "engine.plan": {"sha256": HEX, "bytes": 1}},
+    }
+    return parse_manifest({**raw, **fields})
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "artifacts" / "models" / "mni-tissue-tiny.pt"
 DEMO_PATCH = (32, 32, 32)
 LABELS = ["background", "grey_matter", "white_matter"]
@@ -106,7 +130,7 @@ def small_volume(mni_raw, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def engine_dir(checkpoint_path, small_volume, tmp_path_factory) -> Path:
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("engines") / "small"
     build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, parity_volume=small_volume,
@@ -129,12 +153,12 @@ def demo_graphs(mni_raw, tmp_path_factory) -> SimpleNamespace:
     """
     import onnx
 
-    from nnslim.compiler.build.export import ExportSettings, export_onnx
-    from nnslim.compiler.build.parity import parity_crops
-    from nnslim.compiler.build.passes import PassManager, default_passes
-    from nnslim.compiler.build.quantize import DEFAULT_RECIPES, UINT8_RECIPES, choose_recipe
-    from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
-    from nnslim.compiler.build.source import load_source
+    from nnslim.compiler.stages.export import ExportSettings, export_onnx
+    from nnslim.compiler.stages.parity import parity_crops
+    from nnslim.compiler.stages.passes import PassManager, default_passes
+    from nnslim.compiler.stages.quantize import DEFAULT_RECIPES, UINT8_RECIPES, choose_recipe
+    from nnslim.compiler.runtime.backends.onnx_runtime import OnnxRuntimePredictor
+    from nnslim.compiler.stages.source import load_source
 
     out = tmp_path_factory.mktemp("demo-graphs")
     source = load_source(DEMO_MODEL, ("0",), "checkpoint_final.pth")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import nnslim
-from nnslim.compiler.runtime.engine import InferenceOptions, segment_files
-from nnslim.compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.engine import InferenceOptions
+from nnslim.compiler.runtime.cases.run import segment_files
+from nnslim.errors import InputError
 
 
 def test_segment_an_array_equals_infer_on_the_file(engine_dir, small_volume, tmp_path):

@@ -360,7 +360,8 @@ def test_hostile_input_in_a_real_process(case, tiny_engine, tmp_path):
 
 
 def test_folder_mode_existing_outputs_overwrite_or_continue(tiny_engine, tmp_path, caplog):
-    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_files
+    from nnslim.compiler.runtime.engine import InferenceOptions, load_engine
+    from nnslim.compiler.runtime.cases.run import segment_files
 
     folder = _cases_folder(tmp_path, ("a", "b"))
     out = tmp_path / "out"

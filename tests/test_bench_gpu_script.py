@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from nnslim.compiler.build.tensorrt_builder import TensorRTBuildError
-from nnslim.compiler.runtime.errors import EngineError
+from nnslim.compiler.stages.tensorrt_builder import TensorRTBuildError
+from nnslim.errors import EngineError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
 

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.errors import NnslimError
 from nnslim.training.fusion import fold_conv_batchnorm, fuse_faster_fusion
 
 NormFactory = Callable[[int], nn.Module]

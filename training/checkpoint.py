@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from nnslim.compiler.runtime.errors import NnslimError
-from nnslim.compiler.runtime.files import atomic_path
+from nnslim.errors import NnslimError
+from nnslim.files import atomic_path
 from nnslim.training.config import ConfigError, UNetConfig
 from nnslim.training.revunet import RevUNet, RevUNetConfig
 from nnslim.training.unet import UNet

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.errors import NnslimError
 
 Triple = tuple[int, int, int]
 Sizes = tuple[int, ...]  # one entry per spatial axis (2 or 3)

@@ -32,8 +32,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from nnslim.compiler.runtime.errors import NnslimError
-from nnslim.compiler.runtime.files import atomic_path, write_text_atomic
+from nnslim.errors import NnslimError
+from nnslim.files import atomic_path, write_text_atomic
 from nnslim.compiler.runtime.preprocessing import DEFAULT_NORMALIZATION, nnslim_normalize  # the runtime's
 from nnslim.training.losses import IGNORE  # the held-out band's label value in training
 

@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.errors import NnslimError
 
 
 class FusionError(NnslimError, ValueError):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nnslim.compiler.runtime.files import write_text_atomic
+from nnslim.files import write_text_atomic
 from nnslim.training.data import DatasetError
 
 

@@ -31,11 +31,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from nnslim.training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
 from nnslim.training.config import ConfigError
-from nnslim.compiler.runtime.files import write_text_atomic
+from nnslim.files import write_text_atomic
 from nnslim.training.data import Case, Dataset, PatchSampler, augment, load_dataset
 from nnslim.training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
 from nnslim.training.presets import get_preset
-from nnslim.training.unet import UNet, count_parameters
+from nnslim.parameters import count_parameters
+from nnslim.training.unet import UNet
 
 logger = logging.getLogger(__name__)
 

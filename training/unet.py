@@ -13,7 +13,7 @@ come highest resolution first.
 
 Module names follow nnU-Net's (`encoder.stages.0.0.convs.0.conv`, `encoder.stem.convs.0.conv`,
 `encoder.stages.1.blocks.0.skip.1.conv`, `decoder.transpconvs.0`, `decoder.seg_layers.3`), so its
-checkpoints map onto this model key for key (less its aliases, see `compiler.build.nnunet_checkpoint`).
+checkpoints map onto this model key for key (less its aliases, see `compiler.stages.nnunet_checkpoint`).
 """
 
 from __future__ import annotations
@@ -268,14 +268,3 @@ def _init_he(module: nn.Module) -> None:
         if module.bias is not None:
             nn.init.zeros_(module.bias)
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Parameters counted once per storage (tied or shared tensors count once)."""
-    seen: set[tuple[int, int, tuple[int, ...]]] = set()
-    total = 0
-    for p in model.parameters():
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape))
-        if key not in seen:
-            seen.add(key)
-            total += p.numel()
-    return total

@@ -19,7 +19,7 @@ import traceback
 
 import click
 
-from nnslim.compiler.runtime.errors import NnslimError
+from nnslim.errors import NnslimError
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE_ERROR = 2  # click's own

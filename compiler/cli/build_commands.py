@@ -6,7 +6,17 @@ from typing import Any
 
 import click
 
-from nnslim.compiler.cli.options import fold_names, list_options_command, out_dir_option, patch_option, patch_tuple, path_type
+from nnslim.compiler.cli.options import (
+    TableChoice,
+    backends,
+    fold_names,
+    list_options_command,
+    out_dir_option,
+    patch_option,
+    patch_tuple,
+    path_type,
+    precisions,
+)
 
 EPILOG = """\b
 Examples:
@@ -34,9 +44,9 @@ Examples:
 @out_dir_option("Engine directory.")
 @patch_option("Tile size (default: training patch).")
 @click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1), help="Tiles per call (max batch).")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "openvino", "tensorrt"]), default="auto",
+@click.option("--backend", type=TableChoice(backends, ("auto",)), default="auto",
               show_default=True, help="auto: TensorRT on a machine with it and a GPU, else every CPU backend installed.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16", "int8"]), default="auto",
+@click.option("--precision", type=TableChoice(precisions, ("auto",)), default="auto",
               show_default=True,
               help="auto: time every (backend, precision) candidate on the parity tiles and keep the fastest inside "
                    "its parity gate. fp32 alone (with --backend auto): ONNX Runtime fp32, as before. fp16: an fp16 "
@@ -95,7 +105,7 @@ def build_engine(**options: Any) -> None:
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
     """
-    from nnslim.compiler.build.pipeline import build_engine as run_build
+    from nnslim.compiler.stages.pipeline import build_engine as run_build
 
     result = run_build(build_config(options))
     for line in summary_lines(result):
@@ -104,9 +114,10 @@ def build_engine(**options: Any) -> None:
 
 def build_config(o: dict[str, Any]):
     """The `BuildConfig` for build-engine's parsed options (flag conflicts are usage errors, exit 2)."""
-    from nnslim.compiler.build.parity import ParityTolerance
-    from nnslim.compiler.build.pipeline import BuildConfig
-    from nnslim.compiler.build.prune import PruneSettings
+    from nnslim.compiler.runtime.manifest import Tolerance
+    from nnslim.compiler.runtime.precision import get_precision
+    from nnslim.compiler.stages.plan import BuildConfig
+    from nnslim.compiler.stages.prune import PruneSettings
 
     if o["prune_sparsity"] is not None and o["prune_threshold"] is not None:
         raise click.UsageError("--prune-sparsity and --prune-threshold are alternatives; give one")
@@ -116,8 +127,8 @@ def build_config(o: dict[str, Any]):
     if o["parity_rtol"] is not None or o["min_agreement"] is not None:
         if o["precision"] == "auto":
             raise click.UsageError("--parity-rtol / --min-agreement set one precision's gate; give --precision too")
-        default = ParityTolerance.for_precision(o["precision"])
-        tolerance = ParityTolerance(
+        default = get_precision(o["precision"]).tolerance
+        tolerance = Tolerance(
             default.max_rel_logit_error if o["parity_rtol"] is None else o["parity_rtol"],
             default.min_argmax_agreement if o["min_agreement"] is None else o["min_agreement"],
         )
@@ -139,10 +150,11 @@ def build_config(o: dict[str, Any]):
 
 def summary_lines(result) -> list[str]:
     """What build-engine prints: the engine, what was fused and pruned, the passes, and parity."""
-    p, m = result.parity, result.manifest["model"]
+    p, manifest = result.parity, result.manifest
+    m = manifest.model
     r = m["reparameterization"]
     lines = [
-        f"engine: {result.out_dir} ({result.manifest['backend']} {result.manifest['precision']})",
+        f"engine: {result.out_dir} ({manifest.backend} {manifest.precision})",
         f"reparameterized: {', '.join(f'{n} {name}' for name, n in r['fused'].items()) or 'nothing to fuse'}; "
         f"parameters {r['parameters_before']:,} -> {r['parameters_after']:,}",
     ]
@@ -152,33 +164,32 @@ def summary_lines(result) -> list[str]:
         if "structured" in pr:
             st = pr["structured"]
             line += f"; structured: parameters {st['parameters_before']:,} -> {st['parameters_after']:,}"
-        lines.append(line + f"; model.opt.onnx {m['runtime_model_size']['bytes']:,} B, "
+        lines.append(line + f"; {manifest.runtime_model} {m['runtime_model_size']['bytes']:,} B, "
                      f"{m['runtime_model_size']['compressed_bytes']:,} B compressed")
     lines.append(f"conv MACs per patch {m['macs_per_patch'] / 1e9:.2f} G")
-    passes = next(st for st in result.manifest["stages"] if st["name"] == "passes")
-    for record in passes["results"]:
-        figures = "" if record["max_abs_error"] is None else (
-            f"  (vs export: max |error| {record['max_abs_error']:.2e}, agreement {record['argmax_agreement']:.6f})")
-        lines.append(f"  {record['name']:<32} {record['changed']:>4} change(s){figures}")
-    lines += _selection_lines(result.manifest.get("selection") or {})
+    for stage in manifest.stages:  # the graph passes, and the passes of graphs made from them (fp16)
+        for record in stage.get("results", []) if isinstance(stage.get("results"), list) else []:
+            figures = "" if record.get("max_abs_error") is None else (
+                f"  (vs export: max |error| {record['max_abs_error']:.2e}, agreement {record['argmax_agreement']:.6f})")
+            lines.append(f"  {record['name']:<32} {record['changed']:>4} change(s){figures}")
+    lines += _selection_lines(manifest.selection)
     lines.append(
-        f"parity vs PyTorch on {p.tiles} tiles ({result.manifest['backend']} {result.manifest['precision']}): max |logit error| "
+        f"parity vs PyTorch on {p.tiles} tiles ({manifest.backend} {manifest.precision}): max |logit error| "
         f"{p.max_abs_logit_error:.2e} ({p.max_rel_logit_error:.1e} of the largest logit), "
         f"argmax agreement {p.argmax_agreement:.6f}"
     )
     return lines
 
 
-def _selection_lines(selection: dict[str, Any]) -> list[str]:
+def _selection_lines(selection) -> list[str]:
     """The candidates of `--precision auto`, fastest first, with their gate verdicts."""
-    candidates = selection.get("candidates") or []
-    if len(candidates) < 2:
+    if selection is None or len(selection.candidates) < 2:
         return []
-    lines = [f"candidates (batch {selection['batch']}; PyTorch eager {selection['reference_seconds_per_batch']:.3f} s):"]
-    for c in candidates:
-        chosen = (c["backend"], c["precision"]) == (selection["backend"], selection["precision"])
-        timing = f"{c['seconds_per_batch']:.3f} s ({c['speedup_vs_torch']:.2f}x)" if c["seconds_per_batch"] else "-"
-        agreement = f"agreement {c['parity']['argmax_agreement']:.5f}" if c["parity"] else c["error"]
-        verdict = "chosen" if chosen else ("passed" if c["passed"] else "outside its gate")
-        lines.append(f"  {c['backend']:<12} {c['precision']:<5} {timing:<18} {agreement}  {verdict}")
-    return lines + [f"  skipped: {s}" for s in selection.get("skipped", [])]
+    lines = [f"candidates (batch {selection.batch}; PyTorch eager {selection.reference_seconds_per_batch:.3f} s):"]
+    for c in selection.candidates:
+        chosen = (c.backend, c.precision) == (selection.backend, selection.precision)
+        timing = f"{c.seconds_per_batch:.3f} s ({c.speedup_vs_torch:.2f}x)" if c.seconds_per_batch else "-"
+        agreement = f"agreement {c.parity.argmax_agreement:.5f}" if c.parity else c.error
+        verdict = "chosen" if chosen else ("passed" if c.passed else "outside its gate")
+        lines.append(f"  {c.backend:<12} {c.precision:<5} {timing:<18} {agreement}  {verdict}")
+    return lines + [f"  skipped: {s}" for s in selection.skipped]

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import click
 
 from nnslim.compiler.cli.boundary import EXIT_SOME_CASES_FAILED
-from nnslim.compiler.cli.options import path_type, progress_option
+from nnslim.compiler.cli.options import (
+    TableChoice,
+    backends,
+    blending_modes,
+    devices,
+    path_type,
+    precisions,
+    progress_option,
+    skip_modes,
+)
 
 EPILOG = """\b
 Examples:
@@ -37,16 +45,19 @@ Examples:
               help="Mirror test-time augmentation (8 passes for 3 axes) [default: on for imported nnU-Net "
                    "models, like nnU-Net; off for nnslim checkpoints].")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores).")
-@click.option("--skip", type=click.Choice(["none", "mask", "roi", "roi+mask"]), default="none", show_default=True,
+@click.option("--skip", type=TableChoice(skip_modes), default="none", show_default=True,
               help="Skip windows (opt-in approximation): outside a body mask, and/or seed 003's ROI test "
                    "(a slab's centre window must predict --roi-threshold foreground voxels).")
 @click.option("--roi-threshold", default=1000, show_default=True, type=click.IntRange(0))
+@click.option("--blending", type=TableChoice(blending_modes), default="gaussian", show_default=True,
+              help="Tile weight where windows overlap: gaussian (nnU-Net's, sigma = patch/8) or constant (plain "
+                   "averaging, MONAI's mode='constant').")
 @click.option("--memory-cap-mb", type=click.FloatRange(min=1), default=None,
               help="Cap for the slab accumulators (fp16 above it; an error if a slab does not fit even then).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default=None,
+@click.option("--backend", type=TableChoice(backends), default=None,
               help="Run the engine on this backend instead of the one its build chose (a choice the build "
                    "checked; the fp32 graph may run on any ONNX backend).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "int8"]), default=None,
+@click.option("--precision", type=TableChoice(precisions), default=None,
               help="Run this precision of the engine instead of the one its build chose.")
 @click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1),
               help="Folder mode: split the sorted cases into this many parts (one per machine or process).")
@@ -58,7 +69,7 @@ Examples:
               help="Folder mode: replace outputs that already exist (each is logged).")
 @click.option("--continue", "existing", flag_value="continue",
               help="Folder mode: skip cases whose output already exists (outputs are written atomically).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=TableChoice(devices), default="auto", show_default=True,
               help="auto: the GPU when the engine's backend can use one here (ONNX Runtime's CUDA execution "
                    "provider, or a TensorRT plan), else the CPU; each case's line names it (-v logs why). cuda: ONNX Runtime's CUDA "
                    "execution provider (TensorRT engines always use the GPU).")
@@ -96,13 +107,18 @@ def infer(**o: Any) -> None:
       preview        the PNG (--preview), else null
       error          why the case failed, else null
     """
-    from nnslim.compiler.runtime.batch import BatchOptions
-    from nnslim.compiler.runtime.engine import load_engine, segment_files
+    from nnslim.compiler.runtime.cases.batch import BatchOptions
+    from nnslim.compiler.runtime.engine import load_engine
+    from nnslim.compiler.runtime.cases.run import segment_files
 
     engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
                          backend=o["backend"], precision=o["precision"], expected_sha256=o["engine_sha256"])
     checkpoint = o["torch_checkpoint"]
-    predictor = torch_predictor(engine, checkpoint) if checkpoint else None
+    predictor = None
+    if checkpoint:
+        from nnslim.compiler.stages.source import reference_predictor
+
+        predictor = reference_predictor(engine, checkpoint)
     runner = f"PyTorch ({checkpoint})" if checkpoint else f"{engine.runtime.label} engine on {engine.device}"
     batch = BatchOptions(io_workers=o["io_workers"], save_probabilities=o["save_probabilities"], preview=o["preview"],
                          log_jsonl=o["log_jsonl"])
@@ -127,34 +143,14 @@ def infer(**o: Any) -> None:
 
 def inference_options(o: dict[str, Any]):
     """The sliding-window settings of infer's parsed options."""
-    from nnslim.compiler.runtime.engine import InferenceOptions
+    from nnslim.compiler.runtime.segmentation import InferenceOptions
+    from nnslim.compiler.runtime.window.blending import Blending
 
     return InferenceOptions(
         step_fraction=o["step_fraction"], batch_size=o["batch_size"], mirror=o["mirror"], progress=o["progress"],
         skip=o["skip"], roi_threshold=o["roi_threshold"], memory_cap_mb=o["memory_cap_mb"],
+        blending=Blending(o["blending"]),
     )
-
-
-def torch_predictor(engine, checkpoint: Path):
-    """A PyTorch predictor for `checkpoint` (an nnslim checkpoint, or the nnU-Net model folder the
-    engine was built from, with the folds and checkpoint name its manifest records)."""
-    from nnslim.compiler.build.source import load_source
-    from nnslim.compiler.runtime.errors import InputError
-    from nnslim.compiler.runtime.predictors import TorchPredictor
-
-    recorded = engine.manifest["source"]
-    source = load_source(checkpoint, tuple(recorded.get("folds") or ("0",)),
-                         recorded.get("checkpoint_name", "checkpoint_final.pth"))
-    spec = engine.spec
-    if (source.in_channels, source.num_classes) != (spec.in_channels, spec.num_classes):
-        raise InputError(f"--torch-checkpoint {checkpoint} has {source.in_channels} input channel(s) and "
-                         f"{source.num_classes} classes but the engine has {spec.in_channels} and {spec.num_classes}; "
-                         "pass the checkpoint the engine was built from")
-    bad = [p for p, s in zip(spec.patch_size, source.total_stride) if p % s]
-    if bad:
-        raise InputError(f"the engine's patch {spec.patch_size} is not a multiple of {checkpoint}'s total stride "
-                         f"{source.total_stride}; pass the checkpoint the engine was built from")
-    return TorchPredictor(source.model, device=getattr(engine.predictor, "device", "cpu"))
 
 
 @click.command(epilog="""\b
@@ -169,12 +165,13 @@ Examples:
 @click.option("--labels-from", type=path_type(file_okay=False), default=None, help="Engine directory whose label names to use.")
 @click.option("--json", "json_out", type=path_type(exists=False, dir_okay=False), default=None, help="Also write the figures here.")
 def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
-    """Dice per label and voxel agreement between two label volumes."""
-    from nnslim.compiler.runtime.files import write_json_atomic
-    from nnslim.compiler.runtime.manifest import read_manifest
+    """Dice per label and voxel agreement between two label volumes (any format infer writes:
+    .nii.gz, .nii, .mha, .nrrd)."""
+    from nnslim.files import write_json_atomic
+    from nnslim.compiler.runtime.manifest import load_manifest
     from nnslim.compiler.runtime.metrics import evaluate_files
 
-    names = read_manifest(labels_from, verify=False)["labels"] if labels_from else None
+    names = list(load_manifest(labels_from, verify=False).labels) if labels_from else None
     result = evaluate_files(prediction, reference, mask, names)
     where = f" inside {mask}" if mask else ""
     click.echo(f"{prediction} vs {reference}{where} ({result.voxels:,} voxels)")

@@ -1,8 +1,14 @@
-"""Options and parameter types shared by several commands, defined once."""
+"""Options and parameter types shared by several commands, defined once.
+
+Every name a user chooses among (backend, precision, skip mode, device, blending, reader) comes
+from its table (`TableChoice`); none is spelt out here. The tables' modules import no torch, so
+`--help` stays instant.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable, Iterable
 
 import click
 
@@ -10,6 +16,60 @@ from nnslim.training.presets import PRESETS
 
 # the presets module is plain data (no torch), so --help stays instant
 PRESET_NAMES = list(PRESETS)
+
+
+class TableChoice(click.Choice):
+    """A `click.Choice` whose values are read from a table each time they are needed, so an entry
+    registered in the table (a new backend, a new precision) is accepted with no edit here.
+
+    Args:
+        table: returns the table's names (a dict's keys, a tuple).
+        extra: values offered before the table's (e.g. "auto").
+    """
+
+    def __init__(self, table: Callable[[], Iterable[str]], extra: tuple[str, ...] = ()) -> None:
+        self.table, self.extra = table, extra
+        self.case_sensitive = True
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        return (*self.extra, *self.table())
+
+    @choices.setter
+    def choices(self, value: Iterable[str]) -> None:  # click assigns it in Choice.__init__; the table decides
+        pass
+
+
+def backends() -> tuple[str, ...]:
+    """Backends a user names: every backend except GPU twins (`--device cuda` picks those)."""
+    from nnslim.compiler.runtime.backends import BACKENDS
+
+    twins = {b.gpu_twin for b in BACKENDS.values() if b.gpu_twin}
+    return tuple(name for name in BACKENDS if name not in twins)
+
+
+def precisions() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.precision import PRECISIONS
+
+    return tuple(PRECISIONS)
+
+
+def skip_modes() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.window.selection import SKIP_MODES
+
+    return tuple(SKIP_MODES)
+
+
+def devices() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.backends.devices import DEVICE_CHOICES
+
+    return DEVICE_CHOICES
+
+
+def blending_modes() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.window.blending import BLENDING_MODES
+
+    return BLENDING_MODES
 
 
 def path_type(exists: bool = True, **kwargs) -> click.Path:

@@ -18,7 +18,7 @@ Examples:
 def inspect(target) -> None:
     """Op histogram, parameters, MACs, dtypes, sparsity and TensorRT compatibility of an ONNX model
     or an engine directory (plus its manifest summary)."""
-    from nnslim.compiler.build.inspect_model import format_summary, inspect_path
+    from nnslim.compiler.stages.inspect_model import format_summary, inspect_path
 
     click.echo(format_summary(inspect_path(target)))
 

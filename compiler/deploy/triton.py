@@ -16,50 +16,54 @@ repository is renamed into place.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
-from nnslim.compiler.runtime.errors import NnslimError
-from nnslim.compiler.runtime.manifest import read_manifest
+from nnslim.compiler.runtime.backends import BACKENDS, Backend
+from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, TensorRecord, load_manifest
+from nnslim.errors import NnslimError
+from nnslim.files import fsync_tree, staging_folder, write_text_atomic
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
-# OpenVINO engines are ONNX graphs (fp32, or Q/DQ int8): Triton serves them with its ONNX Runtime
-# backend and that backend's OpenVINO CPU accelerator (`_accelerator`).
-PLATFORMS = {"tensorrt": ("tensorrt_plan", "model.plan"), "onnxruntime": ("onnxruntime_onnx", "model.onnx"),
-             "openvino": ("onnxruntime_onnx", "model.onnx")}
 
 
 class TritonExportError(NnslimError):
     """An engine that cannot be exported, or a destination that would be overwritten."""
 
 
-def config_pbtxt(name: str, manifest: dict[str, Any], instances: int = 1, kind: str = "KIND_GPU",
+def backend_of(manifest: EngineManifest) -> Backend:
+    """The engine's backend record: its model kind says how Triton serves it (platform, file name)."""
+    if manifest.backend not in BACKENDS:
+        raise TritonExportError(f"engine backend {manifest.backend!r} has no Triton platform in this nnslim")
+    return BACKENDS[manifest.backend]
+
+
+def config_pbtxt(name: str, manifest: EngineManifest, instances: int = 1, kind: str = "KIND_GPU",
                  max_queue_delay_us: int = 100) -> str:
     """The `config.pbtxt` for an engine's manifest."""
-    platform, _ = PLATFORMS[manifest["backend"]]
-    io = manifest["io"]
-    max_batch = int(io["batch"]["max"])
+    backend = backend_of(manifest)
+    io = manifest.io
+    max_batch = int(io.batch[2])
     # A preferred size of 1 would let the batcher send single tiles at once, which is what dynamic
     # batching is there to avoid; with max 1 there is nothing to prefer.
     preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 2})
 
-    def tensor(entry: dict[str, Any]) -> str:
-        dims = ", ".join(str(int(d)) for d in entry["shape"][1:])
-        return f'  {{\n    name: "{entry["name"]}"\n    data_type: {TRITON_TYPES[entry["dtype"]]}\n    dims: [ {dims} ]\n  }}'
+    def tensor(entry: TensorRecord) -> str:
+        dims = ", ".join(str(int(d)) for d in entry.shape[1:])
+        return f'  {{\n    name: "{entry.name}"\n    data_type: {TRITON_TYPES[entry.dtype]}\n    dims: [ {dims} ]\n  }}'
 
     return "\n".join([
         *_plan_record(manifest),
         f'name: "{name}"',
-        f'platform: "{platform}"',
+        f'platform: "{backend.kind.triton_platform}"',
         f"max_batch_size: {max_batch}",
         "input [",
-        tensor(io["input"]),
+        tensor(io.input),
         "]",
         "output [",
-        tensor(io["output"]),
+        tensor(io.output),
         "]",
         "dynamic_batching {",
         *([f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]"] if preferred else []),
@@ -72,35 +76,36 @@ def config_pbtxt(name: str, manifest: dict[str, Any], instances: int = 1, kind: 
         "  }",
         "]",
         *_plan_parameters(manifest),
-        *_accelerator(manifest),
+        *_accelerator(backend),
         "",
     ])
 
 
-def _accelerator(manifest: dict[str, Any]) -> list[str]:
-    """OpenVINO engines: run the ONNX graph through ONNX Runtime's OpenVINO execution provider."""
-    if manifest["backend"] != "openvino":
+def _accelerator(backend: Backend) -> list[str]:
+    """A backend with a CPU accelerator (OpenVINO): Triton runs the ONNX graph through ONNX Runtime's
+    execution provider of that name."""
+    if backend.triton_accelerator is None:
         return []
-    return ["optimization {", "  execution_accelerators {", '    cpu_execution_accelerator: [ { name: "openvino" } ]',
-            "  }", "}"]
+    return ["optimization {", "  execution_accelerators {",
+            f'    cpu_execution_accelerator: [ {{ name: "{backend.triton_accelerator}" }} ]', "  }", "}"]
 
 
-def _plan_record(manifest: dict[str, Any]) -> list[str]:
+def _plan_record(manifest: EngineManifest) -> list[str]:
     """Comment lines saying which TensorRT and GPU a plan needs (Triton's TensorRT must be that one)."""
-    if manifest["backend"] != "tensorrt":
+    built = manifest.tensorrt
+    if manifest.backend != "tensorrt" or built is None:
         return []
-    built = manifest.get("tensorrt") or {}
-    return [f"# TensorRT plan built with TensorRT {built.get('version')} for {built.get('gpu')} "
-            f"(compute capability {built.get('compute_capability')}): serve it with a Triton release whose "
+    return [f"# TensorRT plan built with TensorRT {built.version} for {built.gpu} "
+            f"(compute capability {list(built.compute_capability)}): serve it with a Triton release whose "
             "TensorRT is exactly this version, on this GPU family"]
 
 
-def _plan_parameters(manifest: dict[str, Any]) -> list[str]:
+def _plan_parameters(manifest: EngineManifest) -> list[str]:
     """The plan's TensorRT version as a config parameter, so tools can check it before loading."""
-    if manifest["backend"] != "tensorrt":
+    if manifest.backend != "tensorrt" or manifest.tensorrt is None:
         return []
-    version = (manifest.get("tensorrt") or {}).get("version")
-    return ["parameters {", '  key: "nnslim_tensorrt_version"', f'  value: {{ string_value: "{version}" }}', "}"]
+    return ["parameters {", '  key: "nnslim_tensorrt_version"',
+            f'  value: {{ string_value: "{manifest.tensorrt.version}" }}', "}"]
 
 
 _TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([A-Za-z0-9_.+-]+))')
@@ -170,30 +175,23 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
                   kind: str = "KIND_GPU") -> Path:
     """Write `repository/name/` (config and version 1 model) from a verified engine directory."""
     engine_dir, repository = Path(engine_dir), Path(repository)
-    manifest = read_manifest(engine_dir)
+    manifest = load_manifest(engine_dir)
     name = name or engine_dir.name
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise TritonExportError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
-    backend = manifest["backend"]
-    if backend not in PLATFORMS:
-        raise TritonExportError(f"engine backend {backend!r} has no Triton platform")
-    _, model_file = PLATFORMS[backend]
+    model_file = backend_of(manifest).kind.triton_file
     target = repository / name
     if target.exists():
         raise TritonExportError(f"{target} exists; remove it or choose another --name")
     text = config_pbtxt(name, manifest, instances, kind)
     parsed = parse_pbtxt(text)
-    if parsed.get("name") != name or parsed.get("max_batch_size") != manifest["io"]["batch"]["max"]:
+    if parsed.get("name") != name or parsed.get("max_batch_size") != manifest.io.batch[2]:
         raise TritonExportError(f"generated config.pbtxt does not read back as written: {parsed}")
-    staging = repository / f".{name}.exporting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    (staging / "1").mkdir(parents=True)
-    try:
-        (staging / "config.pbtxt").write_text(text)
-        shutil.copyfile(engine_dir / manifest["runtime_model"], staging / "1" / model_file)
-        shutil.copyfile(engine_dir / "manifest.json", staging / "nnslim_manifest.json")  # preprocessing for clients
+    with staging_folder(target, "exporting") as staging:
+        (staging / "1").mkdir()
+        write_text_atomic(staging / "config.pbtxt", text)
+        shutil.copyfile(engine_dir / manifest.runtime_model, staging / "1" / model_file)
+        shutil.copyfile(engine_dir / MANIFEST, staging / "nnslim_manifest.json")  # preprocessing for clients
+        fsync_tree(staging)
         staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

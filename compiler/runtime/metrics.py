@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from nnslim.compiler.runtime.errors import InputError
+from nnslim.compiler.runtime.volumes.volume import load_labels
+from nnslim.errors import InputError
 
 
 @dataclass
@@ -66,21 +66,9 @@ def evaluate_arrays(
     return Evaluation(dice=dice, agreement=agreement, voxels=int(prediction.size))
 
 
-def _load_labels(path: Path) -> np.ndarray:
-    if not Path(path).is_file():
-        raise InputError(f"label volume not found: {path}")
-    data = np.asarray(nib.load(path).dataobj)
-    if not np.all(np.equal(np.mod(data, 1), 0)):
-        raise InputError(f"{path} holds non-integer values; expected a label volume")
-    return data.astype(np.int64)
-
-
 def evaluate_files(
     prediction: Path, reference: Path, mask: Path | None = None, label_names: list[str] | None = None
 ) -> Evaluation:
-    return evaluate_arrays(
-        _load_labels(prediction),
-        _load_labels(reference),
-        label_names,
-        _load_labels(mask) if mask else None,
-    )
+    """`evaluate_arrays` of two label maps (and a mask) in any format a reader reads (`volumes.readers`)."""
+    return evaluate_arrays(load_labels(prediction), load_labels(reference), label_names,
+                           load_labels(mask) if mask else None)

@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nnslim.compiler.runtime.errors import InputError
-from nnslim.compiler.runtime.files import atomic_path
-from nnslim.compiler.runtime.preprocessing import Prepared, StreamingLabeler
+from nnslim.errors import InputError
+from nnslim.files import atomic_path
+from nnslim.compiler.runtime.postprocessing import StreamingLabeler
+from nnslim.compiler.runtime.preprocessing import Prepared
 from nnslim.compiler.runtime.safety import machine_memory_bytes, require_fits
 
 logger = logging.getLogger(__name__)
 
 DTYPE = np.float16
 KEY = "probabilities"
+PROBABILITIES_SUFFIX = ".npz"  # CASE.npz beside the label map CASE.nii.gz
 
 
 def check_probabilities_supported(postprocessing: dict | None) -> None:
@@ -93,15 +95,6 @@ def restore_probabilities(canvas: np.ndarray, prepared: Prepared) -> np.ndarray:
     """`[K, *full_shape]` in the model's axes -> `[K, *labels.shape]` in the input array's axes (the
     permutation `restore_geometry` applies to the labels; a view, no copy)."""
     return canvas.transpose(0, *(int(a) + 1 for a in np.argsort(prepared.permutation)))
-
-
-def probabilities_path(labels_path: Path) -> Path:
-    """`CASE.npz` beside the label map `CASE.nii.gz` (or `CASE.nii`, or any other suffix)."""
-    name = labels_path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return labels_path.with_name(name[: -len(suffix)] + ".npz")
-    return labels_path.with_suffix(".npz")
 
 
 def save_probabilities(probabilities: np.ndarray, path: Path) -> Path:

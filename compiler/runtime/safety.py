@@ -1,4 +1,5 @@
-"""Checks made before work starts: memory a request would need, live processes, same-file tests.
+"""Checks made before work starts: memory a request would need, sane voxel sizes, live processes,
+same-file tests.
 
 The memory check compares an estimate with what the machine has (physical memory from
 `os.sysconf`, or the address-space limit when one is set, whichever is smaller), so an absurd
@@ -12,9 +13,10 @@ import os
 import resource
 from pathlib import Path
 
-from nnslim.compiler.runtime.errors import InputError
+from nnslim.errors import InputError
 
 GB = 2**30
+MAX_SPACING_MM = 1e4  # a voxel 10 m wide is a broken header, not a scan (headers and manifests alike)
 
 
 def machine_memory_bytes() -> int | None:

@@ -1,27 +1,25 @@
 """Segment one in-memory volume: preprocess, walk the windows, restore labels (and probabilities).
 
-`segment_volume` is the whole path for a `Volume`; `prepare_volume` and `segment_prepared` are its
-two halves, so a batch can prepare the next case while the network runs this one (`batch`).
+The image passes each room once, in order: `prepare_volume` (preprocessing), the window
+(`window.plan_window` decides the walk once, `window.stream_logits` walks it) and postprocessing
+(a streaming labeler takes each finished slab). `segment_volume` is the whole path for a
+`Volume`; `prepare_volume` and `segment_prepared` are its two halves, so a batch can prepare the
+next case while the network runs this one (`cases`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnslim.compiler.runtime.errors import InputError
-from nnslim.compiler.runtime.model_spec import ModelSpec
-from nnslim.compiler.runtime.preprocessing import (
-    Prepared,
-    StreamingLabeler,
-    prepare,
-    restore_geometry,
-)
+from nnslim.compiler.runtime.manifest import ModelSpec
+from nnslim.compiler.runtime.postprocessing import StreamingLabeler, restore_geometry
+from nnslim.compiler.runtime.preprocessing import Prepared, prepare
 from nnslim.compiler.runtime.probabilities import (
     ProbabilityLabeler,
     check_probabilities_fit,
@@ -29,18 +27,14 @@ from nnslim.compiler.runtime.probabilities import (
     probability_canvas,
     restore_probabilities,
 )
-from nnslim.compiler.runtime.sliding_window import (
-    SlidingWindowConfig,
-    count_tiles,
-    stream_logits,
-)
-from nnslim.compiler.runtime.volume_io import Volume
-from nnslim.compiler.runtime.window_selection import (
-    SKIP_MODES,
-    WindowReport,
-    WindowSelection,
-    body_mask,
-)
+from nnslim.compiler.runtime.volumes.volume import Volume
+from nnslim.compiler.runtime.window.blending import Blending
+from nnslim.compiler.runtime.window.config import SlidingWindowConfig
+from nnslim.compiler.runtime.window.mask import body_mask
+from nnslim.compiler.runtime.window.selection import SKIP_MODES, WindowReport, WindowSelection
+from nnslim.compiler.runtime.window.plan import plan_window
+from nnslim.compiler.runtime.window.walk import stream_logits
+from nnslim.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -50,20 +44,27 @@ class InferenceOptions:
     """How `infer` walks a volume.
 
     Attributes:
-        skip: "none" (the full nnU-Net grid), or an opt-in approximation (`WindowSelection`):
-            "mask" skips windows outside a cheap body mask, "roi" is seed 003's centre-window test.
+        step_fraction: window step as a fraction of the patch (nnU-Net: 0.5).
+        batch_size: tiles per network call (None: the engine's maximum batch).
+        mirror: mirror TTA (None: the engine's default, on for imported nnU-Net models).
+        progress: progress bars.
+        skip: a key of `window.SKIP_MODES`: "none" (the full nnU-Net grid), or an opt-in
+            approximation: "mask" skips windows outside a cheap body mask, "roi" is seed 003's
+            centre-window test.
         roi_threshold: foreground voxels the centre window must predict to keep its slab.
         memory_cap_mb: bound for the slab accumulators; over it they switch to fp16, and a slab
             that does not fit even then is an error (use a smaller patch).
+        blending: the tile weight (`window.Blending`: nnU-Net's Gaussian by default, or constant).
     """
 
     step_fraction: float = 0.5
-    batch_size: int | None = None  # None: the engine's maximum batch
-    mirror: bool | None = None  # None: the engine's default (on for imported nnU-Net models)
+    batch_size: int | None = None
+    mirror: bool | None = None
     progress: bool = True
     skip: str = "none"
     roi_threshold: int = 1000
     memory_cap_mb: float | None = None
+    blending: Blending = field(default_factory=Blending)
 
 
 def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowConfig:
@@ -72,11 +73,12 @@ def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowCo
     if batch > spec.max_batch:
         raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
     if options.skip not in SKIP_MODES:
-        raise InputError(f"--skip must be one of {SKIP_MODES}, got {options.skip!r}")
+        raise InputError(f"--skip must be one of {tuple(SKIP_MODES)}, got {options.skip!r}")
     return SlidingWindowConfig(
         patch_size=spec.patch_size,
         step_fraction=options.step_fraction,
         batch_size=batch,
+        blending=options.blending,
         mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
         memory_cap_mb=options.memory_cap_mb,
     )
@@ -131,7 +133,11 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Callable[[torch.T
     """
     image = prepared.image
     config = window_config(spec, options)
-    selection = WindowSelection(options.skip, options.roi_threshold, body_mask(image) if options.skip != "none" else None)
+    plan = plan_window(tuple(image.shape[1:]), spec.num_classes, config)
+    needs_mask = WindowSelection(options.skip, mask=torch.ones(1, dtype=torch.bool)).needs_mask
+    selection = WindowSelection(options.skip, options.roi_threshold,
+                                body_mask(image) if options.skip != "none" else None)
+    del needs_mask
     canvas = None
     if probabilities:
         check_probabilities_supported(spec.postprocessing)
@@ -140,9 +146,8 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Callable[[torch.T
         labeler = ProbabilityLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing, crop)
     else:
         labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
-    total = count_tiles(image.shape[1:], config)
-    with tqdm(total=total, desc=name, unit="window", disable=None if options.progress else True, leave=False) as bar:
+    with tqdm(total=plan.tiles, desc=name, unit="window", disable=None if options.progress else True, leave=False) as bar:
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
-                               selection=selection)
+                               selection=selection, plan=plan)
     return Segmentation(restore_geometry(labeler.result(), prepared), report,
                         None if canvas is None else restore_probabilities(canvas, prepared))

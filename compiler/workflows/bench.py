@@ -40,18 +40,20 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from nnslim.compiler.build.model_stats import conv_macs
-from nnslim.compiler.build.prune import PruneSettings, file_sizes, prune_for_deploy
-from nnslim.compiler.build.reparam_stage import reparameterize_for_deploy
-from nnslim.compiler.build.report import PerfRow, perf_table
-from nnslim.compiler.runtime.engine import InferenceOptions, load_engine, segment_volume
-from nnslim.compiler.runtime.errors import SettingsError
-from nnslim.compiler.runtime.files import write_json_atomic, write_text_atomic
+from nnslim.compiler.stages.model_stats import conv_macs
+from nnslim.compiler.stages.prune import PruneSettings, file_sizes, prune_for_deploy
+from nnslim.compiler.stages.reparam_stage import reparameterize_for_deploy
+from nnslim.compiler.stages.report import PerfRow, perf_table
+from nnslim.compiler.runtime.engine import InferenceOptions, load_engine
+from nnslim.compiler.runtime.segmentation import segment_volume
+from nnslim.errors import SettingsError
+from nnslim.files import write_json_atomic, write_text_atomic
 from nnslim.compiler.runtime.metrics import mean_dice
-from nnslim.compiler.runtime.predictors import TorchPredictor, open_session
-from nnslim.compiler.runtime.volume_io import load_volume
+from nnslim.compiler.runtime.backends.onnx_runtime import open_session
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
+from nnslim.compiler.runtime.volumes.volume import load_volume
 from nnslim.training.checkpoint import load_model
-from nnslim.training.unet import count_parameters
+from nnslim.parameters import count_parameters
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,7 @@ def onnx_latency(
     Returns the median seconds per call, the warm-up output (for parity checks) and the ONNX
     file's size raw and compressed.
     """
-    from nnslim.compiler.build.export import ExportSettings, export_onnx
+    from nnslim.compiler.stages.export import ExportSettings, export_onnx
 
     path = Path(workdir) / f"m{time.monotonic_ns()}.onnx"
     export_onnx(model, path, ExportSettings(patch_size=shape[1:], in_channels=shape[0]))
@@ -148,7 +150,7 @@ class _Way:
 
 def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Measure every row (module docstring); write `report.md`, plots and `bench.json` to out_dir."""
-    from nnslim.compiler.runtime.tensorrt_runtime import tensorrt_available
+    from nnslim.compiler.runtime.backends.tensorrt_plan import tensorrt_available
     from nnslim.compiler.workflows.conv_peaks import conv_peaks
 
     out = Path(config.out_dir)
@@ -168,15 +170,15 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
         rows.append(PerfRow(name=f"re-param + structured pruning {config.structured_ratio:.0%} (side)",
                             note=f"skipped: {structured_skipped}"))
     rows += [PerfRow(name=f"{reason.split(':')[0]}", note=f"skipped: {reason.split(': ', 1)[-1]}")
-             for reason in engine.manifest["selection"]["skipped"]]
+             for reason in engine.manifest.selection.skipped]
     if not tensorrt_available():
         rows.append(PerfRow(name="TensorRT fp32 / fp16", note="skipped: needs TensorRT and a CUDA GPU"))
     result = {
         "checkpoint": str(config.checkpoint), "volume": str(config.volume), "volume_shape": list(volume.data.shape[1:]),
         "patch": list(patch), "batch": config.batch_size, "repeats": config.repeats,
         "conv_peaks_gflops": peaks, "threads": torch.get_num_threads(), "rows": [r.to_dict() for r in rows],
-        "engine": {"backend": engine.manifest["backend"], "precision": engine.manifest["precision"],
-                   "selection": engine.manifest["selection"]},
+        "engine": {"backend": engine.manifest.backend, "precision": engine.manifest.precision,
+                   "selection": engine.manifest.selection.to_dict()},
     }
     write_json_atomic(out / "bench.json", result)
     _write_report(out, result, rows, peaks)
@@ -186,7 +188,7 @@ def run_bench(config: BenchConfig, log: Callable[[str], None] = print) -> dict[s
 def _build_bench_engine(config: BenchConfig, engine_dir: Path, patch: tuple[int, ...]):
     """The engine as `build-engine --precision auto` builds it (every CPU candidate checked and timed
     on the volume's tiles), loaded with its chosen candidate."""
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
 
     build_engine(BuildConfig(checkpoint=config.checkpoint, out_dir=engine_dir, patch_size=patch, precision="auto",
                              batch_size=config.batch_size, parity_volume=config.volume, parity_tiles=4,
@@ -202,16 +204,16 @@ def _candidate_ways(config: BenchConfig, engine, deployed, batched: InferenceOpt
     from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
 
     ways = []
-    for c in engine.manifest["selection"]["candidates"]:
-        if (c["backend"], c["precision"]) == ("onnxruntime", "fp32") or c.get("error"):
+    for c in engine.manifest.selection.candidates:
+        if (c.backend, c.precision) == ("onnxruntime", "fp32") or c.error:
             continue
-        path = engine.directory / c["model"]
+        path = engine.directory / c.model
         sizes = file_sizes(path)
-        chosen = (c["backend"], c["precision"]) == (engine.manifest["backend"], engine.manifest["precision"])
-        gate = "" if c["passed"] else ", outside its parity gate"
-        ways.append(_Way(f"{c['backend']} {c['precision']} engine, batched{' (chosen)' if chosen else ''}{gate}",
-                         open_predictor(c["backend"], OpenRequest(path, precision=c["precision"], threads=config.threads)),
-                         batched, deployed, (sizes["bytes"], sizes["compressed_bytes"]), c["precision"]))
+        chosen = (c.backend, c.precision) == (engine.manifest.backend, engine.manifest.precision)
+        gate = "" if c.passed else ", outside its parity gate"
+        ways.append(_Way(f"{c.label} engine, batched{' (chosen)' if chosen else ''}{gate}",
+                         open_predictor(c.backend, OpenRequest(path, precision=c.precision, threads=config.threads)),
+                         batched, deployed, (sizes["bytes"], sizes["compressed_bytes"]), c.precision))
     return ways
 
 
@@ -232,7 +234,7 @@ def _ways(config: BenchConfig, trained, engine, patch) -> tuple[list[_Way], str 
     onnx_sizes = file_sizes(fp32)
     sizes = (onnx_sizes["bytes"], onnx_sizes["compressed_bytes"])
     ort = open_predictor("onnxruntime", OpenRequest(fp32, threads=config.threads))
-    precision = engine.manifest["precision"]
+    precision = engine.manifest.precision
     ways += [
         _Way("+ graph passes, ONNX Runtime fp32 engine", ort, one, deployed, sizes),
         _Way(f"+ batched tiles ({config.batch_size})", ort, batched, deployed, sizes),
@@ -311,13 +313,14 @@ def _end_to_end(config: BenchConfig, out: Path, engine, usual: PerfRow, truth, l
     import subprocess
     import sys
 
-    nnslim = Path(sys.executable).parent / "nnslim"
-    common = [str(nnslim), "infer", str(engine.directory), str(config.volume), "--no-progress", "--overwrite"]
+    # this interpreter's nnslim (`python -m nnslim`), not whichever `nnslim` executable is on PATH
+    common = [sys.executable, "-m", "nnslim", "infer", str(engine.directory), str(config.volume), "--no-progress",
+              "--overwrite"]
     runs = {
         "end to end: nnslim infer --torch-checkpoint (usual way, batch 1)":
             (["--torch-checkpoint", str(config.checkpoint), "--batch", "1"], "fp32", out / "e2e_torch.nii.gz"),
         f"end to end: nnslim infer, {engine.runtime.label} engine":
-            ([], engine.manifest["precision"], out / "e2e_engine.nii.gz"),
+            ([], engine.manifest.precision, out / "e2e_engine.nii.gz"),
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
     for repeat in range(config.repeats):
@@ -367,7 +370,7 @@ def _write_report(out: Path, result: dict[str, Any], rows: list[PerfRow], peaks:
 
 
 def _plots(out: Path, rows: list[PerfRow]) -> None:
-    from nnslim.compiler.build.report import import_pyplot
+    from nnslim.compiler.stages.report import import_pyplot
 
     plt = import_pyplot()
 

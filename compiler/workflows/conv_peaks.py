@@ -20,9 +20,9 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from nnslim.compiler.build.quantize import QuantRecipe, quantize_int8
-from nnslim.compiler.runtime.openvino_backend import cpu_has_bf16, cpu_has_vnni, openvino_available
-from nnslim.compiler.runtime.predictors import OnnxRuntimePredictor
+from nnslim.compiler.stages.quantize import QuantRecipe, quantize_int8
+from nnslim.compiler.runtime.backends.openvino_cpu import cpu_has_bf16, cpu_has_vnni, openvino_available
+from nnslim.compiler.runtime.backends.onnx_runtime import OnnxRuntimePredictor
 
 
 def conv_graph(path: Path, channels: int, size: int, seed: int = 0) -> None:
@@ -63,7 +63,7 @@ def conv_peaks(channels: int = 64, size: int = 48, repeats: int = 5, threads: in
         peaks["fp32"] = flops / _median_seconds(OnnxRuntimePredictor(fp32, threads=threads), x, repeats) / 1e9
         if not openvino_available():
             return peaks
-        from nnslim.compiler.runtime.openvino_backend import OpenVinoPredictor
+        from nnslim.compiler.runtime.backends.openvino_cpu import OpenVinoPredictor
 
         openvino_fp32 = flops / _median_seconds(OpenVinoPredictor(fp32, threads=threads), x, repeats) / 1e9
         peaks["fp32"] = max(peaks["fp32"], openvino_fp32)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from nnslim.compiler.build.prune import (
+from nnslim.compiler.stages.prune import (
     apply_masks,
     global_sparsity,
     layer_sparsity,
@@ -29,13 +29,14 @@ from nnslim.compiler.build.prune import (
     region_sparsity,
     threshold_for_sparsity,
 )
-from nnslim.compiler.runtime.errors import SettingsError
-from nnslim.compiler.runtime.files import write_json_atomic
+from nnslim.errors import SettingsError
+from nnslim.files import write_json_atomic
 from nnslim.compiler.runtime.metrics import dice_scores
-from nnslim.compiler.runtime.predictors import TorchPredictor
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.compiler.runtime.preprocessing import normalize
-from nnslim.compiler.runtime.sliding_window import SlidingWindowConfig, sliding_window_inference
-from nnslim.compiler.runtime.volume_io import load_volume
+from nnslim.compiler.runtime.window.config import SlidingWindowConfig
+from nnslim.compiler.runtime.window.walk import sliding_window_inference
+from nnslim.compiler.runtime.volumes.volume import load_volume
 from nnslim.training.checkpoint import load_model
 from nnslim.training.fusion import reparameterize_model
 
@@ -157,7 +158,7 @@ REGION_COLOURS = {"encoder": "tab:blue", "bottleneck": "tab:red", "decoder": "ta
 def plot_sweep(result: dict, path: Path) -> None:
     """Left: proxy (and true) Dice against sparsity. Right: per layer, mean |w| before pruning
     and sparsity at the chosen level, coloured by region (seed 001, Fig. 2b)."""
-    from nnslim.compiler.build.report import import_pyplot
+    from nnslim.compiler.stages.report import import_pyplot
 
     plt = import_pyplot()
 

@@ -20,11 +20,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from nnslim.compiler.runtime.engine import InferenceOptions, ModelSpec, segment_volume
-from nnslim.compiler.runtime.errors import SettingsError
-from nnslim.compiler.runtime.files import write_json_atomic
-from nnslim.compiler.runtime.predictors import TorchPredictor
-from nnslim.compiler.runtime.volume_io import find_cases, load_volume, save_segmentation
+from nnslim.compiler.runtime.engine import InferenceOptions, ModelSpec
+from nnslim.compiler.runtime.segmentation import segment_volume
+from nnslim.errors import SettingsError
+from nnslim.files import write_json_atomic
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
+from nnslim.compiler.runtime.volumes.volume import load_volume, save_segmentation
+from nnslim.compiler.runtime.volumes.layout import find_cases
 from nnslim.training.checkpoint import load_model
 from nnslim.training.pseudo_label_selection import select_cases, uncertainty, write_union_dataset
 from nnslim.training.train import TrainConfig, train
@@ -82,7 +84,7 @@ def _predict(checkpoint: Path, cases: dict[str, list[Path]], out: Path) -> dict[
     for name, files in cases.items():
         volume = load_volume(files, spec.in_channels)
         labels, _ = segment_volume(volume, predictor, spec, InferenceOptions(progress=False))
-        written[name] = save_segmentation(labels, volume.reference, out / f"{name}.nii.gz")
+        written[name] = save_segmentation(labels, volume.geometry, out / f"{name}.nii.gz")
     return written
 
 

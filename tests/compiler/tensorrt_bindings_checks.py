@@ -28,8 +28,8 @@ from tests.compiler.tensorrt_doubles import install
 
 trt = pytest.importorskip("tensorrt", reason="needs a TensorRT module; test_tensorrt_bindings.py provides the real wheels")
 
-from nnslim.compiler.build.tensorrt_builder import TensorRTBuildError, TrtBuildSettings, build_plan, timing_cache_path  # noqa: E402
-from nnslim.compiler.runtime.tensorrt_runtime import BackendUnavailable, TensorRTPredictor, create  # noqa: E402
+from nnslim.compiler.stages.tensorrt_builder import TensorRTBuildError, TrtBuildSettings, build_plan, timing_cache_path  # noqa: E402
+from nnslim.compiler.runtime.backends.tensorrt_plan import BackendUnavailable, TensorRTPredictor, create  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 MAJOR = int(trt.__version__.split(".")[0])
@@ -63,7 +63,7 @@ def _configure(config):
 
 
 def build_through_helpers():
-    from nnslim.compiler.runtime.tensorrt_runtime import import_tensorrt as load
+    from nnslim.compiler.runtime.backends.tensorrt_plan import import_tensorrt as load
     trt = load()
     _configure(make(trt.Builder, trt.Logger()).create_builder_config())
 '''
@@ -254,7 +254,7 @@ def _two_node_model(opset: int):
 
 
 def test_the_real_parser_decides_compatibility_when_it_can_start(factories):
-    from nnslim.compiler.build.passes.tensorrt_support import model_tensorrt_incompatibilities
+    from nnslim.compiler.stages.passes.tensorrt_support import model_tensorrt_incompatibilities
 
     parser = factories.of(trt.OnnxParser)
     parser.supports_model_v2.return_value = False
@@ -268,7 +268,7 @@ def test_the_real_parser_decides_compatibility_when_it_can_start(factories):
 
 
 def test_without_a_gpu_the_table_uses_this_versions_opset_limit():
-    from nnslim.compiler.build.passes.tensorrt_support import max_opset, model_tensorrt_incompatibilities
+    from nnslim.compiler.stages.passes.tensorrt_support import max_opset, model_tensorrt_incompatibilities
 
     assert max_opset(trt.__version__) >= 22  # both wheels tested are past 10.15
     assert model_tensorrt_incompatibilities(_two_node_model(22)) == []  # the real Builder factory returns NULL here
@@ -281,8 +281,8 @@ def _int8_staging(tmp_path, tensorrt_form=True):
     form; or the uint8 CPU-only form)."""
     import numpy as np
 
-    from nnslim.compiler.build.quantize import UINT8_RECIPES, QuantRecipe, quantize_int8
-    from tests.compiler.build.test_quantize import write_graph
+    from nnslim.compiler.stages.quantize import UINT8_RECIPES, QuantRecipe, quantize_int8
+    from tests.compiler.stages.test_quantize import write_graph
 
     staging = tmp_path / "staging"
     staging.mkdir()
@@ -294,45 +294,53 @@ def _int8_staging(tmp_path, tensorrt_form=True):
 
 
 def _int8_config(tmp_path, **overrides):
-    from nnslim.compiler.build.pipeline import BuildConfig
+    from nnslim.compiler.stages.pipeline import BuildConfig
 
     fields = dict(checkpoint=tmp_path / "model.pt", out_dir=tmp_path / "engine", backend="tensorrt", precision="int8",
                   parity_volume=tmp_path / "volume.nii.gz", engine_cache=tmp_path / "cache")
     return BuildConfig(**{**fields, **overrides})
 
 
+def _int8_job(tmp_path, staging):
+    from nnslim.compiler.stages.artifacts import ArtifactJob
+
+    return ArtifactJob(_int8_config(tmp_path), staging, {"int8": staging / "model.int8.onnx"}, "int8", 1, (8, 8, 8))
+
+
 def test_int8_build_parses_the_qdq_graph_strongly_typed_without_an_int8_flag(factories, tmp_path):
-    from nnslim.compiler.build.pipeline import _build_tensorrt
+    from nnslim.compiler.stages.tensorrt_builder import build
 
     staging = _int8_staging(tmp_path)
-    record = _build_tensorrt(_int8_config(tmp_path), staging, 1, (8, 8, 8))
+    artifact = build(_int8_job(tmp_path, staging))
+    record = artifact.manifest["tensorrt"]
     builder, config = factories.of(trt.Builder), factories.of(trt.IBuilderConfig)
     strongly_typed = 0 if MAJOR >= 11 else 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     builder.create_network.assert_called_once_with(strongly_typed)
     factories.of(trt.OnnxParser).parse_from_file.assert_called_once_with(str(staging / "model.int8.onnx"))
     assert not config.set_flag.called, config.set_flag.call_args_list  # no INT8 (gone in 11), no FP16
     assert not [c for c in config.mock_calls if "calibrat" in str(c) or "INT8" in str(c)], config.mock_calls
-    assert record["onnx_model"] == "model.int8.onnx" and record["settings"]["precision"] == "int8"
+    assert record.onnx_model == "model.int8.onnx" and record.extra["settings"]["precision"] == "int8"
     assert (staging / "engine.plan").read_bytes() == b"PLAN"
 
 
 def test_int8_build_refuses_a_graph_tensorrt_would_not_take_before_any_builder(factories, tmp_path):
-    from nnslim.compiler.build.pipeline import BuildError, _build_tensorrt
+    from nnslim.compiler.stages.tensorrt_builder import TensorRTBuildError, build
 
     staging = _int8_staging(tmp_path, tensorrt_form=False)
-    with pytest.raises(BuildError, match="(?s)not a Q/DQ graph TensorRT takes.*zero point of type uint8"):
-        _build_tensorrt(_int8_config(tmp_path), staging, 1, (8, 8, 8))
+    with pytest.raises(TensorRTBuildError, match="(?s)not a Q/DQ graph TensorRT takes.*zero point of type uint8"):
+        build(_int8_job(tmp_path, staging))
     assert factories.made == []
 
 
 def test_int8_build_plan_checks_the_qdq_graph_on_onnx_runtime_first(gpu, tmp_path):
-    from nnslim.compiler.build.candidates import Candidate
-    from nnslim.compiler.build.pipeline import BuildError, plan_build
+    from nnslim.compiler.stages.candidates import Candidate
+    from nnslim.compiler.stages.plan import BuildError, plan_build
+    from nnslim.compiler.stages.tensorrt_builder import TensorRTBuildError
 
     plan = plan_build(_int8_config(tmp_path))
-    assert (plan.tensorrt, plan.graph_precision, plan.candidates) == (True, "fp32", (Candidate("onnxruntime", "int8"),))
+    assert (plan.compiled.name, plan.graphs, plan.candidates) == ("tensorrt", ("int8",), (Candidate("onnxruntime", "int8"),))
     assert plan_build(_int8_config(tmp_path, precision="auto")).candidates == (Candidate("onnxruntime", "fp32"),)
     with pytest.raises(BuildError, match="needs real calibration tiles"):
         plan_build(_int8_config(tmp_path, parity_volume=None))
-    with pytest.raises(BuildError, match="--trt-fp16-mode flag is for fp16"):
+    with pytest.raises(TensorRTBuildError, match="--trt-fp16-mode flag is for fp16"):
         plan_build(_int8_config(tmp_path, trt_fp16_mode="flag"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from nnslim.compiler.build.export import ExportSettings, export_onnx
+from nnslim.compiler.stages.export import ExportSettings, export_onnx
 from nnslim.training.blocks import BlockConfigError, ConvNormAct, FasterFusionBlock
 from nnslim.training.checkpoint import load_model, save_checkpoint
 from nnslim.training.fusion import fold_conv_batchnorm, reparameterize_model

@@ -159,7 +159,7 @@ def test_rev_unet_trains_reversibly_with_plain_gradients(unit, reversible_decode
 
 def test_presets_have_equal_parameters_to_their_baselines():
     from nnslim.training.presets import PRESETS
-    from nnslim.training.unet import count_parameters
+    from nnslim.parameters import count_parameters
 
     for name in ("partially-reversible-unet", "rev-mbconv-unet"):
         reversible = RevUNet(PRESETS[name].build(4, 4))
@@ -185,7 +185,7 @@ def _write_spheres(folder, cases=3, shape=(32, 32, 32)):
 
 
 def test_reversible_preset_trains_and_builds_an_engine(tmp_path):
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
     from nnslim.training.train import TrainConfig, train
 
     data = _write_spheres(tmp_path / "spheres")
@@ -193,7 +193,7 @@ def test_reversible_preset_trains_and_builds_an_engine(tmp_path):
                                iterations_per_epoch=1, patch_size=(32, 32, 32), encoder_depths=(2, 1, 1, 1, 1)))
     built = build_engine(BuildConfig(checkpoint=result.checkpoint, out_dir=tmp_path / "engine", parity_tiles=2,
                                      precision="fp32"))
-    assert built.manifest["model"]["architecture"]["name"] == "rev_unet"
+    assert built.manifest.model["architecture"]["name"] == "rev_unet"
     assert built.parity.argmax_agreement >= 0.999  # the reversible sequences export as a plain graph
 
 

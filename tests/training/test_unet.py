@@ -4,7 +4,8 @@ import torch
 from tests.conftest import random_model, small_config
 from nnslim.training.config import ConfigError
 from nnslim.training.presets import PRESETS, get_preset
-from nnslim.training.unet import UNet, count_parameters
+from nnslim.parameters import count_parameters
+from nnslim.training.unet import UNet
 
 
 def test_output_shape_and_deep_supervision_heads():

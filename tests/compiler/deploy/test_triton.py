@@ -10,24 +10,26 @@ import onnxruntime as ort
 import pytest
 
 from nnslim.compiler.deploy.triton import TritonExportError, config_pbtxt, export_triton, parse_pbtxt
+from tests.conftest import manifest_record
 
 
-def _manifest(max_batch: int, backend: str = "tensorrt") -> dict:
-    manifest = {
-        "backend": backend,
+def _manifest(max_batch: int, backend: str = "tensorrt"):
+    fields = {
+        "backend": backend, "runtime_model": "engine.plan" if backend == "tensorrt" else "model.opt.onnx",
         "io": {"input": {"name": "image", "dtype": "float32", "shape": ["batch", 2, 32, 64, 64]},
                "output": {"name": "logits", "dtype": "float32", "shape": ["batch", 4, 32, 64, 64]},
                "batch": {"min": 1, "opt": max_batch, "max": max_batch}},
+        "labels": ["background", "a", "b", "c"],
     }
     if backend == "tensorrt":
-        manifest["tensorrt"] = {"version": "10.16.1.11", "gpu": "NVIDIA A10", "compute_capability": [8, 6]}
-    return manifest
+        fields["tensorrt"] = {"version": "10.16.1.11", "gpu": "NVIDIA A10", "compute_capability": [8, 6]}
+    return manifest_record(**fields)
 
 
 @pytest.fixture(scope="module")
 def engine_dir(checkpoint_path, tmp_path_factory):
     """An ONNX Runtime fp32 engine (explicitly: the shared fixture's backend is chosen by the build)."""
-    from nnslim.compiler.build.pipeline import BuildConfig, build_engine
+    from nnslim.compiler.stages.pipeline import BuildConfig, build_engine
 
     out = tmp_path_factory.mktemp("triton-engine") / "small"
     build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, backend="onnxruntime", precision="fp32"))

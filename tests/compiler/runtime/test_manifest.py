@@ -11,7 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from nnslim.compiler.runtime.errors import EngineError
+from nnslim.errors import EngineError
 from nnslim.compiler.runtime.manifest import (
     FORMAT,
     MANIFEST,
@@ -20,9 +20,8 @@ from nnslim.compiler.runtime.manifest import (
     load_manifest,
     manifest_digest,
     parse_manifest,
-    read_manifest,
-    sha256_file,
 )
+from nnslim.files import sha256_file
 
 
 def tiny_onnx(path, external: str | None = None) -> None:
@@ -71,7 +70,7 @@ V1_MANIFEST = Path(__file__).parent / "data" / "manifest_v1.json"  # written by 
 def test_a_format_version_1_manifest_as_first_released_still_parses():
     manifest = parse_manifest(json.loads(V1_MANIFEST.read_text()), V1_MANIFEST)
     assert (manifest.format_version, manifest.backend, manifest.runtime_model) == (1, "onnxruntime", "model.opt.onnx")
-    assert manifest.patch_size == (32, 32, 32) and manifest.batch == (1, 2, 2) and manifest.mirror_axes == (0, 1, 2)
+    assert manifest.io.patch_size == (32, 32, 32) and manifest.io.batch == (1, 2, 2) and manifest.mirror_axes == (0, 1, 2)
     assert manifest.labels == ("background", "grey_matter", "white_matter") and manifest.spacing == (1.0, 1.0, 1.0)
     assert sorted(manifest.files) == ["model.onnx", "model.opt.onnx", "report.md"]
 
@@ -79,9 +78,15 @@ def test_a_format_version_1_manifest_as_first_released_still_parses():
 def test_an_engine_from_the_current_build_loads_and_verifies(engine_dir):
     manifest = load_manifest(engine_dir)
     assert manifest.format_version == 1 and manifest.runtime_model in manifest.files
-    assert manifest.patch_size == (16, 16, 16) and manifest.batch == (1, 2, 2)
-    assert manifest.labels == ("background", "grey_matter", "white_matter") and manifest.num_classes == 3
-    assert read_manifest(engine_dir)["files"].keys() == manifest.files.keys()
+    assert manifest.io.patch_size == (16, 16, 16) and manifest.io.batch == (1, 2, 2)
+    assert manifest.labels == ("background", "grey_matter", "white_matter") and manifest.io.num_classes == 3
+    assert json.loads((engine_dir / MANIFEST).read_text())["files"].keys() == manifest.files.keys()
+
+
+def test_every_manifest_written_so_far_reads_back_unchanged_through_the_record(engine_dir):
+    """The record is the one form: a manifest parsed and written again is the same JSON (old and new)."""
+    for raw in (json.loads(V1_MANIFEST.read_text()), json.loads((engine_dir / MANIFEST).read_text())):
+        assert parse_manifest(raw).to_dict() == raw
 
 
 def test_unknown_records_are_allowed_and_extra_runtime_models_are_verified(tmp_path):
@@ -90,7 +95,7 @@ def test_unknown_records_are_allowed_and_extra_runtime_models_are_verified(tmp_p
                     runtime_models={"fp32": "model.opt.onnx", "fp16": {"file": "model.fp16.onnx", "precision": "fp16"}})
     write_engine(tmp_path / "e", manifest, files=("model.opt.onnx", "model.fp16.onnx"))
     loaded = load_manifest(tmp_path / "e")
-    assert loaded.raw["selection"] == {"picked": "fp16"}
+    assert loaded.selection.extra == {"picked": "fp16"} and loaded.extra["backends"] == ["onnxruntime"]
     assert loaded.referenced_files() == ["model.opt.onnx", "model.fp16.onnx"]
 
 
@@ -139,7 +144,7 @@ GARBLED = [
 def test_a_garbled_manifest_is_one_clear_error(tmp_path, key, value, message):
     write_engine(tmp_path / "e", _set(base_manifest(), key, value))
     with pytest.raises(ManifestError, match=None) as raised:
-        read_manifest(tmp_path / "e")
+        load_manifest(tmp_path / "e")
     assert message in str(raised.value) and "rebuild it" in str(raised.value)
 
 
@@ -147,12 +152,12 @@ def test_a_garbled_manifest_is_one_clear_error(tmp_path, key, value, message):
 def test_undecodable_manifests(tmp_path, text):
     (tmp_path / MANIFEST).write_bytes(text.encode("latin-1"))
     with pytest.raises(ManifestError, match="not valid JSON|not a JSON object"):
-        read_manifest(tmp_path)
+        load_manifest(tmp_path)
 
 
 def test_parse_manifest_accepts_regions_with_label_values():
     manifest = _set(base_manifest(), "postprocessing", {"kind": "regions", "class_order": [1, 2, 3]})
-    assert parse_manifest({**manifest, "files": {}}).num_classes == 3
+    assert parse_manifest({**manifest, "files": {}}).io.num_classes == 3
 
 
 def _tamper(directory, change) -> None:
@@ -180,7 +185,7 @@ def test_tampered_engines_are_refused(tmp_path):
         (directory / "report.md").write_text("report")
         _tamper(directory, change)
         with pytest.raises(TamperedEngineError, match="tampered|outside|not listed|missing") as raised:
-            read_manifest(directory)
+            load_manifest(directory)
         assert "rebuild it" in str(raised.value), name
 
 
@@ -190,7 +195,7 @@ def test_a_symlink_out_of_the_engine_is_refused_even_with_the_right_hash(tmp_pat
     os.replace(directory / "model.opt.onnx", foreign)
     (directory / "model.opt.onnx").symlink_to(foreign)
     with pytest.raises(TamperedEngineError, match="outside the engine directory"):
-        read_manifest(directory)
+        load_manifest(directory)
 
 
 def test_external_data_must_be_listed(tmp_path):
@@ -202,7 +207,7 @@ def test_external_data_must_be_listed(tmp_path):
     _tamper(directory, lambda m: m.update(files={"model.opt.onnx": {
         "sha256": sha256_file(directory / "model.opt.onnx"), "bytes": (directory / "model.opt.onnx").stat().st_size}}))
     with pytest.raises(TamperedEngineError, match="not a file inside the engine directory"):
-        read_manifest(directory)
+        load_manifest(directory)
 
 
 def test_a_missing_listed_file_and_the_manifest_digest(tmp_path):
@@ -211,7 +216,7 @@ def test_a_missing_listed_file_and_the_manifest_digest(tmp_path):
     assert digest == sha256_file(directory / MANIFEST)
     (directory / "model.opt.onnx").unlink()
     with pytest.raises(EngineError, match="missing"):
-        read_manifest(directory)
+        load_manifest(directory)
 
 
 def test_an_openvino_ir_needs_its_weights_listed(tmp_path):
@@ -219,7 +224,7 @@ def test_an_openvino_ir_needs_its_weights_listed(tmp_path):
     (directory / "model.bin").write_bytes(b"weights nobody vouched for")
     _tamper(directory, lambda m: m.update(runtime_models={"openvino": "model.xml"}))
     with pytest.raises(TamperedEngineError, match="model.bin holds the weights of model.xml but is not listed"):
-        read_manifest(directory)
+        load_manifest(directory)
 
 
 def test_the_runtime_fallbacks_of_an_auto_build_must_be_listed(tmp_path):
@@ -231,4 +236,4 @@ def test_the_runtime_fallbacks_of_an_auto_build_must_be_listed(tmp_path):
     candidates[1].update(passed=True, model="/elsewhere/foreign.onnx")
     _tamper(directory, lambda m: m.update(selection={"candidates": candidates}))
     with pytest.raises(TamperedEngineError, match="foreign.onnx"):
-        read_manifest(directory)
+        load_manifest(directory)

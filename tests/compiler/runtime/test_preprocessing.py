@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import pytest
 
-from nnslim.compiler.runtime.errors import EngineError
+from nnslim.errors import EngineError
 from nnslim.compiler.runtime.preprocessing import DEFAULT_NORMALIZATION, nnslim_normalize, normalize, zscore_normalize
 
 
@@ -69,7 +69,7 @@ def test_ct_normalization_clips_then_applies_the_stored_statistics():
 
 
 def test_regions_are_painted_in_class_order():
-    from nnslim.compiler.runtime.preprocessing import logits_to_labels
+    from nnslim.compiler.runtime.postprocessing import logits_to_labels
 
     # heads: whole (1, 2, 3), core (2, 3), enhancing (3); sigmoid > 0.5 means logit > 0
     logits = torch.tensor([[[2.0, 2.0, 2.0, -1.0]], [[-1.0, 3.0, 3.0, -1.0]], [[-1.0, -1.0, 0.5, 4.0]]])
@@ -79,7 +79,8 @@ def test_regions_are_painted_in_class_order():
 
 def test_prepare_and_to_labels_round_trip_geometry():
     """Axis reversal + transpose + crop + resampling, then back: shapes and placement exact."""
-    from nnslim.compiler.runtime.preprocessing import prepare, to_labels
+    from nnslim.compiler.runtime.preprocessing import prepare
+    from nnslim.compiler.runtime.postprocessing import to_labels
 
     data = np.zeros((1, 30, 20, 10), dtype=np.float32)  # nibabel order (X, Y, Z)
     data[0, 5:25, 3:17, 2:8] = 1.0 + np.random.default_rng(0).random((20, 14, 6))

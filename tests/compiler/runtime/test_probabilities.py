@@ -12,12 +12,12 @@ import torch
 from click.testing import CliRunner
 
 from nnslim.compiler.cli import cli
-from nnslim.compiler.runtime.devices import pick_device
+from nnslim.compiler.runtime.backends.devices import pick_device
 from nnslim.compiler.runtime.engine import InferenceOptions, ModelSpec, load_engine
-from nnslim.compiler.runtime.errors import InputError
-from nnslim.compiler.runtime.predictors import TorchPredictor
+from nnslim.errors import InputError
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.compiler.runtime.segmentation import prepare_volume, segment_prepared
-from nnslim.compiler.runtime.volume_io import volume_from_array
+from nnslim.compiler.runtime.volumes.volume import volume_from_array
 from tests.conftest import random_model
 
 
@@ -103,13 +103,14 @@ def test_infer_writes_probabilities_previews_and_the_log(engine_dir, small_volum
 
 
 def test_pick_device_takes_the_gpu_only_when_the_backend_can_use_it():
-    cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    assert pick_device(["onnxruntime"], cuda, gpu_visible=True)[0] == "cuda"
-    assert pick_device(["openvino", "onnxruntime"], cuda, gpu_visible=True)[0] == "cuda"
-    assert pick_device(["onnxruntime"], cuda, gpu_visible=False) == ("cpu", "no CUDA GPU is visible")
-    assert pick_device(["onnxruntime"], ["CPUExecutionProvider"], gpu_visible=True)[0] == "cpu"
-    assert pick_device(["openvino"], cuda, gpu_visible=True)[0] == "cpu"
-    assert pick_device(["tensorrt"], [], gpu_visible=True, tensorrt_installed=True)[0] == "cuda"
+    cuda = {"onnxruntime-cuda"}  # ONNX Runtime's CUDA provider runs here
+    assert pick_device(["onnxruntime"], True, cuda)[0] == "cuda"
+    assert pick_device(["openvino", "onnxruntime"], True, cuda)[0] == "cuda"
+    assert pick_device(["onnxruntime"], False, cuda) == ("cpu", "no CUDA GPU is visible")
+    assert pick_device(["onnxruntime"], True, set())[0] == "cpu"
+    assert pick_device(["openvino"], True, cuda)[0] == "cpu"
+    assert pick_device(["tensorrt"], True, {"tensorrt"})[0] == "cuda"
+    assert pick_device(["tensorrt"], True, cuda)[0] == "cpu"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: auto may rightly choose it")

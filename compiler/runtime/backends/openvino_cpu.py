@@ -1,0 +1,135 @@
+"""OpenVINO on the CPU: reads the engine's ONNX file directly, fp32, bf16 or int8 (from Q/DQ).
+
+- fp32: `INFERENCE_PRECISION_HINT=f32`, the accuracy mode.
+- bf16: the fp32 graph with `INFERENCE_PRECISION_HINT=bf16`; only on CPUs that have bf16
+  arithmetic (AVX512_BF16 or AMX: OpenVINO lists "BF16" in the CPU's OPTIMIZATION_CAPABILITIES).
+- int8: the Q/DQ graph; OpenVINO fuses Q/DQ pairs into int8 convolutions and runs the layers left
+  in float in bf16 where the CPU has it, else fp32.
+
+Compiled models are cached by OpenVINO itself (`CACHE_DIR`), under a folder keyed by the model
+file's sha256, so a second `infer` on the same engine skips compilation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from nnslim.cache import cache_root
+from nnslim.errors import EngineError
+from nnslim.files import sha256_file
+
+if TYPE_CHECKING:
+    from nnslim.compiler.runtime.backends import OpenRequest
+
+logger = logging.getLogger(__name__)
+
+PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+@lru_cache(maxsize=1)
+def _core() -> Any:
+    import openvino as ov
+
+    return ov.Core()
+
+
+@lru_cache(maxsize=1)
+def cpu_record() -> dict[str, Any]:
+    """The CPU as OpenVINO and the kernel see it (recorded in manifests next to timings)."""
+    flags: list[str] = []
+    try:
+        with open("/proc/cpuinfo") as info:
+            line = next((ln for ln in info if ln.startswith("flags")), "")
+        wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_bf16", "amx_int8")
+        flags = [f for f in line.split(":", 1)[-1].split() if f in wanted]
+    except OSError:
+        pass
+    record: dict[str, Any] = {"cores": os.cpu_count(), "flags": flags}
+    if openvino_available():
+        core = _core()
+        record["name"] = str(core.get_property("CPU", "FULL_DEVICE_NAME"))
+        record["openvino_capabilities"] = [str(c) for c in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
+    return record
+
+
+def cpu_has_bf16() -> bool:
+    return "BF16" in cpu_record().get("openvino_capabilities", [])
+
+
+def cpu_has_vnni() -> bool:
+    """Whether int8 dot products have a native instruction (AVX512_VNNI, AVX_VNNI or AMX)."""
+    return any(f in cpu_record()["flags"] for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+class OpenVinoPredictor:
+    """An OpenVINO compiled model on the CPU: `predict(tiles) -> logits`, any batch size.
+
+    Args:
+        model_path: the engine's ONNX file (the fp32 graph, or the Q/DQ int8 graph).
+        precision: "fp32", "bf16" or "int8" (see the module docstring).
+        threads: inference threads (0: OpenVINO's default, one per physical core).
+        cache_dir: OpenVINO's model cache (None: no cache).
+        performance_hint: "LATENCY" (one stream) or "THROUGHPUT" (several streams).
+    """
+
+    def __init__(self, model_path: str | Path, input_name: str = "image", output_name: str = "logits",
+                 precision: str = "fp32", threads: int = 0, cache_dir: Path | None = None,
+                 performance_hint: str = "LATENCY") -> None:
+        if precision == "bf16" and not cpu_has_bf16():
+            raise EngineError(f"OpenVINO bf16 needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX); this one has "
+                              f"{cpu_record().get('openvino_capabilities')}; use precision fp32 or int8")
+        if performance_hint not in PERFORMANCE_HINTS:
+            raise EngineError(f"performance hint must be one of {PERFORMANCE_HINTS}, got {performance_hint!r}")
+        core = _core()
+        reduced = "bf16" if precision in ("bf16", "int8") and cpu_has_bf16() else "f32"
+        config: dict[str, Any] = {"PERFORMANCE_HINT": performance_hint, "INFERENCE_PRECISION_HINT": reduced}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for any failure
+            raise EngineError(f"OpenVINO cannot compile {model_path}: {exc}") from exc
+        names = {name for port in self.compiled.inputs for name in port.get_names()}
+        if input_name not in names:
+            raise EngineError(f"{model_path} has inputs {sorted(names)}, expected {input_name!r}")
+        outputs = {name for port in self.compiled.outputs for name in port.get_names()}
+        if output_name not in outputs:
+            raise EngineError(f"{model_path} has outputs {sorted(outputs)}, expected {output_name!r}")
+        self.input_name, self.output = input_name, self.compiled.output(output_name)
+        self.request = self.compiled.create_infer_request()
+        self.device = torch.device("cpu")
+        self.precision, self.inference_precision = precision, reduced
+        logger.debug("OpenVINO %s on %s (%s)", precision, cpu_record().get("name"), config)
+
+    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
+        # share_inputs: no copy of the tiles; outputs are copied (the request reuses its buffers)
+        result = self.request.infer({self.input_name: array}, share_inputs=True)
+        return torch.from_numpy(result[self.output])
+
+
+def precisions() -> tuple[str, ...]:
+    """What OpenVINO runs on this CPU: bf16 only where the CPU has bf16 arithmetic."""
+    return ("fp32", "bf16", "int8") if cpu_has_bf16() else ("fp32", "int8")
+
+
+def open_cpu(request: OpenRequest) -> OpenVinoPredictor:
+    """The engine's graph compiled for this CPU, cached under the model file's sha256."""
+    cache = cache_root() / "openvino" / sha256_file(Path(request.model_path))[:16]
+    return OpenVinoPredictor(request.model_path, request.input_name, request.output_name,
+                             precision=request.precision, threads=request.threads, cache_dir=cache)

@@ -1,0 +1,196 @@
+"""One case of `run.segment_files`, file to file, as the three stages `batch.run_cases` overlaps.
+
+- `read`: the header checks (`plan.check_case_fits`), the voxels and the preprocessing;
+  only what the later stages need is kept (the prepared image, the reference geometry and, for a
+  preview, the first channel), so the scan itself is freed before the network runs.
+- `compute`: the sliding window (`segmentation.segment_prepared`), with probabilities if asked.
+- `write`: probabilities (`CASE.npz`) and the preview first, the label map last, each atomically:
+  an existing label map means the whole case was written, which is what `--continue` relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from nnslim.compiler.runtime.cases.batch import BatchOptions
+from nnslim.compiler.runtime.cases.plan import CasePlan, check_case_fits
+from nnslim.errors import InputError, NnslimError
+from nnslim.compiler.runtime.manifest import ModelSpec
+from nnslim.compiler.runtime.preprocessing import Prepared
+from nnslim.compiler.runtime.probabilities import (
+    PROBABILITIES_SUFFIX,
+    check_probabilities_supported,
+    save_probabilities,
+)
+from nnslim.compiler.runtime.segmentation import (
+    InferenceOptions,
+    Segmentation,
+    prepare_volume,
+    segment_prepared,
+    window_config,
+)
+from nnslim.compiler.runtime.volumes.header import Geometry
+from nnslim.compiler.runtime.volumes.layout import beside
+from nnslim.compiler.runtime.volumes.volume import load_volume, save_segmentation
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaseResult:
+    name: str
+    output: Path
+    shape: tuple[int, ...]
+    seconds: float  # read + compute + write (with overlapped I/O: the durations of its own stages)
+    tiles: int  # network calls: windows evaluated x mirror passes
+    windows: dict[str, int] = field(default_factory=dict)  # WindowReport
+    label_voxels: dict[str, int] = field(default_factory=dict)
+    error: str | None = None  # why this case failed (its output was not written); None: it succeeded
+    status: str = "ok"  # "ok", "failed" (see error) or "skipped" (--continue: its output existed)
+    probabilities: Path | None = None  # CASE.npz, with --save-probabilities
+    preview: Path | None = None  # the PNG, with --preview
+
+    def record(self) -> dict[str, Any]:
+        """The case's line of `--log-jsonl` (`log.LOG_FIELDS`)."""
+        return {"case": self.name, "status": self.status, "seconds": round(self.seconds, 3),
+                "windows": self.windows or None, "tiles": self.tiles, "output": str(self.output),
+                "probabilities": self.probabilities and str(self.probabilities),
+                "preview": self.preview and str(self.preview), "error": self.error}
+
+
+@dataclass
+class _Read:
+    name: str
+    geometry: Geometry  # what the outputs copy
+    spacing: tuple[float, ...]
+    image: np.ndarray | None  # the first channel, for the preview
+    prepared: Prepared
+
+
+@dataclass
+class _Computed:
+    name: str
+    geometry: Geometry
+    spacing: tuple[float, ...]
+    image: np.ndarray | None
+    segmentation: Segmentation
+
+
+def previews_folder(output: Path, folder: bool, batch: BatchOptions) -> Path | None:
+    """Where previews go: `OUTPUT/previews/` for a folder, beside the output file for one case."""
+    if not batch.preview:
+        return None
+    return output / "previews" if folder else output.parent
+
+
+class CaseStages:
+    """The stages of one engine's cases, and the preview index entries of those reported."""
+
+    def __init__(self, spec: ModelSpec, predictor: Callable[[torch.Tensor], torch.Tensor],
+                 options: InferenceOptions, batch: BatchOptions, previews: Path | None) -> None:
+        self.spec = spec
+        self.predictor, self.options, self.batch, self.previews = predictor, options, batch, previews
+        self.passes = 2 ** len(window_config(spec, options).mirror_axes)  # also fails early on a bad batch
+        self.index: list[dict[str, Any]] = []
+        self._drawing = threading.Lock()  # pyplot keeps global state: one figure at a time across writers
+        if batch.save_probabilities:
+            check_probabilities_supported(spec.postprocessing)  # before the first case, not in each
+        if previews is not None:
+            from nnslim.compiler.runtime.volumes.preview import import_pyplot
+
+            import_pyplot()  # a missing plotting extra is one clear error before the first case
+
+    def preview_path(self, plan: CasePlan) -> Path | None:
+        if self.previews is None:
+            return None
+        return self.previews / beside(plan.target, ".png").name
+
+    def outputs(self, plans: list[CasePlan]) -> list[Path]:
+        """Every file the run may write for `plans` (the label maps, probabilities and previews)."""
+        paths = [p.target for p in plans]
+        if self.batch.save_probabilities:
+            paths += [beside(p.target, PROBABILITIES_SUFFIX) for p in plans]
+        return paths + [self.preview_path(p) for p in plans if self.previews is not None]
+
+    def refuse_existing(self, plans: list[CasePlan]) -> None:
+        """Folder mode without --overwrite/--continue: probabilities or previews already there (and no
+        label map, which `case_plan` checked) are someone's files: refused, like existing label maps."""
+        present = [p for p in self.outputs(plans) if p.exists() and p not in {plan.target for plan in plans}]
+        if present:
+            raise InputError(f"{len(present)} probability or preview file(s) already exist (e.g. {present[0]}); pass "
+                             "--overwrite to replace them or write to another output folder")
+
+    def read(self, plan: CasePlan) -> _Read:
+        check_case_fits(plan, self.spec, self.spec.patch_size)  # headers only, before allocating
+        volume = load_volume(plan.files, self.spec.in_channels)
+        image = np.array(volume.data[0]) if self.previews is not None else None
+        return _Read(volume.name, volume.geometry, volume.spacing, image, prepare_volume(volume, self.spec))
+
+    def compute(self, plan: CasePlan, read: _Read) -> _Computed:
+        segmentation = segment_prepared(read.prepared, read.name, self.predictor, self.spec, self.options,
+                                        self.batch.save_probabilities)
+        return _Computed(read.name, read.geometry, read.spacing, read.image, segmentation)
+
+    def write(self, plan: CasePlan, computed: _Computed) -> CaseResult:
+        labels, report = computed.segmentation.labels, computed.segmentation.report
+        result = CaseResult(name=computed.name, output=plan.target, shape=labels.shape, seconds=0.0,
+                            tiles=report.evaluated * self.passes, windows=report.to_dict(),
+                            label_voxels=self._label_voxels(labels))
+        if computed.segmentation.probabilities is not None:
+            result.probabilities = save_probabilities(computed.segmentation.probabilities,
+                                                      beside(plan.target, PROBABILITIES_SUFFIX))
+        result.preview = self._preview(plan, computed)
+        result.output = save_segmentation(labels, computed.geometry, plan.target)
+        logger.info("%s -> %s", computed.name, result.output)
+        return result
+
+    def failed(self, plan: CasePlan, exc: BaseException) -> CaseResult:
+        return CaseResult(name=plan.name, output=plan.target, shape=(), seconds=0.0, tiles=0,
+                          error=f"{type(exc).__name__}: {exc}", status="failed")
+
+    def skipped(self, plan: CasePlan) -> CaseResult:
+        return CaseResult(name=plan.name, output=plan.target, shape=(), seconds=0.0, tiles=0, status="skipped")
+
+    def reported(self, result: CaseResult) -> None:
+        """Note a reported case for the preview index (a skipped case shows its earlier preview)."""
+        if self.previews is None:
+            return
+        png = result.preview or self.previews / beside(result.output, ".png").name
+        self.index.append({"case": result.name, "status": result.status, "seconds": result.seconds,
+                           "png": png.name if png.is_file() else None})
+
+    def write_index(self) -> Path | None:
+        if self.previews is None or not self.index:
+            return None
+        from nnslim.compiler.runtime.volumes.preview import write_preview_index
+
+        return write_preview_index(self.previews, self.index)
+
+    def _preview(self, plan: CasePlan, computed: _Computed) -> Path | None:
+        """The case's PNG; a preview that cannot be drawn is a warning, not a failed case."""
+        path = self.preview_path(plan)
+        if path is None:
+            return None
+        from nnslim.compiler.runtime.volumes.preview import write_case_preview
+
+        try:
+            with self._drawing:
+                return write_case_preview(computed.image, computed.segmentation.labels, computed.spacing, path,
+                                          computed.name, list(self.spec.label_names))
+        except (NnslimError, OSError, ValueError) as exc:
+            logger.warning("no preview for %s: %s", computed.name, exc)
+            return None
+
+    def _label_voxels(self, labels: np.ndarray) -> dict[str, int]:
+        """Voxels per label, by name when labels are the output heads (argmax), else by value."""
+        counts = np.bincount(labels.ravel(), minlength=self.spec.num_classes)
+        if self.spec.postprocessing.get("kind", "argmax") == "argmax":
+            return {name: int(c) for name, c in zip(self.spec.label_names, counts)}
+        return {f"label {value}": int(c) for value, c in enumerate(counts) if c}

@@ -1,0 +1,91 @@
+"""How overlapping tiles are blended: the per-voxel weight a tile's logits get (MONAI's `mode`).
+
+Blending is data, a `Blending` record, with nnU-Net v2's values as the default:
+- "gaussian": a delta at `P // 2` blurred by a Gaussian with sigma `sigma_scale * P` per axis
+  (scipy's `gaussian_filter`, constant mode, truncate 4; nnU-Net: `sigma_scale = 1/8`), scaled so
+  its maximum is `value_scaling` (nnU-Net: 10); then cast to the accumulation dtype, and voxels
+  that are zero there get the smallest nonzero weight, so no voxel of a tile counts for nothing
+  (this is nnU-Net's order: in fp16 the far corners underflow to zero and are clamped after the
+  cast).
+- "constant": every voxel of a tile weighs 1 (plain averaging of overlaps).
+
+The window divides the weighted logit sum by the weight sum, so a constant factor on the weights
+cancels; the scaling to 10 matters only for fp16 range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+BLENDING_MODES = ("gaussian", "constant")
+
+
+@dataclass(frozen=True)
+class Blending:
+    """The tile weight (see module docstring).
+
+    Attributes:
+        mode: "gaussian" (nnU-Net, MONAI's default too) or "constant".
+        sigma_scale: Gaussian sigma as a fraction of the patch, per axis.
+        value_scaling: the Gaussian's maximum.
+    """
+
+    mode: str = "gaussian"
+    sigma_scale: float = 1.0 / 8
+    value_scaling: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in BLENDING_MODES:
+            raise ValueError(f"blending mode must be one of {BLENDING_MODES}, got {self.mode!r}")
+        if not (self.sigma_scale > 0 and self.value_scaling > 0):
+            raise ValueError(f"blending needs sigma_scale > 0 and value_scaling > 0, got {self.sigma_scale}, "
+                             f"{self.value_scaling}")
+
+    def weights(self, patch_size: Sequence[int], device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight of every voxel of a tile, `[*patch_size]` on `device` in `dtype` (default float32)."""
+        import torch  # here, not at import: the CLI reads BLENDING_MODES without loading torch
+
+        dtype = dtype or torch.float32
+        if self.mode == "constant":
+            return torch.ones(tuple(patch_size), device=device, dtype=dtype)
+        return gaussian_importance_map(patch_size, self.sigma_scale, self.value_scaling, device, dtype)
+
+
+@lru_cache(maxsize=8)
+def _gaussian_numpy(patch_size: tuple[int, ...], sigma_scale: float, value_scaling: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    delta = np.zeros(patch_size, dtype=np.float64)
+    delta[tuple(p // 2 for p in patch_size)] = 1.0
+    blurred = gaussian_filter(delta, [p * sigma_scale for p in patch_size], order=0, mode="constant", cval=0)
+    blurred = blurred / (blurred.max() / value_scaling)
+    blurred.flags.writeable = False  # cached: shared by every caller
+    return blurred
+
+
+def gaussian_importance_map(
+    patch_size: Sequence[int],
+    sigma_scale: float = 1.0 / 8,
+    value_scaling: float = 10.0,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """nnU-Net's per-voxel tile weight, zeros (after the cast to `dtype`, default float32) clamped to the
+    smallest nonzero."""
+    import torch
+
+    dtype = dtype or torch.float32
+    array = _gaussian_numpy(tuple(int(p) for p in patch_size), sigma_scale, value_scaling)
+    weights = torch.tensor(array, device=device, dtype=dtype)
+    zero = weights == 0
+    if bool(zero.any()):
+        weights[zero] = weights[~zero].min()
+    return weights

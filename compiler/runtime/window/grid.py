@@ -1,0 +1,82 @@
+"""Where the windows are: nnU-Net v2's grid over a (padded) volume, and the walk's axis order.
+
+- Axes smaller than the patch are zero-padded, centred (`below = diff // 2`); the rest untouched.
+- Steps per axis: `n = ceil((I - P) / (P * step)) + 1`, starts `round(i * (I - P) / (n - 1))`
+  (only 0 when n == 1); Python's round, like numpy's, rounds halves to even. An axis with patch 1
+  (a 2D model's slice axis) visits every slice once.
+- Tiles in nnU-Net's order (last axis fastest); the walk takes one axis as its slab axis: the one
+  with the most window positions (the long axis of a whole-body scan), the first of equals.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Sequence
+
+import torch
+
+
+def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> list[list[int]]:
+    """Start offsets per axis; `image_size` must already be >= `patch_size` on every axis."""
+    if not 0 < step_fraction <= 1:
+        raise ValueError(f"step fraction must be in (0, 1], got {step_fraction}")
+    steps = []
+    for size, patch in zip(image_size, patch_size):
+        if size < patch:
+            raise ValueError(f"image size {size} is smaller than the patch {patch}; pad first")
+        if patch == 1:  # a 2D model walking slices: each slice once (nnU-Net's 2D loop)
+            steps.append(list(range(size)))
+            continue
+        n = math.ceil((size - patch) / (patch * step_fraction)) + 1
+        if n == 1:
+            steps.append([0])
+            continue
+        actual = (size - patch) / (n - 1)
+        steps.append([int(round(actual * i)) for i in range(n)])
+    return steps
+
+
+def padded_size(image_size: Sequence[int], patch_size: Sequence[int]) -> tuple[int, ...]:
+    """The image size after `pad_to_patch`."""
+    return tuple(max(s, p) for s, p in zip(image_size, patch_size))
+
+
+def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
+    """Zero-pad spatial axes smaller than the patch, centred; returns the padded tensor and the
+    slices that cut the original region back out (image is `[C, *spatial]`)."""
+    spatial = image.shape[1:]
+    before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch_size)]
+    after = [max(p - s, 0) - b for s, p, b in zip(spatial, patch_size, before)]
+    if any(before) or any(after):
+        # F.pad takes pairs for the last axis first
+        pads = [v for b, a in zip(reversed(before), reversed(after)) for v in (b, a)]
+        image = torch.nn.functional.pad(image, pads, mode="constant", value=0.0)
+    region = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))
+    return image, region
+
+
+def tile_slices(padded: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> list[tuple[slice, ...]]:
+    """Every tile's spatial slices over a padded volume, in nnU-Net's order (last axis fastest)."""
+    steps = compute_steps(padded, patch_size, step_fraction)
+    return [tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in itertools.product(*steps)]
+
+
+def count_tiles(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> int:
+    """Number of tiles (per mirror pass) for a volume of this size."""
+    return math.prod(len(s) for s in compute_steps(padded_size(image_size, patch_size), patch_size, step_fraction))
+
+
+def eq2_window_count(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> int:
+    """Seed 003's eq. (2) as printed (no `+ 1` per axis), for the report."""
+    return math.prod(math.ceil((max(i, p) - p) / (step_fraction * p)) for i, p in zip(image_size, patch_size))
+
+
+def walk_order(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float,
+               slab_axis: int | None = None) -> tuple[int, ...]:
+    """Axis order of the walk: the slab axis first (None: the axis with the most window
+    positions, the first of equals), then the others in order."""
+    if slab_axis is None:
+        counts = [len(s) for s in compute_steps(padded_size(image_size, patch_size), patch_size, step_fraction)]
+        slab_axis = counts.index(max(counts))
+    return (slab_axis, *(a for a in range(len(image_size)) if a != slab_axis))

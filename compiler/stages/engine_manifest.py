@@ -1,0 +1,181 @@
+"""The engine directory's manifest and report, as the build writes them.
+
+The runtime reads (and validates) manifests in `nnslim.compiler.runtime.manifest`; this module
+only assembles one from what the build stages produced, and renders it as `report.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+
+from nnslim.compiler.runtime.manifest import EngineManifest, IORecord, ParityRecord, SelectionRecord, TensorRecord
+from nnslim.compiler.stages.report import PerfRow, perf_table
+from nnslim.compiler.stages.source import Source
+from nnslim.files import sha256_file, write_text_atomic
+from nnslim.compiler.runtime.backends.tensorrt_plan import BackendUnavailable, import_tensorrt
+
+
+def _tensorrt_version() -> str | None:
+    try:
+        return import_tensorrt().__version__
+    except BackendUnavailable:
+        return None
+
+
+def _tool_versions() -> dict[str, Any]:
+    import onnxruntime
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "tensorrt": _tensorrt_version(),
+        "openvino": _openvino_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _openvino_version() -> str | None:
+    try:
+        import openvino
+    except ImportError:
+        return None
+    return openvino.__version__
+
+
+def engine_manifest(
+    config: Any,
+    chosen: dict[str, str],
+    source: Source,
+    patch: tuple[int, int, int],
+    stages: list[dict[str, Any]],
+    parity: ParityRecord,
+    model_stats: dict[str, Any],
+) -> EngineManifest:
+    """The manifest (everything but `files`, `selection` and an artifact's record, which the
+    pipeline adds).
+
+    Args:
+        chosen: the engine's runtime choice: `backend`, `precision` and `runtime_model` (the file).
+        parity: the chosen runtime's parity, with its gate.
+    """
+    metadata = source.metadata
+    in_channels, num_classes = source.in_channels, source.num_classes
+    command = (
+        f"nnslim build-engine {config.checkpoint} --out {config.out_dir} --patch {' '.join(map(str, patch))} "
+        f"--batch {config.batch_size} --backend {config.backend} --precision {config.precision}"
+    )
+    if source.kind == "nnunet-v2":
+        command += f" --folds {' '.join(config.folds)} --checkpoint-name {config.nnunet_checkpoint}"
+    return EngineManifest(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        backend=chosen["backend"],
+        precision=chosen["precision"],
+        runtime_model=chosen["runtime_model"],
+        io=IORecord(TensorRecord("image", "float32", ("batch", in_channels, *patch)),
+                    TensorRecord("logits", "float32", ("batch", num_classes, *patch)),
+                    (1, config.batch_size, config.batch_size)),
+        preprocessing=source.preprocessing,
+        labels=tuple(metadata["label_names"]),
+        postprocessing=source.postprocessing,
+        model={"architecture": source.architecture, **model_stats},
+        source={
+            "kind": source.kind,
+            "checkpoint": str(config.checkpoint),
+            "checkpoint_sha256": {str(f): sha256_file(f) for f in source.files} if source.kind == "nnunet-v2"
+            else sha256_file(source.files[0]),
+            **source.details,
+            "dataset": metadata.get("dataset"),
+            "training": metadata.get("training"),
+        },
+        stages=tuple(stages),
+        parity=parity,
+        tools=_tool_versions(),
+        build={"command": command, "argv": sys.argv},
+    )
+
+
+def write_report(path: Path, manifest: EngineManifest) -> None:
+    """`report.md`: the manifest in readable form (written atomically)."""
+    parity, model, io = manifest.parity, manifest.model, manifest.io
+    fused = model["reparameterization"]
+    tolerance = parity.tolerance
+    lines = [
+        f"# nnslim engine ({manifest.backend})",
+        "",
+        f"Built {manifest.created} from `{manifest.source['checkpoint']}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| input | `{io.input.name}` {list(io.input.shape)} |",
+        f"| output | `{io.output.name}` {list(io.output.shape)} |",
+        f"| labels | {', '.join(manifest.labels)} |",
+        f"| parameters | {model['parameters']:,} (trained form: {fused['parameters_before']:,}) |",
+        f"| reparameterization | {fused['faster_fusion_blocks_fused']} FasterFusion blocks fused, "
+        f"{fused['batchnorms_folded']} BatchNorms folded |",
+        f"| conv MACs per patch | {model['macs_per_patch'] / 1e9:.2f} G |",
+        f"| conv weight sparsity | {model['conv_weight_sparsity']:.1%} |",
+        f"| {manifest.runtime_model} size | {model['runtime_model_size']['bytes']:,} B raw, "
+        f"{model['runtime_model_size']['compressed_bytes']:,} B zlib-compressed |",
+        "",
+        "## Model (the headline benchmark's table, one row: MACs per tile, agreement on the parity tiles)",
+        "",
+        *perf_table([PerfRow(
+            name=f"{manifest.backend} engine", parameters=model["parameters"], macs=model["macs_per_patch"],
+            model_bytes=model["runtime_model_size"]["bytes"],
+            model_bytes_compressed=model["runtime_model_size"]["compressed_bytes"],
+            agreement=parity.argmax_agreement,
+        )]),
+        "",
+        *_selection_lines(manifest.selection),
+        f"## Parity ({manifest.backend} {manifest.precision} vs PyTorch fp32)",
+        "",
+        f"- tiles: {parity.source}",
+        f"- max |logit error|: {parity.max_abs_logit_error:.3g}, {parity.max_rel_logit_error:.2e} of the largest "
+        f"logit (tolerance {tolerance.max_rel_logit_error:.2e})",
+        f"- mean |logit error|: {parity.mean_abs_logit_error:.3g}",
+        f"- argmax agreement: {parity.argmax_agreement:.6f} (needed {tolerance.min_argmax_agreement})",
+        "",
+        *([f"![where the engine and PyTorch disagree on the parity tiles]({parity.figure})", ""]
+          if parity.figure else []),
+        "## Stages",
+        "",
+        "| stage | seconds | settings |",
+        "|---|---|---|",
+        *(f"| {s['name']} | {s['seconds']} | `{json.dumps(s['settings'])}` |" for s in manifest.stages),
+        "",
+    ]
+    write_text_atomic(path, "\n".join(lines))
+
+
+def _selection_lines(selection: SelectionRecord | None) -> list[str]:
+    """The candidates table of `--precision auto` (nothing for a single explicit choice)."""
+    if selection is None or len(selection.candidates) < 2:
+        return []
+    machine = selection.machine
+    lines = ["## Engine selection (fastest candidate inside its parity gate)", "",
+             f"Machine: {machine.get('name', '?')}, {machine.get('cores')} cores, "
+             f"flags {' '.join(machine.get('flags', []))}; PyTorch eager "
+             f"{selection.reference_seconds_per_batch:.3f} s per batch of {selection.batch}.", "",
+             "| backend | precision | s / batch | x eager | agreement | max rel error | gate | |",
+             "|---|---|---|---|---|---|---|---|"]
+    for c in selection.candidates:
+        seconds = f"{c.seconds_per_batch:.3f}" if c.seconds_per_batch else "-"
+        speedup = f"{c.speedup_vs_torch:.2f}x" if c.speedup_vs_torch else "-"
+        verdict = "**chosen**" if (c.backend, c.precision) == (selection.backend, selection.precision) else (
+            "passed" if c.passed else f"rejected{': ' + c.error if c.error else ''}")
+        agreement = c.parity.argmax_agreement if c.parity else float("nan")
+        error = c.parity.max_rel_logit_error if c.parity else float("nan")
+        gate = c.tolerance.min_argmax_agreement if c.tolerance else "-"
+        lines.append(f"| {c.backend} | {c.precision} | {seconds} | {speedup} | {agreement:.5f} | {error:.2e} | "
+                     f">= {gate} | {verdict} |")
+    return [*lines, ""]

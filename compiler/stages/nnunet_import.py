@@ -1,0 +1,275 @@
+"""Import a trained nnU-Net v2 model folder, without the `nnunetv2` package.
+
+A results folder (`nnUNet_results/DatasetXXX/Trainer__Plans__Configuration`) holds
+`dataset.json`, `plans.json` and `fold_N/checkpoint_final.pth` (or `checkpoint_best.pth`). A
+checkpoint is a dict: `network_weights` (the state dict), `init_args` (with `configuration`),
+`trainer_name`, `inference_allowed_mirroring_axes`, plus optimizer state and training logs.
+
+What this module does:
+- loads checkpoints safely (`nnunet_checkpoint`: weights only, an allow-list of globals);
+- rebuilds the network from the plans (`nnunet_plans`: `PlainConvUNet` or `ResidualEncoderUNet`,
+  2D or 3D) as an nnslim `UNet` and maps the state dict onto it strictly (`nnunet_checkpoint`);
+- turns several folds into one network averaging their logits (nnU-Net's ensemble), and a 2D
+  network into one that takes `[B, C, 1, H, W]` tiles, so the runtime always walks 3D windows;
+- describes preprocessing (axis order, transpose, crop to nonzero, per-channel normalization,
+  spacing), mirroring and label/region postprocessing as plain data for the engine manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnslim.compiler.stages.nnunet_checkpoint import NnUNetImportError, load_checkpoint, map_state_dict
+from nnslim.compiler.stages.nnunet_plans import resolve_configuration, unet_config
+from nnslim.training.config import UNetConfig
+from nnslim.training.unet import UNet
+
+__all__ = ["NnUNetImportError", "NnUNetModel", "is_model_folder", "load_checkpoint", "read_model_folder", "unet_config"]
+
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+# nnU-Net's intensity normalization classes -> the runtime's per-channel scheme names
+NORMALIZATIONS = {
+    "CTNormalization": "ct",
+    "ZScoreNormalization": "zscore",
+    "NoNormalization": "none",
+    "RescaleTo01Normalization": "rescale01",
+    "RGBTo01Normalization": "rgb01",
+}
+# image readers whose arrays are the NIfTI voxel array with its axes reversed (SimpleITK order)
+READERS = ("SimpleITKIO", "NibabelIO")
+
+
+class FoldEnsemble(nn.Module):
+    """The mean of several folds' logits (nnU-Net averages logits over folds)."""
+
+    def __init__(self, folds: list[nn.Module]) -> None:
+        super().__init__()
+        self.folds = nn.ModuleList(folds)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.folds[0](x)
+        for fold in self.folds[1:]:
+            total = total + fold(x)
+        return total / len(self.folds)
+
+
+class SliceNetwork(nn.Module):
+    """A 2D network driven with `[B, C, 1, H, W]` tiles: one slice along the first image axis."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x.squeeze(2)).unsqueeze(2)
+
+
+@dataclass
+class LabelScheme:
+    """Output heads and how logits become a label map (nnU-Net's LabelManager, for inference)."""
+
+    head_names: list[str]
+    regions_class_order: list[int] | None = None  # region-based training: sigmoid heads
+
+    @classmethod
+    def from_dataset(cls, dataset: dict[str, Any]) -> LabelScheme:
+        labels = dataset.get("labels")
+        if not isinstance(labels, dict) or not labels:
+            raise NnUNetImportError("dataset.json has no 'labels' mapping")
+        labels = {k: v for k, v in labels.items() if k != "ignore"}
+        region_based = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
+        if not region_based:
+            values = {name: int(v[0] if isinstance(v, (list, tuple)) else v) for name, v in labels.items()}
+            ordered = sorted(values, key=values.get)
+            if [values[n] for n in ordered] != list(range(len(ordered))):
+                raise NnUNetImportError(f"dataset.json labels must be consecutive from 0, got {values}")
+            return cls(head_names=ordered)
+        order = dataset.get("regions_class_order")
+        heads = [name for name, v in labels.items() if v not in (0, [0], (0,))]
+        if not order or len(order) != len(heads):
+            raise NnUNetImportError(
+                f"region-based labels need 'regions_class_order' with one entry per region ({len(heads)}), got {order}"
+            )
+        return cls(head_names=heads, regions_class_order=[int(c) for c in order])
+
+    def to_manifest(self) -> dict[str, Any]:
+        if self.regions_class_order is None:
+            return {"kind": "argmax"}
+        return {"kind": "regions", "class_order": self.regions_class_order, "threshold_logit": 0.0}
+
+
+@dataclass
+class NnUNetModel:
+    """An nnU-Net v2 model folder, read and checked."""
+
+    folder: Path
+    configuration_name: str
+    configuration: dict[str, Any]
+    plans: dict[str, Any]
+    dataset: dict[str, Any]
+    architecture: UNetConfig
+    labels: LabelScheme
+    folds: dict[str, dict[str, torch.Tensor]]  # fold name -> mapped state dict
+    trainer: str
+    mirror_axes: tuple[int, ...]  # in the network's spatial axes
+    checkpoint_files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.architecture.spatial_dims
+
+    def network(self) -> nn.Module:
+        """The deployable network: `[B, C, *patch3d] -> [B, K, *patch3d]`, folds averaged."""
+        nets = []
+        for name, weights in self.folds.items():
+            net = UNet(self.architecture)
+            net.load_state_dict(weights, strict=True)
+            nets.append(net.eval())
+        network: nn.Module = nets[0] if len(nets) == 1 else FoldEnsemble(nets)
+        return SliceNetwork(network).eval() if self.spatial_dims == 2 else network
+
+    @property
+    def patch_size(self) -> tuple[int, int, int]:
+        patch = tuple(int(p) for p in self.configuration["patch_size"])
+        return (1, *patch) if self.spatial_dims == 2 else patch  # type: ignore[return-value]
+
+    @property
+    def total_stride(self) -> tuple[int, int, int]:
+        stride = self.architecture.total_stride
+        return (1, *stride) if self.spatial_dims == 2 else stride  # type: ignore[return-value]
+
+    def window_mirror_axes(self) -> list[int]:
+        """Mirror axes in the runtime's 3D window (a 2D network's axes shift by one)."""
+        return [a + 1 for a in self.mirror_axes] if self.spatial_dims == 2 else list(self.mirror_axes)
+
+    def normalization(self) -> dict[str, Any]:
+        schemes = self.configuration.get("normalization_schemes") or []
+        use_mask = self.configuration.get("use_mask_for_norm") or [False] * len(schemes)
+        properties = self.plans.get("foreground_intensity_properties_per_channel", {})
+        channels = []
+        for c, scheme in enumerate(schemes):
+            if scheme not in NORMALIZATIONS:
+                raise NnUNetImportError(
+                    f"normalization {scheme!r} (channel {c}) is not supported; nnslim knows {sorted(NORMALIZATIONS)}"
+                )
+            entry: dict[str, Any] = {"scheme": NORMALIZATIONS[scheme]}
+            if scheme == "CTNormalization":
+                stats = properties.get(str(c))
+                if not stats:
+                    raise NnUNetImportError(f"CT normalization of channel {c} needs its intensity statistics, "
+                                            "which plans.json lacks (foreground_intensity_properties_per_channel)")
+                entry.update(clip=[float(stats["percentile_00_5"]), float(stats["percentile_99_5"])],
+                             mean=float(stats["mean"]), std=float(stats["std"]))
+            if scheme == "ZScoreNormalization":
+                entry["mask"] = "nonzero-region" if use_mask[c] else "none"
+            channels.append(entry)
+        if len(channels) != self.architecture.in_channels:
+            raise NnUNetImportError(
+                f"plans.json gives {len(channels)} normalization schemes but the dataset has "
+                f"{self.architecture.in_channels} channels"
+            )
+        return {"scheme": "per-channel", "channels": channels}
+
+    def preprocessing(self) -> dict[str, Any]:
+        """The manifest's preprocessing entry (see `nnslim.compiler.runtime.preprocessing`)."""
+        return {
+            "normalization": self.normalization(),
+            "spacing": [float(s) for s in self.configuration["spacing"]],
+            "mirror_axes": self.window_mirror_axes(),
+            "axis_order": "reversed",  # nnU-Net's arrays are the NIfTI voxel array with axes reversed
+            "transpose_forward": [int(a) for a in self.plans.get("transpose_forward", [0, 1, 2])],
+            "transpose_backward": [int(a) for a in self.plans.get("transpose_backward", [0, 1, 2])],
+            "crop_to_nonzero": True,
+            "resample": True,
+            "tta_default": bool(self.mirror_axes),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        """What the build pipeline needs, in the shape of an nnslim checkpoint's metadata."""
+        return {
+            "patch_size": list(self.patch_size),
+            "spacing": [float(s) for s in self.configuration["spacing"]],
+            "normalization": self.normalization(),
+            "label_names": self.labels.head_names,
+            "mirror_axes": self.window_mirror_axes(),
+            "dataset": {"name": self.dataset.get("name") or self.plans.get("dataset_name")},
+        }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise NnUNetImportError(f"{path.name} not found in {path.parent}; is this an nnU-Net v2 model folder?")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise NnUNetImportError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "plans.json").is_file() and (path / "dataset.json").is_file()
+
+
+def read_model_folder(
+    folder: str | Path, folds: tuple[str, ...] = ("0",), checkpoint_name: str = "checkpoint_final.pth"
+) -> NnUNetModel:
+    """Read and check an nnU-Net v2 model folder; `folds` like ("0", "1") or ("all",)."""
+    folder = Path(folder)
+    plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
+    if checkpoint_name not in CHECKPOINT_NAMES:
+        raise NnUNetImportError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {checkpoint_name!r}")
+    if not folds:
+        raise NnUNetImportError("give at least one fold")
+    reader = plans.get("image_reader_writer", "SimpleITKIO")
+    if reader not in READERS:
+        raise NnUNetImportError(
+            f"the model was trained with image reader {reader!r}; nnslim reproduces {READERS} (NIfTI without "
+            "reorientation). Other readers change the array axes and are not supported yet."
+        )
+    channels = dataset.get("channel_names") or dataset.get("modality")
+    if not channels:
+        raise NnUNetImportError("dataset.json has no 'channel_names'")
+    labels = LabelScheme.from_dataset(dataset)
+    checkpoints, files = {}, {}
+    for fold in folds:
+        fold_dir = folder / f"fold_{fold}"
+        path = fold_dir / checkpoint_name
+        if not path.is_file():
+            present = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
+            raise NnUNetImportError(
+                f"fold {fold!r}: {path} not found (folds present: {present or 'none'}; "
+                f"checkpoints in fold_{fold}: {sorted(p.name for p in fold_dir.glob('*.pth')) if fold_dir.is_dir() else 'none'})"
+            )
+        checkpoints[fold], files[fold] = load_checkpoint(path), path
+    first = checkpoints[folds[0]]
+    configuration_name = first["init_args"].get("configuration")
+    trainer = str(first.get("trainer_name", "unknown"))
+    for fold, checkpoint in checkpoints.items():
+        if checkpoint["init_args"].get("configuration") != configuration_name:
+            raise NnUNetImportError(
+                f"fold {fold} was trained as configuration {checkpoint['init_args'].get('configuration')!r}, "
+                f"fold {folds[0]} as {configuration_name!r}; an ensemble needs one configuration"
+            )
+    configuration = resolve_configuration(plans, configuration_name)
+    if configuration.get("previous_stage"):
+        raise NnUNetImportError(
+            f"configuration {configuration_name!r} is a cascade stage (it needs {configuration['previous_stage']!r}'s "
+            "segmentation as input); cascades are not supported, deploy 3d_fullres or 3d_lowres instead"
+        )
+    architecture = unet_config(configuration, len(channels), len(labels.head_names))
+    reference = UNet(architecture)
+    mapped = {fold: map_state_dict(c["network_weights"], reference, str(files[fold])) for fold, c in checkpoints.items()}
+    axes = first.get("inference_allowed_mirroring_axes")
+    mirror_axes = tuple(int(a) for a in axes) if axes else ()
+    if any(a >= architecture.spatial_dims for a in mirror_axes):
+        raise NnUNetImportError(f"mirroring axes {mirror_axes} do not fit a {architecture.spatial_dims}D network")
+    return NnUNetModel(
+        folder=folder, configuration_name=configuration_name, configuration=configuration, plans=plans,
+        dataset=dataset, architecture=architecture, labels=labels, folds=mapped, trainer=trainer,
+        mirror_axes=mirror_axes, checkpoint_files=files,
+    )

@@ -1,0 +1,249 @@
+"""build-engine: checkpoint -> engine directory, top to bottom in one function.
+
+Stages (each recorded in the manifest with its settings and time):
+    load (an nnslim checkpoint, or an nnU-Net v2 model folder) -> reparameterize -> prune (optional)
+    -> export ONNX -> graph passes (the fp32 graph) -> the candidates' other graphs (each made by its
+    precision's producer: fp16, int8) -> select (parity and timing of every (backend, precision)
+    candidate; the fastest inside its gate wins) -> compiled artifact (a TensorRT plan, when the
+    build makes one) -> manifest/report
+Parity is measured against the trained model, or, when pruning changed the function on purpose,
+against the pruned PyTorch model (its agreement with the unpruned one is recorded as well).
+The directory is assembled under a temporary name beside the destination and renamed into
+place only when every stage has passed and its manifest reads back as the runtime will read it,
+so an interrupted or failed build leaves nothing that looks like an engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import onnx
+import torch
+from torch import nn
+
+from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
+from nnslim.compiler.runtime.backends.openvino_cpu import cpu_record
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
+from nnslim.compiler.runtime.manifest import (
+    MANIFEST,
+    EngineManifest,
+    FileRecord,
+    SelectionRecord,
+    parse_manifest,
+)
+from nnslim.compiler.stages.artifacts import ArtifactJob, hook
+from nnslim.compiler.stages.candidates import CandidateResult, choose, measure, ranking
+from nnslim.compiler.stages.engine_dir import staging_dir
+from nnslim.compiler.stages.engine_manifest import engine_manifest, write_report
+from nnslim.compiler.stages.export import ExportError, ExportSettings, export_onnx
+from nnslim.compiler.stages.graphs import GraphJob, produce
+from nnslim.compiler.stages.model_stats import conv_macs, conv_weight_sparsity
+from nnslim.compiler.stages.parity import (
+    ParityError,
+    ParityReport,
+    TileLayout,
+    compare_predictors,
+    disagreement_view,
+    parity_crops,
+    torch_agreement,
+)
+from nnslim.compiler.stages.passes import ParityProbe, PassManager, default_passes
+from nnslim.compiler.stages.plan import BuildConfig, BuildError, BuildPlan, plan_build
+from nnslim.compiler.stages.prune import file_sizes, prune_for_deploy
+from nnslim.compiler.stages.reparam_stage import reparameterize_for_deploy
+from nnslim.compiler.stages.report import write_disagreement_figure
+from nnslim.compiler.stages.source import Source, load_source
+from nnslim.files import sha256_file, write_json_atomic
+from nnslim.parameters import count_parameters
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: EngineManifest
+    parity: ParityReport
+
+
+def build_engine(config: BuildConfig) -> BuildResult:
+    """Build an engine directory from a checkpoint (see module docstring)."""
+    stages: list[dict[str, Any]] = []
+    plan = plan_build(config)                                                    # settings first: fail fast
+    with _timed(stages, "load", checkpoint=str(config.checkpoint)) as record:    # checkpoint or nnU-Net folder
+        source = load_source(config.checkpoint, config.folds, config.nnunet_checkpoint)
+        record.update(kind=source.kind, **source.details)
+    with _timed(stages, "reparameterize") as record:                             # fuse blocks, fold BN
+        deployed, fused = reparameterize_for_deploy(source.model)
+        record.update(fused.to_dict())
+    patch = _check_patch(config.patch_size or tuple(source.metadata["patch_size"]), source.total_stride)
+    deployed, pruning = _prune(config, stages, source, deployed, patch)         # optional; after fusing
+    reference = deployed if pruning is not None else source.model                # what parity compares with
+
+    protect = (config.checkpoint, *(v for v in (config.parity_volume, *config.calibration) if v))
+    with staging_dir(config.out_dir, overwrite=config.overwrite, protect=protect) as staging:
+        settings = ExportSettings(patch_size=patch, in_channels=source.in_channels, opset=config.opset)
+        with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
+            export_onnx(deployed, staging / "model.onnx", settings)
+        tiles, tile_source, layout = parity_crops(patch, source.in_channels, config.parity_tiles,
+                                                  config.parity_volume, source.preprocessing)
+        passes = default_passes(strict_tensorrt=plan.compiled is not None)
+        with _timed(stages, "passes", passes=[type(p).__name__ for p in passes]) as record:  # the fp32 graph
+            exported = onnx.shape_inference.infer_shapes(onnx.load(str(staging / "model.onnx")), strict_mode=True)
+            probe = ParityProbe(exported, tiles.numpy()) if config.pass_parity else None
+            optimized, pass_records = PassManager(passes).run(exported, probe)
+            onnx.checker.check_model(optimized, full_check=True)
+            onnx.save(optimized, str(staging / "model.opt.onnx"))
+            record["results"] = [r.to_dict() for r in pass_records]
+        expected = _run_batched(TorchPredictor(reference), tiles, config.batch_size)  # PyTorch fp32 logits
+        models = {"fp32": staging / "model.opt.onnx"}
+        job = GraphJob(models["fp32"], staging, tiles, expected, config.batch_size, source.in_channels, patch,
+                       source.preprocessing, config.calibration_volumes, config.calibration_tiles,
+                       tuple(c.backend for c in plan.candidates), plan.compiled and plan.compiled.name,
+                       config.pass_parity)
+        for graph in plan.graphs:                                                    # fp16, int8: their producers
+            with _timed(stages, graph) as record:
+                models[graph], produced = produce(graph, job)
+                record.update(produced)
+        with _timed(stages, "select", tiles=tile_source, candidates=[c.label for c in plan.candidates],
+                    skipped=list(plan.skipped)) as record:                            # parity + time, fastest passing wins
+            results, reference_seconds = measure(
+                list(plan.candidates), models, expected, tiles, config.batch_size, config.tolerance_for,
+                tile_source, TorchPredictor(reference), repeats=3 if len(plan.candidates) > 1 else 0,
+                threads=config.threads)
+            chosen = choose(results)
+            record["chosen"] = chosen.candidate.label
+            if pruning is not None:
+                record["pruned_vs_trained_argmax_agreement"] = torch_agreement(source.model, deployed, tiles)
+        parity, tolerance = chosen.parity, chosen.tolerance
+        runtime = {"backend": chosen.candidate.backend, "precision": chosen.candidate.precision,
+                   "runtime_model": chosen.model}
+        artifact_fields: dict[str, Any] = {}
+        if plan.compiled is not None:                                                # a compiled artifact, checked again
+            with _timed(stages, plan.compiled.name) as record:
+                artifact = hook(plan.compiled).build(ArtifactJob(config, staging, models, runtime["precision"],
+                                                                 source.in_channels, patch))
+                onnx_parity, parity = parity, _artifact_parity(plan, reference, staging / artifact.file, runtime,
+                                                               tiles, tile_source, config.batch_size)
+                record.update(artifact.record, onnxruntime_parity=onnx_parity.to_dict())
+            _check_within(parity, tolerance, plan.compiled.name)
+            runtime = {**runtime, "backend": plan.compiled.name, "runtime_model": artifact.file}
+            artifact_fields = artifact.manifest
+        model_stats = {
+            "parameters": count_parameters(deployed),
+            "macs_per_patch": conv_macs(deployed, (source.in_channels, *patch)),
+            "conv_weight_sparsity": conv_weight_sparsity(deployed),
+            "reparameterization": fused.to_dict(),
+            "pruning": pruning,
+            "runtime_model_size": file_sizes(staging / runtime["runtime_model"]),
+        }
+        figure = _parity_figure(staging, layout, tiles, parity, runtime)                    # beside report.md
+        manifest = replace(engine_manifest(config, runtime, source, patch, stages, parity.record(tolerance, figure),
+                                           model_stats),
+                           selection=_selection_record(config, plan, runtime, results, reference_seconds, models),
+                           **artifact_fields)
+        write_report(staging / "report.md", manifest)
+        manifest = manifest.with_files({p.name: FileRecord(sha256_file(p), p.stat().st_size)
+                                        for p in sorted(staging.iterdir()) if p.is_file()})
+        parse_manifest(manifest.to_dict(), staging / MANIFEST)  # it reads back as the runtime will read it
+        write_json_atomic(staging / MANIFEST, manifest.to_dict())                   # last: marks it complete
+    logger.info("engine written to %s (%s %s)", config.out_dir, runtime["backend"], runtime["precision"])
+    return BuildResult(config.out_dir, manifest, parity)
+
+
+def _run_batched(predict: Any, tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
+    return torch.cat([predict(tiles[i : i + batch_size]).float().cpu() for i in range(0, len(tiles), batch_size)])
+
+
+def _prune(config: BuildConfig, stages: list[dict[str, Any]], source: Source, deployed: nn.Module,
+           patch: tuple[int, int, int]) -> tuple[nn.Module, dict[str, Any] | None]:
+    """The optional prune stage: (the model to export, the pruning record or None)."""
+    if not config.prune.active:
+        return deployed, None
+    if config.prune.structured_ratio is not None and source.kind != "nnslim-checkpoint":
+        raise BuildError("structured pruning is implemented for nnslim's own U-Nets; "
+                         "use magnitude pruning (--prune-sparsity) for an imported nnU-Net model")
+    prune = config.prune
+    if prune.finetune_steps and not prune.finetune_dataset:  # default: the dataset it was trained on
+        prune = replace(prune, finetune_dataset=(source.metadata.get("dataset") or {}).get("name"))
+    with _timed(stages, "prune", **asdict(prune)) as record:
+        try:
+            pruned, pruning = prune_for_deploy(deployed, prune, patch)
+        except ValueError as exc:
+            raise BuildError(f"cannot prune: {exc}") from exc
+        record.update({k: v for k, v in pruning.items() if k != "settings"})
+    return pruned, pruning
+
+
+def _artifact_parity(plan: BuildPlan, reference: nn.Module, artifact: Path, runtime: dict[str, str],
+                     tiles: torch.Tensor, source: str, batch_size: int) -> ParityReport:
+    """The compiled artifact vs PyTorch on the artifact's device (both see the same tiles)."""
+    backend = plan.compiled
+    predictor = open_predictor(backend.name, OpenRequest(artifact, precision=runtime["precision"]))
+    torch_reference = TorchPredictor(copy.deepcopy(reference), device=backend.device)  # the caller's model stays put
+    return compare_predictors(torch_reference, predictor, tiles, source, batch_size)
+
+
+def _selection_record(config: BuildConfig, plan: BuildPlan, runtime: dict[str, str], results: list[CandidateResult],
+                      reference_seconds: float | None, models: dict[str, Path]) -> SelectionRecord:
+    """What `infer` needs to pick (and fall back among) the engine's runtime choices."""
+    return SelectionRecord(
+        requested={"backend": config.backend, "precision": config.precision},
+        backend=runtime["backend"], precision=runtime["precision"], batch=config.batch_size,
+        reference_seconds_per_batch=reference_seconds,
+        candidates=tuple(r.record(reference_seconds) for r in ranking(results)),
+        skipped=plan.skipped, models={graph: path.name for graph, path in models.items()}, machine=cpu_record(),
+    )
+
+
+def _parity_figure(staging: Path, layout: TileLayout | None, tiles: torch.Tensor, parity: ParityReport,
+                   runtime: dict[str, str]) -> str | None:
+    """`parity_disagreement.png` from the chosen engine's parity (no second run); its name, or None without one."""
+    if parity.disagreement is None:
+        return None
+    image, marks, spacing, shown = disagreement_view(layout, tiles, parity.disagreement)
+    title = f"where {runtime['backend']} {runtime['precision']} and PyTorch fp32 disagree (argmax)"
+    path = write_disagreement_figure(staging / "parity_disagreement.png", image, marks, spacing, shown,
+                                     int(parity.disagreement.sum()), int(parity.disagreement.size), title)
+    return None if path is None else path.name
+
+
+def _check_within(parity: ParityReport, tolerance: Any, runtime: str) -> None:
+    if not parity.within(tolerance):
+        raise ParityError(
+            f"{runtime} disagrees with PyTorch: max |logit error| {parity.max_abs_logit_error:.3g} = "
+            f"{parity.max_rel_logit_error:.2e} of the largest logit (allowed {tolerance.max_rel_logit_error:.2e}), "
+            f"argmax agreement "
+            f"{parity.argmax_agreement:.5f} (needed {tolerance.min_argmax_agreement}); engine not written"
+        )
+
+
+def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[int, int, int]:
+    if len(patch) != 3 or any(p < 1 for p in patch):
+        raise BuildError(f"patch must be three positive sizes, got {patch}")
+    bad = [p for p, s in zip(patch, stride) if p % s]
+    if bad:
+        raise BuildError(
+            f"patch {tuple(patch)} is not a multiple of the network's total stride {stride}; "
+            f"try {tuple(max(s, round(p / s) * s) for p, s in zip(patch, stride))}"
+        )
+    return (int(patch[0]), int(patch[1]), int(patch[2]))
+
+
+@contextmanager
+def _timed(stages: list[dict[str, Any]], name: str, **settings: Any) -> Iterator[dict[str, Any]]:
+    """Time a stage and append it to `stages`; the yielded dict collects what the stage reports."""
+    started = time.perf_counter()
+    logger.info("stage %s ...", name)
+    results: dict[str, Any] = {}
+    yield results
+    stages.append({"name": name, "settings": settings, **results, "seconds": round(time.perf_counter() - started, 3)})
+
+
+__all__ = ["BuildConfig", "BuildError", "BuildResult", "ExportError", "build_engine"]

@@ -1,0 +1,135 @@
+"""What a build will do, decided from its settings alone, before anything is loaded.
+
+`BuildConfig` is `build-engine`'s settings; `plan_build` checks them against the tables
+(backends, precisions) and this machine and returns a `BuildPlan`: the (backend, precision)
+candidates to measure, the graphs they need, and the backend whose compiled artifact the build
+makes, if any (`stages.artifacts`). A setting that cannot produce an engine fails here, fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnslim.compiler.runtime.backends import BACKENDS, Backend
+from nnslim.compiler.runtime.manifest import Tolerance
+from nnslim.compiler.runtime.precision import AUTO, PRECISIONS, get_precision
+from nnslim.compiler.stages.artifacts import compiled_backend, hook
+from nnslim.compiler.stages.candidates import Candidate, plan_candidates
+from nnslim.compiler.stages.prune import PruneSettings
+from nnslim.errors import NnslimError
+
+
+class BuildError(NnslimError):
+    """A build setting or input that cannot produce an engine."""
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    checkpoint: Path  # an nnslim checkpoint file, or an nnU-Net v2 model folder
+    out_dir: Path
+    patch_size: tuple[int, int, int] | None = None  # None: the checkpoint's training patch
+    batch_size: int = 2
+    backend: str = "auto"  # auto: a compiled GPU artifact (TensorRT) where one can be built, else the CPU backends
+    parity_volume: Path | None = None
+    parity_tiles: int = 4
+    precision: str = "auto"  # auto: the fastest candidate inside its gate; fp32 alone keeps ONNX Runtime fp32
+    tolerance: Tolerance | None = None  # None: each precision's own gate
+    pass_parity: bool = True  # check ONNX Runtime parity after every graph pass
+    prune: PruneSettings = PruneSettings()
+    opset: int = 18
+    folds: tuple[str, ...] = ("0",)  # nnU-Net model folders: folds to ensemble
+    nnunet_checkpoint: str = "checkpoint_final.pth"
+    calibration: tuple[Path, ...] = ()  # int8 calibration volumes (default: the parity volume)
+    calibration_tiles: int = 4  # per calibration volume
+    threads: int = 0  # CPU threads of the candidates (0: each backend's default)
+    overwrite: bool = False  # replace an --out that is not an nnslim engine
+    # TensorRT (backend "tensorrt", or "auto" on a machine with TensorRT and a GPU)
+    trt_workspace_mb: int = 4096
+    trt_optimization_level: int = 3
+    trt_fp16_mode: str = "typed"  # "flag": TensorRT 10's BuilderFlag.FP16 on the fp32 graph
+    engine_cache: Path | None = None  # None: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt
+    timing_cache: Path | None = None
+
+    @property
+    def calibration_volumes(self) -> tuple[Path, ...]:
+        """The calibration volumes: `calibration`, else the parity volume, else none."""
+        return tuple(self.calibration) or ((self.parity_volume,) if self.parity_volume else ())
+
+    def tolerance_for(self, precision: str) -> Tolerance:
+        """The user's tolerance for an explicit precision; each precision's own gate otherwise."""
+        if self.tolerance is not None and self.precision != AUTO:
+            return self.tolerance
+        return get_precision(precision).tolerance
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """What the build will produce (module docstring).
+
+    Attributes:
+        candidates: the (backend, precision) pairs whose ONNX graphs are checked and timed.
+        graphs: the graph kinds the candidates need beyond the fp32 one, in table order.
+        skipped: candidates left out, with the reason (recorded in the manifest).
+        compiled: the backend whose artifact is built from the chosen graph (None: the graph runs).
+    """
+
+    candidates: tuple[Candidate, ...]
+    graphs: tuple[str, ...]
+    skipped: tuple[str, ...]
+    compiled: Backend | None = None
+
+
+def plan_build(config: BuildConfig) -> BuildPlan:
+    """Check the settings and decide the candidates, before anything is loaded."""
+    if config.backend != AUTO and config.backend not in BACKENDS:
+        raise BuildError(f"unknown backend {config.backend!r}; choose one of {(AUTO, *BACKENDS)}")
+    if config.precision != AUTO and config.precision not in PRECISIONS:
+        raise BuildError(f"unknown precision {config.precision!r}; choose one of {(AUTO, *PRECISIONS)}")
+    if config.batch_size < 1:
+        raise BuildError(f"--batch must be >= 1, got {config.batch_size}")
+    if config.parity_tiles < 1 or config.calibration_tiles < 1:
+        raise BuildError(f"--parity-tiles and --calibration-tiles must be >= 1, got {config.parity_tiles}, "
+                         f"{config.calibration_tiles}")
+    compiled = compiled_backend(config.backend)
+    if compiled is not None:
+        return _compiled_plan(config, compiled)
+    if config.tolerance is not None and config.precision == AUTO:
+        raise BuildError("a parity tolerance sets one precision's gate; give an explicit precision with it "
+                         "(precision auto checks each candidate against its own precision's gate)")
+    backend = config.backend
+    if backend == AUTO and config.precision != AUTO and not get_precision(config.precision).cpu_auto:
+        backend = _graph_checker(config.precision).name  # a GPU precision alone: its graph on the first backend
+    elif backend == AUTO and config.precision == "fp32":
+        backend = _graph_checker("fp32").name  # fp32 alone: ONNX Runtime fp32, as before
+    candidates, skipped = plan_candidates(backend, config.precision, bool(config.calibration_volumes))
+    if not candidates:
+        raise BuildError(f"no {config.backend} backend runs precision {config.precision} here: " + "; ".join(skipped))
+    return BuildPlan(tuple(candidates), _graphs(candidates), tuple(skipped))
+
+
+def _compiled_plan(config: BuildConfig, backend: Backend) -> BuildPlan:
+    """A compiled artifact: the graph of one precision, checked with an ONNX backend on the CPU
+    first, then compiled (`stages.artifacts`) and checked again on the artifact's device."""
+    precision = "fp32" if config.precision == AUTO else config.precision
+    hook(backend).check(config, precision)
+    if precision not in backend.precisions():
+        raise BuildError(f"{backend.name} engines are built in {', '.join(backend.precisions())} here, not {precision}")
+    if get_precision(precision).calibrated and not config.calibration_volumes:
+        raise BuildError(f"a {backend.name} {precision} build needs real calibration tiles: give --parity-volume or "
+                         "--calibration")
+    candidates = (Candidate(_graph_checker(precision).name, precision),)
+    return BuildPlan(candidates, _graphs(candidates), (), backend)
+
+
+def _graph_checker(precision: str) -> Backend:
+    """The first available CPU backend that runs an ONNX graph in `precision` (ONNX Runtime)."""
+    for entry in BACKENDS.values():
+        if entry.device == "cpu" and entry.kind.name == "onnx" and entry.available() and precision in entry.precisions():
+            return entry
+    raise BuildError(f"no CPU backend here runs the {precision} ONNX graph to check it; install onnxruntime")
+
+
+def _graphs(candidates: tuple[Candidate, ...] | list[Candidate]) -> tuple[str, ...]:
+    wanted = {c.graph for c in candidates}
+    return tuple(g for g in dict.fromkeys(p.graph for p in PRECISIONS.values()) if g in wanted and g != "fp32")

@@ -1,0 +1,101 @@
+"""The build's input: an nnslim checkpoint or an nnU-Net v2 model folder, read into one `Source`.
+
+`build-engine` and `infer --torch-checkpoint` (`reference_predictor`) both load models through
+`load_source`, so a model folder means the same thing to both. It takes paths, not the build's
+configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from nnslim.compiler.stages.nnunet_import import is_model_folder, read_model_folder
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
+from nnslim.errors import InputError, NnslimError
+from nnslim.training.checkpoint import build_model, read_checkpoint
+
+
+class SourceError(NnslimError):
+    """The path is neither an nnslim checkpoint nor an nnU-Net v2 model folder."""
+
+
+@dataclass
+class Source:
+    """The trained model and what the engine must know about it, whatever it was read from."""
+
+    model: nn.Module  # trained form, eval mode
+    architecture: dict[str, Any]  # recorded in the manifest
+    metadata: dict[str, Any]  # patch_size, normalization, label_names, spacing, mirror_axes, dataset, training
+    in_channels: int
+    num_classes: int
+    total_stride: tuple[int, int, int]
+    files: list[Path]  # hashed into the manifest
+    preprocessing: dict[str, Any]
+    postprocessing: dict[str, Any]
+    kind: str
+    details: dict[str, Any]
+
+
+def load_source(path: str | Path, folds: tuple[str, ...] = ("0",), checkpoint_name: str = "checkpoint_final.pth") -> Source:
+    """Read an nnslim checkpoint, or import an nnU-Net v2 model folder (`nnslim.compiler.stages.nnunet_import`).
+
+    Args:
+        folds / checkpoint_name: nnU-Net model folders only: the folds to ensemble and the file to
+            read in each fold folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if not is_model_folder(path):
+            raise SourceError(f"{path} is a folder but not an nnU-Net v2 model folder (no plans.json / dataset.json)")
+        imported = read_model_folder(path, folds, checkpoint_name)
+        arch = imported.architecture
+        return Source(
+            model=imported.network(), architecture={"name": "nnunet-v2", "config": arch.to_dict(),
+                                                   "folds": list(imported.folds)},
+            metadata=imported.metadata(), in_channels=arch.in_channels, num_classes=arch.num_classes,
+            total_stride=imported.total_stride, files=list(imported.checkpoint_files.values()),
+            preprocessing=imported.preprocessing(), postprocessing=imported.labels.to_manifest(), kind="nnunet-v2",
+            details={"configuration": imported.configuration_name, "trainer": imported.trainer,
+                     "folds": list(imported.folds), "checkpoint_name": checkpoint_name,
+                     "plans_name": imported.plans.get("plans_name"),
+                     "spatial_dims": arch.spatial_dims},
+        )
+    payload = read_checkpoint(path)
+    model = build_model(payload).eval()
+    metadata = payload["metadata"]
+    return Source(
+        model=model, architecture=payload["architecture"], metadata=metadata,
+        in_channels=model.config.in_channels, num_classes=model.config.num_classes,
+        total_stride=model.config.total_stride, files=[path],
+        preprocessing={
+            "normalization": metadata["normalization"],
+            "spacing": metadata.get("spacing"),
+            "mirror_axes": metadata.get("mirror_axes", []),
+            "axis_order": "array axes of the NIfTI data as nibabel reads them",
+            "resample": bool(metadata.get("spacing")),  # scans of another spacing are resampled to it
+        },
+        postprocessing={"kind": "argmax"}, kind="nnslim-checkpoint", details={},
+    )
+
+
+def reference_predictor(engine: Any, checkpoint: str | Path) -> Any:
+    """The PyTorch reference for an engine (`infer --torch-checkpoint`): `checkpoint` (an nnslim
+    checkpoint, or the nnU-Net model folder the engine was built from, read with the folds and
+    checkpoint name its manifest records) on the engine's device, refused when it cannot be the
+    model the engine was built from (other channels, classes, or a stride the patch does not fit)."""
+    recorded = engine.manifest.source
+    source = load_source(checkpoint, tuple(recorded.get("folds") or ("0",)),
+                         recorded.get("checkpoint_name", "checkpoint_final.pth"))
+    spec = engine.spec
+    if (source.in_channels, source.num_classes) != (spec.in_channels, spec.num_classes):
+        raise InputError(f"--torch-checkpoint {checkpoint} has {source.in_channels} input channel(s) and "
+                         f"{source.num_classes} classes but the engine has {spec.in_channels} and {spec.num_classes}; "
+                         "pass the checkpoint the engine was built from")
+    if any(p % s for p, s in zip(spec.patch_size, source.total_stride)):
+        raise InputError(f"the engine's patch {spec.patch_size} is not a multiple of {checkpoint}'s total stride "
+                         f"{source.total_stride}; pass the checkpoint the engine was built from")
+    return TorchPredictor(source.model, device=getattr(engine.predictor, "device", "cpu"))
