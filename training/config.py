@@ -18,7 +18,6 @@ Sizes = tuple[int, ...]  # one entry per spatial axis (2 or 3)
 NORMS = ("instance", "batch", "group")
 MEMORY_MODES = ("reversible", "plain", "checkpoint")  # how reversible sequences train (`training.reversible`)
 UNITS = ("conv", "mbconv")  # F and G of a reversible block
-BLOCKS = ("conv", "faster_fusion")
 ENCODERS = ("plain", "residual")
 
 
@@ -112,8 +111,10 @@ class UNetConfig:
                 f"got kernel_sizes={self.kernel_sizes}, strides={self.strides}"
             )
         if self.blocks is not None:
-            if len(self.blocks) != n or any(b not in BLOCKS for b in self.blocks):
-                raise ConfigError(f"blocks must give one of {BLOCKS} per stage ({n}), got {self.blocks}")
+            from nnslim.training.unet import BLOCK_TYPES  # the one table of block types (unet imports this module)
+
+            if len(self.blocks) != n or any(b not in BLOCK_TYPES for b in self.blocks):
+                raise ConfigError(f"blocks must give one of {tuple(BLOCK_TYPES)} per stage ({n}), got {self.blocks}")
             if "faster_fusion" in self.blocks and (self.spatial_dims != 3 or self.encoder != "plain"):
                 raise ConfigError("FasterFusion blocks exist for 3D plain-encoder U-Nets only")
         if self.encoder not in ENCODERS:

@@ -86,13 +86,3 @@ def deep_supervision_loss(outputs: list[torch.Tensor], target: torch.Tensor) -> 
             scaled = target
         total = total + weight * dice_ce_loss(logits, scaled)
     return total
-
-
-def dice_per_class(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> list[float]:
-    """Hard Dice of each foreground class (NaN where both are empty)."""
-    scores = []
-    for cls in range(1, num_classes):
-        p, t = prediction == cls, target == cls
-        denominator = int(p.sum()) + int(t.sum())
-        scores.append(float("nan") if denominator == 0 else 2 * int((p & t).sum()) / denominator)
-    return scores

@@ -13,7 +13,6 @@ process on the whole batch. Only rank 0 validates and writes checkpoints and log
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -25,15 +24,19 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from nnslim.training.checkpoint import build_model, network_for, read_checkpoint, save_checkpoint
 from nnslim.training.config import ConfigError
+from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
+from nnslim.compiler.runtime.metrics import dice_scores
+from nnslim.compiler.runtime.window.blending import Blending
+from nnslim.compiler.runtime.window.config import SlidingWindowConfig
+from nnslim.compiler.runtime.window.walk import sliding_window_inference
 from nnslim.files import write_text_atomic
 from nnslim.training.data import Case, Dataset, PatchSampler, augment, load_dataset
-from nnslim.training.losses import deep_supervision_loss, dice_ce_loss, dice_per_class
+from nnslim.training.losses import deep_supervision_loss, dice_ce_loss
 from nnslim.training.presets import get_preset
 from nnslim.parameters import count_parameters
 from nnslim.training.unet import UNet
@@ -290,34 +293,25 @@ def _metadata(config: TrainConfig, dataset: Dataset, patch: tuple, history: list
 
 @torch.no_grad()
 def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int, int, int]) -> list[float]:
-    """Mean per-class Dice over validation cases, predicted patch by patch.
+    """Mean per-class Dice over validation cases, segmented by the runtime's sliding window.
 
-    Each case is cut into non-overlapping patches of the training size (zero-padded at the far
-    end), so the network sees inputs like the deployed sliding window does; a case's
-    `score_mask` restricts scoring to its held-out voxels. (The runtime's Gaussian-weighted
-    sliding window lives in `compiler.runtime`, which training must not import.)
+    The window steps a whole patch (nnU-Net's grid at step 1: the fewest windows that cover the
+    case, overlaps averaged), so validation costs about one forward pass per patch of the case;
+    a case's `score_mask` restricts scoring to its held-out voxels.
     """
     was_training, deep = model.training, model.decoder.deep_supervision
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-    model.eval()
     model.set_deep_supervision(False)
+    predictor = TorchPredictor(model, device)
+    config = SlidingWindowConfig(patch_size=patch, step_fraction=1.0, blending=Blending("constant"))
     scores = []
     for case in cases:
-        shape = case.label.shape
-        pad = [(-s) % p for s, p in zip(shape, patch)]
-        image = torch.from_numpy(case.image)
-        image = F.pad(image, [v for axis_pad in reversed(pad) for v in (0, axis_pad)])
-        prediction = torch.empty(image.shape[1:], dtype=torch.long)
-        for start in itertools.product(*(range(0, s, p) for s, p in zip(image.shape[1:], patch))):
-            window = tuple(slice(a, a + p) for a, p in zip(start, patch))
-            tile = image[(slice(None), *window)][None].to(device, dtype)
-            prediction[window] = model(tile)[0].argmax(0).cpu()
-        prediction = prediction[: shape[0], : shape[1], : shape[2]]
-        target = torch.from_numpy(case.label.astype(np.int64))
+        image = torch.from_numpy(case.image).to(dtype)
+        prediction = sliding_window_inference(image, predictor, num_classes, config).argmax(0).cpu().numpy()
+        target = case.label.astype(np.int64)
         if case.score_mask is not None:
-            mask = torch.from_numpy(case.score_mask)
-            prediction, target = prediction[mask], target[mask]
-        scores.append(dice_per_class(prediction, target, num_classes))
+            prediction, target = prediction[case.score_mask], target[case.score_mask]
+        scores.append(dice_scores(prediction, target, list(range(1, num_classes))))
     model.train(was_training)
     model.set_deep_supervision(deep)
     return [float(v) for v in np.nanmean(np.array(scores, dtype=float), axis=0)]

@@ -82,7 +82,8 @@ def faster_fusion_unit(config: UNetConfig) -> UnitFactory:
 
 
 # Block type name (as `UNetConfig.blocks` gives it) -> the builder of its units, in train or deploy
-# form per the config. A new block type is one entry here and its name in `config.BLOCKS`.
+# form per the config: the one table of block types (`UNetConfig.blocks` is checked against it). A
+# new block type is its unit (`blocks`) and one entry here.
 BLOCK_TYPES: dict[str, Callable[[UNetConfig], UnitFactory]] = {
     "conv": conv_unit,
     "faster_fusion": faster_fusion_unit,

@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from nnslim.compiler.cli.options import float_list, out_dir_option, patch_option, patch_tuple, path_type, progress_option
+from nnslim.compiler.cli.options import (
+    TableChoice,
+    float_list,
+    out_dir_option,
+    patch_option,
+    patch_tuple,
+    path_type,
+    progress_option,
+    skip_modes,
+)
 
 
 @click.command(epilog="""\b
@@ -56,7 +65,8 @@ Examples:
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="Runs per row (median).")
 @click.option("--prune-sparsity", default=0.5, show_default=True, type=click.FloatRange(0, 1, max_open=True))
 @click.option("--structured-ratio", default=0.25, show_default=True, type=click.FloatRange(0, 1, max_open=True))
-@click.option("--skip", type=click.Choice(["mask", "roi", "roi+mask"]), default="mask", show_default=True)
+@click.option("--skip", type=TableChoice(lambda: [m for m in skip_modes() if m != "none"]), default="mask",
+              show_default=True, help="The window-skipping row's mode.")
 def bench(checkpoint, out_dir, volume, patch, batch_size, repeats, prune_sparsity, structured_ratio, skip) -> None:
     """The usual way (PyTorch eager, batch 1) against nnslim stage by stage on one volume, in one run:
     seconds, speed-up, MACs and GFLOP/s against the machine's convolution peak, sizes, memory, and

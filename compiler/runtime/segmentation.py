@@ -1,7 +1,7 @@
 """Segment one in-memory volume: preprocess, walk the windows, restore labels (and probabilities).
 
 The image passes each room once, in order: `prepare_volume` (preprocessing), the window
-(`window.plan_window` decides the walk once, `window.stream_logits` walks it) and postprocessing
+(`window.plan.plan_window` decides the walk once, `window.walk.stream_logits` walks it) and postprocessing
 (a streaming labeler takes each finished slab). `segment_volume` is the whole path for a
 `Volume`; `prepare_volume` and `segment_prepared` are its two halves, so a batch can prepare the
 next case while the network runs this one (`cases`).

@@ -138,11 +138,13 @@ def test_batchnorm_unet_folds_every_norm_into_its_conv():
         assert torch.equal(direct(x), fused(x))
 
 
-def test_block_types_table_matches_the_config_names():
-    from nnslim.training.config import BLOCKS
+def test_the_block_types_table_is_what_the_config_accepts():
+    from nnslim.training.config import ConfigError
     from nnslim.training.unet import BLOCK_TYPES
 
-    assert set(BLOCK_TYPES) == set(BLOCKS)
+    assert set(BLOCK_TYPES) == {"conv", "faster_fusion"}
+    with pytest.raises(ConfigError, match=r"blocks must give one of \('conv', 'faster_fusion'\)"):
+        small_config(features_per_stage=(8, 16, 32), blocks=("conv", "conv", "mystery"))
     config = small_config(features_per_stage=(8, 16, 32), blocks=("conv", "faster_fusion", "faster_fusion"))
     unit = BLOCK_TYPES["faster_fusion"](config)(16, 32, (3, 3, 3), (2, 2, 2))
     assert isinstance(unit, FasterFusionBlock)

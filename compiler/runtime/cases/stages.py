@@ -121,7 +121,7 @@ class CaseStages:
 
     def refuse_existing(self, plans: list[CasePlan]) -> None:
         """Folder mode without --overwrite/--continue: probabilities or previews already there (and no
-        label map, which `case_plan` checked) are someone's files: refused, like existing label maps."""
+        label map, which `plan` checked) are someone's files: refused, like existing label maps."""
         present = [p for p in self.outputs(plans) if p.exists() and p not in {plan.target for plan in plans}]
         if present:
             raise InputError(f"{len(present)} probability or preview file(s) already exist (e.g. {present[0]}); pass "
