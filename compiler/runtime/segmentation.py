@@ -134,10 +134,9 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Callable[[torch.T
     image = prepared.image
     config = window_config(spec, options)
     plan = plan_window(tuple(image.shape[1:]), spec.num_classes, config)
-    needs_mask = WindowSelection(options.skip, mask=torch.ones(1, dtype=torch.bool)).needs_mask
+    # every skipping mode looks at the body mask ("roi" counts its foreground only inside it)
     selection = WindowSelection(options.skip, options.roi_threshold,
                                 body_mask(image) if options.skip != "none" else None)
-    del needs_mask
     canvas = None
     if probabilities:
         check_probabilities_supported(spec.postprocessing)

@@ -198,7 +198,7 @@ def _verified_cache_entry(cached: Path) -> bool:
     digest = cached.with_suffix(".sha256")
     if not cached.is_file() or not digest.is_file():
         return False
-    if hashlib.sha256(cached.read_bytes()).hexdigest() != digest.read_text().strip():
+    if sha256_file(cached) != digest.read_text().strip():
         logger.warning("TensorRT plan cache entry %s does not match its sha256; rebuilding it", cached)
         return False
     return True

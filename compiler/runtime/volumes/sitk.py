@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 
 from nnslim.compiler.runtime.volumes.header import Geometry, SitkReference, VolumeHeader, check_dimensions
+from nnslim.compiler.runtime.volumes.readers import VOLUME_SUFFIXES
 from nnslim.errors import InputError
 from nnslim.files import atomic_path
 
 INSTALL = "install the io extra: pip install 'nnslim[io]' (SimpleITK)"
-_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 
 
 def require_sitk(what: str):
@@ -53,7 +53,7 @@ def is_dicom_series(folder: Path) -> bool:
     files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
     if any(p.suffix.lower() == ".dcm" for p in files):
         return True
-    if not files or any(p.name.endswith(_VOLUME_SUFFIXES) for p in files):
+    if not files or any(p.name.endswith(VOLUME_SUFFIXES) for p in files):
         return False
     if not sitk_available():
         return False
