@@ -27,20 +27,11 @@ class ParityError(NnslimError):
 
 
 @dataclass(frozen=True)
-class ParityReport:
-    source: str
-    tiles: int
-    voxels: int
-    max_abs_logit_error: float
-    mean_abs_logit_error: float
-    max_abs_reference_logit: float
-    argmax_agreement: float
-    # [tiles, *patch] bool: where the argmaxes differ (for the report's figure; not in to_dict)
-    disagreement: np.ndarray | None = field(default=None, repr=False, compare=False)
+class ParityReport(ParityRecord):
+    """The manifest's parity figures (`ParityRecord`) plus where the argmaxes differ, for the report's
+    figure: `disagreement`, `[tiles, *patch]` bool (never written to the manifest)."""
 
-    @property
-    def max_rel_logit_error(self) -> float:
-        return self.max_abs_logit_error / max(self.max_abs_reference_logit, 1e-12)
+    disagreement: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def within(self, tolerance: Tolerance) -> bool:
         return (
@@ -50,8 +41,8 @@ class ParityReport:
 
     def record(self, tolerance: Tolerance | None = None, figure: str | None = None) -> ParityRecord:
         """The manifest's form (without the disagreement mask)."""
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "disagreement"}
-        return ParityRecord(**values, max_rel_logit_error=self.max_rel_logit_error, tolerance=tolerance, figure=figure)
+        values = {f.name: getattr(self, f.name) for f in fields(ParityRecord)}
+        return ParityRecord(**{**values, "tolerance": tolerance, "figure": figure})
 
     def to_dict(self) -> dict:
         return self.record().to_dict()
@@ -126,14 +117,16 @@ def disagreement_view(layout: TileLayout | None, tiles: torch.Tensor,
 def compare(reference: torch.Tensor, candidate: torch.Tensor, source: str) -> ParityReport:
     diff = (reference.double() - candidate.double()).abs()
     disagreement = reference.argmax(1) != candidate.argmax(1)
+    max_abs, max_reference = float(diff.max()), float(reference.abs().max())
     return ParityReport(
         source=source,
         tiles=reference.shape[0],
         voxels=int(reference[:, 0].numel()),
-        max_abs_logit_error=float(diff.max()),
+        max_abs_logit_error=max_abs,
         mean_abs_logit_error=float(diff.mean()),
-        max_abs_reference_logit=float(reference.abs().max()),
+        max_abs_reference_logit=max_reference,
         argmax_agreement=float((~disagreement).double().mean()),
+        max_rel_logit_error=max_abs / max(max_reference, 1e-12),
         disagreement=disagreement.numpy(),
     )
 
