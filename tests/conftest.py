@@ -88,6 +88,26 @@ def metadata(patch=PATCH) -> dict:
     }
 
 
+@pytest.fixture(scope="session")
+def built_wheel(tmp_path_factory) -> Path:
+    """nnslim's wheel, built from a copy of the sources (setuptools writes build/ beside them)."""
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path_factory.mktemp("wheel-source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for folder in ("nnslim", "compiler", "training"):
+        shutil.copytree(root / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    wheels = tmp_path_factory.mktemp("wheels")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "-w", str(wheels), str(source)], check=True, capture_output=True)
+    (wheel,) = wheels.glob("nnslim-*.whl")
+    return wheel
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Point $NNSLIM_CACHE (OpenVINO's compiled models, TensorRT plans) at a temporary folder, so tests

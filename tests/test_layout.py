@@ -2,8 +2,10 @@
 
 - Import direction: `nnslim.training` may use `nnslim.compiler.runtime` and nnslim's shared helpers
   and nothing else of the compiler; the runtime imports neither training nor the build stages, the
-  CLI, workflows or deploy; nnslim's helpers (errors, files, cache, parameters) import no part of the
-  compiler or training; nothing imports the repository folders by their bare names.
+  CLI, workflows or deploy, and no torch or onnx when imported (torch only in its PyTorch adapter,
+  and inside the GPU path's functions); nnslim's helpers (errors, files, cache, parameters, extras)
+  import no part of the compiler or training; nothing imports the repository folders by their bare
+  names.
 - One module imports `tensorrt`; only graph-rewriting modules import `onnx_graphsurgeon`.
 - No import cycles between nnslim's modules: module-level imports, those under `if TYPE_CHECKING:`
   included (a cycle that only type checkers see is still a cycle for a reader).
@@ -38,7 +40,9 @@ LONG_FUNCTIONS = {
     # The whole build reads top to bottom in one function, one line per stage (tinygrad's style).
     ("compiler/stages/pipeline.py", "build_engine"),
 }
-SHARED_HELPERS = ("nnslim/errors.py", "nnslim/files.py", "nnslim/cache.py", "nnslim/parameters.py")
+SHARED_HELPERS = ("nnslim/errors.py", "nnslim/files.py", "nnslim/cache.py", "nnslim/parameters.py", "nnslim/extras.py")
+# the runtime imports torch only in its PyTorch adapter; the GPU path imports it inside functions
+RUNTIME_TORCH_AT_IMPORT = {"compiler/runtime/backends/torch_module.py"}
 RUNTIME_MAY_NOT = ("nnslim.training", "nnslim.compiler.stages", "nnslim.compiler.cli", "nnslim.compiler.workflows",
                    "nnslim.compiler.deploy")
 
@@ -106,6 +110,9 @@ def test_import_direction():
         if rel.startswith("compiler/runtime/"):
             bad = [n for n in names if n.startswith(RUNTIME_MAY_NOT)]
             assert not bad, f"{rel} (runtime) imports {bad}"
+        if rel.startswith("compiler/runtime/") and rel not in RUNTIME_TORCH_AT_IMPORT:
+            heavy = {n.split(".")[0] for n in _imports(tree, _module_name(path), module_level_only=True)}
+            assert not heavy & {"torch", "onnx"}, f"{rel} (runtime) imports {sorted(heavy & {'torch', 'onnx'})} at import"
         if rel in SHARED_HELPERS:
             bad = [n for n in names if n.startswith(("nnslim.compiler", "nnslim.training"))]
             assert not bad, f"{rel} (a helper every part shares) imports {bad}"
@@ -231,21 +238,10 @@ def test_every_package_folder_is_installed():
 
 
 @pytest.mark.slow
-def test_installed_wheel_leaves_a_users_training_package_alone(tmp_path):
-    """Build the wheel, install it alone into a fresh venv that borrows .venv's dependencies, and
-    import it from a folder that has its own `training/` and `compiler/` packages."""
-    import shutil
-
-    source = tmp_path / "source"  # setuptools writes build/ beside the sources: build a copy, not the checkout
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    for folder in FOLDERS:
-        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
-    wheels = tmp_path / "wheels"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(source)], check=True, capture_output=True)
-    (wheel,) = wheels.glob("nnslim-*.whl")
+def test_installed_wheel_leaves_a_users_training_package_alone(tmp_path, built_wheel):
+    """Install the wheel alone into a fresh venv that borrows .venv's dependencies, and import it
+    from a folder that has its own `training/` and `compiler/` packages."""
+    wheel = built_wheel
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"

@@ -33,6 +33,7 @@ from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.compiler.runtime.metrics import dice_scores
 from nnslim.compiler.runtime.window.blending import Blending
 from nnslim.compiler.runtime.window.config import SlidingWindowConfig
+from nnslim.compiler.runtime.window.arrays import to_numpy
 from nnslim.compiler.runtime.window.walk import sliding_window_inference
 from nnslim.files import write_text_atomic
 from nnslim.training.data import Case, Dataset, PatchSampler, augment, load_dataset
@@ -300,14 +301,14 @@ def validate(model: UNet, cases: list[Case], num_classes: int, patch: tuple[int,
     a case's `score_mask` restricts scoring to its held-out voxels.
     """
     was_training, deep = model.training, model.decoder.deep_supervision
-    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    device = next(model.parameters()).device
     model.set_deep_supervision(False)
     predictor = TorchPredictor(model, device)
     config = SlidingWindowConfig(patch_size=patch, step_fraction=1.0, blending=Blending("constant"))
     scores = []
     for case in cases:
-        image = torch.from_numpy(case.image).to(dtype)
-        prediction = sliding_window_inference(image, predictor, num_classes, config).argmax(0).cpu().numpy()
+        logits = sliding_window_inference(case.image.astype(np.float32, copy=False), predictor, num_classes, config)
+        prediction = to_numpy(logits.argmax(0))
         target = case.label.astype(np.int64)
         if case.score_mask is not None:
             prediction, target = prediction[case.score_mask], target[case.score_mask]

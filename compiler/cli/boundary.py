@@ -20,6 +20,7 @@ import traceback
 import click
 
 from nnslim.errors import NnslimError
+from nnslim.extras import EXTRAS, missing_extra
 
 EXIT_USER_ERROR = 1
 EXIT_USAGE_ERROR = 2  # click's own
@@ -96,6 +97,8 @@ def describe_os_error(exc: OSError) -> str | None:
 
 def translate(exc: Exception, verbose: int) -> click.ClickException:
     """The click exception that reports `exc`: a user error (exit 1) or an internal error (exit 3)."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in EXTRAS:
+        exc = missing_extra(exc.name)  # an optional part not installed: name its extra
     if isinstance(exc, NnslimError):
         log.debug("nnslim error", exc_info=exc)
         return UserError(str(exc))

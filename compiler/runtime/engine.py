@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
 
+from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.backends import BACKENDS, OpenRequest, open_predictor
 from nnslim.compiler.runtime.backends.choice import RuntimeChoice, resolve_runtime, runtime_choices
 from nnslim.compiler.runtime.backends.devices import DEVICE_CHOICES, detect_device
@@ -52,11 +52,11 @@ class Engine:
     directory: Path
     manifest: EngineManifest
     spec: ModelSpec
-    predictor: Callable[[torch.Tensor], torch.Tensor]
+    predictor: Predictor
     runtime: RuntimeChoice | None = None
     device: str = "cpu"
 
-    def segment(self, image: np.ndarray | torch.Tensor, spacing: tuple[float, float, float] | None = None,
+    def segment(self, image: Any, spacing: tuple[float, float, float] | None = None,
                 options: InferenceOptions | None = None,
                 return_probabilities: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Labels for an in-memory image, with the same numerics as `nnslim infer` and no file I/O.

@@ -6,7 +6,8 @@
 2. `crop_to_nonzero`: crop to the bounding box of the voxels nonzero in any channel (holes
    filled), as nnU-Net does; the mask is kept for masked z-score.
 3. normalization, per channel (nnU-Net's classes) or nnslim's single z-score (see `normalize`).
-4. `resample`: to the model's spacing with torch (trilinear), shape `round(size * old / new)`;
+4. `resample`: to the model's spacing (trilinear, torch's `interpolate` rule with
+   `align_corners=False`, in numpy: `linear_weights`), shape `round(size * old / new)`;
    a 2D model's spacing has two entries and the first axis keeps its spacing.
 The `Prepared` record keeps what undoes the geometry after the window (`postprocessing`).
 
@@ -20,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-from scipy.ndimage import binary_fill_holes
 
 from nnslim.errors import EngineError
 
@@ -118,6 +117,8 @@ def _normalize_channel(channel: np.ndarray, entry: dict, mask: np.ndarray | None
 
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
     """Voxels nonzero in any channel, holes filled (nnU-Net's crop mask)."""
+    from scipy.ndimage import binary_fill_holes  # only nnU-Net engines crop: scipy is imported then
+
     return binary_fill_holes(np.any(data != 0, axis=0))
 
 
@@ -137,20 +138,52 @@ def resampled_shape(shape: tuple[int, ...], spacing: tuple[float, ...], target: 
     return tuple(int(round(s * a / b)) for s, a, b in zip(shape, spacing, target))
 
 
-def resample(data: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """`[C, *spatial]` to `shape` by (tri)linear interpolation; unchanged when the shape is equal."""
+def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Linear interpolation from `n_in` samples to `n_out`, as torch's `interpolate` does it with
+    `align_corners=False` (in float32): output `o` reads `x = max(0, (o + 0.5) * n_in / n_out - 0.5)`
+    from samples `i0 = floor(x)` and `i1 = min(i0 + 1, n_in - 1)` with weights `1 - f` and `f`,
+    `f = x - i0`. Returns `(i0, i1, w0, w1)`, one entry per output sample."""
+    scale = np.float32(n_in) / np.float32(n_out)
+    x = np.maximum((np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5), np.float32(0))
+    i0 = np.minimum(x.astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (x - i0).astype(np.float32)
+    return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
+
+
+def resample_axis(data, axis: int, n_out: int, arrays=None):
+    """`data` linearly resampled to `n_out` samples along `axis` (`linear_weights`): numpy, or a torch
+    tensor on its device with `arrays` its namespace (`window.arrays`)."""
+    n_in = data.shape[axis]
+    if n_in == n_out:
+        return data
+    i0, i1, w0, w1 = linear_weights(n_in, n_out)
+    shape = [1] * data.ndim
+    shape[axis] = n_out
+    if arrays is not None:
+        w0, w1 = (arrays.beside(arrays.asarray(w), data) for w in (w0, w1))
+    lower = data[(slice(None),) * axis + (i0,)]
+    upper = data[(slice(None),) * axis + (i1,)]
+    return lower * w0.reshape(shape) + upper * w1.reshape(shape)
+
+
+def resample(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`[C, *spatial]` to `shape` by (tri)linear interpolation, as torch's `interpolate` with
+    `align_corners=False`: one axis at a time, the last first (torch's order); unchanged when the
+    shape is equal."""
     if tuple(data.shape[1:]) == tuple(shape):
         return data
-    mode = {2: "bilinear", 3: "trilinear"}[len(shape)]
-    out = torch.nn.functional.interpolate(data[None].float(), size=tuple(shape), mode=mode, align_corners=False)
-    return out[0].to(data.dtype)
+    out = np.asarray(data, dtype=np.float32)
+    for axis in reversed(range(1, out.ndim)):
+        out = resample_axis(out, axis, int(shape[axis - 1]))
+    return out.astype(data.dtype, copy=False)
 
 
 @dataclass
 class Prepared:
     """A normalized model-space image and what `postprocessing` needs to undo the geometry."""
 
-    image: torch.Tensor            # [C, *model-space shape], float32
+    image: np.ndarray              # [C, *model-space shape], float32
     permutation: tuple[int, ...]   # model axis i is input array axis permutation[i]
     full_shape: tuple[int, ...]    # permuted, before cropping
     box: tuple[slice, ...]         # the crop inside full_shape
@@ -176,7 +209,7 @@ def target_spacing(pre: dict, spacing: tuple[float, ...]) -> tuple[float, ...] |
     return (spacing[0], *target) if len(target) == len(spacing) - 1 else target
 
 
-def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, device: torch.device | str = "cpu") -> Prepared:
+def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict) -> Prepared:
     """Input array `[C, X, Y, Z]` with its voxel spacing -> normalized model-space image (module docstring)."""
     permutation = _permutation(pre)
     data = np.ascontiguousarray(data.transpose(0, *(p + 1 for p in permutation)))
@@ -189,7 +222,7 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, device: tor
         box = bounding_box(mask)
         data, mask = data[(slice(None), *box)], mask[box]
     normalized = normalize(data, pre["normalization"], mask)
-    image = torch.from_numpy(normalized).to(device)
+    image = normalized
     target = target_spacing(pre, spacing) if pre.get("resample") else None
     if target is not None:
         image = resample(image, resampled_shape(image.shape[1:], spacing, target))

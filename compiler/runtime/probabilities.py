@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
+from nnslim.compiler.runtime.window.arrays import to_numpy
 from nnslim.errors import InputError
 from nnslim.files import atomic_path
 from nnslim.compiler.runtime.postprocessing import StreamingLabeler
@@ -73,14 +74,20 @@ class ProbabilityLabeler(StreamingLabeler):
             raise ValueError(f"probability target {target.shape} does not match the cropped shape {cropped_shape}")
         self.target = target
 
-    def _begin(self, axis: int) -> None:
-        super()._begin(axis)
+    def _begin(self, axis: int, logits: Any) -> None:
+        super()._begin(axis, logits)
         self.target_out = np.moveaxis(self.target, axis + 1, 1)  # [K, streaming axis, *plane]
 
-    def _store(self, index: int | slice, logits: torch.Tensor) -> None:
+    def _store(self, index: int | slice, logits: Any) -> None:
         super()._store(index, logits)
-        softmax = torch.softmax(logits.float(), dim=0).cpu().numpy()
-        self.target_out[(slice(None), index)] = softmax.astype(DTYPE, copy=False)
+        self.target_out[(slice(None), index)] = softmax(to_numpy(logits)).astype(DTYPE, copy=False)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """The softmax over the class axis (0), in float32, shifted by the maximum for range."""
+    shifted = np.asarray(logits, dtype=np.float32) - np.max(logits, axis=0, keepdims=True).astype(np.float32)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=0, keepdims=True)
 
 
 def probability_canvas(num_classes: int, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.manifest import ModelSpec
 from nnslim.compiler.runtime.postprocessing import StreamingLabeler, restore_geometry
 from nnslim.compiler.runtime.preprocessing import Prepared, prepare
@@ -86,7 +85,7 @@ def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowCo
 
 def segment_volume(
     volume: Volume,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Predictor,
     spec: ModelSpec,
     options: InferenceOptions = InferenceOptions(),
 ) -> tuple[np.ndarray, WindowReport]:
@@ -122,7 +121,7 @@ class Segmentation:
     probabilities: np.ndarray | None = None
 
 
-def segment_prepared(prepared: Prepared, name: str, predictor: Callable[[torch.Tensor], torch.Tensor],
+def segment_prepared(prepared: Prepared, name: str, predictor: Predictor,
                      spec: ModelSpec, options: InferenceOptions = InferenceOptions(),
                      probabilities: bool = False) -> Segmentation:
     """Walk the windows over a prepared image and restore labels (and probabilities) to its geometry.

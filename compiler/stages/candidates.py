@@ -22,7 +22,7 @@ from nnslim.compiler.runtime.backends import BACKENDS, OpenRequest, get_backend,
 from nnslim.compiler.runtime.manifest import CandidateRecord, Tolerance
 from nnslim.compiler.runtime.precision import AUTO, PRECISIONS, get_precision
 from nnslim.compiler.runtime.window.config import Predictor
-from nnslim.compiler.stages.parity import ParityError, ParityReport, compare
+from nnslim.compiler.stages.parity import ParityError, ParityReport, compare, run_batched
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +116,14 @@ def measure(candidates: list[Candidate], models: dict[str, Path], expected: torc
         result = CandidateResult(candidate, model.name, tolerance=tolerance_for(candidate.precision))
         try:
             predict = open_predictor(candidate.backend, OpenRequest(model, precision=candidate.precision, threads=threads))
-            logits = torch.cat([predict(tiles[i : i + batch_size]).float().cpu() for i in range(0, len(tiles), batch_size)])
+            logits = run_batched(predict, tiles, batch_size)
             result.parity = compare(expected, logits, source)
             predictors[candidate] = predict
         except Exception as exc:  # a backend that fails to open or run is a rejected candidate, not a crash
             result.error = f"{type(exc).__name__}: {exc}"
             logger.warning("candidate %s failed: %s", candidate.label, result.error)
         results.append(result)
-    reference_seconds = _time_interleaved(results, predictors, reference, tiles[:batch_size], repeats)
+    reference_seconds = _time_interleaved(results, predictors, reference, tiles[:batch_size].numpy(), repeats)
     return results, reference_seconds
 
 

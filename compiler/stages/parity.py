@@ -20,6 +20,7 @@ from nnslim.compiler.runtime.manifest import ParityRecord, Tolerance
 from nnslim.compiler.runtime.preprocessing import prepare
 from nnslim.compiler.runtime.window.grid import pad_to_patch
 from nnslim.compiler.runtime.volumes.volume import load_volume
+from nnslim.compiler.runtime.window.arrays import to_numpy
 
 
 class ParityError(NnslimError):
@@ -78,7 +79,7 @@ def parity_crops(
     loaded = load_volume(Path(volume), in_channels)
     prepared = prepare(loaded.data, loaded.spacing, preprocessing)
     unnormalized = {**preprocessing, "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * in_channels}}
-    raw = prepare(loaded.data, loaded.spacing, unnormalized).image.numpy()  # same geometry, raw intensities
+    raw = prepare(loaded.data, loaded.spacing, unnormalized).image  # same geometry, raw intensities
     padded, region = pad_to_patch(prepared.image, patch_size)
     # centre each crop on a random nonzero voxel, so tiles show anatomy rather than air
     nonzero = np.argwhere(raw.any(axis=0)) if raw.any() else np.argwhere(np.ones(raw.shape[1:], dtype=bool))
@@ -90,9 +91,10 @@ def parity_crops(
             int(np.clip(c + o - p // 2, 0, s - p))
             for c, o, p, s in zip(centre, offsets, patch_size, padded.shape[1:])
         ))
-    tiles = torch.stack([padded[(slice(None), *(slice(a, a + p) for a, p in zip(st, patch_size)))] for st in starts])
+    tiles = np.stack([padded[(slice(None), *(slice(a, a + p) for a, p in zip(st, patch_size)))] for st in starts])
     spacing = tuple(float(v) for v in (prepared.target_spacing or prepared.spacing))
-    layout = TileLayout(padded[0].numpy(), tuple(region[1:]), tuple(starts), spacing)
+    layout = TileLayout(padded[0], tuple(region[1:]), tuple(starts), spacing)
+    tiles = torch.from_numpy(tiles)
     return tiles, f"{count} crops of {volume} centred on random nonzero voxels (seed {seed})", layout
 
 
@@ -135,12 +137,16 @@ def compare_predictors(reference_predictor: Callable[[torch.Tensor], torch.Tenso
                        candidate_predictor: Callable[[torch.Tensor], torch.Tensor],
                        tiles: torch.Tensor, source: str, batch_size: int) -> ParityReport:
     """Run both predictors on `tiles` in batches of `batch_size` and compare the logits (on the CPU)."""
-    reference, candidate = [], []
-    for first in range(0, tiles.shape[0], batch_size):
-        batch = tiles[first : first + batch_size]
-        reference.append(reference_predictor(batch).float().cpu())
-        candidate.append(candidate_predictor(batch).float().cpu())
-    return compare(torch.cat(reference), torch.cat(candidate), source)
+    return compare(run_batched(reference_predictor, tiles, batch_size), run_batched(candidate_predictor, tiles, batch_size),
+                   source)
+
+
+def run_batched(predict: Callable, tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """A predictor's float32 logits for `tiles` on the host, in batches of `batch_size`; the tiles go
+    in as numpy arrays to CPU predictors and as tensors to GPU ones, whichever the predictor returns."""
+    host = str(getattr(predict, "device", "cpu")) == "cpu"
+    batches = (tiles[i : i + batch_size] for i in range(0, len(tiles), batch_size))
+    return torch.cat([torch.as_tensor(to_numpy(predict(b.numpy() if host else b))).float() for b in batches])
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from nnslim.compiler.runtime.manifest import (
     SelectionRecord,
     parse_manifest,
 )
+from nnslim.compiler.runtime.manifest.verify import onnx_external_data
 from nnslim.compiler.stages.artifacts import ArtifactJob, hook
 from nnslim.compiler.stages.candidates import CandidateResult, choose, measure, ranking
 from nnslim.compiler.stages.engine_dir import staging_dir
@@ -51,6 +52,7 @@ from nnslim.compiler.stages.parity import (
     compare_predictors,
     disagreement_view,
     parity_crops,
+    run_batched,
     torch_agreement,
 )
 from nnslim.compiler.stages.passes import ParityProbe, PassManager, default_passes
@@ -101,7 +103,7 @@ def build_engine(config: BuildConfig) -> BuildResult:
             onnx.checker.check_model(optimized, full_check=True)
             onnx.save(optimized, str(staging / "model.opt.onnx"))
             record["results"] = [r.to_dict() for r in pass_records]
-        expected = _run_batched(TorchPredictor(reference), tiles, config.batch_size)  # PyTorch fp32 logits
+        expected = run_batched(TorchPredictor(reference), tiles, config.batch_size)  # PyTorch fp32 logits
         models = {"fp32": staging / "model.opt.onnx"}
         job = GraphJob(models["fp32"], staging, tiles, expected, config.batch_size, source.in_channels, patch,
                        source.preprocessing, config.calibration_volumes, config.calibration_tiles,
@@ -149,16 +151,13 @@ def build_engine(config: BuildConfig) -> BuildResult:
                            selection=_selection_record(config, plan, runtime, results, reference_seconds, models),
                            **artifact_fields)
         write_report(staging / "report.md", manifest)
-        manifest = manifest.with_files({p.name: FileRecord(sha256_file(p), p.stat().st_size)
+        manifest = manifest.with_files({p.name: FileRecord(sha256_file(p), p.stat().st_size,
+                                                           tuple(onnx_external_data(p)) if p.suffix == ".onnx" else None)
                                         for p in sorted(staging.iterdir()) if p.is_file()})
         parse_manifest(manifest.to_dict(), staging / MANIFEST)  # it reads back as the runtime will read it
         write_json_atomic(staging / MANIFEST, manifest.to_dict())                   # last: marks it complete
     logger.info("engine written to %s (%s %s)", config.out_dir, runtime["backend"], runtime["precision"])
     return BuildResult(config.out_dir, manifest, parity)
-
-
-def _run_batched(predict: Any, tiles: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([predict(tiles[i : i + batch_size]).float().cpu() for i in range(0, len(tiles), batch_size)])
 
 
 def _prune(config: BuildConfig, stages: list[dict[str, Any]], source: Source, deployed: nn.Module,

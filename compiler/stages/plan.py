@@ -18,6 +18,7 @@ from nnslim.compiler.stages.artifacts import compiled_backend, hook
 from nnslim.compiler.stages.candidates import Candidate, plan_candidates
 from nnslim.compiler.stages.prune import PruneSettings
 from nnslim.errors import NnslimError
+from nnslim.extras import require
 
 
 class BuildError(NnslimError):
@@ -91,6 +92,7 @@ def plan_build(config: BuildConfig) -> BuildPlan:
     if config.parity_tiles < 1 or config.calibration_tiles < 1:
         raise BuildError(f"--parity-tiles and --calibration-tiles must be >= 1, got {config.parity_tiles}, "
                          f"{config.calibration_tiles}")
+    require("onnxruntime", "building an engine (every graph pass and candidate is checked with ONNX Runtime)")
     compiled = compiled_backend(config.backend)
     if compiled is not None:
         return _compiled_plan(config, compiled)

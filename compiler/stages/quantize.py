@@ -48,7 +48,7 @@ from nnslim.compiler.runtime.backends import OpenRequest, get_backend
 from nnslim.compiler.runtime.backends import open_predictor as open_on_backend
 from nnslim.compiler.runtime.backends.openvino_cpu import cpu_has_vnni
 from nnslim.compiler.stages.graphs import GraphJob
-from nnslim.compiler.stages.parity import parity_crops
+from nnslim.compiler.stages.parity import parity_crops, run_batched
 from nnslim.errors import NnslimError
 
 logger = logging.getLogger(__name__)
@@ -350,8 +350,7 @@ def choose_recipe(fp32_path: Path, out_path: Path, calibration_tiles: np.ndarray
             keep = quantize_int8(fp32_path, candidate, calibration_tiles, recipe, cache_dir=scratch,
                                  tensorrt=tensorrt)
             predict = open_predictor(candidate)
-            logits = torch.cat([predict(evaluation_tiles[i : i + batch_size]).float().cpu()
-                                for i in range(0, len(evaluation_tiles), batch_size)])
+            logits = run_batched(predict, evaluation_tiles, batch_size)
             agreement = float((logits.argmax(1) == reference_logits.argmax(1)).double().mean())
             error = float((logits - reference_logits).abs().max() / reference_logits.abs().max().clamp_min(1e-12))
             scores.append((RecipeScore(recipe, keep, agreement, error), candidate))

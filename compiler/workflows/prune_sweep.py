@@ -70,14 +70,14 @@ def run_sweep(config: SweepConfig) -> dict[str, Any]:
     labels = list(metadata["label_names"])
     patch = tuple(config.patch_size or metadata["patch_size"])
     volume = load_volume(Path(config.volume), model.config.in_channels)
-    image = torch.from_numpy(normalize(volume.data, metadata["normalization"]))
+    image = normalize(volume.data, metadata["normalization"])
     region = _load_labels(config.mask) != 0 if config.mask else np.ones(volume.data.shape[1:], dtype=bool)
     reference = _load_labels(config.labels)[region] if config.labels else None
     window = SlidingWindowConfig(patch_size=patch, step_fraction=config.step_fraction, batch_size=config.batch_size)
 
     def segment(net: torch.nn.Module) -> np.ndarray:
         logits = sliding_window_inference(image, TorchPredictor(net), len(labels), window)
-        return logits.argmax(0).numpy()
+        return logits.argmax(0)
 
     levels = ([("sparsity", s) for s in config.sparsities] if config.sparsities is not None
               else [("threshold", t) for t in config.thresholds])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -102,17 +103,30 @@ def _has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def _cuda() -> bool:
-    if not _has("torch"):
+# where an NVIDIA driver shows its GPUs (Linux; WSL's /dev/dxg); without one, torch is not imported to ask
+_GPU_NODES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/dxg")
+
+
+def gpu_visible() -> bool:
+    """A CUDA GPU this process may use: a driver's device node, not hidden by CUDA_VISIBLE_DEVICES,
+    and torch (the GPU path's array library) seeing it. On a machine without a GPU this costs no
+    torch import (about 2 s)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return False
+    if not any(os.path.exists(node) for node in _GPU_NODES) or not _has("torch"):
         return False
     import torch
 
     return torch.cuda.is_available()
 
 
+
+
+
 def _onnxruntime_cuda() -> bool:
     """onnxruntime-gpu with its CUDA provider, and a visible GPU (the provider is listed without one)."""
-    if not (_has("onnxruntime") and _cuda()):
+    if not (_has("onnxruntime") and gpu_visible()):
         return False
     import onnxruntime
 

@@ -85,4 +85,23 @@ def resolve_runtime(manifest: EngineManifest, backend: str | None = None, precis
             elif not choice.checked:
                 note = f"running {choice.label}, which the build did not check against PyTorch"
             return choice, note
+    if backend is None and precision in (None, "fp32"):
+        other = _fp32_elsewhere(choices, device, {c.backend for c in wanted})
+        if other is not None:  # e.g. an ONNX Runtime engine on an install that has OpenVINO only
+            return other, (f"running the engine's fp32 graph on {other.backend}, which the build did not check against "
+                           f"PyTorch ({'; '.join(reasons)})")
     raise EngineError("no recorded way of running this engine works here: " + "; ".join(reasons))
+
+
+def _fp32_elsewhere(choices: list[RuntimeChoice], device: str, tried: set[str]) -> RuntimeChoice | None:
+    """The engine's fp32 ONNX graph, recorded for a backend this nnslim knows (an unknown one's file may
+    mean something else), on another backend available here that runs ONNX graphs in fp32."""
+    fp32 = next((c for c in choices if c.precision == "fp32" and c.backend in BACKENDS
+                 and BACKENDS[c.backend].kind.name == "onnx"), None)
+    if fp32 is None:
+        return None
+    for entry in BACKENDS.values():
+        if (entry.name not in tried and entry.kind.name == "onnx" and (entry.device == "cuda") == (device == "cuda")
+                and entry.available() and "fp32" in entry.precisions()):
+            return RuntimeChoice(entry.name, "fp32", fp32.model, checked=False)
+    return None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Collection, Sequence
 
-from nnslim.compiler.runtime.backends import BACKENDS
+from nnslim.compiler.runtime.backends import BACKENDS, gpu_visible
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -23,18 +23,18 @@ def gpu_form(backend: str) -> str | None:
     return backend if entry.device == "cuda" else entry.gpu_twin
 
 
-def pick_device(backends: Sequence[str], gpu_visible: bool, ready: Collection[str]) -> tuple[str, str]:
+def pick_device(backends: Sequence[str], visible: bool, ready: Collection[str]) -> tuple[str, str]:
     """The device for an engine that can run on `backends` (its checked choices, best first).
 
     Args:
         backends: backend names from the engine's manifest (e.g. "openvino", "onnxruntime").
-        gpu_visible: whether a CUDA GPU is visible.
+        visible: whether a CUDA GPU is visible (`backends.gpu_visible`).
         ready: the GPU backends that can run here (`Backend.available()` of each "cuda" entry).
 
     Returns:
         `("cuda" | "cpu", why)`.
     """
-    if not gpu_visible:
+    if not visible:
         return "cpu", "no CUDA GPU is visible"
     forms = [(b, gpu_form(b)) for b in backends]
     for backend, gpu in forms:
@@ -48,14 +48,6 @@ def pick_device(backends: Sequence[str], gpu_visible: bool, ready: Collection[st
 
 def detect_device(backends: Sequence[str]) -> tuple[str, str]:
     """`pick_device` with this machine's facts."""
-    visible = _gpu_visible()
+    visible = gpu_visible()
     ready = {b.name for b in BACKENDS.values() if b.device == "cuda" and visible and b.available()}
     return pick_device(backends, visible, ready)
-
-
-def _gpu_visible() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()

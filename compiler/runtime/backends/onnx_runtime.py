@@ -1,8 +1,9 @@
 """ONNX Runtime: the engine's ONNX graph on the CPU execution provider, or on CUDA with I/O binding.
 
-A predictor is `predict(tiles [B, C, *patch]) -> logits [B, K, *patch]` on one device. Tiles and
-logits are torch tensors. The CPU adapter shares memory with numpy (no copies); the GPU adapter
-binds torch CUDA tensors to the session (I/O binding), so tiles and logits never leave the GPU.
+A predictor is `predict(tiles [B, C, *patch]) -> logits [B, K, *patch]` on one device. The CPU
+adapter takes and returns numpy arrays (the CPU runtime needs no torch); the GPU adapter binds torch
+CUDA tensors to the session (I/O binding), so tiles and logits never leave the GPU (torch is
+imported there, only then).
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from nnslim.cache import cache_root
 from nnslim.errors import EngineError
@@ -59,14 +59,14 @@ class OnnxRuntimePredictor:
         if input_name not in names:
             raise EngineError(f"{model_path} has inputs {names}, expected {input_name!r}")
         self.input_name, self.output_name = input_name, output_name
-        self.device = torch.device("cpu")
+        self.device = "cpu"
         self.providers = self.session.get_providers()
         logger.debug("ONNX Runtime session on %s", self.providers)
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
-        (out,) = self.session.run([self.output_name], {self.input_name: array})
-        return torch.from_numpy(out)
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """numpy in, numpy out (a torch CPU tensor is read without a copy)."""
+        (out,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(tiles, dtype=np.float32)})
+        return out
 
 
 class OnnxRuntimeGpuPredictor:
@@ -93,7 +93,9 @@ class OnnxRuntimeGpuPredictor:
         fp16: bool = False,
     ) -> None:
         import onnxruntime as ort
+        import torch
 
+        self.torch = torch
         available = ort.get_available_providers()
         if "CUDAExecutionProvider" not in available or not torch.cuda.is_available():
             raise EngineError(
@@ -117,8 +119,9 @@ class OnnxRuntimeGpuPredictor:
         self.output_channels_and_patch = tuple(output.shape[1:])
         self.output_dtype = torch.float16 if "float16" in output.type else torch.float32
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        tiles = tiles.to(self.device, torch.float32, non_blocking=True).contiguous()
+    def __call__(self, tiles):
+        torch = self.torch
+        tiles = torch.as_tensor(tiles).to(self.device, torch.float32, non_blocking=True).contiguous()
         out = torch.empty((tiles.shape[0], *self.output_channels_and_patch), dtype=self.output_dtype, device=self.device)
         binding = self.session.io_binding()
         binding.bind_input(self.input_name, "cuda", self.device.index, np.float32, tuple(tiles.shape), tiles.data_ptr())

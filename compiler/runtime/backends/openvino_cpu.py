@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nnslim.cache import cache_root
 from nnslim.errors import EngineError
@@ -112,15 +111,16 @@ class OpenVinoPredictor:
             raise EngineError(f"{model_path} has outputs {sorted(outputs)}, expected {output_name!r}")
         self.input_name, self.output = input_name, self.compiled.output(output_name)
         self.request = self.compiled.create_infer_request()
-        self.device = torch.device("cpu")
+        self.device = "cpu"
         self.precision, self.inference_precision = precision, reduced
         logger.debug("OpenVINO %s on %s (%s)", precision, cpu_record().get("name"), config)
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(tiles.detach().cpu().numpy(), dtype=np.float32)
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        """numpy in, numpy out (a torch CPU tensor is read without a copy)."""
+        array = np.ascontiguousarray(tiles, dtype=np.float32)
         # share_inputs: no copy of the tiles; outputs are copied (the request reuses its buffers)
         result = self.request.infer({self.input_name: array}, share_inputs=True)
-        return torch.from_numpy(result[self.output])
+        return result[self.output]
 
 
 def precisions() -> tuple[str, ...]:

@@ -17,12 +17,11 @@ compares the manifest's record with this machine before anything is deserialized
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
-
-import torch
 
 from nnslim.errors import EngineError, NnslimError
 
@@ -55,11 +54,16 @@ def import_tensorrt() -> ModuleType:
 
 
 def tensorrt_available() -> bool:
+    """TensorRT and torch installed (torch holds the device buffers) and a CUDA GPU visible."""
+    from nnslim.compiler.runtime.backends import gpu_visible
+
+    if importlib.util.find_spec("tensorrt") is None or not gpu_visible():
+        return False
     try:
         import_tensorrt()
     except BackendUnavailable:
         return False
-    return torch.cuda.is_available()
+    return True
 
 
 def create(factory: Callable[..., Any], *args: Any) -> Any:
@@ -82,6 +86,8 @@ def create(factory: Callable[..., Any], *args: Any) -> Any:
 
 def gpu_record(device: int = 0) -> dict[str, Any]:
     """Name and compute capability of a CUDA device (torch's view)."""
+    import torch
+
     major, minor = torch.cuda.get_device_capability(device)
     return {"gpu": torch.cuda.get_device_name(device), "compute_capability": [major, minor]}
 
@@ -109,6 +115,8 @@ def open_plan(request: OpenRequest) -> TensorRTPredictor:
     trt = import_tensorrt()
     manifest = request.manifest
     rebuild = manifest.rebuild_hint() if manifest is not None else "rebuild the engine on this machine"
+    import torch
+
     if not torch.cuda.is_available():
         raise EngineError(f"{request.model_path} is a TensorRT plan, which needs a CUDA GPU; "
                           f"{rebuild} --backend onnxruntime")
@@ -116,8 +124,6 @@ def open_plan(request: OpenRequest) -> TensorRTPredictor:
         check_compatibility(manifest.tensorrt, trt.__version__, tuple(gpu_record()["compute_capability"]), rebuild)
     return TensorRTPredictor(request.model_path, request.input_name, request.output_name)
 
-
-_TORCH_DTYPES = {"FLOAT": torch.float32, "HALF": torch.float16}
 
 
 class TensorRTPredictor:
@@ -130,7 +136,10 @@ class TensorRTPredictor:
     """
 
     def __init__(self, plan_path: Path, input_name: str, output_name: str, device: int = 0) -> None:
+        import torch
+
         trt = import_tensorrt()
+        self.torch = torch
         self.device = torch.device("cuda", device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = create(trt.Runtime, self._logger)
@@ -146,14 +155,16 @@ class TensorRTPredictor:
         if self.engine.get_tensor_mode(input_name) != trt.TensorIOMode.INPUT:
             raise EngineError(f"{input_name!r} is not an input of {plan_path}")
         self.input_name, self.output_name = input_name, output_name
-        self.input_dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(input_name).name]
-        self.output_dtype = _TORCH_DTYPES[self.engine.get_tensor_dtype(output_name).name]
+        dtypes = {"FLOAT": torch.float32, "HALF": torch.float16}
+        self.input_dtype = dtypes[self.engine.get_tensor_dtype(input_name).name]
+        self.output_dtype = dtypes[self.engine.get_tensor_dtype(output_name).name]
         self.max_batch = int(self.engine.get_tensor_profile_shape(input_name, 0)[2][0])
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tiles):
+        torch = self.torch
         if tiles.shape[0] > self.max_batch:
             raise EngineError(f"batch {tiles.shape[0]} exceeds the plan's profile maximum {self.max_batch}")
-        tiles = tiles.to(self.device, self.input_dtype, non_blocking=True).contiguous()
+        tiles = torch.as_tensor(tiles).to(self.device, self.input_dtype, non_blocking=True).contiguous()
         if not self.context.set_input_shape(self.input_name, tuple(tiles.shape)):
             raise EngineError(f"TensorRT refused input shape {tuple(tiles.shape)}")
         out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,

@@ -11,9 +11,9 @@ import logging
 from pathlib import Path
 from typing import Callable, Protocol
 
-import torch
 from tqdm import tqdm
 
+from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.cases.batch import BatchOptions, Stages, run_cases
 from nnslim.compiler.runtime.cases.log import CaseLog
 from nnslim.compiler.runtime.cases.plan import plan_and_skip
@@ -29,7 +29,7 @@ class SegmentsCases(Protocol):
     """What `segment_files` needs of an engine (`nnslim.compiler.runtime.engine.Engine` has it)."""
 
     spec: ModelSpec
-    predictor: Callable[[torch.Tensor], torch.Tensor]
+    predictor: Predictor
 
 
 def segment_files(
@@ -37,7 +37,7 @@ def segment_files(
     inputs: list[Path],
     output: Path,
     options: InferenceOptions = InferenceOptions(),
-    predictor: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    predictor: Predictor | None = None,
     existing: str = "refuse",
     on_case: Callable[[CaseResult], None] | None = None,
     part: tuple[int, int] = (0, 1),

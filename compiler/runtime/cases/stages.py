@@ -14,11 +14,11 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import torch
 
+from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.cases.batch import BatchOptions
 from nnslim.compiler.runtime.cases.plan import CasePlan, check_case_fits
 from nnslim.errors import InputError, NnslimError
@@ -93,7 +93,7 @@ def previews_folder(output: Path, folder: bool, batch: BatchOptions) -> Path | N
 class CaseStages:
     """The stages of one engine's cases, and the preview index entries of those reported."""
 
-    def __init__(self, spec: ModelSpec, predictor: Callable[[torch.Tensor], torch.Tensor],
+    def __init__(self, spec: ModelSpec, predictor: Predictor,
                  options: InferenceOptions, batch: BatchOptions, previews: Path | None) -> None:
         self.spec = spec
         self.predictor, self.options, self.batch, self.previews = predictor, options, batch, previews

@@ -40,13 +40,19 @@ def _plain(record: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class FileRecord:
-    """One file of the engine directory: its sha256 and size."""
+    """One file of the engine directory: its sha256 and size, and for an ONNX model the external-data
+    files it names (recorded by the build, so loading an engine needs no `onnx`; None: an engine
+    built before this was recorded)."""
 
     sha256: str
     bytes: int
+    external_data: tuple[str, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "bytes": self.bytes}
+        out: dict[str, Any] = {"sha256": self.sha256, "bytes": self.bytes}
+        if self.external_data is not None:
+            out["external_data"] = list(self.external_data)
+        return out
 
 
 @dataclass(frozen=True)

@@ -247,7 +247,11 @@ def _files(r: _Reader) -> dict[str, FileRecord]:
         if not isinstance(record, dict) or not isinstance(record.get("sha256"), str) \
                 or not _SHA256.match(record["sha256"]):
             raise r.fail(f"files[{name!r}]", record, "{\"sha256\": 64 hex digits, \"bytes\": size}")
-        records[name] = FileRecord(record["sha256"], r.integer(f"files[{name!r}].bytes", record.get("bytes"), 0, 2**62))
+        external = record.get("external_data")
+        if external is not None and (not isinstance(external, list) or not all(isinstance(e, str) for e in external)):
+            raise r.fail(f"files[{name!r}].external_data", external, "a list of file names")
+        records[name] = FileRecord(record["sha256"], r.integer(f"files[{name!r}].bytes", record.get("bytes"), 0, 2**62),
+                                   None if external is None else tuple(external))
     return records
 
 

@@ -17,6 +17,7 @@ itself, which a deployment can pin to detect that too.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -64,7 +65,7 @@ def verify_files(engine_dir: Path, manifest: EngineManifest) -> None:
             raise TamperedEngineError(f"{engine_dir / name} does not match the sha256 in the manifest (modified, "
                                       f"truncated or swapped): the engine is tampered with or damaged; {hint}")
     for name in manifest.referenced_files():
-        for location in onnx_external_data(engine_dir / name):  # resolved beside the model, as ONNX Runtime does
+        for location in _external_data(engine_dir, manifest, name):  # resolved beside the model, as ONNX Runtime does
             _require_listed(engine_dir, manifest, str(PurePosixPath(name).parent / location), f"is external data of {name}")
         if name.endswith(".xml"):  # an OpenVINO IR reads its weights from the .bin beside it
             _require_listed(engine_dir, manifest, name[:-4] + ".bin", f"holds the weights of {name}")
@@ -88,6 +89,18 @@ def inside(engine_dir: Path, name: str, hint: str = "") -> Path:
         raise TamperedEngineError(f"{path} is a link to {real}, outside the engine directory; refusing to open it; "
                                   f"{hint or rebuild_hint()}")
     return path
+
+
+def _external_data(engine_dir: Path, manifest: EngineManifest, name: str) -> list[str]:
+    """The external-data files a model names: as the build recorded them, or (an engine built before
+    that was recorded) read from the model with `onnx`, which the runtime alone does not install."""
+    recorded = manifest.files[PurePosixPath(name).as_posix()].external_data
+    if recorded is not None or not name.endswith(".onnx"):
+        return list(recorded or ())
+    if importlib.util.find_spec("onnx") is None:
+        raise EngineError(f"{engine_dir} was built by an older nnslim that did not record the external-data files of "
+                          f"{name}; checking them needs onnx: {manifest.rebuild_hint()}, or pip install 'nnslim[build]'")
+    return onnx_external_data(engine_dir / name)
 
 
 def onnx_external_data(model: Path) -> list[str]:

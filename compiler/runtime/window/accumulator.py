@@ -13,62 +13,58 @@ Voxels that no evaluated window covered (window skipping) have weight 0: they ge
 
 from __future__ import annotations
 
-import logging
-from typing import Sequence
-
-import torch
+from typing import Any, Sequence
 
 from nnslim.compiler.runtime.window.blending import Blending
-
-logger = logging.getLogger(__name__)
 
 
 class SlabAccumulator:
     """Weighted logit and weight sums for `depth` slices of the padded volume (module docstring).
 
     Args:
+        arrays: the namespace the buffers live in (`arrays.arrays_for`: numpy, or torch on a GPU).
         num_classes: K, the logit channels.
         slab_shape: `(depth, *in-plane)` of the padded volume, walk axis first.
         length: the padded volume's size along the walk axis.
         tile_weight: `[*patch]` blending weight, in the accumulation dtype.
+        on_host: allocate the buffers in host memory (a device that could not hold them).
     """
 
-    def __init__(self, num_classes: int, slab_shape: Sequence[int], length: int, tile_weight: torch.Tensor) -> None:
-        self.tile_weight = tile_weight
-        self.logits = torch.zeros((num_classes, *slab_shape), device=tile_weight.device, dtype=tile_weight.dtype)
-        self.weights = torch.zeros(tuple(slab_shape), device=tile_weight.device, dtype=tile_weight.dtype)
+    def __init__(self, arrays: Any, num_classes: int, slab_shape: Sequence[int], length: int, tile_weight: Any) -> None:
+        self.arrays, self.tile_weight = arrays, tile_weight
+        dtype = arrays.dtype_name(tile_weight)
+        self.logits = arrays.zeros_or_host((num_classes, *slab_shape), dtype, "the accumulators")
+        self.weights = arrays.zeros_or_host(tuple(slab_shape), dtype, "the accumulators")
+        self.tile_weight = arrays.beside(tile_weight, self.logits)  # the host, if the device was full
         self.length = length
         self.start = 0  # padded slice index of logits[:, 0]
+        self.scratch: dict = {}  # the namespace's reusable buffers (`arrays.add_weighted`)
 
     @classmethod
-    def allocate(cls, num_classes: int, slab_shape: Sequence[int], length: int, blending: Blending,
-                 patch_size: Sequence[int], dtype: torch.dtype, device: torch.device) -> SlabAccumulator:
-        """Buffers in `dtype` on `device`; when the GPU cannot hold them, in host memory (nnU-Net's fallback)."""
-        try:
-            return cls(num_classes, slab_shape, length, blending.weights(patch_size, device, dtype))
-        except torch.OutOfMemoryError:
-            logger.warning("not enough GPU memory for the accumulators; accumulating on the CPU")
-            torch.cuda.empty_cache()
-            return cls(num_classes, slab_shape, length, blending.weights(patch_size, "cpu", dtype))
+    def allocate(cls, arrays: Any, num_classes: int, slab_shape: Sequence[int], length: int, blending: Blending,
+                 patch_size: Sequence[int], dtype: str) -> SlabAccumulator:
+        """Buffers in `dtype`, on the device of `arrays`; in host memory when a GPU cannot hold them
+        (nnU-Net's fallback)."""
+        return cls(arrays, num_classes, slab_shape, length, blending.weights(patch_size, dtype, arrays))
 
     @property
-    def device(self) -> torch.device:
-        return self.logits.device
+    def device(self) -> Any:
+        return getattr(self.logits, "device", "cpu")
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.logits.dtype
+    def dtype(self) -> str:
+        return self.arrays.dtype_name(self.logits)
 
-    def add(self, windows: Sequence[tuple[slice, ...]], prediction: torch.Tensor) -> None:
+    def add(self, windows: Sequence[tuple[slice, ...]], prediction: Any) -> None:
         """Add `prediction [B, K, *patch]` (on this device, in this dtype) for the B `windows`
         (padded coordinates, walk axis first), each weighted by the tile weight."""
         for window, tile_logits in zip(windows, prediction):
             rows = slice(window[0].start - self.start, window[0].stop - self.start)
-            # in place into the slab's view: no temporary the size of a tile's logits
-            self.logits[(slice(None), rows, *window[1:])].addcmul_(tile_logits, self.tile_weight)
-            self.weights[(rows, *window[1:])] += self.tile_weight
+            region = (rows, *window[1:])
+            self.arrays.add_weighted(self.logits[(slice(None), *region)], tile_logits, self.tile_weight, self.scratch)
+            self.weights[region] += self.tile_weight
 
-    def finish(self, stop: int, region: tuple[slice, ...]) -> tuple[int, torch.Tensor, int] | None:
+    def finish(self, stop: int, region: tuple[slice, ...]) -> tuple[int, Any, int] | None:
         """Divide out padded slices `[start, stop)` and shift the buffers to start at `stop`.
 
         Args:
@@ -90,10 +86,10 @@ class SlabAccumulator:
             weights = self.weights[(rows, *region[1:])]
             covered = weights > 0
             summed = self.logits[(slice(None), rows, *region[1:])]
-            logits = torch.where(covered, summed / torch.where(covered, weights, 1), 0)
+            logits = self.arrays.where(covered, summed / self.arrays.where(covered, weights, 1), 0)
             result = (first - region[0].start, logits, int((~covered).sum()))
-        self.logits = torch.cat((self.logits[:, n:], torch.zeros_like(self.logits[:, :n])), dim=1)
-        self.weights = torch.cat((self.weights[n:], torch.zeros_like(self.weights[:n])), dim=0)
+        arrays = self.arrays
+        self.logits = arrays.concat((self.logits[:, n:], arrays.zeros_like(self.logits[:, :n])), axis=1)
+        self.weights = arrays.concat((self.weights[n:], arrays.zeros_like(self.weights[:n])), axis=0)
         self.start += n
         return result
-

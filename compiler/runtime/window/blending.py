@@ -17,12 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
 
 BLENDING_MODES = ("gaussian", "constant")
 
@@ -48,15 +45,16 @@ class Blending:
             raise ValueError(f"blending needs sigma_scale > 0 and value_scaling > 0, got {self.sigma_scale}, "
                              f"{self.value_scaling}")
 
-    def weights(self, patch_size: Sequence[int], device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight of every voxel of a tile, `[*patch_size]` on `device` in `dtype` (default float32)."""
-        import torch  # here, not at import: the CLI reads BLENDING_MODES without loading torch
-
-        dtype = dtype or torch.float32
+    def weights(self, patch_size: Sequence[int], dtype: str = "float32", arrays: Any = None) -> Any:
+        """The weight of every voxel of a tile, `[*patch_size]` in `dtype`, in the namespace `arrays`
+        (`arrays.arrays_for`; default: a numpy array)."""
         if self.mode == "constant":
-            return torch.ones(tuple(patch_size), device=device, dtype=dtype)
-        return gaussian_importance_map(patch_size, self.sigma_scale, self.value_scaling, device, dtype)
+            weights = np.ones(tuple(patch_size), dtype=dtype)
+        else:
+            weights = gaussian_importance_map(patch_size, self.sigma_scale, self.value_scaling, dtype)
+        if arrays is None:
+            return weights
+        return arrays.place(weights, "the tile weights")
 
 
 @lru_cache(maxsize=8)
@@ -71,21 +69,11 @@ def _gaussian_numpy(patch_size: tuple[int, ...], sigma_scale: float, value_scali
     return blurred
 
 
-def gaussian_importance_map(
-    patch_size: Sequence[int],
-    sigma_scale: float = 1.0 / 8,
-    value_scaling: float = 10.0,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """nnU-Net's per-voxel tile weight, zeros (after the cast to `dtype`, default float32) clamped to the
-    smallest nonzero."""
-    import torch
-
-    dtype = dtype or torch.float32
-    array = _gaussian_numpy(tuple(int(p) for p in patch_size), sigma_scale, value_scaling)
-    weights = torch.tensor(array, device=device, dtype=dtype)
+def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8, value_scaling: float = 10.0,
+                            dtype: str = "float32") -> np.ndarray:
+    """nnU-Net's per-voxel tile weight in `dtype`, zeros (after the cast) clamped to the smallest nonzero."""
+    weights = _gaussian_numpy(tuple(int(p) for p in patch_size), sigma_scale, value_scaling).astype(dtype)
     zero = weights == 0
-    if bool(zero.any()):
+    if zero.any():
         weights[zero] = weights[~zero].min()
     return weights

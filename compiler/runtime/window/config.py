@@ -1,25 +1,25 @@
 """The window's inputs: the predictor it drives and the settings of one walk.
 
 The predictor is any callable `tiles [B, C, *patch] -> logits [B, K, *patch]` with a `device`
-attribute (torch tensors in and out); the window never knows which engine it drives.
+attribute: on "cpu" it takes and returns numpy arrays, on a CUDA device torch tensors on that
+device (`arrays`); the window never knows which engine it drives.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
-
-import torch
+from typing import Any, Protocol
 
 from nnslim.compiler.runtime.window.blending import Blending
 
 
 class Predictor(Protocol):
-    """`tiles [B, C, *patch] -> logits [B, K, *patch]` on one device (every backend's adapter)."""
+    """`tiles [B, C, *patch] -> logits [B, K, *patch]` on one device (every backend's adapter):
+    numpy arrays on "cpu", torch tensors on "cuda:N"."""
 
-    device: torch.device
+    device: Any  # "cpu", "cuda:0" (a torch.device is read as its string)
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, tiles: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class SlidingWindowConfig:
         batch_size: tiles per predictor call.
         blending: the tile weight (default: nnU-Net's Gaussian, sigma P/8, maximum 10).
         mirror_axes: spatial axes (0..2) whose flips are averaged; empty disables TTA.
-        accumulate_dtype: dtype of the logit accumulator.
+        accumulate_dtype: dtype of the logit accumulator, "float32" or "float16".
         memory_cap_mb: bound for the slab accumulators (None: no bound); over it they switch to
             fp16, and a slab that does not fit even then is an error (`plan.accumulator_dtype`).
     """
@@ -42,5 +42,5 @@ class SlidingWindowConfig:
     batch_size: int = 1
     blending: Blending = Blending()
     mirror_axes: tuple[int, ...] = ()
-    accumulate_dtype: torch.dtype = torch.float32
+    accumulate_dtype: str = "float32"
     memory_cap_mb: float | None = None

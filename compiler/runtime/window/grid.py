@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
-import torch
+from nnslim.compiler.runtime.window.arrays import NumpyArrays
 
 
 def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> list[list[int]]:
@@ -42,18 +42,21 @@ def padded_size(image_size: Sequence[int], patch_size: Sequence[int]) -> tuple[i
     return tuple(max(s, p) for s, p in zip(image_size, patch_size))
 
 
-def pad_to_patch(image: torch.Tensor, patch_size: Sequence[int]) -> tuple[torch.Tensor, tuple[slice, ...]]:
-    """Zero-pad spatial axes smaller than the patch, centred; returns the padded tensor and the
-    slices that cut the original region back out (image is `[C, *spatial]`)."""
-    spatial = image.shape[1:]
+def pad_to_patch(image: Any, patch_size: Sequence[int], arrays: Any = None) -> tuple[Any, tuple[slice, ...]]:
+    """The image `[C, *spatial]` zero-padded, centred, on the axes smaller than the patch, as a new
+    array (contiguous in the image's axis order, so tiles are gathered from one block of memory),
+    and the slices that cut the original region back out.
+
+    Args:
+        arrays: the namespace of `image` (`arrays.arrays_for`); default numpy.
+    """
+    arrays = arrays or NumpyArrays()
+    spatial = tuple(image.shape[1:])
     before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch_size)]
-    after = [max(p - s, 0) - b for s, p, b in zip(spatial, patch_size, before)]
-    if any(before) or any(after):
-        # F.pad takes pairs for the last axis first
-        pads = [v for b, a in zip(reversed(before), reversed(after)) for v in (b, a)]
-        image = torch.nn.functional.pad(image, pads, mode="constant", value=0.0)
     region = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))
-    return image, region
+    padded = arrays.zeros((image.shape[0], *padded_size(spatial, patch_size)), arrays.dtype_name(image))
+    padded[region] = image
+    return padded, region
 
 
 def tile_slices(padded: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> list[tuple[slice, ...]]:

@@ -13,8 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
+from nnslim.compiler.runtime.window.arrays import itemsize
 from nnslim.compiler.runtime.window.config import SlidingWindowConfig
 from nnslim.compiler.runtime.window.grid import eq2_window_count, padded_size, tile_slices, walk_order
 from nnslim.errors import InputError
@@ -68,12 +67,12 @@ def plan_window(image_size: Sequence[int], num_classes: int, config: SlidingWind
 
 
 def accumulator_dtype(image_size: Sequence[int], num_classes: int, config: SlidingWindowConfig,
-                      slab_axis: int | None = None) -> torch.dtype:
+                      slab_axis: int | None = None) -> str:
     """The slab accumulators' dtype for this image: `config.accumulate_dtype`, or fp16 over the cap."""
     return plan_window(image_size, num_classes, config, slab_axis).config.accumulate_dtype
 
 
-def _accumulator_dtype(padded: tuple[int, ...], num_classes: int, config: SlidingWindowConfig) -> torch.dtype:
+def _accumulator_dtype(padded: tuple[int, ...], num_classes: int, config: SlidingWindowConfig) -> str:
     """The accumulators hold K + 1 values (logits and the weight) per voxel of one slab: the patch
     along the walk axis times the padded in-plane size; over `config.memory_cap_mb` they go fp16."""
     cap = config.memory_cap_mb
@@ -81,14 +80,14 @@ def _accumulator_dtype(padded: tuple[int, ...], num_classes: int, config: Slidin
         return config.accumulate_dtype
     slab = config.patch_size[0] * math.prod(padded[1:])
 
-    def megabytes(dtype: torch.dtype) -> float:
-        return (num_classes + 1) * slab * dtype.itemsize / 2**20
+    def megabytes(dtype: str) -> float:
+        return (num_classes + 1) * slab * itemsize(dtype) / 2**20
 
     if megabytes(config.accumulate_dtype) <= cap:
         return config.accumulate_dtype
-    if megabytes(torch.float16) > cap:
+    if megabytes("float16") > cap:
         raise InputError(
-            f"the slab accumulators need {megabytes(torch.float16):.0f} MB even in fp16, over the cap of "
+            f"the slab accumulators need {megabytes('float16'):.0f} MB even in fp16, over the cap of "
             f"{cap:.0f} MB; raise --memory-cap-mb or build the engine with a smaller patch"
         )
-    return torch.float16
+    return "float16"

@@ -18,12 +18,12 @@ get logits 0 (background) and are counted in the report.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Protocol
 
+import numpy as np
+
+from nnslim.compiler.runtime.window.arrays import to_numpy
 from nnslim.errors import InputError
-
-if TYPE_CHECKING:
-    import torch
 
 Window = tuple[slice, ...]
 
@@ -47,9 +47,9 @@ class WindowReport:
 class SlabContext(Protocol):
     """What a strategy may use of the walk: the padded body mask (walk order) and the network."""
 
-    mask: torch.Tensor | None
+    mask: np.ndarray | None
 
-    def predict(self, windows: list[Window]) -> torch.Tensor: ...
+    def predict(self, windows: list[Window]) -> Any: ...
 
 
 class MaskSkip:
@@ -109,7 +109,7 @@ class WindowSelection:
 
     mode: str = "none"
     roi_threshold: int = 1000
-    mask: torch.Tensor | None = None
+    mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in SKIP_MODES:
@@ -122,7 +122,7 @@ class WindowSelection:
         return any(s.needs_mask for s in SKIP_MODES[self.mode])
 
     @property
-    def active_mask(self) -> torch.Tensor | None:
+    def active_mask(self) -> np.ndarray | None:
         """The mask the walk uses: none for the full grid, even if one was given."""
         return None if self.mode == "none" else self.mask
 
@@ -151,11 +151,11 @@ def centre_window(slab: list[Window]) -> Window:
     return min(slab, key=lambda s: sum(((s[a].start + s[a].stop) / 2 - middle[a - 1]) ** 2 for a in (1, 2)))
 
 
-def foreground_voxels(logits: torch.Tensor, inside: torch.Tensor | None = None) -> int:
-    """Voxels whose argmax is not background in one tile's logits `[1, K, ...]`, counted only
-    `inside` the body mask when one is given (a network with instance normalization can predict
-    tissue in an all-air tile, whose features normalize to zero)."""
-    foreground = logits[0].argmax(0) != 0
+def foreground_voxels(logits: Any, inside: np.ndarray | None = None) -> int:
+    """Voxels whose argmax is not background in one tile's logits `[1, K, ...]` (numpy, or a tensor
+    on a GPU), counted only `inside` the body mask when one is given (a network with instance
+    normalization can predict tissue in an all-air tile, whose features normalize to zero)."""
+    foreground = to_numpy(logits[0].argmax(0)) != 0
     if inside is not None:
-        foreground &= inside.to(foreground.device)
+        foreground &= np.asarray(inside)
     return int(foreground.sum())

@@ -10,10 +10,11 @@
 The chunks the walk hands out are in the model's axis order whatever the walk order
 (`LogitChunk`). The predictor is any callable `tiles -> logits` (`config.Predictor`).
 
-On a GPU the image, the tiles and the accumulators live on the device (fp16 accumulators, like
-nnU-Net, via `accumulate_dtype`); if the device cannot hold the accumulators they move to host
-memory, and an image too large for the device stays in pinned host memory with tiles copied over
-non-blocking.
+Arrays follow the predictor's device (`arrays`): numpy for a CPU predictor, so the CPU runtime
+runs without torch; on a GPU the image, the tiles and the accumulators are torch tensors on the
+device (fp16 accumulators, like nnU-Net, via `accumulate_dtype`); if the device cannot hold the
+accumulators they move to host memory, and an image too large for the device stays in pinned host
+memory with tiles copied over non-blocking.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
-import torch
+import numpy as np
 
 from nnslim.compiler.runtime.window.accumulator import SlabAccumulator
+from nnslim.compiler.runtime.window.arrays import arrays_for, device_of
 from nnslim.compiler.runtime.window.config import SlidingWindowConfig
 from nnslim.compiler.runtime.window.grid import pad_to_patch
 from nnslim.compiler.runtime.window.plan import WindowPlan, plan_window
@@ -41,12 +43,13 @@ class LogitChunk:
     Attributes:
         axis: the walk axis (0..2, in the model's axis order).
         start: first slice along `axis`.
-        logits: `[K, *spatial]` in the model's axis order; full size on the other two axes.
+        logits: `[K, *spatial]` in the model's axis order; full size on the other two axes (numpy,
+            or a torch tensor when the walk ran on a GPU).
     """
 
     axis: int
     start: int
-    logits: torch.Tensor
+    logits: Any
 
     @property
     def stop(self) -> int:
@@ -67,13 +70,13 @@ def _mirror_combinations(axes: Iterable[int]) -> list[tuple[int, ...]]:
 class _Permuted:
     """A predictor seen in walk order: tiles are permuted back to the model's axes and back again."""
 
-    def __init__(self, predictor: Callable[[torch.Tensor], torch.Tensor], plan: WindowPlan) -> None:
-        self.predictor, self.device = predictor, getattr(predictor, "device", torch.device("cpu"))
+    def __init__(self, predictor: Callable[[Any], Any], plan: WindowPlan, arrays: Any) -> None:
+        self.predictor, self.arrays = predictor, arrays
         self.to_model = (0, 1, *(a + 2 for a in plan.to_model))
         self.to_walk = (0, 1, *(a + 2 for a in plan.order))
 
-    def __call__(self, tiles: torch.Tensor) -> torch.Tensor:
-        return self.predictor(tiles.permute(self.to_model).contiguous()).permute(self.to_walk)
+    def __call__(self, tiles: Any) -> Any:
+        return self.arrays.permute(self.predictor(self.arrays.permute(tiles, self.to_model)), self.to_walk)
 
 
 class _Walk:
@@ -83,32 +86,30 @@ class _Walk:
     the mirror axes and the predictor's view of its tiles; chunks go out in the model's order.
     """
 
-    def __init__(self, image: torch.Tensor, predictor: Callable[[torch.Tensor], torch.Tensor], num_classes: int,
-                 plan: WindowPlan, selection: WindowSelection, device: torch.device,
-                 progress: Callable[[int], None] | None) -> None:
-        self.num_classes, self.plan, self.device = num_classes, plan, device
+    def __init__(self, image: Any, predictor: Callable[[Any], Any], num_classes: int, plan: WindowPlan,
+                 selection: WindowSelection, progress: Callable[[int], None] | None) -> None:
+        self.num_classes, self.plan = num_classes, plan
+        self.arrays = arrays = arrays_for(device_of(predictor))
         self.config = config = plan.config
         self.progress = progress or (lambda done: None)
         self.strategies = selection.strategies()
-        image = _place(image if image.is_floating_point() else image.float(), device, "the image")
+        image = arrays.place(image, "the image")
+        image = image if arrays.dtype_name(image).startswith("float") else arrays.astype(image, "float32")
         mask = selection.active_mask
         self.predictor = predictor
         if plan.order != tuple(range(len(plan.order))):
-            image = image.permute(0, *(a + 1 for a in plan.order))
-            mask = None if mask is None else mask.permute(plan.order)
-            self.predictor = _Permuted(predictor, plan)
-        self.padded, self.region = pad_to_patch(image, config.patch_size)
-        self.padded = self.padded.contiguous()  # tiles are gathered in walk order: one copy here, not one per tile
-        if mask is not None:
-            mask, _ = pad_to_patch(mask[None].to(self.padded.device, torch.float32), config.patch_size)
-            mask = mask[0] > 0
-        self.mask = mask
+            image = arrays.permute(image, (0, *(a + 1 for a in plan.order)))
+            mask = None if mask is None else np.transpose(np.asarray(mask), plan.order)
+            self.predictor = _Permuted(predictor, plan, arrays)
+        # one copy in walk order, zero-padded: tiles are gathered from one block of memory
+        self.padded, self.region = pad_to_patch(image, config.patch_size, arrays)
+        # the body mask stays on the host, where the strategies look at it (`selection`)
+        self.mask = None if mask is None else pad_to_patch(np.asarray(mask)[None], config.patch_size)[0][0] > 0
         self.mirrors = _mirror_combinations(config.mirror_axes)
         self.report = WindowReport(grid=plan.tiles, eq2=plan.eq2)
         size = plan.padded
-        self.accumulator = SlabAccumulator.allocate(num_classes, (config.patch_size[0], *size[1:]), size[0],
-                                                    config.blending, config.patch_size, config.accumulate_dtype,
-                                                    device)
+        self.accumulator = SlabAccumulator.allocate(arrays, num_classes, (config.patch_size[0], *size[1:]), size[0],
+                                                    config.blending, config.patch_size, config.accumulate_dtype)
 
     def run(self, sink: Callable[[LogitChunk], None]) -> WindowReport:
         """Walk every slab (windows sharing a start along the walk axis), emitting finished slices."""
@@ -121,23 +122,26 @@ class _Walk:
         self._emit(self.plan.padded[0], sink)
         return self.report
 
-    def predict(self, windows: list[tuple[slice, ...]]) -> torch.Tensor:
+    def predict(self, windows: list[tuple[slice, ...]]) -> Any:
         """Predict `windows` (mirror TTA averaged), add them to the accumulators, return the logits."""
-        tiles = torch.stack([self.padded[(slice(None), *s)] for s in windows])
-        if tiles.device != self.device:  # host -> GPU: from pinned memory, without blocking the host
-            tiles = tiles.pin_memory().to(self.device, non_blocking=True)
+        arrays = self.arrays
+        # on a GPU whose image stayed in pinned host memory, the tiles go over non-blocking
+        tiles = arrays.to_device(arrays.stack([self.padded[(slice(None), *s)] for s in windows]))
         expected = (len(windows), self.num_classes, *self.config.patch_size)
         prediction = None
         for axes in self.mirrors:
-            flip_dims = [a + 2 for a in axes]
-            flipped = torch.flip(tiles, flip_dims) if flip_dims else tiles
-            out = self.predictor(flipped.contiguous())
-            if out.shape != expected:
+            flip_axes = [a + 2 for a in axes]
+            flipped = arrays.flip(tiles, flip_axes) if flip_axes else tiles
+            out = self.predictor(flipped)
+            if tuple(out.shape) != expected:
                 raise ValueError(f"predictor returned shape {tuple(out.shape)}, expected {expected}")
-            out = torch.flip(out, flip_dims) if flip_dims else out
+            out = arrays.flip(out, flip_axes) if flip_axes else out
             prediction = out if prediction is None else prediction + out
-        prediction = prediction.to(device=self.accumulator.device, dtype=self.accumulator.dtype) / len(self.mirrors)
-        self.accumulator.add(windows, prediction)
+        accumulator = self.accumulator  # on a GPU walk, maybe on the host (the device was full)
+        prediction = arrays.astype(arrays.beside(prediction, accumulator.logits), accumulator.dtype)
+        if len(self.mirrors) > 1:
+            prediction = prediction / len(self.mirrors)
+        accumulator.add(windows, prediction)
         self.report.evaluated += len(windows)
         self.progress(len(windows))
         return prediction
@@ -148,16 +152,15 @@ class _Walk:
             return
         first, logits, uncovered = finished
         self.report.uncovered_voxels += uncovered
-        sink(LogitChunk(self.plan.order[0], first, logits.permute(0, *(a + 1 for a in self.plan.to_model))))
+        sink(LogitChunk(self.plan.order[0], first, self.arrays.permute(logits, (0, *(a + 1 for a in self.plan.to_model)))))
 
 
 def stream_logits(
-    image: torch.Tensor,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: Any,
+    predictor: Callable[[Any], Any],
     num_classes: int,
     config: SlidingWindowConfig,
     sink: Callable[[LogitChunk], None],
-    device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
     selection: WindowSelection = WindowSelection(),
     slab_axis: int | None = None,
@@ -174,12 +177,12 @@ def stream_logits(
     whatever the walk order (only the summation order differs).
 
     Args:
-        image: `[C, *spatial]` normalized volume (any device; moved to `device` if it fits).
-        predictor: callable tiles -> logits (see `config.Predictor`).
+        image: `[C, *spatial]` normalized volume, numpy or torch (moved to the predictor's device
+            if it fits there).
+        predictor: callable tiles -> logits (see `config.Predictor`); its device decides the arrays.
         num_classes: K, the predictor's output channels.
         config: patch, overlap, batching, blending, TTA, accumulation dtype and memory cap.
         sink: receives the finished chunks; together they cover every voxel exactly once.
-        device: where tiles are gathered; defaults to the predictor's.
         progress: called with the number of windows just done or skipped (progress bars).
         selection: the full grid (default) or a skipping strategy.
         slab_axis: the walk axis (None: the plan's choice).
@@ -190,50 +193,32 @@ def stream_logits(
     """
     if image.ndim != 4:
         raise ValueError(f"expected an image [C, X, Y, Z], got shape {tuple(image.shape)}")
-    device = torch.device(device or getattr(predictor, "device", "cpu"))
     plan = plan or plan_window(tuple(image.shape[1:]), num_classes, config, slab_axis)
-    return _Walk(image, predictor, num_classes, plan, selection, device, progress).run(sink)
+    return _Walk(image, predictor, num_classes, plan, selection, progress).run(sink)
 
 
 def sliding_window_inference(
-    image: torch.Tensor,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    image: Any,
+    predictor: Callable[[Any], Any],
     num_classes: int,
     config: SlidingWindowConfig,
-    device: torch.device | str | None = None,
     progress: Callable[[int], None] | None = None,
     selection: WindowSelection = WindowSelection(),
     report: WindowReport | None = None,
-) -> torch.Tensor:
-    """Logits `[K, *spatial]` for a whole volume (`stream_logits` collected into one tensor).
+) -> Any:
+    """Logits `[K, *spatial]` for a whole volume (`stream_logits` collected into one array).
 
-    The logits live on the predictor's device in `config.accumulate_dtype`, or on the CPU when
-    the device cannot hold them. `report`, if given, is filled with the window counts.
+    The logits are numpy for a CPU predictor; on a GPU, a tensor on the device in
+    `config.accumulate_dtype`, or on the host when the device cannot hold them. `report`, if
+    given, is filled with the window counts.
     """
-    device = torch.device(device or getattr(predictor, "device", "cpu"))
-    try:
-        logits = torch.zeros((num_classes, *image.shape[1:]), device=device, dtype=config.accumulate_dtype)
-    except torch.OutOfMemoryError:
-        logger.warning("not enough GPU memory for the %s logits; collecting them on the CPU", tuple(image.shape[1:]))
-        torch.cuda.empty_cache()
-        logits = torch.zeros((num_classes, *image.shape[1:]), dtype=config.accumulate_dtype)
+    arrays = arrays_for(device_of(predictor))
+    logits = arrays.zeros_or_host((num_classes, *image.shape[1:]), config.accumulate_dtype, "the logits")
 
     def collect(chunk: LogitChunk) -> None:
-        logits[(slice(None), *chunk.index)] = chunk.logits.to(logits.device)
+        logits[(slice(None), *chunk.index)] = arrays.beside(chunk.logits, logits)
 
-    walked = stream_logits(image, predictor, num_classes, config, collect, device, progress, selection)
+    walked = stream_logits(image, predictor, num_classes, config, collect, progress, selection)
     if report is not None:
         vars(report).update(vars(walked))
     return logits
-
-
-def _place(tensor: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
-    """`tensor` on `device`; if the GPU cannot hold it, pinned host memory (tiles copy over non-blocking)."""
-    if tensor.device == device:
-        return tensor
-    try:
-        return tensor.to(device)
-    except torch.OutOfMemoryError:
-        logger.warning("not enough GPU memory for %s %s; keeping it in pinned host memory", what, tuple(tensor.shape))
-        torch.cuda.empty_cache()
-        return tensor.cpu().pin_memory()

@@ -72,9 +72,33 @@ def test_regions_are_painted_in_class_order():
     from nnslim.compiler.runtime.postprocessing import logits_to_labels
 
     # heads: whole (1, 2, 3), core (2, 3), enhancing (3); sigmoid > 0.5 means logit > 0
-    logits = torch.tensor([[[2.0, 2.0, 2.0, -1.0]], [[-1.0, 3.0, 3.0, -1.0]], [[-1.0, -1.0, 0.5, 4.0]]])
+    logits = np.array([[[2.0, 2.0, 2.0, -1.0]], [[-1.0, 3.0, 3.0, -1.0]], [[-1.0, -1.0, 0.5, 4.0]]], np.float32)
     labels = logits_to_labels(logits, {"kind": "regions", "class_order": [1, 2, 3]})
     assert labels.tolist() == [[1, 2, 3, 3]]
+    assert logits_to_labels(torch.from_numpy(logits), {"kind": "regions", "class_order": [1, 2, 3]}).tolist() == \
+        [[1, 2, 3, 3]]  # a tensor (a GPU walk's logits) gives the same host labels
+
+
+# odd sizes, down and up, anisotropic: (input [C, *spatial], output spatial)
+RESAMPLE_CASES = [((1, 37, 41, 29), (18, 57, 29)), ((2, 13, 7, 50), (26, 3, 17)), ((3, 9, 9, 9), (9, 9, 9)),
+                  ((1, 64, 33, 12), (107, 33, 7)), ((1, 5, 40), (9, 23)), ((1, 1, 16, 16), (1, 31, 8))]
+
+
+@pytest.mark.parametrize("shape,out", RESAMPLE_CASES)
+def test_resample_reproduces_torch_trilinear_without_torch(shape, out):
+    """The runtime's numpy resampling against torch's `interpolate(..., align_corners=False)`, which
+    it replaces: the same indices and float32 weights, the same order of axes (the last first);
+    torch's compiled kernel fuses some multiply-adds, so single values differ by float32 rounding of
+    the sums, a few 1e-6 of the data's range."""
+    from nnslim.compiler.runtime.preprocessing import resample
+
+    data = np.random.default_rng(sum(shape)).standard_normal(shape).astype(np.float32) * 100
+    mode = {2: "bilinear", 3: "trilinear"}[len(out)]
+    expected = torch.nn.functional.interpolate(torch.from_numpy(data)[None], size=out, mode=mode,
+                                               align_corners=False)[0].numpy()
+    ours = resample(data, out)
+    assert ours.shape == expected.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(data).max())
 
 
 def test_prepare_and_to_labels_round_trip_geometry():
@@ -96,7 +120,7 @@ def test_prepare_and_to_labels_round_trip_geometry():
     coarse = prepare(data, (3.0, 1.0, 2.0), pre)  # X twice as coarse as the model's 1.5 mm
     assert tuple(coarse.image.shape[1:]) == (14, 6, 40)
     # "logits" that mark the object: class 1 everywhere in the crop
-    logits = torch.stack([torch.zeros(coarse.image.shape[1:]), torch.ones(coarse.image.shape[1:])])
+    logits = np.stack([np.zeros(coarse.image.shape[1:], np.float32), np.ones(coarse.image.shape[1:], np.float32)])
     labels = to_labels(logits, coarse)
     assert labels.shape == (30, 20, 10)
     np.testing.assert_array_equal(labels, (data[0] != 0).astype(np.uint8))

@@ -88,7 +88,7 @@ class Graph:
 
 
 def run(path: Path, x: torch.Tensor) -> torch.Tensor:
-    return OnnxRuntimePredictor(path, "image", "head")(x)
+    return torch.from_numpy(OnnxRuntimePredictor(path, "image", "head")(x.numpy()))
 
 
 def quantized(graph: Path, tiles: np.ndarray, tmp_path: Path, recipe: QuantRecipe) -> tuple[Graph, list[str]]:

@@ -31,6 +31,7 @@ from nnslim.compiler.runtime.backends.openvino_cpu import OpenVinoPredictor, cpu
 from nnslim.compiler.runtime.precision import PRECISIONS, get_precision
 from nnslim.compiler.runtime.backends.onnx_runtime import OnnxRuntimePredictor
 from nnslim.compiler.runtime.manifest import EngineManifest, parse_manifest
+from nnslim.compiler.stages.parity import run_batched
 from tests.conftest import manifest_record
 
 OLD_MANIFEST = Path(__file__).parents[1] / "data" / "manifest_v1.json"  # as engines were written before `selection`
@@ -72,7 +73,7 @@ def test_predictor_matches_pytorch(backend, precision, demo_graphs):
     tiles = demo_graphs.tiles[demo_graphs.evaluation] if precision == "int8" else demo_graphs.tiles
     expected = demo_graphs.expected[demo_graphs.evaluation] if precision == "int8" else demo_graphs.expected
     predict = open_predictor(backend, OpenRequest(graph_for(demo_graphs, backend, precision), precision=precision))
-    logits = torch.cat([predict(tiles[i : i + 2]).float().cpu() for i in range(0, len(tiles), 2)])
+    logits = run_batched(predict, tiles, 2)
     assert logits.shape == expected.shape
     error = float((logits - expected).abs().max() / expected.abs().max())
     agreement = float((logits.argmax(1) == expected.argmax(1)).double().mean())
@@ -85,7 +86,7 @@ def test_signed_int8_graph_passes_the_gate_on_onnxruntime(demo_graphs):
     """The TensorRT-ready graph (signed, zero point 0) is inside the int8 gate on every CPU."""
     predict = open_predictor("onnxruntime", OpenRequest(demo_graphs.int8, precision="int8"))
     tiles, expected = demo_graphs.tiles[demo_graphs.evaluation], demo_graphs.expected[demo_graphs.evaluation]
-    agreement = float((predict(tiles).argmax(1) == expected.argmax(1)).double().mean())
+    agreement = float((torch.from_numpy(predict(tiles.numpy())).argmax(1) == expected.argmax(1)).double().mean())
     assert agreement >= get_precision("int8").min_agreement
 
 
@@ -271,3 +272,16 @@ def test_engine_naming_an_unknown_backend_falls_back_to_a_known_one():
     assert "tflite" in note
     with pytest.raises(EngineError, match="tflite"):  # nothing known to fall back to: an engine error, not input
         resolve_runtime(selection_manifest(("tflite", "fp32", "model.tflite", True)))
+
+
+def test_an_onnx_runtime_engine_runs_its_fp32_graph_on_openvino_where_onnx_runtime_is_not_installed(monkeypatch):
+    """The CPU runtime installs OpenVINO alone (`pip install nnslim`): an engine built for ONNX Runtime
+    fp32 still runs, on the same graph, said to be unchecked; int8 (another graph's numerics) does not."""
+    unavailable(monkeypatch, "onnxruntime")
+    only_ort = selection_manifest(("onnxruntime", "fp32", "model.opt.onnx", True))
+    choice, note = resolve_runtime(only_ort)
+    assert choice == RuntimeChoice("openvino", "fp32", "model.opt.onnx", checked=False)
+    assert note.startswith("running the engine's fp32 graph on openvino, which the build did not check")
+    assert "onnxruntime fp32: backend not available here" in note
+    with pytest.raises(EngineError, match="no recorded way"):
+        resolve_runtime(selection_manifest(("onnxruntime", "int8", "model.int8.onnx", True)))

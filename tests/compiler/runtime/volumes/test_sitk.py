@@ -177,7 +177,7 @@ def test_network_input_and_labels_match_nnunets_simpleitk_io(tmp_path):
     for reader in ("nibabel", "simpleitk"):
         volume = load_volume(path, 1, reader=reader)
         prepared = prepare(volume.data, volume.spacing, pre)
-        np.testing.assert_array_equal(prepared.image.numpy(), nnunet_array)
+        np.testing.assert_array_equal(prepared.image, nnunet_array)
         np.testing.assert_allclose(prepared.spacing, nnunet_spacing, rtol=0, atol=1e-7)
         labels = restore_geometry(seg_zyx, prepared)  # the runtime's labels, in the Volume's [X, Y, Z]
         out = save_segmentation(labels, volume.geometry, tmp_path / reader / "case.nii.gz")

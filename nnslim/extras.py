@@ -1,0 +1,44 @@
+"""Optional parts of nnslim and the install extra that brings each, so a missing one is one clear
+error naming the extra (the CLI's boundary turns an import of a missing module into it).
+
+`pip install nnslim` is the CPU runtime (numpy, nibabel, OpenVINO, no torch); the extras add the
+build (torch, onnx, ...), an ONNX Runtime wheel, the GPU runtime, SimpleITK's formats, plots, the
+demo data and TensorRT (pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from nnslim.errors import NnslimError
+
+ORT = "'nnslim[onnxruntime]' (its CPU wheel) or 'nnslim[gpu]' (onnxruntime-gpu, for an NVIDIA GPU); not both"
+# top-level module -> (what it is for, how to install it)
+EXTRAS = {
+    "torch": ("building engines, training and the PyTorch reference", "'nnslim[build]'"),
+    "onnx": ("building engines", "'nnslim[build]'"),
+    "onnxscript": ("building engines", "'nnslim[build]'"),
+    "onnx_graphsurgeon": ("building engines", "'nnslim[build]'"),
+    "onnxruntime": ("ONNX Runtime engines and builds", ORT),
+    "SimpleITK": (".mha, .mhd, .nrrd, .nhdr and DICOM", "'nnslim[io]'"),
+    "matplotlib": ("plots and previews", "'nnslim[plots]'"),
+    "nilearn": ("the MNI demo data", "'nnslim[demo]'"),
+    "tensorrt": ("TensorRT engines", "'nnslim[gpu,tensorrt-cu13]' (or tensorrt-cu12 for a CUDA 12 driver)"),
+}
+
+
+class MissingExtraError(NnslimError, ImportError):
+    """An optional part of nnslim is not installed; the message names the extra that installs it."""
+
+
+def missing_extra(module: str, needed_for: str | None = None) -> MissingExtraError:
+    """The error for a missing optional module (by its top-level name)."""
+    top = module.split(".")[0]
+    purpose, install = EXTRAS.get(top, ("this", f"the package '{top}'"))
+    return MissingExtraError(f"{needed_for or purpose} needs {top}, which is not installed: pip install {install}")
+
+
+def require(module: str, needed_for: str | None = None) -> None:
+    """Refuse, naming the extra, when `module` is not installed (before any work starts)."""
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise missing_extra(module, needed_for)
