@@ -14,7 +14,10 @@ The engine is the one `build-engine --precision auto` picks on this machine for 
 The lean install is a fresh virtual environment with the built wheel and its declared
 dependencies only (OpenVINO pinned to the full install's version, so both run the same kernels).
 
-    .venv/bin/python scripts/bench_lean_runtime.py [--repeats 5] [--keep]
+    .venv/bin/python scripts/bench_lean_runtime.py [--repeats 5] [--baseline REV]
+
+--baseline REV also runs `nnslim infer` from a git worktree of commit REV (the full install's
+environment, the same engine) in the same interleaved rounds.
 
 Prints a table and writes artifacts/bench/lean_runtime.json. Needs the package index (pip) the
 first time it makes the lean environment (kept in artifacts/bench/lean/).

@@ -74,6 +74,9 @@ class NumpyArrays:
     def zeros_like(self, x: np.ndarray) -> np.ndarray:
         return np.zeros_like(x)
 
+    def zeros_beside(self, shape: Sequence[int], like: np.ndarray) -> np.ndarray:
+        return np.zeros(tuple(shape), dtype=like.dtype)
+
     def stack(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
         return np.stack(arrays)
 
@@ -142,6 +145,10 @@ class TorchArrays:
 
     def zeros_like(self, x: Any) -> Any:
         return self.torch.zeros_like(x)
+
+    def zeros_beside(self, shape: Sequence[int], like: Any) -> Any:
+        """Zeros of `like`'s dtype where `like` is (the device, or pinned host memory after a fallback)."""
+        return self.torch.zeros(tuple(shape), dtype=like.dtype, device=like.device)
 
     def stack(self, arrays: Sequence[Any]) -> Any:
         return self.torch.stack(list(arrays))

@@ -54,7 +54,7 @@ def pad_to_patch(image: Any, patch_size: Sequence[int], arrays: Any = None) -> t
     spatial = tuple(image.shape[1:])
     before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch_size)]
     region = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))
-    padded = arrays.zeros((image.shape[0], *padded_size(spatial, patch_size)), arrays.dtype_name(image))
+    padded = arrays.zeros_beside((image.shape[0], *padded_size(spatial, patch_size)), image)
     padded[region] = image
     return padded, region
 

@@ -248,16 +248,3 @@ def test_one_vocabulary_for_skip_modes():
         WindowSelection("full")
     with pytest.raises(InputError, match="needs a body mask"):
         WindowSelection("roi+mask")
-
-
-@pytest.mark.gpu
-def test_cuda_accumulation_matches_cpu():
-    from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
-    from tests.conftest import random_model
-
-    image = np.random.default_rng(8).standard_normal((1, 30, 20, 18), dtype=np.float32)
-    config = SlidingWindowConfig(patch_size=(16, 16, 16), batch_size=2)
-    cpu = sliding_window_inference(image, TorchPredictor(random_model(), "cpu"), 3, config)  # numpy
-    gpu = sliding_window_inference(image, TorchPredictor(random_model(), "cuda"), 3, config)  # a tensor on the GPU
-    assert isinstance(cpu, np.ndarray) and gpu.is_cuda
-    np.testing.assert_allclose(gpu.cpu().numpy(), cpu, atol=1e-4, rtol=1e-4)
