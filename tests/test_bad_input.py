@@ -61,6 +61,10 @@ def raw_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0)) -> Path:
     return path
 
 
+def labels(path: Path, shape=(8, 8, 8)) -> Path:
+    return raw_nifti(path, (np.arange(np.prod(shape)) % 3).reshape(shape).astype(np.uint8))
+
+
 def scan(path: Path, shape=(20, 20, 20), zooms=(1.0, 1.0, 1.0), value: float | None = None) -> Path:
     data = np.random.default_rng(0).normal(100, 20, shape).astype(np.float32)
     if value is not None:
@@ -216,6 +220,11 @@ CASES = [
     Case("build --out holds the checkpoint",
          lambda r, e: ["build-engine", shutil.copy(TINY_MODEL, _out_holds_checkpoint(r) / "m.pt"), "--out", r / "proj"],
          1, "contains"),
+    Case("evaluate --json is the reference", lambda r, e: ["evaluate", labels(r / "seg.nii.gz"),
+         labels(r / "gt.nii.gz"), "--json", r / "gt.nii.gz"], 1, "is the reference of this command"),
+    Case("evaluate --json links to the mask", lambda r, e: ["evaluate", labels(r / "seg.nii.gz"),
+         labels(r / "gt.nii.gz"), "--mask", labels(r / "m.nii.gz"), "--json",
+         (r / "j.json").symlink_to(r / "m.nii.gz") or r / "j.json"], 1, "is the mask of this command"),
     # integrity
     Case("runtime_model absolute", lambda r, e: _foreign_model(r, e, str(r / "foreign.onnx")), 1, TAMPERED),
     Case("runtime_model ../", lambda r, e: _foreign_model(r, e, "../foreign.onnx"), 1, TAMPERED),
@@ -270,6 +279,8 @@ CASES = [
         backends=["onnxruntime"], selection={"precision": "fp32"}, candidates=[])), 0, "seg.nii.gz",
         outputs=("seg.nii.gz",)),
     Case("ok: inspect", lambda r, e: ["inspect", e], 0, "model.opt.onnx"),
+    Case("ok: evaluate --json", lambda r, e: ["evaluate", labels(r / "seg.nii.gz"), labels(r / "gt.nii.gz"),
+         "--json", r / "dice.json"], 0, "voxel agreement", outputs=("dice.json",)),
 ]
 
 

@@ -170,7 +170,10 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     from nnslim.files import write_json_atomic
     from nnslim.compiler.runtime.manifest import load_manifest
     from nnslim.compiler.runtime.metrics import evaluate_files
+    from nnslim.compiler.runtime.safety import refuse_input_as_output
 
+    if json_out:
+        refuse_input_as_output(json_out, {"prediction": prediction, "reference": reference, "mask": mask}, "--json")
     names = list(load_manifest(labels_from, verify=False).labels) if labels_from else None
     result = evaluate_files(prediction, reference, mask, names)
     where = f" inside {mask}" if mask else ""

@@ -61,3 +61,12 @@ def same_file(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:  # one of them does not exist yet
         return False
+
+
+def refuse_input_as_output(output: Path, inputs: dict[str, Path | None], option: str) -> None:
+    """Raise InputError when the output file `output` (given as `option`) is one of the command's
+    `inputs` (named by what they are), so that writing it cannot replace what it reads."""
+    for what, path in inputs.items():
+        if path is not None and same_file(output, path):
+            raise InputError(f"{option} {output} is the {what} of this command; writing it would replace "
+                             f"that input. Give {option} a path of its own")
