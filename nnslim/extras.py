@@ -38,7 +38,12 @@ def missing_extra(module: str, needed_for: str | None = None) -> MissingExtraErr
     return MissingExtraError(f"{needed_for or purpose} needs {top}, which is not installed: pip install {install}")
 
 
+def installed(module: str) -> bool:
+    """Whether `module`'s top-level package is installed (found without importing it)."""
+    return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
 def require(module: str, needed_for: str | None = None) -> None:
     """Refuse, naming the extra, when `module` is not installed (before any work starts)."""
-    if importlib.util.find_spec(module.split(".")[0]) is None:
+    if not installed(module):
         raise missing_extra(module, needed_for)

@@ -14,13 +14,13 @@ looked up when called.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from nnslim.errors import EngineError, InputError
+from nnslim.extras import installed
 
 if TYPE_CHECKING:
     from nnslim.compiler.runtime.manifest import EngineManifest
@@ -99,10 +99,6 @@ class Backend:
         return MODEL_KINDS[self.model]
 
 
-def _has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 # where an NVIDIA driver shows its GPUs (Linux; WSL's /dev/dxg); without one, torch is not imported to ask
 _GPU_NODES = ("/proc/driver/nvidia/gpus", "/dev/nvidia0", "/dev/dxg")
 
@@ -114,19 +110,16 @@ def gpu_visible() -> bool:
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
     if hidden is not None and hidden.strip() in ("", "-1"):
         return False
-    if not any(os.path.exists(node) for node in _GPU_NODES) or not _has("torch"):
+    if not any(os.path.exists(node) for node in _GPU_NODES) or not installed("torch"):
         return False
     import torch
 
     return torch.cuda.is_available()
 
 
-
-
-
 def _onnxruntime_cuda() -> bool:
     """onnxruntime-gpu with its CUDA provider, and a visible GPU (the provider is listed without one)."""
-    if not (_has("onnxruntime") and gpu_visible()):
+    if not (installed("onnxruntime") and gpu_visible()):
         return False
     import onnxruntime
 
@@ -146,11 +139,11 @@ def _adapter(module: str, function: str) -> Callable[..., Any]:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("onnxruntime", "cpu", "onnx", lambda: _has("onnxruntime"), lambda: ("fp32", "fp16", "int8"),
+        Backend("onnxruntime", "cpu", "onnx", lambda: installed("onnxruntime"), lambda: ("fp32", "fp16", "int8"),
                 _adapter("onnx_runtime", "open_cpu"), gpu_twin="onnxruntime-cuda"),
         Backend("onnxruntime-cuda", "cuda", "onnx", _onnxruntime_cuda, lambda: ("fp32", "fp16"),
                 _adapter("onnx_runtime", "open_cuda")),
-        Backend("openvino", "cpu", "onnx", lambda: _has("openvino"), _adapter("openvino_cpu", "precisions"),
+        Backend("openvino", "cpu", "onnx", lambda: installed("openvino"), _adapter("openvino_cpu", "precisions"),
                 _adapter("openvino_cpu", "open_cpu"), triton_accelerator="openvino"),
         # int8: a plan built from the Q/DQ graph (explicit quantization, TensorRT 10 and 11)
         Backend("tensorrt", "cuda", "plan", _adapter("tensorrt_plan", "tensorrt_available"),

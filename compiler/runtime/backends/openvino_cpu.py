@@ -12,7 +12,6 @@ file's sha256, so a second `infer` on the same engine skips compilation.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from functools import lru_cache
@@ -23,6 +22,7 @@ import numpy as np
 
 from nnslim.cache import cache_root
 from nnslim.errors import EngineError
+from nnslim.extras import installed
 from nnslim.files import sha256_file
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
 
 
 def openvino_available() -> bool:
-    return importlib.util.find_spec("openvino") is not None
+    return installed("openvino")
 
 
 @lru_cache(maxsize=1)

@@ -17,13 +17,13 @@ compares the manifest's record with this machine before anything is deserialized
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
 from nnslim.errors import EngineError, NnslimError
+from nnslim.extras import installed
 
 if TYPE_CHECKING:
     from nnslim.compiler.runtime.backends import OpenRequest
@@ -57,7 +57,7 @@ def tensorrt_available() -> bool:
     """TensorRT and torch installed (torch holds the device buffers) and a CUDA GPU visible."""
     from nnslim.compiler.runtime.backends import gpu_visible
 
-    if importlib.util.find_spec("tensorrt") is None or not gpu_visible():
+    if not installed("tensorrt") or not gpu_visible():
         return False
     try:
         import_tensorrt()

@@ -17,7 +17,6 @@ itself, which a deployment can pin to detect that too.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 from nnslim.compiler.runtime.manifest.records import MANIFEST, EngineManifest, rebuild_hint
 from nnslim.compiler.runtime.manifest.schema import ManifestError, TamperedEngineError, check_relative, parse_manifest
 from nnslim.errors import EngineError
+from nnslim.extras import installed
 from nnslim.files import sha256_file
 
 
@@ -97,7 +97,7 @@ def _external_data(engine_dir: Path, manifest: EngineManifest, name: str) -> lis
     recorded = manifest.files[PurePosixPath(name).as_posix()].external_data
     if recorded is not None or not name.endswith(".onnx"):
         return list(recorded or ())
-    if importlib.util.find_spec("onnx") is None:
+    if not installed("onnx"):
         raise EngineError(f"{engine_dir} was built by an older nnslim that did not record the external-data files of "
                           f"{name}; checking them needs onnx: {manifest.rebuild_hint()}, or pip install 'nnslim[build]'")
     return onnx_external_data(engine_dir / name)

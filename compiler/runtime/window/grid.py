@@ -65,11 +65,6 @@ def tile_slices(padded: Sequence[int], patch_size: Sequence[int], step_fraction:
     return [tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in itertools.product(*steps)]
 
 
-def count_tiles(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> int:
-    """Number of tiles (per mirror pass) for a volume of this size."""
-    return math.prod(len(s) for s in compute_steps(padded_size(image_size, patch_size), patch_size, step_fraction))
-
-
 def eq2_window_count(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> int:
     """Seed 003's eq. (2) as printed (no `+ 1` per axis), for the report."""
     return math.prod(math.ceil((max(i, p) - p) / (step_fraction * p)) for i, p in zip(image_size, patch_size))
