@@ -217,3 +217,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU; none on this machine"))
         if "tensorrt" in item.keywords and not has_tensorrt:
             item.add_marker(pytest.mark.skip(reason="needs TensorRT: pip install 'nnslim[tensorrt]' on a GPU machine"))
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    """One real engine for the whole session (patch 32, one parity tile: about 15 s)."""
+    if not DEMO_MODEL.is_file():
+        pytest.skip(f"{DEMO_MODEL} is not in this checkout")
+    out = tmp_path_factory.mktemp("bad-input") / "engine"
+    from click.testing import CliRunner
+
+    from nnslim.compiler.cli import cli
+
+    result = CliRunner().invoke(cli, ["build-engine", str(DEMO_MODEL), "--out", str(out), "--patch", "32", "32", "32",
+                                      "--parity-tiles", "1", "--precision", "fp32"])
+    assert result.exit_code == 0, result.output
+    return out

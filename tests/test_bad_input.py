@@ -35,18 +35,6 @@ TINY_MODEL = REPO / "artifacts" / "models" / "mni-tissue-tiny.pt"
 NNSLIM = Path(sys.executable).parent / "nnslim"
 
 
-@pytest.fixture(scope="session")
-def tiny_engine(tmp_path_factory) -> Path:
-    """One real engine for the whole session (patch 32, one parity tile: about 15 s)."""
-    if not TINY_MODEL.is_file():
-        pytest.skip(f"{TINY_MODEL} is not in this checkout")
-    out = tmp_path_factory.mktemp("bad-input") / "engine"
-    result = CliRunner().invoke(cli, ["build-engine", str(TINY_MODEL), "--out", str(out), "--patch", "32", "32", "32",
-                                      "--parity-tiles", "1", "--precision", "fp32"])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 # ---- synthetic inputs ---------------------------------------------------------------------------
 
 def raw_nifti(path: Path, data: np.ndarray, zooms=(1.0, 1.0, 1.0)) -> Path:
