@@ -379,16 +379,21 @@ def test_folder_mode_existing_outputs_overwrite_or_continue(tiny_engine, tmp_pat
 
 @pytest.mark.slow
 def test_rebuilding_over_an_engine_replaces_it_and_sweeps_dead_leftovers(tiny_engine, tmp_path):
+    """A build killed by SIGKILL leaves its marked staging folder; the next build removes it, and keeps
+    a user's folder named like one (`.engine.building-PID` of a dead process, but no marker)."""
     out = tmp_path / "engine"
     shutil.copytree(tiny_engine, out)
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = tmp_path / f".engine.building-{child.pid}"
-    stale.mkdir()
-    (stale / "model.onnx").write_bytes(b"half")
+    script = ("import os, signal, sys\nfrom nnslim.files import staging_folder\n"
+              "with staging_folder(sys.argv[1], 'building') as staging:\n"
+              "    (staging / 'model.onnx').write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", script, str(out)], timeout=60)
+    assert killed.returncode == -9 and len(list(tmp_path.iterdir())) == 2
+    users = tmp_path / ".engine.building-4194301"
+    users.mkdir()
+    (users / "notes.txt").write_bytes(b"the user's")
     done = subprocess.run([str(NNSLIM), "build-engine", str(TINY_MODEL), "--out", str(out), "--patch", "32", "32", "32",
                            "--parity-tiles", "1", "--precision", "fp32"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["engine"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [users.name, "engine"]
     assert json.loads((out / "manifest.json").read_text())["created"] >= json.loads(
         (tiny_engine / "manifest.json").read_text())["created"]

@@ -15,12 +15,15 @@ Layout (all plain data and tensors, nothing pickled by class):
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 
+from nnslim.compiler.runtime.manifest.schema import MAX_PATCH
 from nnslim.errors import NnslimError
 from nnslim.files import atomic_path
 from nnslim.training.config import ConfigError, UNetConfig
@@ -82,14 +85,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for truncated / foreign files
-        reason = _torch_load_reason(exc)
-        raise CheckpointError(
-            f"cannot read checkpoint {path} ({type(exc).__name__}: {reason}); "
-            "the file is truncated, corrupt or not a weights-only torch file. Re-save it with nnslim train."
-        ) from exc
+    payload = load_weights_only(path, CheckpointError,
+                                advice="If you trust the file, load it in your own code and save its weights "
+                                       "with nnslim (nnslim train, or nnslim.training.checkpoint.save_checkpoint).")
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
         raise CheckpointError(
@@ -104,18 +102,86 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("architecture", "state_dict", "metadata"):
         if key not in payload:
             raise CheckpointError(f"{path} lacks the {key!r} entry; the file is incomplete")
+    _check_sections(path, payload)
     return payload
 
 
+def _check_sections(path: Path, payload: dict[str, Any]) -> None:
+    """The shapes every reader relies on (architecture record, weights, the metadata the build
+    needs), each refused by key and value: a damaged checkpoint fails here, not deep in a build."""
+    def refuse(key: str, value: Any, expected: str) -> CheckpointError:
+        return CheckpointError(f"{path}: `{key}` is {value!r:.80}, expected {expected}; the checkpoint is damaged "
+                               "or was not written by nnslim (re-save it with nnslim train)")
+
+    architecture = payload["architecture"]
+    if not isinstance(architecture, dict) or not isinstance(architecture.get("config"), dict):
+        raise refuse("architecture", architecture, "an object with a name and a config object")
+    weights = payload["state_dict"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        shown = {k: type(v).__name__ for k, v in weights.items()} if isinstance(weights, dict) else weights
+        raise refuse("state_dict", shown, "an object of tensors")
+    metadata = payload["metadata"]
+    if not isinstance(metadata, dict):
+        raise refuse("metadata", metadata, "an object (patch_size, normalization, label_names, ...)")
+    for key in ("patch_size", "normalization"):
+        if key not in metadata:
+            raise CheckpointError(f"{path}: the metadata lacks `{key}`, which the engine needs; the checkpoint is "
+                                  "incomplete (nnslim train writes it)")
+    patch = metadata["patch_size"]
+    if (not isinstance(patch, (list, tuple)) or len(patch) not in (2, 3)
+            or not all(type(p) is int and 1 <= p <= MAX_PATCH for p in patch)):
+        raise refuse("metadata.patch_size", patch, f"2 or 3 integers in [1, {MAX_PATCH}]")
+    if not isinstance(metadata["normalization"], dict):
+        raise refuse("metadata.normalization", metadata["normalization"], 'an object such as {"scheme": "zscore"}')
+    spacing = metadata.get("spacing")
+    if spacing is not None and (not isinstance(spacing, (list, tuple)) or not all(
+            isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s > 0 for s in spacing)):
+        raise refuse("metadata.spacing", spacing, "a list of positive voxel sizes in mm (or null)")
+
+
+def load_weights_only(path: Path, error: Callable[[str], Exception], allowed: Iterable[Any] = (),
+                      advice: str = "") -> Any:
+    """`torch.load(path, weights_only=True)`, reporting what it refuses in nnslim's words.
+
+    A global outside `allowed` (torch's default set aside) is refused by name before anything is
+    unpickled: nnslim never unpickles code, so the message names the global and says so, where
+    torch's would lead with advice to load the file unsafely. `allowed` takes objects or
+    `(object, "pickled.name")` pairs, as `torch.serialization.safe_globals` does."""
+    allowed = list(allowed)
+    try:
+        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip-format torch file: torch.load's own unpickler decides below
+        found = set()
+    refused = sorted(found - _global_names(allowed))
+    if refused:
+        raise error(_blocked(path, refused, advice))
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / foreign / unsafe files
+        blocked = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+        if blocked:
+            raise error(_blocked(path, blocked, advice)) from exc
+        raise error(f"cannot read checkpoint {path} ({type(exc).__name__}: {_torch_load_reason(exc)}); the file is "
+                    "truncated, corrupt or not a weights-only torch file. " + advice) from exc
+
+
+def _blocked(path: Path, names: list[str], advice: str) -> str:
+    return (f"refusing to load {path}: Unsupported global {', '.join(names)} in its pickle. nnslim will not "
+            "unpickle it: unpickling can run arbitrary code, and a checkpoint needs only tensors and plain data. "
+            + advice)
+
+
+def _global_names(allowed: list[Any]) -> set[str]:
+    """The pickled names of allow-listed globals (`(object, name)` pairs give their own)."""
+    return {item[1] if isinstance(item, tuple) else f"{item.__module__}.{item.__qualname__}" for item in allowed}
+
+
 def _torch_load_reason(exc: Exception) -> str:
-    """The informative line of torch.load's message (it leads with advice to unpickle unsafely)."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    for i, line in enumerate(lines):
-        if "Unsupported global" in line:
-            return line[:300]
-        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
-            return f"not a weights-only pickle: {lines[i + 1][:200]}"
-    return (lines[0] if lines else type(exc).__name__)[:200]
+    """torch.load's message without its advice (it leads with how to unpickle unsafely)."""
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "safe_globals")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not any(a in ln for a in advice)]
+    return "; ".join(lines)[:300] or type(exc).__name__
 
 
 def build_model(payload: dict[str, Any], deep_supervision: bool = False) -> UNet:

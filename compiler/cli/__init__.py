@@ -11,6 +11,9 @@ Modules: `app` (the group), `boundary` (errors and exit codes), `options` (share
 
 from __future__ import annotations
 
+import signal
+import sys
+
 from nnslim.compiler.cli.app import cli
 from nnslim.compiler.cli.build_commands import build_engine
 from nnslim.compiler.cli.infer_commands import evaluate, infer
@@ -26,5 +29,13 @@ __all__ = ["PRESET_NAMES", "cli", "main"]
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point. SIGTERM (a scheduler's or `kill`'s stop) is handled like Ctrl-C: it
+    raises where the program is, so every `finally` runs and no temporary is left behind."""
+    signal.signal(signal.SIGTERM, _terminated)
     cli(prog_name="nnslim")
+
+
+def _terminated(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
+    print("error: stopped by SIGTERM; nothing half-written is left", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)

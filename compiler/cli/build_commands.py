@@ -9,6 +9,7 @@ import click
 from nnslim.compiler.cli.options import (
     TableChoice,
     backends,
+    checked,
     fold_names,
     list_options_command,
     out_dir_option,
@@ -17,6 +18,8 @@ from nnslim.compiler.cli.options import (
     path_type,
     precisions,
 )
+from nnslim.compiler.runtime.manifest.schema import MAX_BATCH
+from nnslim.compiler.runtime.safety import check_threads
 
 EPILOG = """\b
 Examples:
@@ -43,7 +46,8 @@ Examples:
 @click.argument("checkpoint", type=path_type())
 @out_dir_option("Engine directory.")
 @patch_option("Tile size (default: training patch).")
-@click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1), help="Tiles per call (max batch).")
+@click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1, MAX_BATCH),
+              help="Tiles per call (max batch), up to the runtime's limit.")
 @click.option("--backend", type=TableChoice(backends, ("auto",)), default="auto",
               show_default=True, help="auto: TensorRT on a machine with it and a GPU, else every CPU backend installed.")
 @click.option("--precision", type=TableChoice(precisions, ("auto",)), default="auto",
@@ -54,13 +58,16 @@ Examples:
                    "calibrated on --calibration (needs real volumes).")
 @click.option("--parity-volume", type=path_type(dir_okay=False), default=None,
               help="A real volume to cut parity tiles from (default: synthetic tiles; then no int8 candidate).")
-@click.option("--parity-tiles", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--parity-tiles", default=4, show_default=True, type=click.IntRange(1),
+              help="Tiles that parity (and each candidate's timing) is measured on; the build refuses, before "
+                   "allocating them, a count (with --patch and --batch) that this machine's memory cannot hold.")
 @click.option("--calibration", multiple=True, type=path_type(dir_okay=False), metavar="VOLUME",
               help="int8 calibration volume (repeatable) [default: the parity volume].")
 @click.option("--calibration-tiles", default=4, show_default=True, type=click.IntRange(1),
               help="int8 calibration tiles per calibration volume.")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0),
-              help="CPU threads of the candidates while they are timed (0: each backend's default).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), callback=checked(check_threads),
+              help="CPU threads of the candidates while they are timed (0: each backend's default; at most 4 per "
+                   "core).")
 @click.option("--parity-rtol", default=None, type=click.FloatRange(min=0),
               help="With an explicit --precision: max |logit error| vs PyTorch, relative to the largest logit "
                    "[default: the precision's gate: 1e-2 fp32, 5e-2 fp16, 1e-1 bf16, 3e-1 int8].")

@@ -11,12 +11,14 @@ from nnslim.compiler.cli.options import (
     TableChoice,
     backends,
     blending_modes,
+    checked,
     devices,
     path_type,
     precisions,
     progress_option,
     skip_modes,
 )
+from nnslim.compiler.runtime.safety import check_sha256, check_threads
 
 EPILOG = """\b
 Examples:
@@ -44,7 +46,8 @@ Examples:
 @click.option("--tta/--no-tta", "mirror", default=None,
               help="Mirror test-time augmentation (8 passes for 3 axes) [default: on for imported nnU-Net "
                    "models, like nnU-Net; off for nnslim checkpoints].")
-@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), help="ONNX Runtime threads (0: all cores).")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(0), callback=checked(check_threads),
+              help="CPU threads of the engine's runtime (0: all cores; at most 4 per core).")
 @click.option("--skip", type=TableChoice(skip_modes), default="none", show_default=True,
               help="Skip windows (opt-in approximation): outside a body mask, and/or seed 003's ROI test "
                    "(a slab's centre window must predict --roi-threshold foreground voxels).")
@@ -63,11 +66,12 @@ Examples:
               help="Folder mode: split the sorted cases into this many parts (one per machine or process).")
 @click.option("--part-id", default=0, show_default=True, type=click.IntRange(0),
               help="Folder mode: which part this run segments (0 .. --num-parts - 1), like nnUNetv2_predict.")
-@click.option("--engine-sha256", default=None, metavar="HEX",
+@click.option("--engine-sha256", default=None, metavar="HEX", callback=checked(check_sha256),
               help="Refuse the engine unless its manifest.json has this sha256 (pin it; `nnslim inspect` prints it).")
-@click.option("--overwrite", "existing", flag_value="overwrite", default=None,
-              help="Folder mode: replace outputs that already exist (each is logged).")
-@click.option("--continue", "existing", flag_value="continue",
+@click.option("--overwrite", is_flag=True,
+              help="Folder mode: replace outputs that already exist (each is logged; a case that fails loses its "
+                   "earlier output too).")
+@click.option("--continue", "resume", is_flag=True,
               help="Folder mode: skip cases whose output already exists (outputs are written atomically).")
 @click.option("--device", type=TableChoice(devices), default="auto", show_default=True,
               help="auto: the GPU when the engine's backend can use one here (ONNX Runtime's CUDA execution "
@@ -108,9 +112,11 @@ def infer(**o: Any) -> None:
       error          why the case failed, else null
     """
     from nnslim.compiler.runtime.cases.batch import BatchOptions
+    from nnslim.compiler.runtime.cases.plan import OptionConflict
     from nnslim.compiler.runtime.engine import load_engine
     from nnslim.compiler.runtime.cases.run import segment_files
 
+    refuse_idle_options(click.get_current_context(), o)
     engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
                          backend=o["backend"], precision=o["precision"], expected_sha256=o["engine_sha256"])
     checkpoint = o["torch_checkpoint"]
@@ -132,13 +138,54 @@ def infer(**o: Any) -> None:
         click.echo(f"{r.name}: {r.output} shape {r.shape}, {w['evaluated']} of {w['grid']} windows{skipped} "
                    f"({r.tiles} network calls), {r.seconds:.2f} s with {runner}")
 
-    results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
-                            existing=o["existing"] or "refuse", on_case=report, part=(o["part_id"], o["num_parts"]),
-                            batch=batch)
+    existing = "overwrite" if o["overwrite"] else "continue" if o["resume"] else "refuse"
+    try:
+        results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
+                                existing=existing, on_case=report, part=(o["part_id"], o["num_parts"]), batch=batch)
+    except OptionConflict as exc:  # options that cannot do anything for these inputs: the command line must change
+        raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
     failed = [r.name for r in results if r.error]
     if failed:
         click.echo(f"{len(failed)} of {len(results)} case(s) failed: {', '.join(failed)}", err=True)
         raise SystemExit(EXIT_SOME_CASES_FAILED)
+
+
+# (option, when it does something, what to do): given on the command line without its condition, the
+# option would be ignored without a word, so it is a usage error instead.
+_TORCH = ("with --torch-checkpoint", "--torch-checkpoint runs PyTorch instead of the engine's runtime, which this "
+          "option configures: drop one of them")
+_IDLE_OPTIONS = (
+    ("roi_threshold", lambda o: "roi" in o["skip"], ("without --skip roi or roi+mask", "it is the ROI test's "
+     "threshold: add --skip roi (or roi+mask), or drop it")),
+    ("ort_tensorrt", lambda o: o["device"] == "cuda", ("without --device cuda", "it puts ONNX Runtime's TensorRT "
+     "provider first on the GPU: add --device cuda, or drop it")),
+    *((name, lambda o: not o["torch_checkpoint"], _TORCH) for name in ("backend", "precision", "threads", "ort_tensorrt")),
+)
+
+
+def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:
+    """Usage errors for options that contradict each other or would do nothing (`_IDLE_OPTIONS`;
+    those that depend on the inputs being a folder are `plan.OptionConflict`, raised for the API too)."""
+    from click.core import ParameterSource
+
+    from nnslim.compiler.runtime.cases.plan import is_folder_input
+
+    def given(name: str) -> bool:
+        return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+
+    def shown(name: str) -> str:
+        option = next(p for p in ctx.command.params if p.name == name)
+        return option.opts[0] if getattr(option, "is_flag", False) else f"{option.opts[0]} {o[name]}"
+
+    if o["overwrite"] and o["resume"]:
+        raise click.UsageError("--overwrite and --continue contradict each other: --overwrite replaces the outputs "
+                               "that exist, --continue keeps them and skips their cases; pass one", ctx=ctx)
+    for name, works, (unless, advice) in _IDLE_OPTIONS:
+        if given(name) and not works(o):
+            raise click.UsageError(f"{shown(name)} does nothing {unless}: {advice}", ctx=ctx)
+    if given("io_workers") and not is_folder_input(list(o["inputs"])):
+        raise click.UsageError(f"{shown('io_workers')} overlaps the cases of a folder, but the input is one case; "
+                               "drop --io-workers, or give the folder of cases", ctx=ctx)
 
 
 def inference_options(o: dict[str, Any]):

@@ -8,10 +8,12 @@ from its table (`TableChoice`); none is spelt out here. The tables' modules impo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import click
 
+from nnslim.compiler.runtime.manifest.schema import MAX_PATCH
+from nnslim.errors import SettingsError
 from nnslim.training.presets import PRESETS
 
 # the presets module is plain data (no torch), so --help stays instant
@@ -85,7 +87,8 @@ def out_dir_option(help_text: str | None = None):
 
 
 def patch_option(help_text: str):
-    return click.option("--patch", nargs=3, type=click.IntRange(1), default=None, help=help_text)
+    """Three sizes, each at most the runtime's limit (an engine with a larger patch would be refused)."""
+    return click.option("--patch", nargs=3, type=click.IntRange(1, MAX_PATCH), default=None, help=help_text)
 
 
 def patch_tuple(patch) -> tuple[int, int, int] | None:
@@ -138,3 +141,18 @@ def float_list(ctx, param, value):
         return tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from None
+
+
+def checked(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """A click callback running one of the runtime's own checks (`safety`): the API refuses the same
+    values, and here they are usage errors that name the option."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return check(value)
+        except SettingsError as exc:
+            raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
+
+    return callback

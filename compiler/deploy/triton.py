@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from nnslim.compiler.runtime.backends import BACKENDS, Backend
-from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, TensorRecord, load_manifest
+from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, TensorRecord, load_manifest, read_verified
 from nnslim.errors import NnslimError
-from nnslim.files import fsync_tree, staging_folder, write_text_atomic
+from nnslim.files import fsync_tree, staging_folder, write_bytes_atomic, write_text_atomic
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
 
@@ -190,7 +190,11 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
     with staging_folder(target, "exporting") as staging:
         (staging / "1").mkdir()
         write_text_atomic(staging / "config.pbtxt", text)
-        shutil.copyfile(engine_dir / manifest.runtime_model, staging / "1" / model_file)
+        model = read_verified(engine_dir, manifest, manifest.runtime_model)  # the bytes that were hashed
+        if model is None:  # external data: copied by path, as verified
+            shutil.copyfile(engine_dir / manifest.runtime_model, staging / "1" / model_file)
+        else:
+            write_bytes_atomic(staging / "1" / model_file, model)
         shutil.copyfile(engine_dir / MANIFEST, staging / "nnslim_manifest.json")  # preprocessing for clients
         fsync_tree(staging)
         staging.rename(target)

@@ -23,10 +23,10 @@ from nnslim.compiler.runtime.backends.devices import DEVICE_CHOICES, detect_devi
 from nnslim.compiler.runtime.manifest import (
     EngineManifest,
     ModelSpec,
-    TamperedEngineError,
     load_manifest,
-    manifest_digest,
+    read_verified,
 )
+from nnslim.compiler.runtime.safety import check_sha256, check_threads
 from nnslim.compiler.runtime.segmentation import InferenceOptions, prepare_volume, segment_prepared
 from nnslim.compiler.runtime.volumes.volume import volume_from_array
 from nnslim.errors import InputError
@@ -71,6 +71,11 @@ class Engine:
         Returns:
             uint8 labels `[X, Y, Z]`; with `return_probabilities`, `(labels, probabilities)` with
             float16 probabilities `[K, X, Y, Z]` whose argmax over K is the labels (ties aside).
+
+        Raises:
+            InputError: what `nnslim infer` refuses too: wrong channels, NaN voxels, a voxel size
+                outside (0, 1e4] mm or one that resamples an axis to nothing, a case whose
+                segmentation would not fit in this machine's memory (`segmentation.check_fits`).
         """
         volume = volume_from_array(image, spacing or self.spec.spacing or (1.0, 1.0, 1.0), self.spec.in_channels)
         result = segment_prepared(prepare_volume(volume, self.spec), volume.name, self.predictor, self.spec,
@@ -105,10 +110,10 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
     engine_dir = Path(engine_dir)
     if device not in DEVICE_CHOICES:
         raise InputError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
-    if expected_sha256 is not None and manifest_digest(engine_dir) != expected_sha256.strip().lower():
-        raise TamperedEngineError(f"{engine_dir}/manifest.json has sha256 {manifest_digest(engine_dir)}, not the pinned "
-                                  f"{expected_sha256}; the engine was changed since it was pinned: rebuild or re-pin it")
-    manifest = load_manifest(engine_dir)
+    threads = check_threads(threads)  # ONNX Runtime crashes on absurd counts: refuse them first
+    if expected_sha256 is not None:
+        expected_sha256 = check_sha256(expected_sha256)  # a mistyped pin is not a changed engine
+    manifest = load_manifest(engine_dir, expected_sha256=expected_sha256)
     if device == "auto":
         offered = [c.backend for c in runtime_choices(manifest) if precision in (None, c.precision)]
         device, why = detect_device([backend] if backend else offered)
@@ -118,7 +123,7 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
         logger.warning("%s: %s", engine_dir, note)
     spec = manifest.spec
     request = OpenRequest(engine_dir / choice.model, spec.input_name, spec.output_name, choice.precision, threads,
-                          ort_tensorrt, manifest)
+                          ort_tensorrt, manifest, model_bytes=read_verified(engine_dir, manifest, choice.model))
     predictor = open_predictor(choice.backend, request)
     where = BACKENDS[choice.backend].device if choice.backend in BACKENDS else device
     return Engine(engine_dir, manifest, spec, predictor, choice, where)

@@ -9,11 +9,13 @@ with the estimate before anything is allocated, instead of swapping the machine 
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import resource
 from pathlib import Path
 
-from nnslim.errors import InputError
+from nnslim.errors import InputError, SettingsError
 
 GB = 2**30
 MAX_SPACING_MM = 1e4  # a voxel 10 m wide is a broken header, not a scan (headers and manifests alike)
@@ -39,27 +41,17 @@ def require_fits(estimate_bytes: float, what: str, advice: str) -> None:
                          f"{available / GB:.1f} GB; {advice}")
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (a reused id counts as alive: the safe side)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def same_file(a: Path, b: Path) -> bool:
     """True when `a` and `b` are one file: the same path, a symlink to it, or a hard link."""
     a, b = Path(a), Path(b)
-    if a.resolve() == b.resolve():
-        return True
+    try:
+        if a.resolve() == b.resolve():
+            return True
+    except RuntimeError:  # a symlink loop (Python < 3.13): it cannot be the other file; samefile decides
+        pass
     try:
         return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist yet
+    except OSError:  # one of them does not exist yet, or is a symlink loop
         return False
 
 
@@ -70,3 +62,43 @@ def refuse_input_as_output(output: Path, inputs: dict[str, Path | None], option:
         if path is not None and same_file(output, path):
             raise InputError(f"{option} {output} is the {what} of this command; writing it would replace "
                              f"that input. Give {option} a path of its own")
+
+
+def max_threads() -> int:
+    """The most CPU threads a run may ask for: 4 per core. More only adds contention, and an absurd
+    count (100,000) makes ONNX Runtime crash while it creates its thread pool."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def check_threads(threads: int) -> int:
+    """`threads` when it is 0 (the backend's default) or 1 .. `max_threads()`; SettingsError otherwise."""
+    if not 0 <= threads <= max_threads():
+        raise SettingsError(f"threads must be 0 (one per core) or 1..{max_threads()} (4 per core on this machine's "
+                            f"{os.cpu_count() or 1} cores), got {threads}; pass a count in that range")
+    return threads
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def check_sha256(text: str) -> str:
+    """A pinned sha256 (`infer --engine-sha256`, `load_engine(expected_sha256=)`) as 64 lowercase hex digits.
+
+    A malformed pin is a typing or copying mistake, not a changed engine: say so before any hashing,
+    so the message cannot send the user to rebuild an engine that is fine."""
+    digest = str(text).strip().lower()
+    if not _SHA256.match(digest):
+        shown = digest if len(digest) <= 80 else f"{digest[:77]}..."
+        raise SettingsError(f"a sha256 is 64 hexadecimal characters (as `nnslim inspect` prints it), got {shown!r} "
+                            f"({len(digest)} characters); copy the whole digest")
+    return digest
+
+
+def symlink_loop(path: Path) -> bool:
+    """Whether `path` is a symbolic link that never reaches a file (it leads back to itself): every
+    open fails with ELOOP, which `Path.exists()` reports as a plain False."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False

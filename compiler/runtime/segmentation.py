@@ -10,6 +10,7 @@ next case while the network runs this one (`cases`).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +20,7 @@ from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.manifest import ModelSpec
 from nnslim.compiler.runtime.postprocessing import StreamingLabeler, restore_geometry
 from nnslim.compiler.runtime.preprocessing import Prepared, prepare
+from nnslim.compiler.runtime.safety import MAX_SPACING_MM, require_fits
 from nnslim.compiler.runtime.probabilities import (
     ProbabilityLabeler,
     check_probabilities_fit,
@@ -97,8 +99,41 @@ def segment_volume(
     return result.labels, result.report
 
 
+def check_fits(shape: tuple[int, ...], channels: int, spacing: tuple[float, ...], spec: ModelSpec, name: str) -> None:
+    """Refuse, before any work, a case whose voxel size is absurd or whose segmentation would not fit
+    in memory: the estimate `nnslim infer` makes from headers (`cases.plan`), applied to every
+    volume that is segmented, so the Python API (`Engine.segment`) refuses what the CLI refuses.
+
+    Memory: input and normalized copy `2 * 4 * C * N` bytes, the resampled image `4 * C * M`, the
+    slab accumulators `4 * (K + 1) * slab` and the uint8 labels `N + M`, for N input voxels, M
+    voxels at the model's spacing and K output heads."""
+    spacing = tuple(float(z) for z in spacing)
+    shown = f"({', '.join(f'{z:g}' for z in spacing)}) mm"
+    if not all(math.isfinite(z) and 0 < z <= MAX_SPACING_MM for z in spacing):
+        raise InputError(f"{name} has voxel size {shown}; each must be a finite number in (0, {MAX_SPACING_MM:g}] mm; "
+                         "fix the voxel size (the header's pixdim, or the spacing passed with the array)")
+    voxels = math.prod(shape)
+    pre = spec.preprocessing or {}
+    target = [float(t) for t in pre["spacing"]] if pre.get("resample") and pre.get("spacing") else None
+    resampled = float(voxels)
+    if target:
+        extents = [n * z for n, z in zip(shape, spacing)]
+        if min(extents) < 0.5 * min(target):
+            raise InputError(f"{name}: shape {tuple(shape)} at voxel size {shown} spans only {min(extents):.3g} mm on "
+                             f"one axis, which resamples to 0 voxels at the model's spacing {tuple(target)} mm; "
+                             "check the voxel size")
+        kept = min(spacing) if len(target) == 2 else 1.0  # a 2D model keeps one axis' spacing
+        resampled = voxels * math.prod(spacing) / (kept * math.prod(target))
+    slab = resampled * max(spec.patch_size) / max(1.0, resampled ** (1 / 3))
+    need = 8 * channels * voxels + 4 * channels * resampled + 4 * (spec.num_classes + 1) * slab + voxels + resampled
+    require_fits(need, f"segmenting {name} (shape {tuple(shape)}, voxel size {shown}, about {resampled:.3g} voxels "
+                 "at the model's spacing)", "check the dimensions and voxel size, or crop the scan")
+
+
 def prepare_volume(volume: Volume, spec: ModelSpec) -> Prepared:
-    """The normalized model-space image of a case (and what undoes its geometry)."""
+    """The normalized model-space image of a case (and what undoes its geometry); a case that
+    cannot fit is refused first (`check_fits`)."""
+    check_fits(tuple(volume.data.shape[1:]), volume.data.shape[0], volume.spacing, spec, volume.name)
     pre = spec.preprocessing or {"normalization": spec.normalization}
     if not pre.get("resample") and spec.spacing and not np.allclose(volume.spacing, spec.spacing, rtol=0.05):
         logger.warning(

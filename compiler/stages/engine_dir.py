@@ -1,18 +1,19 @@
 """Writing an engine directory without losing anything that was there before.
 
-A build assembles its engine in a hidden sibling, `.NAME.building-PID`, and only when every stage
-has passed renames it to `NAME`. What may be replaced:
+A build assembles its engine in a hidden sibling, `.NAME.building-PID-TOKEN`, and only when every
+stage has passed renames it to `NAME`. What may be replaced:
 
 - nothing (NAME absent) or an empty directory;
 - a directory that is provably an nnslim engine: its manifest parses, carries nnslim's format
   tag, and the files it lists (plus the manifest) are all that is there. Such an engine is
-  renamed aside to `.NAME.old-PID` and then only its listed files are removed, never a blind
+  renamed aside to `.NAME.old-PID-TOKEN` and then only its listed files are removed, never a blind
   recursive delete;
 - anything else only with `overwrite=True` (the CLI's `--overwrite`), and never a directory
   that holds the build's input or the working directory.
 
-A run killed half-way leaves `.NAME.building-PID` / `.NAME.old-PID` behind; the next build to the
-same place removes those whose process is gone. Two builds racing to the same NAME end with one
+A run killed half-way leaves `.NAME.building-PID-TOKEN` / `.NAME.old-PID-TOKEN` behind; the next
+build to the same place removes those whose process is gone, by the marker nnslim wrote into each
+(`nnslim.files.sweep_leftovers`), never by name: a user's `.NAME.old-2024/` backup is kept. Two builds racing to the same NAME end with one
 complete engine: the rename that loses finds NAME taken and reports it cleanly.
 """
 
@@ -22,7 +23,7 @@ import errno
 import json
 import logging
 import os
-import re
+import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,12 +31,9 @@ from typing import Iterable, Iterator
 
 from nnslim.errors import NnslimError
 from nnslim.compiler.runtime.manifest import FORMAT, MANIFEST
-from nnslim.files import fsync_path, fsync_tree, staging_folder
-from nnslim.compiler.runtime.safety import pid_alive
+from nnslim.files import fsync_path, fsync_tree, mark, remove_listed, staging_folder, sweep_leftovers, unmark
 
 logger = logging.getLogger(__name__)
-
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>building|old)-(?P<pid>\d+)$")
 
 
 class EngineDirError(NnslimError):
@@ -43,27 +41,16 @@ class EngineDirError(NnslimError):
 
 
 def clean_stale(out_dir: Path) -> list[Path]:
-    """Remove `.NAME.building-PID` / `.NAME.old-PID` siblings of `out_dir` left by dead processes."""
-    out_dir = Path(out_dir)
-    removed = []
-    if not out_dir.parent.is_dir():
-        return removed
-    for path in out_dir.parent.iterdir():
-        match = _LEFTOVER.match(path.name)
-        if not match or match["name"] != out_dir.name or pid_alive(int(match["pid"])) or path.is_symlink():
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        if not path.exists():
-            logger.info("removed %s, left by an interrupted build (process %s is gone)", path, match["pid"])
-            removed.append(path)
-    return removed
+    """Remove the staging and moved-aside folders beside `out_dir` that interrupted nnslim runs left
+    (marked by nnslim, their process gone); nothing else."""
+    return sweep_leftovers(Path(out_dir).parent)
 
 
 def engine_files(directory: Path) -> list[str] | None:
     """The files of `directory` if it is provably an nnslim engine (manifest + exactly its listed files)."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a hostile, deeply nested file
         return None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         return None
@@ -98,7 +85,7 @@ def _why_not_engine(directory: Path) -> str:
         return f"it has no {MANIFEST}"
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: a hostile, deeply nested file
         return f"its {MANIFEST} does not parse"
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
         return f"its {MANIFEST} is not an nnslim engine manifest"
@@ -137,11 +124,14 @@ def replace_dir(staging: Path, out_dir: Path, overwrite: bool = False, protect: 
     """
     check_replaceable(out_dir, overwrite, protect)  # again: time has passed since the build began
     fsync_tree(staging)
-    aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    aside = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}-{secrets.token_hex(6)}"
     try:
         out_dir.rename(aside)
     except FileNotFoundError:
         aside = None  # nothing there (or another build just moved it aside)
+    if aside is not None:  # what a sweep may remove if this process dies before it does
+        listed = engine_files(aside)
+        mark(aside, listed if listed is not None else ("all" if overwrite else []))
     try:
         staging.rename(out_dir)
     except OSError as exc:
@@ -159,6 +149,7 @@ def replace_dir(staging: Path, out_dir: Path, overwrite: bool = False, protect: 
 
 def _remove_old(aside: Path, overwrite: bool) -> None:
     """Delete a replaced directory: an engine file by file; anything else only under `overwrite`."""
+    unmark(aside)
     listed = engine_files(aside)
     if listed is None:
         if overwrite:
@@ -167,11 +158,5 @@ def _remove_old(aside: Path, overwrite: bool) -> None:
         else:
             logger.warning("kept %s: it changed while the build ran and is no longer just an engine", aside)
         return
-    for name in listed:
-        (aside / name).unlink(missing_ok=True)
-    subdirs = sorted({p for n in listed for p in (aside / n).parents if aside in p.parents}, reverse=True)
-    try:
-        for directory in [*subdirs, aside]:  # deepest first
-            directory.rmdir()
-    except OSError:
+    if not remove_listed(aside, listed):
         logger.warning("kept %s: files appeared in it while the build ran", aside)

@@ -2,15 +2,19 @@
 
 The runtime reads (and validates) manifests in `nnslim.compiler.runtime.manifest`; this module
 only assembles one from what the build stages produced, and renders it as `report.md`.
+
+An engine is shipped, and scans (often checkpoints too) live in folders named after patients, so
+what the build records of a path is its name only (`shipped_name`, `shipped_argv`), never its folders.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import onnx
@@ -21,6 +25,23 @@ from nnslim.compiler.stages.report import PerfRow, perf_table
 from nnslim.compiler.stages.source import Source
 from nnslim.files import sha256_file, write_text_atomic
 from nnslim.compiler.runtime.backends.tensorrt_plan import BackendUnavailable, import_tensorrt
+
+
+def shipped_name(path: str | os.PathLike) -> str:
+    """What an engine records of a path it was built from: the last component, never the folders
+    (module docstring). The one rule for every path the build records: checkpoint, parity and
+    calibration volumes, the output folder, the command line."""
+    text = os.fspath(path)
+    return PurePath(text).name or text
+
+
+def shipped_argv(argv: list[str]) -> list[str]:
+    """A command line with every path in it reduced to its name: an argument with a folder separator
+    is a path, also as `--option=PATH`."""
+    def one(arg: str) -> str:
+        option, equals, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        return option + equals + (shipped_name(value) if "/" in value or os.sep in value else value)
+    return [one(str(a)) for a in argv]
 
 
 def _tensorrt_version() -> str | None:
@@ -71,7 +92,8 @@ def engine_manifest(
     metadata = source.metadata
     in_channels, num_classes = source.in_channels, source.num_classes
     command = (
-        f"nnslim build-engine {config.checkpoint} --out {config.out_dir} --patch {' '.join(map(str, patch))} "
+        f"nnslim build-engine {shipped_name(config.checkpoint)} --out {shipped_name(config.out_dir)} "
+        f"--patch {' '.join(map(str, patch))} "
         f"--batch {config.batch_size} --backend {config.backend} --precision {config.precision}"
     )
     if source.kind == "nnunet-v2":
@@ -90,18 +112,36 @@ def engine_manifest(
         model={"architecture": source.architecture, **model_stats},
         source={
             "kind": source.kind,
-            "checkpoint": str(config.checkpoint),
-            "checkpoint_sha256": {str(f): sha256_file(f) for f in source.files} if source.kind == "nnunet-v2"
-            else sha256_file(source.files[0]),
+            "checkpoint": shipped_name(config.checkpoint),
+            "checkpoint_sha256": {_inside(f, config.checkpoint): sha256_file(f) for f in source.files}
+            if source.kind == "nnunet-v2" else sha256_file(source.files[0]),
             **source.details,
             "dataset": metadata.get("dataset"),
-            "training": metadata.get("training"),
+            "training": _without_folders(metadata.get("training")),
         },
         stages=tuple(stages),
         parity=parity,
         tools=_tool_versions(),
-        build={"command": command, "argv": sys.argv},
+        build={"command": command, "argv": shipped_argv(sys.argv)},
     )
+
+
+def _without_folders(record: Any) -> Any:
+    """The checkpoint's training record with the paths in it (its dataset and output folders) reduced
+    to names; its other strings are names and numbers already."""
+    if isinstance(record, dict):
+        return {k: _without_folders(v) for k, v in record.items()}
+    if isinstance(record, list):
+        return [_without_folders(v) for v in record]
+    return shipped_name(record) if isinstance(record, str) and ("/" in record or os.sep in record) else record
+
+
+def _inside(path: Path, folder: Path) -> str:
+    """A file of a model folder as the manifest names it: relative to the folder (`fold_0/...`)."""
+    try:
+        return Path(path).resolve().relative_to(Path(folder).resolve()).as_posix()
+    except ValueError:
+        return shipped_name(path)
 
 
 def write_report(path: Path, manifest: EngineManifest) -> None:

@@ -1,8 +1,9 @@
 """Read nnU-Net v2 checkpoints safely and map their weights onto nnslim's `UNet`.
 
 A checkpoint is loaded with `torch.load(weights_only=True)` and an explicit allow-list (numpy
-scalars, arrays and dtypes, `torch.device`); one holding any other global is refused before
-anything is unpickled. nnU-Net saves every conv twice (`...convs.0.conv.weight` and
+scalars, arrays and dtypes, `torch.device`); one holding any other global is refused by name
+before anything is unpickled (`training.checkpoint.load_weights_only`), and the entries the import
+reads (`init_args`, `network_weights`, the mirroring axes) are checked for shape. nnU-Net saves every conv twice (`...convs.0.conv.weight` and
 `...convs.0.all_modules.0.weight`) and the whole encoder a second time under `decoder.encoder.`;
 those aliases are checked to be copies and dropped, and the rest must match the rebuilt network
 key for key and shape for shape.
@@ -10,7 +11,6 @@ key for key and shape for shape.
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from nnslim.errors import NnslimError
+from nnslim.training.checkpoint import load_weights_only
 
 
 class NnUNetImportError(NnslimError):
@@ -38,43 +39,46 @@ def _allowed_globals() -> list[Any]:
     ]
 
 
-def _allowed_names() -> set[str]:
-    names = set()
-    for item in _allowed_globals():
-        if isinstance(item, tuple):
-            names.add(item[1])
-        else:
-            names.add(f"{item.__module__}.{item.__qualname__}")
-    return names
-
-
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Read an nnU-Net checkpoint safely (see module docstring) and check its entries."""
     if not path.is_file():
         raise NnUNetImportError(f"checkpoint not found: {path}")
-    try:
-        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception as exc:  # not a zip-format torch file
-        raise NnUNetImportError(f"cannot read {path} as a torch checkpoint ({type(exc).__name__}: {exc})") from exc
-    refused = sorted(found - _allowed_names())
-    if refused:
-        raise NnUNetImportError(
-            f"refusing to load {path}: it pickles {', '.join(refused)}, which is outside the allow-list for "
-            "nnU-Net checkpoints (numpy scalars/arrays/dtypes, torch.device). Unpickling it could run "
-            "arbitrary code. If you trust the file, re-save just its 'network_weights', 'init_args' and "
-            "'inference_allowed_mirroring_axes' with plain types."
-        )
-    try:
-        with torch.serialization.safe_globals(_allowed_globals()):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise NnUNetImportError(f"cannot load {path} with weights_only=True: {str(exc).splitlines()[0][:300]}") from exc
+    checkpoint = load_weights_only(
+        path, NnUNetImportError, _allowed_globals(),
+        advice="nnU-Net checkpoints need only numpy scalars/arrays/dtypes and torch.device besides tensors. If you "
+               "trust the file, re-save just its 'network_weights', 'init_args' and "
+               "'inference_allowed_mirroring_axes' with plain types.")
     if not isinstance(checkpoint, dict):
         raise NnUNetImportError(f"{path} holds a {type(checkpoint).__name__}, not an nnU-Net checkpoint dict")
     missing = [k for k in ("network_weights", "init_args") if k not in checkpoint]
     if missing:
         raise NnUNetImportError(f"{path} lacks {missing}; is it an nnU-Net v2 checkpoint (checkpoint_final.pth)?")
+    _check_entries(path, checkpoint)
     return checkpoint
+
+
+def _check_entries(path: Path, checkpoint: dict[str, Any]) -> None:
+    """The entries the import reads, each refused by key and value when it has another shape."""
+    def refuse(key: str, value: Any, expected: str) -> NnUNetImportError:
+        return NnUNetImportError(f"{path}: `{key}` is {value!r:.80}, expected {expected}; the checkpoint is damaged "
+                                 "or not written by nnU-Net v2 (use the fold's checkpoint_final.pth as nnU-Net saved it)")
+
+    init_args = checkpoint["init_args"]
+    if not isinstance(init_args, dict):
+        raise refuse("init_args", init_args, "an object with the trainer's arguments (configuration, ...)")
+    if not isinstance(init_args.get("configuration"), str) or not init_args["configuration"]:
+        raise refuse("init_args.configuration", init_args.get("configuration"),
+                     "the name of a configuration of plans.json (e.g. '3d_fullres')")
+    weights = checkpoint["network_weights"]
+    if not isinstance(weights, dict) or not weights or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()):
+        shown = {k: type(v).__name__ for k, v in weights.items()} if isinstance(weights, dict) else weights
+        raise refuse("network_weights", shown, "a non-empty state dict of tensors")
+    axes = checkpoint.get("inference_allowed_mirroring_axes")
+    if axes is not None and (not isinstance(axes, (list, tuple)) or not all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, bool) and 0 <= a <= 2 for a in axes)
+            or len(set(axes)) != len(axes)):
+        raise refuse("inference_allowed_mirroring_axes", axes, "a list of distinct spatial axes (0, 1, 2), or None")
 
 
 def _is_alias(key: str) -> bool:

@@ -17,7 +17,7 @@ What this module does:
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from nnslim.compiler.runtime.manifest.schema import MAX_CHANNELS, MAX_CLASSES, parse_json
 from nnslim.compiler.stages.nnunet_checkpoint import NnUNetImportError, load_checkpoint, map_state_dict
-from nnslim.compiler.stages.nnunet_plans import resolve_configuration, unet_config
+from nnslim.compiler.stages.nnunet_plans import check_configuration, resolve_configuration, unet_config
 from nnslim.training.config import UNetConfig
 from nnslim.training.unet import UNet
 
@@ -76,32 +77,50 @@ class LabelScheme:
 
     head_names: list[str]
     regions_class_order: list[int] | None = None  # region-based training: sigmoid heads
+    label_values: list[int] | None = None  # region-based: every foreground label value of the dataset
 
     @classmethod
     def from_dataset(cls, dataset: dict[str, Any]) -> LabelScheme:
         labels = dataset.get("labels")
         if not isinstance(labels, dict) or not labels:
             raise NnUNetImportError("dataset.json has no 'labels' mapping")
-        labels = {k: v for k, v in labels.items() if k != "ignore"}
-        region_based = any(isinstance(v, (list, tuple)) and len(v) > 1 for v in labels.values())
+        labels = {k: _label_values(k, v) for k, v in labels.items() if k != "ignore"}
+        if len(labels) > MAX_CLASSES:
+            raise NnUNetImportError(f"dataset.json has {len(labels)} labels; nnslim writes uint8 label maps, so at "
+                                    f"most {MAX_CLASSES}")
+        region_based = any(len(v) > 1 for v in labels.values())
         if not region_based:
-            values = {name: int(v[0] if isinstance(v, (list, tuple)) else v) for name, v in labels.items()}
+            values = {name: v[0] for name, v in labels.items()}
             ordered = sorted(values, key=values.get)
             if [values[n] for n in ordered] != list(range(len(ordered))):
                 raise NnUNetImportError(f"dataset.json labels must be consecutive from 0, got {values}")
             return cls(head_names=ordered)
         order = dataset.get("regions_class_order")
-        heads = [name for name, v in labels.items() if v not in (0, [0], (0,))]
-        if not order or len(order) != len(heads):
+        heads = [name for name, v in labels.items() if v != [0]]
+        if not isinstance(order, list) or len(order) != len(heads):
             raise NnUNetImportError(
                 f"region-based labels need 'regions_class_order' with one entry per region ({len(heads)}), got {order}"
             )
-        return cls(head_names=heads, regions_class_order=[int(c) for c in order])
+        known = sorted({value for v in labels.values() for value in v} - {0})
+        if not all(type(c) is int and c in known for c in order):
+            raise NnUNetImportError(f"dataset.json: `regions_class_order` is {order}, expected label values of the "
+                                    f"dataset's regions ({known}), one per region; fix dataset.json")
+        return cls(head_names=heads, regions_class_order=order, label_values=known)
 
     def to_manifest(self) -> dict[str, Any]:
         if self.regions_class_order is None:
             return {"kind": "argmax"}
-        return {"kind": "regions", "class_order": self.regions_class_order, "threshold_logit": 0.0}
+        return {"kind": "regions", "class_order": self.regions_class_order, "threshold_logit": 0.0,
+                "label_values": self.label_values}
+
+
+def _label_values(name: str, value: Any) -> list[int]:
+    """A dataset.json label's value(s): an int, or a list of ints for a region (nnU-Net's two forms)."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    if not values or not all(type(v) is int and 0 <= v <= MAX_CLASSES for v in values):
+        raise NnUNetImportError(f"dataset.json: label {name!r} is {value!r:.60}, expected a label value in "
+                                f"[0, {MAX_CLASSES}] or a list of them (a region); fix dataset.json")
+    return list(values)
 
 
 @dataclass
@@ -151,7 +170,7 @@ class NnUNetModel:
     def normalization(self) -> dict[str, Any]:
         schemes = self.configuration.get("normalization_schemes") or []
         use_mask = self.configuration.get("use_mask_for_norm") or [False] * len(schemes)
-        properties = self.plans.get("foreground_intensity_properties_per_channel", {})
+        properties = self.plans.get("foreground_intensity_properties_per_channel") or {}
         channels = []
         for c, scheme in enumerate(schemes):
             if scheme not in NORMALIZATIONS:
@@ -160,12 +179,9 @@ class NnUNetModel:
                 )
             entry: dict[str, Any] = {"scheme": NORMALIZATIONS[scheme]}
             if scheme == "CTNormalization":
-                stats = properties.get(str(c))
-                if not stats:
-                    raise NnUNetImportError(f"CT normalization of channel {c} needs its intensity statistics, "
-                                            "which plans.json lacks (foreground_intensity_properties_per_channel)")
-                entry.update(clip=[float(stats["percentile_00_5"]), float(stats["percentile_99_5"])],
-                             mean=float(stats["mean"]), std=float(stats["std"]))
+                stats = _ct_statistics(properties, c)
+                entry.update(clip=[stats["percentile_00_5"], stats["percentile_99_5"]], mean=stats["mean"],
+                             std=stats["std"])
             if scheme == "ZScoreNormalization":
                 entry["mask"] = "nonzero-region" if use_mask[c] else "none"
             channels.append(entry)
@@ -183,8 +199,8 @@ class NnUNetModel:
             "spacing": [float(s) for s in self.configuration["spacing"]],
             "mirror_axes": self.window_mirror_axes(),
             "axis_order": "reversed",  # nnU-Net's arrays are the NIfTI voxel array with axes reversed
-            "transpose_forward": [int(a) for a in self.plans.get("transpose_forward", [0, 1, 2])],
-            "transpose_backward": [int(a) for a in self.plans.get("transpose_backward", [0, 1, 2])],
+            "transpose_forward": _permutation(self.plans, "transpose_forward"),
+            "transpose_backward": _permutation(self.plans, "transpose_backward"),
             "crop_to_nonzero": True,
             "resample": True,
             "tta_default": bool(self.mirror_axes),
@@ -202,17 +218,61 @@ class NnUNetModel:
         }
 
 
+def _ct_statistics(properties: Any, channel: int) -> dict[str, float]:
+    """The intensity statistics CT normalization of `channel` uses, as finite numbers, or an error naming them."""
+    key = f"foreground_intensity_properties_per_channel.{channel}"
+    stats = properties.get(str(channel)) if isinstance(properties, dict) else None
+    if not stats:
+        raise NnUNetImportError(f"CT normalization of channel {channel} needs its intensity statistics, "
+                                "which plans.json lacks (foreground_intensity_properties_per_channel)")
+    names = ("percentile_00_5", "percentile_99_5", "mean", "std")
+    values = {n: stats.get(n) for n in names} if isinstance(stats, dict) else {}
+    if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                             for v in values.values()):
+        raise NnUNetImportError(f"plans.json: `{key}` is {stats!r:.120}, expected numbers for {', '.join(names)}; "
+                                "the plans are damaged (use the plans.json nnU-Net wrote beside the folds)")
+    return {n: float(v) for n, v in values.items()}
+
+
 def _read_json(path: Path) -> dict[str, Any]:
+    """plans.json or dataset.json as an object (`schema.parse_json` names what is wrong with the text)."""
     if not path.is_file():
         raise NnUNetImportError(f"{path.name} not found in {path.parent}; is this an nnU-Net v2 model folder?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise NnUNetImportError(f"{path} is not valid JSON: {exc}") from exc
+    value = parse_json(path.read_bytes(), path, NnUNetImportError,
+                       f"use the {path.name} nnU-Net wrote beside the folds")
+    if not isinstance(value, dict):
+        raise NnUNetImportError(f"{path} holds a JSON {type(value).__name__}, not an object; it is not nnU-Net's "
+                                f"{path.name} (use the one nnU-Net wrote beside the folds)")
+    return value
+
+
+def _permutation(plans: dict[str, Any], key: str) -> list[int]:
+    """`transpose_forward` / `transpose_backward`: an order of the axes 0, 1, 2 (identity when absent)."""
+    value = plans.get(key, [0, 1, 2])
+    if not isinstance(value, list) or sorted(value) != [0, 1, 2] or not all(type(a) is int for a in value):
+        raise NnUNetImportError(f"plans.json: `{key}` is {value!r:.60}, expected an order of the axes 0, 1, 2 "
+                                "(e.g. [0, 1, 2]); the plans are damaged")
+    return value
 
 
 def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "plans.json").is_file() and (path / "dataset.json").is_file()
+
+
+def _fold_checkpoints(folder: Path, folds: tuple[str, ...], checkpoint_name: str) -> tuple[dict, dict]:
+    """Each fold's checkpoint (loaded weights-only) and its file, or an error naming what is there."""
+    checkpoints, files = {}, {}
+    for fold in folds:
+        fold_dir = folder / f"fold_{fold}"
+        path = fold_dir / checkpoint_name
+        if not path.is_file():
+            present = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
+            raise NnUNetImportError(
+                f"fold {fold!r}: {path} not found (folds present: {present or 'none'}; "
+                f"checkpoints in fold_{fold}: {sorted(p.name for p in fold_dir.glob('*.pth')) if fold_dir.is_dir() else 'none'})"
+            )
+        checkpoints[fold], files[fold] = load_checkpoint(path), path
+    return checkpoints, files
 
 
 def read_model_folder(
@@ -234,18 +294,13 @@ def read_model_folder(
     channels = dataset.get("channel_names") or dataset.get("modality")
     if not channels:
         raise NnUNetImportError("dataset.json has no 'channel_names'")
+    if not isinstance(channels, (dict, list)) or len(channels) > MAX_CHANNELS:
+        raise NnUNetImportError(f"dataset.json: `channel_names` is {channels!r:.80}, expected an object naming each "
+                                f"input channel ({{\"0\": \"CT\"}}), at most {MAX_CHANNELS}; fix dataset.json")
+    for key in ("transpose_forward", "transpose_backward"):
+        _permutation(plans, key)
     labels = LabelScheme.from_dataset(dataset)
-    checkpoints, files = {}, {}
-    for fold in folds:
-        fold_dir = folder / f"fold_{fold}"
-        path = fold_dir / checkpoint_name
-        if not path.is_file():
-            present = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
-            raise NnUNetImportError(
-                f"fold {fold!r}: {path} not found (folds present: {present or 'none'}; "
-                f"checkpoints in fold_{fold}: {sorted(p.name for p in fold_dir.glob('*.pth')) if fold_dir.is_dir() else 'none'})"
-            )
-        checkpoints[fold], files[fold] = load_checkpoint(path), path
+    checkpoints, files = _fold_checkpoints(folder, folds, checkpoint_name)
     first = checkpoints[folds[0]]
     configuration_name = first["init_args"].get("configuration")
     trainer = str(first.get("trainer_name", "unknown"))
@@ -262,6 +317,7 @@ def read_model_folder(
             "segmentation as input); cascades are not supported, deploy 3d_fullres or 3d_lowres instead"
         )
     architecture = unet_config(configuration, len(channels), len(labels.head_names))
+    check_configuration(configuration, configuration_name, architecture.spatial_dims, len(channels))
     reference = UNet(architecture)
     mapped = {fold: map_state_dict(c["network_weights"], reference, str(files[fold])) for fold, c in checkpoints.items()}
     axes = first.get("inference_allowed_mirroring_axes")

@@ -21,6 +21,7 @@ from nnslim.compiler.runtime.preprocessing import prepare
 from nnslim.compiler.runtime.window.grid import pad_to_patch
 from nnslim.compiler.runtime.volumes.volume import load_volume
 from nnslim.compiler.runtime.window.arrays import to_numpy
+from nnslim.compiler.stages.engine_manifest import shipped_name
 
 
 class ParityError(NnslimError):
@@ -95,7 +96,8 @@ def parity_crops(
     spacing = tuple(float(v) for v in (prepared.target_spacing or prepared.spacing))
     layout = TileLayout(padded[0], tuple(region[1:]), tuple(starts), spacing)
     tiles = torch.from_numpy(tiles)
-    return tiles, f"{count} crops of {volume} centred on random nonzero voxels (seed {seed})", layout
+    # the description goes into the manifest and report: the volume's name, never its folders
+    return tiles, f"{count} crops of {shipped_name(volume)} centred on random nonzero voxels (seed {seed})", layout
 
 
 def disagreement_view(layout: TileLayout | None, tiles: torch.Tensor,

@@ -30,21 +30,17 @@ from torch import nn
 from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
 from nnslim.compiler.runtime.backends.openvino_cpu import cpu_record
 from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
-from nnslim.compiler.runtime.manifest import (
-    MANIFEST,
-    EngineManifest,
-    FileRecord,
-    SelectionRecord,
-    parse_manifest,
-)
+from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, FileRecord, SelectionRecord, load_manifest
+from nnslim.compiler.runtime.manifest.schema import MAX_PATCH
 from nnslim.compiler.runtime.manifest.verify import onnx_external_data
+from nnslim.compiler.runtime.safety import require_fits
 from nnslim.compiler.stages.artifacts import ArtifactJob, hook
 from nnslim.compiler.stages.candidates import CandidateResult, choose, measure, ranking
-from nnslim.compiler.stages.engine_dir import staging_dir
-from nnslim.compiler.stages.engine_manifest import engine_manifest, write_report
+from nnslim.compiler.stages.engine_dir import check_replaceable, staging_dir
+from nnslim.compiler.stages.engine_manifest import engine_manifest, shipped_name, write_report
 from nnslim.compiler.stages.export import ExportError, ExportSettings, export_onnx
 from nnslim.compiler.stages.graphs import GraphJob, produce
-from nnslim.compiler.stages.model_stats import conv_macs, conv_weight_sparsity
+from nnslim.compiler.stages.model_stats import CONVOLUTIONS, conv_macs, conv_weight_sparsity
 from nnslim.compiler.stages.parity import (
     ParityError,
     ParityReport,
@@ -61,6 +57,7 @@ from nnslim.compiler.stages.prune import file_sizes, prune_for_deploy
 from nnslim.compiler.stages.reparam_stage import reparameterize_for_deploy
 from nnslim.compiler.stages.report import write_disagreement_figure
 from nnslim.compiler.stages.source import Source, load_source
+from nnslim.errors import EngineError
 from nnslim.files import sha256_file, write_json_atomic
 from nnslim.parameters import count_parameters
 
@@ -78,18 +75,20 @@ def build_engine(config: BuildConfig) -> BuildResult:
     """Build an engine directory from a checkpoint (see module docstring)."""
     stages: list[dict[str, Any]] = []
     plan = plan_build(config)                                                    # settings first: fail fast
-    with _timed(stages, "load", checkpoint=str(config.checkpoint)) as record:    # checkpoint or nnU-Net folder
+    check_replaceable(config.out_dir, config.overwrite, config.inputs)           # --out holds no input
+    with _timed(stages, "load", checkpoint=shipped_name(config.checkpoint)) as record:  # checkpoint or nnU-Net folder
         source = load_source(config.checkpoint, config.folds, config.nnunet_checkpoint)
         record.update(kind=source.kind, **source.details)
+    _check_labels(source)
     with _timed(stages, "reparameterize") as record:                             # fuse blocks, fold BN
         deployed, fused = reparameterize_for_deploy(source.model)
         record.update(fused.to_dict())
     patch = _check_patch(config.patch_size or tuple(source.metadata["patch_size"]), source.total_stride)
     deployed, pruning = _prune(config, stages, source, deployed, patch)         # optional; after fusing
     reference = deployed if pruning is not None else source.model                # what parity compares with
+    _check_fits(config, source, deployed, patch)                                 # before any tile is allocated
 
-    protect = (config.checkpoint, *(v for v in (config.parity_volume, *config.calibration) if v))
-    with staging_dir(config.out_dir, overwrite=config.overwrite, protect=protect) as staging:
+    with staging_dir(config.out_dir, overwrite=config.overwrite, protect=config.inputs) as staging:
         settings = ExportSettings(patch_size=patch, in_channels=source.in_channels, opset=config.opset)
         with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
             export_onnx(deployed, staging / "model.onnx", settings)
@@ -151,11 +150,12 @@ def build_engine(config: BuildConfig) -> BuildResult:
                            selection=_selection_record(config, plan, runtime, results, reference_seconds, models),
                            **artifact_fields)
         write_report(staging / "report.md", manifest)
+        # every file of the engine, not the staging folder's own hidden marker (removed before the rename)
         manifest = manifest.with_files({p.name: FileRecord(sha256_file(p), p.stat().st_size,
                                                            tuple(onnx_external_data(p)) if p.suffix == ".onnx" else None)
-                                        for p in sorted(staging.iterdir()) if p.is_file()})
-        parse_manifest(manifest.to_dict(), staging / MANIFEST)  # it reads back as the runtime will read it
+                                        for p in sorted(staging.iterdir()) if p.is_file() and not p.name.startswith(".")})
         write_json_atomic(staging / MANIFEST, manifest.to_dict())                   # last: marks it complete
+        _read_back(staging, config.out_dir, manifest)                               # as the runtime will read it
     logger.info("engine written to %s (%s %s)", config.out_dir, runtime["backend"], runtime["precision"])
     return BuildResult(config.out_dir, manifest, parity)
 
@@ -224,8 +224,8 @@ def _check_within(parity: ParityReport, tolerance: Any, runtime: str) -> None:
 
 
 def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[int, int, int]:
-    if len(patch) != 3 or any(p < 1 for p in patch):
-        raise BuildError(f"patch must be three positive sizes, got {patch}")
+    if len(patch) != 3 or any(isinstance(p, bool) or not isinstance(p, int) or not 1 <= p <= MAX_PATCH for p in patch):
+        raise BuildError(f"patch must be three sizes in [1, {MAX_PATCH}] (the runtime's limit), got {tuple(patch)}")
     bad = [p for p, s in zip(patch, stride) if p % s]
     if bad:
         raise BuildError(
@@ -233,6 +233,42 @@ def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[
             f"try {tuple(max(s, round(p / s) * s) for p, s in zip(patch, stride))}"
         )
     return (int(patch[0]), int(patch[1]), int(patch[2]))
+
+
+def _check_labels(source: Source) -> None:
+    """The label names the engine will carry: one non-empty name per class, as the runtime requires."""
+    names = source.metadata.get("label_names")
+    named = isinstance(names, (list, tuple)) and all(isinstance(n, str) and n for n in names)
+    if not named or len(names) != source.num_classes:
+        raise BuildError(f"the checkpoint's label_names is {names!r:.80}, but its network has {source.num_classes} "
+                         f"classes: give it a list of {source.num_classes} non-empty names, one per class "
+                         "(fix the checkpoint's metadata or dataset.json, then build again)")
+
+
+def _check_fits(config: BuildConfig, source: Source, model: nn.Module, patch: tuple[int, int, int]) -> None:
+    """Refuse, before anything is allocated, a patch or tile count the machine's memory cannot hold.
+
+    About: the tiles and their logits (PyTorch's, each candidate's, the float64 comparison), plus a
+    batch's activations at full resolution (a few tensors as wide as the first convolution)."""
+    voxels = patch[0] * patch[1] * patch[2]
+    width = next((m.out_channels for m in model.modules() if isinstance(m, CONVOLUTIONS)), source.num_classes)
+    tiles = config.parity_tiles + config.calibration_tiles * len(config.calibration_volumes)
+    need = 4 * voxels * (tiles * (source.in_channels + 8 * source.num_classes)
+                         + config.batch_size * (source.in_channels + 6 * width + source.num_classes))
+    calibration = f", {tiles - config.parity_tiles} calibration tile(s)" if config.calibration_volumes else ""
+    require_fits(need, f"building with patch {patch}, {config.parity_tiles} parity tile(s){calibration} and batch "
+                 f"{config.batch_size}", "use a smaller --patch, --parity-tiles, --calibration-tiles or --batch")
+
+
+def _read_back(staging: Path, out_dir: Path, manifest: EngineManifest) -> None:
+    """Load the written engine with the runtime's own loader (schema and file hashes); one it would
+    refuse fails the build here, naming the setting, instead of being put in place."""
+    try:
+        load_manifest(staging, verify=True)
+    except EngineError as exc:
+        reason = str(exc).replace(str(staging), str(out_dir)).replace(f"; {manifest.rebuild_hint()}", "")
+        raise BuildError(f"the engine was not written: nnslim's runtime would refuse it ({reason}); "
+                         "fix that setting of the checkpoint or build options and build again") from exc
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from nnslim.compiler.runtime.backends import BACKENDS, Backend
 from nnslim.compiler.runtime.manifest import Tolerance
+from nnslim.compiler.runtime.manifest.schema import MAX_BATCH
 from nnslim.compiler.runtime.precision import AUTO, PRECISIONS, get_precision
 from nnslim.compiler.stages.artifacts import compiled_backend, hook
 from nnslim.compiler.stages.candidates import Candidate, plan_candidates
@@ -53,6 +54,16 @@ class BuildConfig:
     timing_cache: Path | None = None
 
     @property
+    def inputs(self) -> tuple[Path, ...]:
+        """Every path the build reads or updates: the checkpoint (or nnU-Net model folder), the parity
+        and calibration volumes, a fine-tune dataset folder, the TensorRT plan and timing caches.
+        `out_dir` may contain none of them, even with `overwrite` (`engine_dir.check_replaceable`)."""
+        dataset = self.prune.finetune_dataset  # a dataset name, or a raw-layout folder
+        folder = Path(dataset) if dataset and Path(dataset).exists() else None
+        return tuple(Path(p) for p in (self.checkpoint, self.parity_volume, *self.calibration, folder,
+                                       self.engine_cache, self.timing_cache) if p is not None)
+
+    @property
     def calibration_volumes(self) -> tuple[Path, ...]:
         """The calibration volumes: `calibration`, else the parity volume, else none."""
         return tuple(self.calibration) or ((self.parity_volume,) if self.parity_volume else ())
@@ -87,8 +98,9 @@ def plan_build(config: BuildConfig) -> BuildPlan:
         raise BuildError(f"unknown backend {config.backend!r}; choose one of {(AUTO, *BACKENDS)}")
     if config.precision != AUTO and config.precision not in PRECISIONS:
         raise BuildError(f"unknown precision {config.precision!r}; choose one of {(AUTO, *PRECISIONS)}")
-    if config.batch_size < 1:
-        raise BuildError(f"--batch must be >= 1, got {config.batch_size}")
+    if not 1 <= config.batch_size <= MAX_BATCH:
+        raise BuildError(f"--batch must be in [1, {MAX_BATCH}] (the most tiles per call nnslim's runtime accepts), "
+                         f"got {config.batch_size}")
     if config.parity_tiles < 1 or config.calibration_tiles < 1:
         raise BuildError(f"--parity-tiles and --calibration-tiles must be >= 1, got {config.parity_tiles}, "
                          f"{config.calibration_tiles}")

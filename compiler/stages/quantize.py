@@ -47,6 +47,7 @@ import torch
 from nnslim.compiler.runtime.backends import OpenRequest, get_backend
 from nnslim.compiler.runtime.backends import open_predictor as open_on_backend
 from nnslim.compiler.runtime.backends.openvino_cpu import cpu_has_vnni
+from nnslim.compiler.stages.engine_manifest import shipped_name
 from nnslim.compiler.stages.graphs import GraphJob
 from nnslim.compiler.stages.parity import parity_crops, run_batched
 from nnslim.errors import NnslimError
@@ -383,4 +384,4 @@ def int8_graph(job: GraphJob) -> tuple[Path, dict[str, Any]]:
     scores = choose_recipe(job.fp32, out, calibration.numpy(), job.tiles, job.expected,
                            lambda path: open_on_backend(backend, OpenRequest(path, precision="int8")), recipes,
                            job.batch_size, tensorrt=job.compiled_for is not None)
-    return out, {"calibration": [v.name for v in volumes], "recipes": [s.to_dict() for s in scores]}
+    return out, {"calibration": [shipped_name(v) for v in volumes], "recipes": [s.to_dict() for s in scores]}

@@ -7,6 +7,8 @@ configuration.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,10 @@ from torch import nn
 from nnslim.compiler.stages.nnunet_import import is_model_folder, read_model_folder
 from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.errors import InputError, NnslimError
+from nnslim.files import sha256_file
 from nnslim.training.checkpoint import build_model, read_checkpoint
+
+logger = logging.getLogger(__name__)
 
 
 class SourceError(NnslimError):
@@ -86,16 +91,66 @@ def reference_predictor(engine: Any, checkpoint: str | Path) -> Any:
     """The PyTorch reference for an engine (`infer --torch-checkpoint`): `checkpoint` (an nnslim
     checkpoint, or the nnU-Net model folder the engine was built from, read with the folds and
     checkpoint name its manifest records) on the engine's device, refused when it cannot be the
-    model the engine was built from (other channels, classes, or a stride the patch does not fit)."""
+    model the engine was built from (`check_same_model`)."""
     recorded = engine.manifest.source
     source = load_source(checkpoint, tuple(recorded.get("folds") or ("0",)),
                          recorded.get("checkpoint_name", "checkpoint_final.pth"))
-    spec = engine.spec
+    check_same_model(engine, source, checkpoint)
+    return TorchPredictor(source.model, device=getattr(engine.predictor, "device", "cpu"))
+
+
+# fields of an architecture record that name it rather than shape it
+_NAMING_FIELDS = ("preset", "paper")
+
+
+def check_same_model(engine: Any, source: Source, checkpoint: str | Path) -> None:
+    """Refuse a reference model that is not the engine's: other input channels or classes, another
+    architecture than the manifest records (`model.architecture`), other label names, or a stride
+    the engine's patch does not fit. Only the weights' sha256 differing (a retrained or re-saved
+    checkpoint of the same network) is a warning: the comparison is then between two models."""
+    spec, manifest = engine.spec, engine.manifest
+    fix = "pass the checkpoint the engine was built from"
     if (source.in_channels, source.num_classes) != (spec.in_channels, spec.num_classes):
         raise InputError(f"--torch-checkpoint {checkpoint} has {source.in_channels} input channel(s) and "
                          f"{source.num_classes} classes but the engine has {spec.in_channels} and {spec.num_classes}; "
-                         "pass the checkpoint the engine was built from")
+                         f"{fix}")
+    recorded = (manifest.model or {}).get("architecture")
+    if isinstance(recorded, dict):
+        differs = _architecture_differences(_plain(recorded), _plain(source.architecture))
+        if differs:
+            raise InputError(f"--torch-checkpoint {checkpoint} is another architecture than the engine's "
+                             f"({'; '.join(differs[:3])}); {fix}")
+    labels = source.metadata.get("label_names")
+    if labels is not None and tuple(labels) != tuple(spec.label_names):
+        raise InputError(f"--torch-checkpoint {checkpoint} labels {list(labels)} but the engine labels "
+                         f"{list(spec.label_names)}: it was trained for another task; {fix}")
     if any(p % s for p, s in zip(spec.patch_size, source.total_stride)):
         raise InputError(f"the engine's patch {spec.patch_size} is not a multiple of {checkpoint}'s total stride "
-                         f"{source.total_stride}; pass the checkpoint the engine was built from")
-    return TorchPredictor(source.model, device=getattr(engine.predictor, "device", "cpu"))
+                         f"{source.total_stride}; {fix}")
+    expected = manifest.source.get("checkpoint_sha256")
+    found = _checkpoint_sha256(source, Path(checkpoint))
+    if expected is not None and found != expected:
+        logger.warning("--torch-checkpoint %s has the engine's architecture and labels but other weights (sha256 "
+                       "differs from the one the engine was built from): the comparison is with another training "
+                       "of the same network", checkpoint)
+
+
+def _checkpoint_sha256(source: Source, checkpoint: Path) -> str | dict[str, str]:
+    """The checkpoint's sha256 as the manifest records it: one digest, or one per fold file of a model folder."""
+    if source.kind == "nnunet-v2":
+        return {f.relative_to(checkpoint).as_posix(): sha256_file(f) for f in source.files}
+    return sha256_file(source.files[0])
+
+
+def _plain(record: Any) -> Any:
+    """A record as JSON data (tuples become lists), so a manifest's and a checkpoint's compare equal."""
+    return json.loads(json.dumps(record, default=str))
+
+
+def _architecture_differences(engine: dict[str, Any], reference: dict[str, Any]) -> list[str]:
+    """`key: engine value vs reference value` for each shaping field of two architecture records."""
+    if engine.get("name") != reference.get("name"):
+        return [f"name: {engine.get('name')!r} vs {reference.get('name')!r}"]
+    a, b = engine.get("config") or {}, reference.get("config") or {}
+    keys = sorted((set(a) | set(b)) - set(_NAMING_FIELDS), key=str)
+    return [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]

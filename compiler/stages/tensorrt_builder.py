@@ -35,16 +35,16 @@ import hashlib
 import json
 import logging
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from nnslim.cache import cache_root
+from nnslim.cache import private_folder, read_entry, write_entry
 from nnslim.compiler.runtime.backends import get_backend
 from nnslim.compiler.stages.artifacts import Artifact, ArtifactJob
+from nnslim.compiler.stages.engine_manifest import shipped_name
 from nnslim.compiler.stages.passes.tensorrt_support import tensorrt_qdq_issues
 from nnslim.errors import NnslimError
 from nnslim.files import sha256_file, write_bytes_atomic
@@ -111,10 +111,6 @@ def cache_key(onnx_sha256: str, tensorrt_version: str, compute_capability: tuple
         "input_shape": list(input_shape),
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
-
-
-def default_cache_dir() -> Path:
-    return cache_root() / "tensorrt"
 
 
 def timing_cache_path(base: Path, tensorrt_version: str, gpu: dict[str, Any]) -> Path:
@@ -192,18 +188,6 @@ def _attach_timing_cache(config: Any, path: Path | None) -> bool:
     return False
 
 
-def _verified_cache_entry(cached: Path) -> bool:
-    """Whether the cache holds `cached` with the sha256 written beside it when it was stored; a
-    damaged or unhashed entry is ignored (and rebuilt), never copied into an engine."""
-    digest = cached.with_suffix(".sha256")
-    if not cached.is_file() or not digest.is_file():
-        return False
-    if sha256_file(cached) != digest.read_text().strip():
-        logger.warning("TensorRT plan cache entry %s does not match its sha256; rebuilding it", cached)
-        return False
-    return True
-
-
 def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, input_name: str,
                input_shape: tuple[int, ...], onnx_sha256: str, cache_dir: Path | None = None,
                timing_cache: Path | None = None) -> dict[str, Any]:
@@ -212,7 +196,8 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, inp
     Args:
         input_shape: `[C, *patch]`, the input without its batch dimension.
         onnx_sha256: hash of `onnx_path` (the cache key's first part).
-        cache_dir: engine cache (default: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt).
+        cache_dir: plan cache (default: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt), a private
+            folder whose entries are checked before use (`nnslim.cache`); skipped when not private.
         timing_cache: base name of the TensorRT timing cache; the file used is keyed by TensorRT
             version and GPU (`timing_cache_path`), read if present and written after a build.
     """
@@ -222,10 +207,11 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, inp
     gpu = gpu_record()
     key = cache_key(onnx_sha256, trt.__version__, tuple(gpu["compute_capability"]), settings, input_shape)
     record = {"version": trt.__version__, **gpu, "settings": asdict(settings), "cache_key": key}
-    cached = (cache_dir or default_cache_dir()) / f"{key}.plan"
-    if _verified_cache_entry(cached):
-        shutil.copyfile(cached, plan_path)
-        logger.info("TensorRT plan taken from the cache (%s)", cached)
+    cache = private_folder("tensorrt", cache_dir)
+    cached = read_entry(cache, key) if cache is not None else None
+    if cached is not None:
+        write_bytes_atomic(plan_path, cached)  # the bytes that were checked, not the file again
+        logger.info("TensorRT plan taken from the cache (%s)", cache)
         return {**record, "cache_hit": True}
 
     flags = network_flags(trt, settings)  # refuses TensorRT 11 + FP16 flag before any GPU work
@@ -242,11 +228,11 @@ def build_plan(onnx_path: Path, plan_path: Path, settings: TrtBuildSettings, inp
         raise TensorRTBuildError("TensorRT failed to build the plan; its log above says why")
     data = bytes(serialized)
     write_bytes_atomic(plan_path, data)
-    write_bytes_atomic(cached, data)
-    write_bytes_atomic(cached.with_suffix(".sha256"), hashlib.sha256(data).hexdigest().encode())
+    if cache is not None:
+        write_entry(cache, key, data)
     if timing_file:
         write_bytes_atomic(timing_file, bytes(config.get_timing_cache().serialize()))
-    timing = {"path": str(timing_file), "loaded": timing_loaded} if timing_file else None
+    timing = {"path": shipped_name(timing_file), "loaded": timing_loaded} if timing_file else None  # no folders
     return {**record, "cache_hit": False, "timing_cache": timing}
 
 

@@ -154,13 +154,18 @@ def test_build_plan_control_flow_on_the_real_classes(factories, tmp_path):
     assert (tmp_path / "engine.plan").read_bytes() == b"PLAN"
     timing_file = timing_cache_path(tmp_path / "trt.cache", trt.__version__, GPU)
     assert timing_file.read_bytes() == b"TIMING" and trt.__version__ in timing_file.name and "sm86" in timing_file.name
-    assert record["cache_hit"] is False and record["timing_cache"] == {"path": str(timing_file), "loaded": False}
+    assert record["cache_hit"] is False and record["timing_cache"] == {"path": timing_file.name, "loaded": False}  # no folders
     assert [name for name, _ in factories.made] == ["Builder", "OnnxParser"]
 
     (tmp_path / "engine.plan").unlink()
     again = _build(tmp_path, TrtBuildSettings(max_batch=2, sparse_weights=True))  # same inputs: the cache
     assert again["cache_hit"] is True and (tmp_path / "engine.plan").read_bytes() == b"PLAN"
     assert len(factories.made) == 2, "a cache hit must not create a builder"
+    (entry,) = (tmp_path / "cache").iterdir()  # one checked entry; a damaged one is rebuilt, never copied
+    entry.write_bytes(entry.read_bytes()[:-1] + b"X")
+    (tmp_path / "engine.plan").unlink()
+    assert _build(tmp_path, TrtBuildSettings(max_batch=2, sparse_weights=True))["cache_hit"] is False
+    assert (tmp_path / "engine.plan").read_bytes() == b"PLAN" and len(factories.made) == 4
 
 
 def test_saved_timing_cache_is_used_and_a_rejected_one_is_replaced(factories, tmp_path, caplog):

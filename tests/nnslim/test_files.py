@@ -31,7 +31,8 @@ def test_a_writer_failing_half_way_leaves_the_old_target_and_nothing_beside_it(t
             with open(tmp, "wb") as f:
                 f.write(b'{"version": 2, "half')  # half the new content, then the writer dies
             raise Interrupted
-    assert seen[0].parent == target.parent and seen[0].name.startswith(".result.json.")
+    assert seen[0].name == "result.json" and seen[0].parent.parent == target.parent
+    assert seen[0].parent.name.startswith(".result.json.nnslim-")
     assert target.read_bytes() == before
     assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
 
@@ -85,3 +86,66 @@ def test_checkpoint_save_failing_mid_write_keeps_the_old_checkpoint(tmp_path):
 def test_json_writer_round_trips(tmp_path):
     path = write_json_atomic(tmp_path / "a" / "b.json", {"x": [1, 2]})
     assert json.loads(path.read_text()) == {"x": [1, 2]}
+
+
+# ---- leftovers of killed runs: swept by nnslim's marker, never by name ---------------------------------
+
+def killed_writer(folder, target_name: str) -> None:
+    """A real process that opens an atomic write of `folder/target_name` and dies by SIGKILL mid-write."""
+    import subprocess
+    import sys
+
+    code = (f"import os, signal\nfrom nnslim.files import atomic_path\n"
+            f"with atomic_path({str(folder / target_name)!r}) as tmp:\n"
+            f"    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGKILL)\n")
+    done = subprocess.run([sys.executable, "-c", code], timeout=60)
+    assert done.returncode == -9
+
+
+def test_the_sweep_removes_akilled_writers_temporary_and_nothing_of_the_users(tmp_path):
+    from nnslim.files import sweep_leftovers
+
+    killed_writer(tmp_path, "seg.nii.gz")
+    (leftover,) = [p for p in tmp_path.iterdir()]
+    assert leftover.name.startswith(".seg.nii.gz.nnslim-")
+    user = {  # hidden things of the user's that look like old-style temporaries, or even copy the marker's name
+        ".brain.nii.gz.20240101.resample.nii.gz": b"user", ".seg.nii.gz.12345.abcdefgh.nii.gz": b"user",
+        ".eng.old-2024/model.onnx": b"backup", ".x.nnslim-abc/.nnslim-temporary": b'{"pid": 99999999, "token": "zzz"}',
+    }
+    for name, data in user.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    removed = sweep_leftovers(tmp_path)
+    assert removed == [leftover] and not leftover.exists()
+    assert all((tmp_path / name).read_bytes() == data for name, data in user.items())
+
+
+def test_a_marked_folder_of_a_live_process_or_another_user_is_kept(tmp_path):
+    from nnslim.files import marked_folder, sweep_leftovers
+
+    with marked_folder(tmp_path, ".work") as folder:
+        (folder / "part").write_bytes(b"x")
+        assert sweep_leftovers(tmp_path) == []  # this process is alive
+        marker = folder / ".nnslim-temporary"
+        os.chown(marker, 12345, 12345)  # a marker this user did not write (the tests run as root)
+        record = json.loads(marker.read_text())
+        marker.write_text(json.dumps({**record, "pid": 999999999}))
+        assert sweep_leftovers(tmp_path) == [] and (folder / "part").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_moved_aside_engine_is_swept_file_by_file(tmp_path):
+    """`.NAME.old-PID-TOKEN` keeps anything its marker does not list."""
+    from nnslim.files import mark, sweep_leftovers
+
+    aside = tmp_path / ".eng.old-1-abcdef"
+    (aside / "sub").mkdir(parents=True)
+    (aside / "model.onnx").write_bytes(b"m")
+    (aside / "sub" / "x").write_bytes(b"x")
+    (aside / "notes.txt").write_bytes(b"the user's")
+    mark(aside, ["model.onnx", "sub/x"])
+    record = json.loads((aside / ".nnslim-temporary").read_text())
+    (aside / ".nnslim-temporary").write_text(json.dumps({**record, "pid": 999999999}))
+    sweep_leftovers(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        ".eng.old-1-abcdef", ".eng.old-1-abcdef/notes.txt"]

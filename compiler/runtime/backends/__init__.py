@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -56,6 +56,10 @@ class OpenRequest:
         threads: CPU threads (0: the backend's default).
         ort_tensorrt: ONNX Runtime CUDA only: put its TensorRT execution provider first.
         manifest: the engine's manifest, for backends whose artifact must match this machine.
+        model_bytes: the bytes of `model_path` that were checked against the manifest's sha256; a
+            backend hands these to its library (never the path again), so a file swapped after
+            the check cannot run. None: the backend reads the path (build-time candidates, and
+            models with external-data files, which their libraries resolve by path).
     """
 
     model_path: Path
@@ -65,6 +69,7 @@ class OpenRequest:
     threads: int = 0
     ort_tensorrt: bool = False
     manifest: EngineManifest | None = None
+    model_bytes: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nnslim.cache import cache_root
+from nnslim.cache import private_folder
 from nnslim.errors import EngineError
 
 if TYPE_CHECKING:
@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def open_session(model_path: str | Path, providers: list, threads: int = 0, where: str = "") -> object:
-    """An ONNX Runtime session with all graph optimizations; load failures become EngineError."""
+def open_session(model_path: str | Path, providers: list, threads: int = 0, where: str = "",
+                 model_bytes: bytes | None = None) -> object:
+    """An ONNX Runtime session with all graph optimizations, from `model_bytes` when given (the
+    verified bytes: the path is not opened again), else from the path; load failures become EngineError."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -32,7 +34,8 @@ def open_session(model_path: str | Path, providers: list, threads: int = 0, wher
     options.intra_op_num_threads = threads
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(model_path), options, providers=providers)
+        return ort.InferenceSession(model_bytes if model_bytes is not None else str(model_path), options,
+                                    providers=providers)
     except Exception as exc:  # onnxruntime raises its own exception types per failure
         raise EngineError(f"ONNX Runtime cannot load {model_path}{where}: {exc}") from exc
 
@@ -44,6 +47,7 @@ class OnnxRuntimePredictor:
         model_path: the ONNX file.
         input_name / output_name: graph I/O names (from the manifest).
         threads: intra-op threads (0: ONNX Runtime's default, one per core).
+        model_bytes: the model's verified bytes (None: read `model_path`).
     """
 
     def __init__(
@@ -53,8 +57,10 @@ class OnnxRuntimePredictor:
         output_name: str = "logits",
         threads: int = 0,
         providers: list[str] | None = None,
+        model_bytes: bytes | None = None,
     ) -> None:
-        self.session = open_session(model_path, providers or ["CPUExecutionProvider"], threads)
+        self.session = open_session(model_path, providers or ["CPUExecutionProvider"], threads,
+                                    model_bytes=model_bytes)
         names = [i.name for i in self.session.get_inputs()]
         if input_name not in names:
             raise EngineError(f"{model_path} has inputs {names}, expected {input_name!r}")
@@ -91,6 +97,7 @@ class OnnxRuntimeGpuPredictor:
         tensorrt: bool = False,
         cache_dir: Path | None = None,
         fp16: bool = False,
+        model_bytes: bytes | None = None,
     ) -> None:
         import onnxruntime as ort
         import torch
@@ -103,14 +110,13 @@ class OnnxRuntimeGpuPredictor:
             )
         providers: list = [("CUDAExecutionProvider", {"device_id": device})]
         if tensorrt:
-            cache = Path(cache_dir or cache_root() / "ort-tensorrt")
-            cache.mkdir(parents=True, exist_ok=True)
-            providers.insert(0, ("TensorrtExecutionProvider", {
-                "device_id": device, "trt_fp16_enable": fp16,
-                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache),
-            }))
-        self.session = open_session(model_path, providers, where=" on the GPU")
+            # the provider's engine cache is ONNX Runtime's and is not hash-checked: keep it in a private folder, or off
+            cache = Path(cache_dir) if cache_dir else private_folder("ort-tensorrt")
+            cached = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                      "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)} if cache else {}
+            providers.insert(0, ("TensorrtExecutionProvider", {"device_id": device, "trt_fp16_enable": fp16,
+                                                               **cached}))
+        self.session = open_session(model_path, providers, where=" on the GPU", model_bytes=model_bytes)
         self.providers = self.session.get_providers()
         self._refuse_fallback(model_path, [name for name, _ in providers], self.providers)
         self.input_name, self.output_name = input_name, output_name
@@ -152,9 +158,11 @@ class OnnxRuntimeGpuPredictor:
 
 
 def open_cpu(request: OpenRequest) -> OnnxRuntimePredictor:
-    return OnnxRuntimePredictor(request.model_path, request.input_name, request.output_name, threads=request.threads)
+    return OnnxRuntimePredictor(request.model_path, request.input_name, request.output_name, threads=request.threads,
+                                model_bytes=request.model_bytes)
 
 
 def open_cuda(request: OpenRequest) -> OnnxRuntimeGpuPredictor:
     return OnnxRuntimeGpuPredictor(request.model_path, request.input_name, request.output_name,
-                                   tensorrt=request.ort_tensorrt, fp16=request.precision == "fp16")
+                                   tensorrt=request.ort_tensorrt, fp16=request.precision == "fp16",
+                                   model_bytes=request.model_bytes)

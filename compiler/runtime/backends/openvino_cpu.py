@@ -6,12 +6,16 @@
 - int8: the Q/DQ graph; OpenVINO fuses Q/DQ pairs into int8 convolutions and runs the layers left
   in float in bf16 where the CPU has it, else fp32.
 
-Compiled models are cached by OpenVINO itself (`CACHE_DIR`), under a folder keyed by the model
-file's sha256, so a second `infer` on the same engine skips compilation.
+Compiled models are cached by nnslim, not by OpenVINO's `CACHE_DIR` (whose blobs OpenVINO loads
+unchecked): the compiled model is exported once into a private cache entry keyed by the model's
+sha256, the OpenVINO version, the CPU and the settings, and later runs import the entry's bytes
+after nnslim has checked them (`nnslim.cache`). A missing or damaged entry only costs a compile.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 from functools import lru_cache
@@ -20,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nnslim.cache import cache_root
+from nnslim.cache import entry_key, private_folder, read_entry, write_entry
 from nnslim.errors import EngineError
 from nnslim.extras import installed
 from nnslim.files import sha256_file
@@ -79,13 +83,15 @@ class OpenVinoPredictor:
         model_path: the engine's ONNX file (the fp32 graph, or the Q/DQ int8 graph).
         precision: "fp32", "bf16" or "int8" (see the module docstring).
         threads: inference threads (0: OpenVINO's default, one per physical core).
-        cache_dir: OpenVINO's model cache (None: no cache).
+        cache_dir: a private folder for the compiled model (`nnslim.cache.private_folder`; None: none).
         performance_hint: "LATENCY" (one stream) or "THROUGHPUT" (several streams).
+        model_bytes: the model file's bytes, already verified (None: read `model_path`); what runs
+            is then exactly what was hashed.
     """
 
     def __init__(self, model_path: str | Path, input_name: str = "image", output_name: str = "logits",
                  precision: str = "fp32", threads: int = 0, cache_dir: Path | None = None,
-                 performance_hint: str = "LATENCY") -> None:
+                 performance_hint: str = "LATENCY", model_bytes: bytes | None = None) -> None:
         if precision == "bf16" and not cpu_has_bf16():
             raise EngineError(f"OpenVINO bf16 needs a CPU with bf16 arithmetic (AVX512_BF16 or AMX); this one has "
                               f"{cpu_record().get('openvino_capabilities')}; use precision fp32 or int8")
@@ -96,13 +102,7 @@ class OpenVinoPredictor:
         config: dict[str, Any] = {"PERFORMANCE_HINT": performance_hint, "INFERENCE_PRECISION_HINT": reduced}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
-        if cache_dir is not None:
-            Path(cache_dir).mkdir(parents=True, exist_ok=True)
-            config["CACHE_DIR"] = str(cache_dir)
-        try:
-            self.compiled = core.compile_model(core.read_model(str(model_path)), "CPU", config)
-        except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for any failure
-            raise EngineError(f"OpenVINO cannot compile {model_path}: {exc}") from exc
+        self.compiled = _compiled(core, model_path, model_bytes, config, cache_dir)
         names = {name for port in self.compiled.inputs for name in port.get_names()}
         if input_name not in names:
             raise EngineError(f"{model_path} has inputs {sorted(names)}, expected {input_name!r}")
@@ -123,13 +123,40 @@ class OpenVinoPredictor:
         return result[self.output]
 
 
+def _compiled(core: Any, model_path: str | Path, model_bytes: bytes | None, config: dict[str, Any],
+              cache_dir: Path | None) -> Any:
+    """The compiled model: imported from a checked cache entry, else compiled (and stored)."""
+    import openvino as ov
+
+    model_sha = hashlib.sha256(model_bytes).hexdigest() if model_bytes is not None else sha256_file(model_path)
+    record = cpu_record()
+    key = entry_key("openvino", ov.__version__, record.get("name"), record.get("openvino_capabilities"),
+                    model_sha, sorted(config.items()))
+    blob = read_entry(cache_dir, key) if cache_dir is not None else None
+    if blob is not None:
+        try:
+            return core.import_model(blob, "CPU", config)
+        except Exception as exc:  # an entry from another OpenVINO build: compile afresh and replace it
+            logger.warning("OpenVINO could not import its cached model (%s); compiling again", exc)
+    try:
+        model = core.read_model(model_bytes) if model_bytes is not None else core.read_model(str(model_path))
+        compiled = core.compile_model(model, "CPU", config)
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own for any failure
+        raise EngineError(f"OpenVINO cannot compile {model_path}: {exc}") from exc
+    if cache_dir is not None:
+        stream = io.BytesIO()
+        compiled.export_model(stream)
+        write_entry(cache_dir, key, stream.getvalue())
+    return compiled
+
+
 def precisions() -> tuple[str, ...]:
     """What OpenVINO runs on this CPU: bf16 only where the CPU has bf16 arithmetic."""
     return ("fp32", "bf16", "int8") if cpu_has_bf16() else ("fp32", "int8")
 
 
 def open_cpu(request: OpenRequest) -> OpenVinoPredictor:
-    """The engine's graph compiled for this CPU, cached under the model file's sha256."""
-    cache = cache_root() / "openvino" / sha256_file(Path(request.model_path))[:16]
+    """The engine's graph compiled for this CPU, through nnslim's private, checked cache."""
     return OpenVinoPredictor(request.model_path, request.input_name, request.output_name,
-                             precision=request.precision, threads=request.threads, cache_dir=cache)
+                             precision=request.precision, threads=request.threads,
+                             cache_dir=private_folder("openvino"), model_bytes=request.model_bytes)

@@ -122,7 +122,8 @@ def open_plan(request: OpenRequest) -> TensorRTPredictor:
                           f"{rebuild} --backend onnxruntime")
     if manifest is not None:
         check_compatibility(manifest.tensorrt, trt.__version__, tuple(gpu_record()["compute_capability"]), rebuild)
-    return TensorRTPredictor(request.model_path, request.input_name, request.output_name)
+    return TensorRTPredictor(request.model_path, request.input_name, request.output_name,
+                             plan=request.model_bytes)
 
 
 
@@ -135,7 +136,9 @@ class TensorRTPredictor:
     as if it had been computed on torch's current stream.
     """
 
-    def __init__(self, plan_path: Path, input_name: str, output_name: str, device: int = 0) -> None:
+    def __init__(self, plan_path: Path, input_name: str, output_name: str, device: int = 0,
+                 plan: bytes | None = None) -> None:
+        """`plan`: the plan's verified bytes (None: read `plan_path`)."""
         import torch
 
         trt = import_tensorrt()
@@ -144,7 +147,8 @@ class TensorRTPredictor:
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = create(trt.Runtime, self._logger)
         with torch.cuda.device(self.device):
-            self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+            self.engine = self._runtime.deserialize_cuda_engine(
+                plan if plan is not None else Path(plan_path).read_bytes())
             if self.engine is None:
                 raise EngineError(f"TensorRT cannot deserialize {plan_path}; rebuild the engine on this machine")
             self.context = self.engine.create_execution_context()

@@ -45,9 +45,8 @@ def segment_files(
 ) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
 
-    What would lose data is refused before the first case runs (`plan`): no output may be
-    an input, and existing outputs need an explicit choice. Each case's header is checked (sane
-    voxel sizes, a memory need the machine can meet) before its voxels are read.
+    What would lose data is refused before the first case runs (`plan`): no output may be an input,
+    and existing outputs need an explicit choice. Each case's header is checked before its voxels.
 
     Args:
         engine: the loaded engine (its spec drives preprocessing and the window).
@@ -56,10 +55,10 @@ def segment_files(
         options: window and TTA settings.
         predictor: run this instead of the engine's own (e.g. PyTorch, for parity).
         existing: folder mode, outputs that already exist: "refuse" (default), "overwrite"
-            (replaced, each logged) or "continue" (those cases are skipped).
-        on_case: called with each case's result as soon as it is written (or has failed), in case
-            order, one at a time (from a writer thread with overlapped I/O; not for cases --continue
-            skips).
+            (replaced, each logged; a case that fails loses its earlier output too) or "continue"
+            (those cases are skipped; refused for a single case, like a `part`: `plan.OptionConflict`).
+        on_case: called with each case's result once written (or failed), in case order, one at a
+            time (from a writer thread with overlapped I/O; not for cases --continue skips).
         part: `(part_id, num_parts)`: this process's share of a folder (`plan.plan_and_skip`).
         batch: overlapped I/O, probabilities, previews and the JSONL log (`batch.BatchOptions`).
 
@@ -69,7 +68,8 @@ def segment_files(
     inputs, output = [Path(p) for p in inputs], Path(output)
     plans, skipped = plan_and_skip(inputs, output, existing, part)
     folder = any(p.target != output for p in [*plans, *skipped])  # outputs inside OUTPUT (a DICOM folder is one case)
-    cases = CaseStages(engine.spec, predictor or engine.predictor, options, batch, previews_folder(output, folder, batch))
+    cases = CaseStages(engine.spec, predictor or engine.predictor, options, batch, previews_folder(output, folder, batch),
+                       replace=folder and existing == "overwrite")
     if folder and existing == "refuse":
         cases.refuse_existing(plans)
     every = [*plans, *skipped]

@@ -6,6 +6,11 @@
 - `compute`: the sliding window (`segmentation.segment_prepared`), with probabilities if asked.
 - `write`: probabilities (`CASE.npz`) and the preview first, the label map last, each atomically:
   an existing label map means the whole case was written, which is what `--continue` relies on.
+  A write that fails removes what it had written of its case.
+
+A case that fails has no output. Under `--overwrite` that includes the output an earlier run left:
+the user consented to replacing it, and kept beside this run's results it would pass for one of
+them (and `--continue` would skip the case); the failure's message says it was removed.
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from nnslim.compiler.runtime.segmentation import (
     window_config,
 )
 from nnslim.compiler.runtime.volumes.header import Geometry
-from nnslim.compiler.runtime.volumes.layout import beside
+from nnslim.compiler.runtime.volumes.layout import beside, printable
 from nnslim.compiler.runtime.volumes.volume import load_volume, save_segmentation
 
 logger = logging.getLogger(__name__)
@@ -94,8 +99,9 @@ class CaseStages:
     """The stages of one engine's cases, and the preview index entries of those reported."""
 
     def __init__(self, spec: ModelSpec, predictor: Predictor,
-                 options: InferenceOptions, batch: BatchOptions, previews: Path | None) -> None:
-        self.spec = spec
+                 options: InferenceOptions, batch: BatchOptions, previews: Path | None, replace: bool = False) -> None:
+        """`replace`: existing outputs are being replaced (folder mode, --overwrite): a failed case's are removed."""
+        self.spec, self.replace = spec, replace
         self.predictor, self.options, self.batch, self.previews = predictor, options, batch, previews
         self.passes = 2 ** len(window_config(spec, options).mirror_axes)  # also fails early on a bad batch
         self.index: list[dict[str, Any]] = []
@@ -128,7 +134,9 @@ class CaseStages:
                              "--overwrite to replace them or write to another output folder")
 
     def read(self, plan: CasePlan) -> _Read:
-        check_case_fits(plan, self.spec, self.spec.patch_size)  # headers only, before allocating
+        if plan.problem:
+            raise InputError(plan.problem)
+        check_case_fits(plan, self.spec)  # headers only, before allocating
         volume = load_volume(plan.files, self.spec.in_channels)
         image = np.array(volume.data[0]) if self.previews is not None else None
         return _Read(volume.name, volume.geometry, volume.spacing, image, prepare_volume(volume, self.spec))
@@ -143,17 +151,47 @@ class CaseStages:
         result = CaseResult(name=computed.name, output=plan.target, shape=labels.shape, seconds=0.0,
                             tiles=report.evaluated * self.passes, windows=report.to_dict(),
                             label_voxels=self._label_voxels(labels))
-        if computed.segmentation.probabilities is not None:
-            result.probabilities = save_probabilities(computed.segmentation.probabilities,
-                                                      beside(plan.target, PROBABILITIES_SUFFIX))
-        result.preview = self._preview(plan, computed)
-        result.output = save_segmentation(labels, computed.geometry, plan.target)
+        try:
+            if computed.segmentation.probabilities is not None:
+                result.probabilities = save_probabilities(computed.segmentation.probabilities,
+                                                          beside(plan.target, PROBABILITIES_SUFFIX))
+            result.preview = self._preview(plan, computed)
+            result.output = save_segmentation(labels, computed.geometry, plan.target)
+        except BaseException:  # a failed case has no output: not half of one either
+            for path in (result.probabilities, result.preview):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+            raise
         logger.info("%s -> %s", computed.name, result.output)
         return result
 
     def failed(self, plan: CasePlan, exc: BaseException) -> CaseResult:
+        """The failed case's result; under `replace`, its earlier outputs are removed (module docstring)."""
+        error = f"{type(exc).__name__}: {exc}"
+        removed = self._remove_earlier_outputs(plan) if self.replace else ""
         return CaseResult(name=plan.name, output=plan.target, shape=(), seconds=0.0, tiles=0,
-                          error=f"{type(exc).__name__}: {exc}", status="failed")
+                          error=error + removed, status="failed")
+
+    def _remove_earlier_outputs(self, plan: CasePlan) -> str:
+        """Remove what an earlier run wrote for a case that failed now; what to add to its error."""
+        removed, kept = [], []
+        for path in self.outputs([plan]):
+            if not (path.is_file() or path.is_symlink()):
+                continue
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError as exc:
+                kept.append(f"{path.name} ({exc.strerror or exc})")
+        note = ""
+        if removed:
+            names = ", ".join(map(printable, removed))
+            note += (f"; its earlier output ({names}) was removed, as --overwrite allowed, so that no earlier "
+                     "result stands in for it")
+        if kept:
+            note += (f"; its earlier output could not be removed: {', '.join(map(printable, kept))}: delete it "
+                     "before using this folder")
+        return note
 
     def skipped(self, plan: CasePlan) -> CaseResult:
         return CaseResult(name=plan.name, output=plan.target, shape=(), seconds=0.0, tiles=0, status="skipped")

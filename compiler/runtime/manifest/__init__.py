@@ -17,11 +17,12 @@ from nnslim.compiler.runtime.manifest.records import (
     rebuild_hint,
 )
 from nnslim.compiler.runtime.manifest.schema import ManifestError, TamperedEngineError, parse_manifest
-from nnslim.compiler.runtime.manifest.verify import inside, load_manifest, manifest_digest, verify_files
+from nnslim.compiler.runtime.manifest.verify import inside, load_manifest, manifest_digest, read_verified, verify_files
 
 __all__ = [
     "FORMAT", "FORMAT_VERSION", "MANIFEST", "CandidateRecord", "EngineManifest", "FileRecord", "IORecord",
     "ManifestError", "ModelSpec", "ParityRecord", "SelectionRecord", "TamperedEngineError", "TensorRTRecord",
     "TensorRecord", "Tolerance", "inside", "load_manifest", "manifest_digest", "parse_manifest", "rebuild_hint",
+    "read_verified",
     "verify_files",
 ]

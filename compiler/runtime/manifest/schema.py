@@ -2,7 +2,8 @@
 
 `parse_manifest` checks the required keys, their types and sane ranges (patch, batch, channels,
 classes, spacing, mirror axes, label names against the number of output heads, region class
-order, the runtime choices the build recorded). A garbled manifest gives one `ManifestError`
+order (distinct labels of the engine: the dataset's label values the build recorded, else 1..heads),
+the runtime choices the build recorded). A garbled manifest gives one `ManifestError`
 naming the key, the value seen and the fix. Keys this nnslim does not know are allowed and kept
 (`EngineManifest.extra`), so newer builds can add records.
 """
@@ -12,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any
+from typing import Any, Callable
 
 from nnslim.compiler.runtime.manifest.records import (
     FORMAT,
@@ -89,6 +91,22 @@ class _Reader:
         return float(value)
 
 
+def parse_json(data: bytes, source: Path | str, error: Callable[[str], Exception], hint: str) -> Any:
+    """The JSON value of a file's bytes (a manifest, an nnU-Net plans.json or dataset.json), or
+    `error` naming the file (`source`) and what is wrong with it: not UTF-8 text, not JSON, or
+    nested deeper than Python's reader follows (a 200,000-deep `[[[...` would end in a RecursionError)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise error(f"{source} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}), so not valid JSON; "
+                    f"{hint}") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{source} is not valid JSON ({exc}); {hint}") from exc
+    except RecursionError:
+        raise error(f"{source} nests JSON more than about {sys.getrecursionlimit()} levels deep, which no file "
+                    f"nnslim reads does; {hint}") from None
+
+
 def parse_manifest(raw: Any, source: Path | str = MANIFEST) -> EngineManifest:
     """Check the schema of a decoded manifest (module docstring) and return it as records."""
     if not isinstance(raw, dict):
@@ -148,6 +166,17 @@ def _postprocessing(r: _Reader, num_classes: int) -> dict[str, Any]:
         raise r.fail("postprocessing.class_order", order, f"one label value per output head ({num_classes})")
     for value in order:
         r.integer("postprocessing.class_order[]", value, 1, MAX_CLASSES)
+    recorded = r.get("postprocessing.label_values", list, optional=True)
+    if recorded is not None:  # the dataset's labels, recorded by the build
+        allowed = {r.integer("postprocessing.label_values[]", v, 1, MAX_CLASSES) for v in recorded}
+        expected = f"one of the engine's label values {sorted(allowed)} (postprocessing.label_values)"
+    else:  # one label per head: nnU-Net numbers a region-based dataset's labels 1..regions
+        allowed, expected = set(range(1, num_classes + 1)), f"a label value in [1, {num_classes}], one per output head"
+    for value in order:
+        if value not in allowed:
+            raise r.fail("postprocessing.class_order[]", value, expected)
+    if len(set(order)) != len(order):
+        raise r.fail("postprocessing.class_order", order, "distinct label values, one per output head")
     return post
 
 

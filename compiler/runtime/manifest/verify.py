@@ -17,12 +17,18 @@ itself, which a deployment can pin to detect that too.
 
 from __future__ import annotations
 
-import json
+import hashlib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from nnslim.compiler.runtime.manifest.records import MANIFEST, EngineManifest, rebuild_hint
-from nnslim.compiler.runtime.manifest.schema import ManifestError, TamperedEngineError, check_relative, parse_manifest
+from nnslim.compiler.runtime.manifest.schema import (
+    ManifestError,
+    TamperedEngineError,
+    check_relative,
+    parse_json,
+    parse_manifest,
+)
 from nnslim.errors import EngineError
 from nnslim.extras import installed
 from nnslim.files import sha256_file
@@ -33,19 +39,20 @@ def manifest_digest(engine_dir: str | Path) -> str:
     return sha256_file(Path(engine_dir) / MANIFEST)
 
 
-def load_manifest(engine_dir: str | Path, verify: bool = True) -> EngineManifest:
-    """Load, validate and (by default) verify `engine_dir/manifest.json`."""
+def load_manifest(engine_dir: str | Path, verify: bool = True, expected_sha256: str | None = None) -> EngineManifest:
+    """Load, validate and (by default) verify `engine_dir/manifest.json`; with `expected_sha256` (a
+    pin), the manifest's bytes are read once, hashed and parsed from those same bytes."""
     engine_dir = Path(engine_dir)
     path = engine_dir / MANIFEST
     if not engine_dir.is_dir():
         raise EngineError(f"engine directory not found: {engine_dir}")
     if not path.is_file():
         raise EngineError(f"{engine_dir} has no {MANIFEST}; it is not a complete engine directory; {rebuild_hint()}")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path} is not valid JSON ({exc}); {rebuild_hint()}") from exc
-    manifest = parse_manifest(raw, path)
+    data = path.read_bytes()
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256.strip().lower():
+        raise TamperedEngineError(f"{path} has sha256 {hashlib.sha256(data).hexdigest()}, not the pinned "
+                                  f"{expected_sha256}; the engine was changed since it was pinned: rebuild or re-pin it")
+    manifest = parse_manifest(parse_json(data, path, ManifestError, rebuild_hint()), path)
     if verify:
         verify_files(engine_dir, manifest)
     return manifest
@@ -130,3 +137,23 @@ def _tensors(graph: Any) -> list[Any]:
             for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
                 tensors += _tensors(sub)
     return tensors
+
+
+def read_verified(engine_dir: str | Path, manifest: EngineManifest, name: str) -> bytes | None:
+    """The bytes of the engine's file `name`, read once and checked against its manifest record:
+    hand these to the runtime library, so that what runs is what was hashed (a file swapped after
+    `verify_files` cannot run). None for a model with external-data files, which ONNX Runtime and
+    OpenVINO resolve by path beside it (those are verified, but opened again by path)."""
+    engine_dir, hint = Path(engine_dir), manifest.rebuild_hint()
+    record = manifest.files.get(PurePosixPath(name).as_posix())
+    if record is None:
+        raise TamperedEngineError(f"{engine_dir / name} is not listed with a sha256 in `files`; the engine is "
+                                  f"tampered with or damaged; {hint}")
+    if record.external_data:
+        return None
+    with open(inside(engine_dir, name, hint), "rb") as f:
+        data = f.read(record.bytes + 1)
+    if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+        raise TamperedEngineError(f"{engine_dir / name} does not match the sha256 in the manifest (modified, "
+                                  f"truncated or swapped): the engine is tampered with or damaged; {hint}")
+    return data

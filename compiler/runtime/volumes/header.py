@@ -21,6 +21,7 @@ from nnslim.compiler.runtime.safety import MAX_SPACING_MM, require_fits
 from nnslim.errors import InputError
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+DIRECTION_TOLERANCE = 1e-3  # |D @ D.T - I|: directions stored as text keep about 6 digits
 _LPS = np.diag([-1.0, -1.0, 1.0])  # RAS (nibabel) <-> LPS (ITK): x and y change sign
 
 
@@ -91,6 +92,31 @@ def check_dimensions(shape: tuple[int, ...], zooms: Any, channels: int, path: Pa
                          f"(0, {MAX_SPACING_MM:g}] mm; fix the header (pixdim, spacing) before inference")
     require_fits(math.prod(shape) * channels * 4.0, f"reading {path} (shape {shape}, {channels} channel(s), float32)",
                  "check that the header's dimensions are right")
+
+
+def check_real_dtype(dtype: Any, path: Path) -> None:
+    """Voxels a network can take: real numbers (integers, floats, booleans). Converting a complex
+    image to float32 keeps its real part without a word (and an RGB or record type fails deep in
+    numpy), so anything else is refused before the voxels are read."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        kind = "complex" if dtype.kind == "c" else "non-scalar (e.g. RGB) or non-numeric"
+        raise InputError(f"{path} holds {kind} voxels ({dtype}); nnslim segments real-valued intensities: convert "
+                         "the image first (e.g. its magnitude, abs(), for complex MR data) and save it as float32")
+
+
+def check_direction(direction: Any, path: Path, tolerance: float = DIRECTION_TOLERANCE) -> None:
+    """An ITK direction matrix must be a rotation or reflection: unit axes at right angles. A scaled or
+    sheared one puts voxels where the label map's readers will not (voxel size belongs in the spacing)."""
+    values = [float(v) for v in direction]
+    size = math.isqrt(len(values))
+    matrix = np.asarray(values, dtype=np.float64).reshape(size, size)
+    error = float(np.abs(matrix @ matrix.T - np.eye(size)).max()) if np.isfinite(matrix).all() else math.inf
+    if not error <= tolerance:
+        shown = "[" + ", ".join("[" + ", ".join(f"{v:.6g}" for v in row) + "]" for row in matrix) + "]"
+        raise InputError(f"{path} has direction matrix {shown}, which is not orthonormal (D @ D.T differs from the "
+                         f"identity by {error:.3g}, more than {tolerance:g}); fix the header's direction (TransformMatrix, "
+                         "space directions) to unit axes at right angles, with the voxel size in the spacing")
 
 
 def check_values(data: np.ndarray, path: Path) -> None:

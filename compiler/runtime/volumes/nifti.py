@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from nnslim.compiler.runtime.volumes.header import Geometry, VolumeHeader, check_dimensions
+from nnslim.compiler.runtime.volumes.header import Geometry, VolumeHeader, check_dimensions, check_real_dtype
 from nnslim.errors import InputError
 from nnslim.files import atomic_path
 
@@ -63,6 +63,7 @@ def _load(path: Path) -> nib.Nifti1Image:
     except Exception as exc:  # nibabel raises several types for corrupt or foreign files
         raise InputError(f"cannot read {path} as NIfTI ({type(exc).__name__}: {exc})") from exc
     check_dimensions(tuple(int(s) for s in image.shape), _raw_zooms(image), 1, path)
+    check_real_dtype(image.get_data_dtype(), path)
     return image
 
 

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nnslim.compiler.runtime.volumes.header import Geometry, SitkReference, VolumeHeader, check_dimensions
+from nnslim.compiler.runtime.volumes.header import (
+    Geometry,
+    SitkReference,
+    VolumeHeader,
+    check_dimensions,
+    check_direction,
+    check_real_dtype,
+)
 from nnslim.compiler.runtime.volumes.readers import VOLUME_SUFFIXES
 from nnslim.errors import InputError
 from nnslim.files import atomic_path
@@ -93,6 +100,9 @@ def header(path: Path) -> VolumeHeader:
         spacing = spacing[:2] + [spacing[2] if len(spacing) > 2 else 1.0]
     shape, channels = tuple(int(s) for s in size), int(reader.GetNumberOfComponents())
     check_dimensions(shape, spacing, channels, path)
+    complex_types = {sitk.sitkComplexFloat32: np.complex64, sitk.sitkComplexFloat64: np.complex128}
+    check_real_dtype(complex_types.get(reader.GetPixelID(), np.float32), path)
+    check_direction(reader.GetDirection(), path)
     return VolumeHeader(path, shape, tuple(float(s) for s in spacing), channels)
 
 
@@ -114,7 +124,9 @@ def read(path: Path) -> tuple[list[np.ndarray], Geometry]:
     if image.GetDimension() != 3:
         raise InputError(f"{path} is a {image.GetDimension()}D image of size {image.GetSize()}; expected a 3D "
                          "volume (multi-channel: one file per channel, CASE_0000, CASE_0001, ...)")
+    check_direction(image.GetDirection(), path)  # a DICOM series' direction comes from all its slices
     array = sitk.GetArrayViewFromImage(image)  # [Z, Y, X] or [Z, Y, X, components]
+    check_real_dtype(array.dtype, path)
     if array.ndim == 3:
         array = array[..., None]
     channels = [np.ascontiguousarray(array[..., c].transpose(2, 1, 0), dtype=np.float32)

@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from nnslim.compiler.runtime.safety import pid_alive
-from nnslim.compiler.runtime.volumes.header import Geometry, VolumeHeader, check_values
+from nnslim.compiler.runtime.volumes.header import Geometry, VolumeHeader, check_real_dtype, check_values
 from nnslim.compiler.runtime.volumes.layout import case_name
-from nnslim.compiler.runtime.volumes.readers import AUTO, WRITE_SUFFIXES, reader_for, writer_for
+from nnslim.compiler.runtime.volumes.readers import AUTO, reader_for, writer_for
 from nnslim.errors import InputError
+from nnslim.files import sweep_leftovers
 
 logger = logging.getLogger(__name__)
-
-_TEMP = re.compile(r"^\.(?P<target>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}(?P<suffix>(\.[^.]+)*)$")
-
 
 @dataclass
 class Volume:
@@ -112,7 +108,9 @@ def volume_from_array(image: np.ndarray, spacing: tuple[float, ...], expected_ch
     numpy or torch, with `spacing` in mm along the array axes; checked like a file's voxels."""
     from nnslim.compiler.runtime.volumes.nifti import from_array_geometry
 
-    data = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image, dtype=np.float32)
+    data = np.asarray(image.detach().cpu().numpy() if hasattr(image, "detach") else image)
+    check_real_dtype(data.dtype, Path(name))
+    data = data.astype(np.float32, copy=False)
     if data.ndim == 3:
         data = data[None]
     if data.ndim != 4 or data.shape[0] != expected_channels:
@@ -139,15 +137,6 @@ def save_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path) 
 
 
 def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove `.NAME.PID.XXXXXXXX.nii.gz` (or `.mha`, `.nrrd`, ...) temporaries (`nnslim.files.atomic_path`)
-    left in `folder` by processes that are gone."""
-    removed = []
-    for path in Path(folder).glob(".*"):
-        match = _TEMP.match(path.name)
-        if (match and match["suffix"] and match["suffix"].endswith(WRITE_SUFFIXES)
-                and match["target"].endswith(match["suffix"]) and path.is_file() and not path.is_symlink()
-                and not pid_alive(int(match["pid"]))):
-            path.unlink(missing_ok=True)
-            logger.info("removed %s, a partial output of an interrupted run (process %s is gone)", path, match["pid"])
-            removed.append(path)
-    return removed
+    """Remove the temporaries of outputs (`nnslim.files.atomic_path`) that killed runs left in
+    `folder`: only marked folders of nnslim's whose process is gone, never a file by its name."""
+    return sweep_leftovers(folder)

@@ -112,26 +112,41 @@ def test_a_failed_build_leaves_nothing(tmp_path):
     assert json.loads((out / MANIFEST).read_text())["tag"] == "old" and siblings(out) == []
 
 
-def test_leftovers_of_dead_processes_are_cleaned_and_live_ones_kept(tmp_path):
+def test_leftovers_are_swept_by_nnslims_marker_never_by_name(tmp_path):
+    """Marked folders of dead processes go; a live process's, and anything of the user's named like a
+    leftover (a backup `.tiny.old-2024/`, an unmarked `.tiny.building-PID`), stay."""
+    from nnslim.files import mark
+
     out = tmp_path / "tiny"
     gone, alive = dead_pid(), os.getppid()
-    for name in (f".tiny.building-{gone}", f".tiny.old-{gone}", f".tiny.building-{alive}", f".other.building-{gone}"):
+    for name, pid in ((".tiny.building-1-aaaaaa", gone), (".tiny.old-1-bbbbbb", gone), (".tiny.building-2-cccccc", alive)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.onnx").write_text("partial")
+        mark(folder)
+        record = json.loads((folder / ".nnslim-temporary").read_text())
+        (folder / ".nnslim-temporary").write_text(json.dumps({**record, "pid": pid}))
+    for name in (".tiny.old-2024", f".tiny.building-{gone}"):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "model.onnx").write_text("partial")
+        (tmp_path / name / "model.onnx").write_text("the user's")
     removed = clean_stale(out)
-    assert sorted(p.name for p in removed) == [f".tiny.building-{gone}", f".tiny.old-{gone}"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f".other.building-{gone}", f".tiny.building-{alive}"]
+    assert sorted(p.name for p in removed) == [".tiny.building-1-aaaaaa", ".tiny.old-1-bbbbbb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".tiny.building-{gone}", ".tiny.building-2-cccccc",
+                                                          ".tiny.old-2024"]
 
 
 def _race(out, tag, barrier, results):
-    staging = out.parent / f".{out.name}.building-{os.getpid()}"
-    fake_engine(staging, tag=tag)
-    barrier.wait()
-    try:
-        replace_dir(staging, out)
-        results.put((tag, "ok"))
-    except EngineDirError as exc:
-        results.put((tag, str(exc)))
+    from nnslim.files import staging_folder
+
+    with staging_folder(out, "building") as staging:
+        staging.rmdir()
+        fake_engine(staging, tag=tag)
+        barrier.wait()
+        try:
+            replace_dir(staging, out)
+            results.put((tag, "ok"))
+        except EngineDirError as exc:
+            results.put((tag, str(exc)))
 
 
 @pytest.mark.parametrize("start", ["absent", "engine"])
@@ -172,7 +187,8 @@ def test_a_build_killed_mid_way_is_swept_by_the_next_one(tmp_path):
     assert child.stdout.readline().strip() == "staged"
     child.kill()  # SIGKILL: no cleanup code runs
     child.wait()
-    assert siblings(out) == [f".tiny.building-{child.pid}"] and not out.exists()
+    (leftover,) = siblings(out)
+    assert leftover.startswith(f".tiny.building-{child.pid}-") and not out.exists()
     with staging_dir(out) as staging:
         (staging / "model.opt.onnx").write_text("new")
     assert siblings(out) == [] and (out / "model.opt.onnx").read_text() == "new"

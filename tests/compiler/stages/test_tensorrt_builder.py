@@ -148,18 +148,3 @@ def test_plan_with_a_mismatched_manifest_is_refused(checkpoint_path, tmp_path):
     (tmp_path / "e" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(EngineError, match="built with TensorRT 9.0.0"):
         load_engine(tmp_path / "e")
-
-
-def test_a_cached_plan_is_reused_only_when_its_sha256_matches(tmp_path):
-    import hashlib
-
-    from nnslim.compiler.stages.tensorrt_builder import _verified_cache_entry
-
-    plan = tmp_path / "key.plan"
-    assert not _verified_cache_entry(plan)  # nothing cached
-    plan.write_bytes(b"serialized plan")
-    assert not _verified_cache_entry(plan)  # no hash stored with it: not trusted
-    plan.with_suffix(".sha256").write_text(hashlib.sha256(b"serialized plan").hexdigest())
-    assert _verified_cache_entry(plan)
-    plan.write_bytes(b"serialized plan, damaged")
-    assert not _verified_cache_entry(plan)  # a damaged entry is rebuilt, never copied into an engine

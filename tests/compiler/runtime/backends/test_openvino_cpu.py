@@ -6,7 +6,6 @@ max |logit error| <= 1e-3 of the largest logit and argmax agreement >= 0.9999.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ import torch
 
 from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
 from nnslim.errors import EngineError
-from nnslim.files import sha256_file
 from nnslim.compiler.runtime.backends.openvino_cpu import OpenVinoPredictor, cpu_has_bf16, cpu_has_vnni, cpu_record
 from nnslim.compiler.runtime.precision import get_precision
 
@@ -90,11 +88,22 @@ def test_compiled_models_are_cached_where_asked(demo_graphs, tmp_path):
     np.testing.assert_array_equal(second, first)
 
 
-def test_backend_table_caches_under_nnslim_cache_keyed_by_the_model(demo_graphs, tmp_path, monkeypatch):
-    monkeypatch.setenv("NNSLIM_CACHE", str(tmp_path))
-    open_predictor("openvino", OpenRequest(demo_graphs.fp32))(demo_graphs.tiles[:1])
-    keyed = tmp_path / "openvino" / sha256_file(Path(demo_graphs.fp32))[:16]
-    assert keyed.is_dir() and any(keyed.iterdir())
+def test_backend_table_caches_in_a_private_folder_one_checked_entry_per_model_and_settings(demo_graphs, tmp_path,
+                                                                                           monkeypatch):
+    import stat
+
+    monkeypatch.setenv("NNSLIM_CACHE", str(tmp_path / "cache"))
+    first = open_predictor("openvino", OpenRequest(demo_graphs.fp32))(demo_graphs.tiles[:1])
+    folder = tmp_path / "cache" / "openvino"
+    (entry,) = folder.iterdir()
+    assert entry.name.endswith(".entry") and entry.read_bytes().startswith(b"nnslim-cache-entry 1 sha256=")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(entry.stat().st_mode) == 0o600
+    written = entry.stat().st_mtime_ns
+    again = open_predictor("openvino", OpenRequest(demo_graphs.fp32))(demo_graphs.tiles[:1])  # imported, not rewritten
+    assert entry.stat().st_mtime_ns == written
+    np.testing.assert_array_equal(again, first)
+    open_predictor("openvino", OpenRequest(demo_graphs.fp32, threads=1))  # other settings: another entry
+    assert len(list(folder.iterdir())) == 2
 
 
 def test_cpu_record_agrees_with_the_kernel():

@@ -233,14 +233,13 @@ def test_a_forged_metaimage_header_is_refused_before_reading_voxels(dims, spacin
 
 
 def test_partial_mha_outputs_of_dead_processes_are_removed_and_user_files_kept(tmp_path):
-    import subprocess
+    from tests.nnslim.test_files import killed_writer
 
     sitk = pytest.importorskip("SimpleITK")
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = tmp_path / f".seg.mha.{child.pid}.abcd1234.mha"
-    user = [tmp_path / ".hidden.mha", tmp_path / f".seg.mha.{child.pid}.abcd1234.txt"]
-    for path in (stale, *user):
+    killed_writer(tmp_path, "seg.mha")
+    (stale,) = tmp_path.iterdir()
+    user = [tmp_path / ".hidden.mha", tmp_path / ".seg.mha.4194301.abcd1234.mha"]  # the old temporaries' names
+    for path in user:
         path.write_bytes(b"partial")
     source = tmp_path / "in.mha"
     sitk.WriteImage(sitk_image(ct_like((3, 3, 3))), str(source))

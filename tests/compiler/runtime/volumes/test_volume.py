@@ -1,5 +1,4 @@
 import gzip
-import os
 
 import nibabel as nib
 import numpy as np
@@ -112,19 +111,19 @@ def test_intensities_that_overflow_float32_arithmetic_are_refused(tmp_path):
 
 
 def test_partial_outputs_of_dead_processes_are_removed_by_the_next_write(tmp_path):
-    import subprocess
-    import sys
+    """By nnslim's marker: a killed writer's temporary goes; a user's files named like one stay."""
+    from nnslim.files import marked_folder
+    from tests.nnslim.test_files import killed_writer
 
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    stale = tmp_path / f".seg.nii.gz.{child.pid}.abcd1234.nii.gz"
-    live = tmp_path / f".seg.nii.gz.{os.getppid()}.abcd1234.nii.gz"
-    user = tmp_path / ".hidden.nii.gz"
-    for path in (stale, live, user):
+    killed_writer(tmp_path, "seg.nii.gz")
+    (stale,) = tmp_path.iterdir()
+    user = [tmp_path / ".hidden.nii.gz", tmp_path / ".seg.nii.gz.4194301.abcd1234.nii.gz"]
+    for path in user:
         path.write_bytes(b"partial")
     source = nib.load(_save(tmp_path / "in.nii.gz", np.zeros((3, 3, 3), dtype=np.float32)))
-    save_segmentation(np.zeros((3, 3, 3), dtype=np.uint8), Geometry(nifti=source), tmp_path / "seg.nii.gz")
-    assert not stale.exists() and live.exists() and user.exists()
+    with marked_folder(tmp_path, ".seg.nii.gz.nnslim") as live:  # this process's, still writing
+        save_segmentation(np.zeros((3, 3, 3), dtype=np.uint8), Geometry(nifti=source), tmp_path / "seg.nii.gz")
+        assert not stale.exists() and live.exists() and all(p.exists() for p in user)
 
 
 def test_channel_files_group_only_when_they_start_at_0000_and_are_consecutive(tmp_path):
