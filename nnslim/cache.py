@@ -75,7 +75,7 @@ def private_folder(tool: str, folder: Path | None = None) -> Path | None:
             info = os.stat(path) if path == root else os.lstat(path)  # the root may be a link (~/.cache)
             why = _not_private(path, info)
             if why:
-                _warn_once(f"not using the {tool} cache: {path} is not private ({why}); caching there would let "
+                _warn_once(f"not using the {tool} cache: {path} is not private: {why}; caching there would let "
                            f"another user plant a compiled model. Make it yours and `chmod 700 {path}` after "
                            f"emptying it, or set NNSLIM_CACHE to a private folder. Going on without a cache "
                            f"(a slower start, the same results)")

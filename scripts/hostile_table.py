@@ -6,7 +6,8 @@ Usage:
 
 Runs the hostile-input test files with pytest (real CLI, real engine) and prints, per file, the
 CLI table's rows by the outcome each asserts (0: accepted, 1: refused cleanly with one line
-`error: ...` and nothing changed, 2: a usage error) and the other checks (API counterparts, real
+`error: ...` and nothing changed, 2: a usage error, 4: one case of a folder failed cleanly and the
+others were written) and the other checks (API counterparts, real
 processes, cache attacks), each passed or not. Writes artifacts/hostile-table.json.
 """
 
@@ -22,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-OUTCOMES = {0: "ok", 1: "refused", 2: "usage error"}
+OUTCOMES = {0: "ok", 1: "refused", 2: "usage error", 4: "case failed"}
 
 
 def main() -> int:
@@ -51,10 +52,10 @@ def main() -> int:
             counts["passed" if passed else "FAILED"] += 1
         rows.append({"file": path.name, **counts})
         totals.update(counts)
-    columns = ["ok", "refused", "usage error", "other checks", "passed", "FAILED"]
-    print(f"\n{'file':34}" + "".join(f"{c:>14}" for c in columns))
+    columns = ["ok", "refused", "usage error", "case failed", "other checks", "passed", "FAILED"]
+    print(f"\n{'file':30}" + "".join(f"{c:>13}" for c in columns))
     for row in [*rows, {"file": "all", **totals}]:
-        print(f"{row['file']:34}" + "".join(f"{row.get(c, 0):>14}" for c in columns))
+        print(f"{row['file']:30}" + "".join(f"{row.get(c, 0):>13}" for c in columns))
     (REPO / "artifacts" / "hostile-table.json").write_text(json.dumps({"rows": rows, "total": dict(totals)}, indent=2))
     return 1 if totals["FAILED"] else 0
 
