@@ -5,12 +5,19 @@ are enough; nothing here imports `training` or the build stages. `load_engine` v
 directory (`manifest`), picks how to run it here (`backends.choice`, `backends.devices`) and opens
 the model; `Engine.segment` runs one in-memory volume (`segmentation`), `Engine.segment_files`
 files and folders (`cases.run`).
+
+Sharing and lifetime. One engine may serve many threads at once: every backend's predictor is
+safe to call concurrently (ONNX Runtime sessions are; OpenVINO and TensorRT take one infer request
+or execution context per concurrent call from a pool). `close()`, or leaving `with
+load_engine(...) as engine:`, frees what the backend holds; a closed engine refuses to segment.
+An engine pickles as its directory plus the options it was opened with and is opened again (and
+verified again) where it is unpickled: what multiprocessing and Ray need.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +36,7 @@ from nnslim.compiler.runtime.manifest import (
 from nnslim.compiler.runtime.safety import check_sha256, check_threads
 from nnslim.compiler.runtime.segmentation import InferenceOptions, prepare_volume, segment_prepared
 from nnslim.compiler.runtime.volumes.volume import volume_from_array
-from nnslim.errors import InputError
+from nnslim.errors import EngineError, InputError
 
 __all__ = ["Engine", "InferenceOptions", "ModelSpec", "load_engine"]
 
@@ -47,6 +54,11 @@ class Engine:
         predictor: the opened model, `tiles -> logits`.
         runtime: how it runs here (None: a predictor the caller supplied).
         device: where it runs: "cpu" or "cuda".
+        opened_with: the `load_engine` options it was asked for (what a pickle carries, so the other
+            side makes its own choices, e.g. of `device="auto"`; None: assembled by hand, and then
+            it cannot be pickled).
+
+    Safe to share between threads; `close()` (or a `with` block) frees the backend's memory.
     """
 
     directory: Path
@@ -55,6 +67,31 @@ class Engine:
     predictor: Predictor
     runtime: RuntimeChoice | None = None
     device: str = "cpu"
+    opened_with: dict[str, Any] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Free what the backend holds (sessions, compiled models, GPU memory); later calls to
+        `segment` raise EngineError. Closing twice is fine."""
+        predictor, self.predictor = self.predictor, _Closed(self.directory)
+        if hasattr(predictor, "close"):
+            predictor.close()
+
+    @property
+    def closed(self) -> bool:
+        return isinstance(self.predictor, _Closed)
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        """Pickled as "this directory, these options": unpickling opens (and verifies) it again."""
+        if self.opened_with is None:
+            raise EngineError("this Engine was assembled from a predictor, not opened with load_engine, so it cannot "
+                              "be pickled; pass the engine directory and open it with load_engine where it is used")
+        return _reopen, (str(self.directory), self.opened_with)
 
     def segment(self, image: Any, spacing: tuple[float, float, float] | None = None,
                 options: InferenceOptions | None = None,
@@ -108,6 +145,8 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
             it): the files are verified against the manifest, and the manifest against this.
     """
     engine_dir = Path(engine_dir)
+    requested = {"threads": threads, "device": device, "ort_tensorrt": ort_tensorrt, "backend": backend,
+                 "precision": precision, "expected_sha256": expected_sha256}  # what a pickle re-opens with
     if device not in DEVICE_CHOICES:
         raise InputError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
     threads = check_threads(threads)  # ONNX Runtime crashes on absurd counts: refuse them first
@@ -126,4 +165,19 @@ def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", o
                           ort_tensorrt, manifest, model_bytes=read_verified(engine_dir, manifest, choice.model))
     predictor = open_predictor(choice.backend, request)
     where = BACKENDS[choice.backend].device if choice.backend in BACKENDS else device
-    return Engine(engine_dir, manifest, spec, predictor, choice, where)
+    return Engine(engine_dir, manifest, spec, predictor, choice, where, opened_with=requested)
+
+
+def _reopen(directory: str, options: dict[str, Any]) -> Engine:
+    """Unpickling an Engine: open its directory again with the same options."""
+    return load_engine(directory, **options)
+
+
+class _Closed:
+    """The predictor of a closed engine: any call is a clear error."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __call__(self, tiles: Any) -> Any:
+        raise EngineError(f"the engine {self.directory} was closed; open it again with load_engine")

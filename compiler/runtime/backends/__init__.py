@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterator, TypeVar
 
 from nnslim.errors import EngineError, InputError
 from nnslim.extras import installed
@@ -156,6 +158,35 @@ BACKENDS: dict[str, Backend] = {
                 build="nnslim.compiler.stages.tensorrt_builder"),
     )
 }
+
+
+T = TypeVar("T")
+
+
+class Pool(Generic[T]):
+    """One `make()` per concurrent caller, for library objects that serve one call at a time (an
+    OpenVINO infer request, a TensorRT execution context and its stream): a call takes an idle one,
+    or makes one when all are busy, and gives it back. One thread keeps reusing one; N threads at
+    once end with N. `clear()` drops the idle ones (closing)."""
+
+    def __init__(self, make: Callable[[], T]) -> None:
+        self._make, self._idle, self._lock = make, [make()], threading.Lock()
+
+    @contextmanager
+    def take(self) -> Iterator[T]:
+        with self._lock:
+            item = self._idle.pop() if self._idle else None
+        if item is None:
+            item = self._make()
+        try:
+            yield item
+        finally:
+            with self._lock:
+                self._idle.append(item)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._idle.clear()
 
 
 def get_backend(name: str) -> Backend:

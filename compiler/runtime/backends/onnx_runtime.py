@@ -74,6 +74,10 @@ class OnnxRuntimePredictor:
         (out,) = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(tiles, dtype=np.float32)})
         return out
 
+    def close(self) -> None:
+        """Release the session (ONNX Runtime sessions are safe to call from many threads until then)."""
+        self.session = None
+
 
 class OnnxRuntimeGpuPredictor:
     """ONNX Runtime on the GPU: CUDA execution provider (optionally TensorRT's first) with I/O binding.
@@ -137,6 +141,10 @@ class OnnxRuntimeGpuPredictor:
         torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(binding)
         return out
+
+    def close(self) -> None:
+        """Release the session and the GPU memory it holds."""
+        self.session = None
 
     @staticmethod
     def _refuse_fallback(model_path: str | Path, requested: list[str], active: list[str]) -> None:

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from nnslim.cache import entry_key, private_folder, read_entry, write_entry
+from nnslim.compiler.runtime.backends import Pool
 from nnslim.errors import EngineError
 from nnslim.extras import installed
 from nnslim.files import sha256_file
@@ -110,7 +111,7 @@ class OpenVinoPredictor:
         if output_name not in outputs:
             raise EngineError(f"{model_path} has outputs {sorted(outputs)}, expected {output_name!r}")
         self.input_name, self.output = input_name, self.compiled.output(output_name)
-        self.request = self.compiled.create_infer_request()
+        self.requests = Pool(self.compiled.create_infer_request)  # one per concurrent call: requests are not shared
         self.device = "cpu"
         self.precision, self.inference_precision = precision, reduced
         logger.debug("OpenVINO %s on %s (%s)", precision, cpu_record().get("name"), config)
@@ -118,9 +119,14 @@ class OpenVinoPredictor:
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         """numpy in, numpy out (a torch CPU tensor is read without a copy)."""
         array = np.ascontiguousarray(tiles, dtype=np.float32)
-        # share_inputs: no copy of the tiles; outputs are copied (the request reuses its buffers)
-        result = self.request.infer({self.input_name: array}, share_inputs=True)
-        return result[self.output]
+        with self.requests.take() as request:
+            # share_inputs: no copy of the tiles; outputs are copied (the request reuses its buffers)
+            return request.infer({self.input_name: array}, share_inputs=True)[self.output]
+
+    def close(self) -> None:
+        """Release the infer requests and the compiled model."""
+        self.requests.clear()
+        self.compiled = None
 
 
 def _compiled(core: Any, model_path: str | Path, model_bytes: bytes | None, config: dict[str, Any],

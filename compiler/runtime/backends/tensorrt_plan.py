@@ -22,6 +22,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
+from nnslim.compiler.runtime.backends import Pool
 from nnslim.errors import EngineError, NnslimError
 from nnslim.extras import installed
 
@@ -151,8 +152,7 @@ class TensorRTPredictor:
                 plan if plan is not None else Path(plan_path).read_bytes())
             if self.engine is None:
                 raise EngineError(f"TensorRT cannot deserialize {plan_path}; rebuild the engine on this machine")
-            self.context = self.engine.create_execution_context()
-            self.stream = torch.cuda.Stream(self.device)
+            self.contexts = Pool(self._context)  # one execution context and stream per concurrent call
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if input_name not in names or output_name not in names:
             raise EngineError(f"{plan_path} has tensors {names}, expected {input_name!r} and {output_name!r}")
@@ -164,23 +164,33 @@ class TensorRTPredictor:
         self.output_dtype = dtypes[self.engine.get_tensor_dtype(output_name).name]
         self.max_batch = int(self.engine.get_tensor_profile_shape(input_name, 0)[2][0])
 
+    def _context(self) -> tuple[Any, Any]:
+        with self.torch.cuda.device(self.device):
+            return self.engine.create_execution_context(), self.torch.cuda.Stream(self.device)
+
     def __call__(self, tiles):
         torch = self.torch
         if tiles.shape[0] > self.max_batch:
             raise EngineError(f"batch {tiles.shape[0]} exceeds the plan's profile maximum {self.max_batch}")
         tiles = torch.as_tensor(tiles).to(self.device, self.input_dtype, non_blocking=True).contiguous()
-        if not self.context.set_input_shape(self.input_name, tuple(tiles.shape)):
-            raise EngineError(f"TensorRT refused input shape {tuple(tiles.shape)}")
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
-                          device=self.device)
-        self.context.set_tensor_address(self.input_name, tiles.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
-        current = torch.cuda.current_stream(self.device)
-        # Both tensors were made on torch's stream: TensorRT starts after that work, and anything
-        # queued on torch's stream later (reading `out`, reusing the memory of `tiles`) waits for
-        # TensorRT. Hence no record_stream is needed for these allocations.
-        self.stream.wait_stream(current)
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise EngineError("TensorRT execution failed; its log above says why")
-        current.wait_stream(self.stream)
+        with self.contexts.take() as (context, stream):
+            if not context.set_input_shape(self.input_name, tuple(tiles.shape)):
+                raise EngineError(f"TensorRT refused input shape {tuple(tiles.shape)}")
+            out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
+                              device=self.device)
+            context.set_tensor_address(self.input_name, tiles.data_ptr())
+            context.set_tensor_address(self.output_name, out.data_ptr())
+            current = torch.cuda.current_stream(self.device)
+            # Both tensors were made on torch's stream: TensorRT starts after that work, and anything
+            # queued on torch's stream later (reading `out`, reusing the memory of `tiles`) waits for
+            # TensorRT. Hence no record_stream is needed for these allocations.
+            stream.wait_stream(current)
+            if not context.execute_async_v3(stream.cuda_stream):
+                raise EngineError("TensorRT execution failed; its log above says why")
+            current.wait_stream(stream)
         return out
+
+    def close(self) -> None:
+        """Release the execution contexts, the deserialized engine and its GPU memory."""
+        self.contexts.clear()
+        self.engine = None
