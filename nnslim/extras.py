@@ -3,7 +3,7 @@ error naming the extra (the CLI's boundary turns an import of a missing module i
 
 `pip install nnslim` is the CPU runtime (numpy, nibabel, OpenVINO, no torch); the extras add the
 build (torch, onnx, ...), an ONNX Runtime wheel, the GPU runtime, SimpleITK's formats, plots, the
-demo data and TensorRT (pyproject.toml).
+demo data, TensorRT and Triton's model-configuration schema (pyproject.toml).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ EXTRAS = {
     "matplotlib": ("plots and previews", "'nnslim[plots]'"),
     "nilearn": ("the MNI demo data", "'nnslim[demo]'"),
     "tensorrt": ("TensorRT engines", "'nnslim[gpu,tensorrt-cu13]' (or tensorrt-cu12 for a CUDA 12 driver)"),
+    "tritonclient": ("Triton model configurations (export-triton)", "'nnslim[triton]'"),
 }
 
 

@@ -36,19 +36,29 @@ def inspect(target) -> None:
 Examples:
   nnslim export-triton artifacts/engines/tiny model_repository
   nnslim export-triton engines/liver /models --name liver_ct --instances 2
+  nnslim export-triton engines/liver-v2 /models --name liver_ct --version-policy latest:2
 """)
 @click.argument("engine_dir", type=path_type(file_okay=False))
 @click.argument("repository", type=path_type(exists=False, file_okay=False))
-@click.option("--name", default=None, help="Model name in the repository [default: the engine directory's name].")
-@click.option("--instances", default=1, show_default=True, type=click.IntRange(1), help="Model instances per GPU.")
-@click.option("--kind", type=click.Choice(["KIND_GPU", "KIND_CPU"]), default="KIND_GPU", show_default=True)
-def export_triton(engine_dir, repository, name, instances, kind) -> None:
-    """Write a Triton Inference Server model repository entry (config.pbtxt with dynamic batching,
-    and the plan or ONNX model) from an engine directory."""
+@click.option("--name", default=None, help="Model name in the repository [default: the engine directory's name]. "
+              "An existing model of that name gets the next version folder (same inputs and outputs only).")
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1),
+              help="Model instances (per GPU for KIND_GPU).")
+@click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default=None,
+              help="Instance kind [default: from the engine's device: KIND_CPU for onnxruntime and openvino, "
+                   "KIND_GPU for tensorrt and onnxruntime-cuda].")
+@click.option("--version-policy", default=None, metavar="POLICY",
+              help="Triton's version_policy: latest:N, all, or specific:1,3 [default: kept from an existing "
+                   "config, else Triton's latest:1].")
+def export_triton(engine_dir, repository, name, instances, kind, version_policy) -> None:
+    """Write a Triton Inference Server model repository entry from an engine directory: config.pbtxt
+    (Triton's schema: dynamic batching, the instance kind of the engine's device, warmup, the chosen
+    backend and precision) and a version folder with the plan or ONNX model the engine runs."""
     from nnslim.compiler.deploy.triton import export_triton as run_export
 
-    target = run_export(engine_dir, repository, name, instances, kind)
-    click.echo(f"Triton model written to {target} (config.pbtxt, 1/{next((target / '1').iterdir()).name})")
+    done = run_export(engine_dir, repository, name, instances, kind, version_policy)
+    click.echo(f"Triton model written to {done.model_dir} (config.pbtxt, version {done.version}: "
+               f"{done.version}/{done.model_file})")
 
 
 @click.command(epilog="""\b

@@ -1,36 +1,93 @@
-"""Export an engine directory as a Triton Inference Server model repository.
+"""Export an engine directory as a Triton Inference Server model repository entry.
 
-    REPOSITORY/NAME/config.pbtxt
-    REPOSITORY/NAME/1/model.plan     (TensorRT engines, platform "tensorrt_plan")
-    REPOSITORY/NAME/1/model.onnx     (ONNX Runtime engines, platform "onnxruntime_onnx")
+    REPOSITORY/NAME/config.pbtxt           Triton's model configuration (the newest export's)
+    REPOSITORY/NAME/nnslim_manifest.json   the newest version's engine manifest (preprocessing for clients)
+    REPOSITORY/NAME/N/model.plan           TensorRT engines (platform "tensorrt_plan")
+    REPOSITORY/NAME/N/model.onnx           ONNX Runtime and OpenVINO engines (platform "onnxruntime_onnx")
+    REPOSITORY/NAME/N/nnslim_manifest.json that version's engine manifest
 
-The config declares the tile input and logit output without the batch dimension (Triton adds it
-for `max_batch_size > 0`), the engine's maximum batch, dynamic batching (tiles from concurrent
-requests are batched up to that maximum; preferred sizes never include 1) and the instance group.
-For a TensorRT plan it also records the TensorRT version that built it (a comment and the
-parameter `nnslim_tensorrt_version`): Triton can only load the plan with that exact version. Triton serves the network
-only: clients do the sliding window (nnslim's runtime with a Triton predictor, or their own).
-`parse_pbtxt` reads the protobuf text format back, so what is written is checked before the
-repository is renamed into place.
+The configuration is a `ModelConfig` message of Triton's own schema (`tritonclient`'s
+`model_config_pb2`, the `triton` extra), written with protobuf's text format and parsed back before
+anything is moved into place, so a field Triton does not know cannot be written or read. It holds:
+
+- the tile input and logit output without the batch dimension (Triton adds it for
+  `max_batch_size > 0`), the engine's maximum batch, and dynamic batching (tiles of concurrent
+  requests batched up to that maximum; preferred sizes never include 1);
+- the instance group on the engine's device: `KIND_CPU` for CPU backends (onnxruntime, openvino),
+  `KIND_GPU` for GPU ones (a TensorRT plan, onnxruntime-cuda); a CPU-only Triton refuses KIND_GPU;
+- the engine's file for its chosen precision (`manifest.runtime_model`: the int8 Q/DQ graph, the
+  fp16 graph, the plan), and the parameters `nnslim_backend`, `nnslim_precision` and
+  `nnslim_model_sha256` (Triton's backends ignore keys they do not read);
+- an OpenVINO engine is served by Triton's ONNX Runtime backend with OpenVINO as its CPU execution
+  accelerator. Triton's ONNX Runtime backend passes the OpenVINO execution provider no options
+  (device "CPU", no precision key): the int8 Q/DQ graph still runs int8 (the precision is in the
+  graph), a bf16 engine (the fp32 graph with a bf16 inference hint in nnslim) runs in fp32 there.
+  Triton's own `openvino` backend could take `HINT_BF16`, but it compiles the model for a fixed batch
+  of `max_batch_size` and needs `ENABLE_BATCH_PADDING` for the smaller batches dynamic batching
+  sends, whose pad size it never resets (a later full batch returns too few rows): not a safe home
+  for dynamically batched tiles;
+- for a TensorRT plan the TensorRT version that built it (a comment and the parameter
+  `nnslim_tensorrt_version`): Triton can only load the plan with that exact version;
+- `model_warmup`: one tile of the patch size (batch 1, zeros), run when the model loads, so the
+  first request does not pay for compilation;
+- a `version_policy` when asked for (`latest:N`, `all`, `specific:1,3`).
+
+Exporting again to the same name adds the next version folder (2, 3, ...). The configuration is
+shared by all versions, so the new engine must have the same interface (platform, batch, inputs,
+outputs, and for plans the TensorRT version); otherwise the export is refused and nothing changes.
+Nothing the repository held is deleted: a replaced `config.pbtxt` (or root manifest not kept in a
+version folder) stays beside as `*.before-vN`. Triton serves the network only: clients do the
+sliding window (nnslim's runtime with a Triton predictor, or their own).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nnslim.compiler.runtime.backends import BACKENDS, Backend
 from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, TensorRecord, load_manifest, read_verified
 from nnslim.errors import NnslimError
+from nnslim.extras import missing_extra
 from nnslim.files import fsync_tree, staging_folder, write_bytes_atomic, write_text_atomic
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
+KINDS = ("KIND_CPU", "KIND_GPU")
+CONFIG = "config.pbtxt"
+MANIFEST_COPY = "nnslim_manifest.json"
+WARMUP = "nnslim_patch_tile"
+_VERSION = re.compile(r"[1-9][0-9]*")
 
 
 class TritonExportError(NnslimError):
-    """An engine that cannot be exported, or a destination that would be overwritten."""
+    """An engine that cannot be exported, a configuration Triton would refuse, or a destination that
+    would be overwritten."""
+
+
+@dataclass(frozen=True)
+class TritonExport:
+    """What an export wrote: the model folder, the version number it added and its model file."""
+
+    model_dir: Path
+    version: int
+    model_file: str
+
+    @property
+    def config(self) -> Path:
+        return self.model_dir / CONFIG
+
+
+def _schema() -> tuple[Any, Any]:
+    """Triton's `model_config_pb2` and protobuf's `text_format` (the `triton` extra)."""
+    try:
+        from google.protobuf import text_format
+        from tritonclient.grpc import model_config_pb2
+    except ImportError as exc:
+        raise missing_extra("tritonclient", "Triton model configurations (export-triton)") from exc
+    return model_config_pb2, text_format
 
 
 def backend_of(manifest: EngineManifest) -> Backend:
@@ -40,162 +97,261 @@ def backend_of(manifest: EngineManifest) -> Backend:
     return BACKENDS[manifest.backend]
 
 
-def config_pbtxt(name: str, manifest: EngineManifest, instances: int = 1, kind: str = "KIND_GPU",
-                 max_queue_delay_us: int = 100) -> str:
-    """The `config.pbtxt` for an engine's manifest."""
+def instance_kind(manifest: EngineManifest) -> str:
+    """KIND_CPU for an engine whose backend runs on the CPU, KIND_GPU otherwise."""
+    return "KIND_CPU" if backend_of(manifest).device == "cpu" else "KIND_GPU"
+
+
+def parse_version_policy(text: str) -> Any:
+    """`latest:N`, `all` or `specific:V1,V2,...` as Triton's `ModelVersionPolicy`."""
+    pb, _ = _schema()
+    policy = pb.ModelVersionPolicy()
+    spec = text.strip().lower()
+    kind, _, value = spec.partition(":")
+    try:
+        if spec == "all":
+            policy.all.SetInParent()
+        elif kind == "latest" and int(value) >= 1:
+            policy.latest.num_versions = int(value)
+        elif kind == "specific" and (versions := [int(v) for v in value.split(",")]) and min(versions) >= 1:
+            policy.specific.versions.extend(sorted(set(versions)))
+        else:
+            raise ValueError
+    except ValueError:
+        raise TritonExportError(f"version policy {text!r}: use latest:N (N >= 1), all, or specific:1,3 "
+                                "(positive version numbers)") from None
+    return policy
+
+
+def version_policy_text(config: Any) -> str | None:
+    """A config's version policy written as `parse_version_policy` reads it (None: not set, Triton's
+    default `latest:1`)."""
+    if not config.HasField("version_policy"):
+        return None
+    policy = config.version_policy
+    choice = policy.WhichOneof("policy_choice")
+    if choice == "latest":
+        return f"latest:{policy.latest.num_versions}"
+    if choice == "specific":
+        return "specific:" + ",".join(str(v) for v in policy.specific.versions)
+    return "all" if choice == "all" else None
+
+
+def model_config(name: str, manifest: EngineManifest, instances: int = 1, kind: str | None = None,
+                 max_queue_delay_us: int = 100, version_policy: str | None = None) -> Any:
+    """The `ModelConfig` message for an engine's manifest (kind None: from the engine's device)."""
+    pb, _ = _schema()
     backend = backend_of(manifest)
+    kind = kind or instance_kind(manifest)
+    if kind not in KINDS:
+        raise TritonExportError(f"instance kind {kind!r}: use one of {', '.join(KINDS)}")
+    if backend.kind.name == "plan" and kind != "KIND_GPU":
+        raise TritonExportError(f"a TensorRT plan runs only on the GPU it was built for; {kind} cannot serve it")
+    if instances < 1:
+        raise TritonExportError(f"instances must be at least 1, got {instances}")
     io = manifest.io
     max_batch = int(io.batch[2])
+    config = pb.ModelConfig(name=name, platform=backend.kind.triton_platform, max_batch_size=max_batch)
+    if version_policy is not None:
+        config.version_policy.CopyFrom(parse_version_policy(version_policy))
+    config.input.add(name=io.input.name, data_type=_data_type(pb, io.input), dims=_dims(io.input))
+    config.output.add(name=io.output.name, data_type=_data_type(pb, io.output), dims=_dims(io.output))
     # A preferred size of 1 would let the batcher send single tiles at once, which is what dynamic
     # batching is there to avoid; with max 1 there is nothing to prefer.
     preferred = sorted({b for b in (max_batch // 2, max_batch) if b >= 2})
-
-    def tensor(entry: TensorRecord) -> str:
-        dims = ", ".join(str(int(d)) for d in entry.shape[1:])
-        return f'  {{\n    name: "{entry.name}"\n    data_type: {TRITON_TYPES[entry.dtype]}\n    dims: [ {dims} ]\n  }}'
-
-    return "\n".join([
-        *_plan_record(manifest),
-        f'name: "{name}"',
-        f'platform: "{backend.kind.triton_platform}"',
-        f"max_batch_size: {max_batch}",
-        "input [",
-        tensor(io.input),
-        "]",
-        "output [",
-        tensor(io.output),
-        "]",
-        "dynamic_batching {",
-        *([f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]"] if preferred else []),
-        f"  max_queue_delay_microseconds: {max_queue_delay_us}",
-        "}",
-        "instance_group [",
-        "  {",
-        f"    count: {instances}",
-        f"    kind: {kind}",
-        "  }",
-        "]",
-        *_plan_parameters(manifest),
-        *_accelerator(backend),
-        "",
-    ])
+    config.dynamic_batching.preferred_batch_size.extend(preferred)
+    config.dynamic_batching.max_queue_delay_microseconds = int(max_queue_delay_us)
+    config.instance_group.add(count=int(instances), kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    if backend.triton_accelerator is not None and kind == "KIND_CPU":
+        accelerators = config.optimization.execution_accelerators.cpu_execution_accelerator
+        accelerators.add(name=backend.triton_accelerator)
+    parameters = {"nnslim_backend": manifest.backend, "nnslim_precision": manifest.precision}
+    model_record = manifest.files.get(manifest.runtime_model)
+    if model_record is not None:
+        parameters["nnslim_model_sha256"] = model_record.sha256
+    if backend.kind.name == "plan" and manifest.tensorrt is not None and manifest.tensorrt.version:
+        parameters["nnslim_tensorrt_version"] = str(manifest.tensorrt.version)
+    for key, value in parameters.items():
+        config.parameters[key].string_value = str(value)
+    warmup = config.model_warmup.add(name=WARMUP, batch_size=1)
+    tile = warmup.inputs[io.input.name]
+    tile.data_type = _data_type(pb, io.input)
+    tile.dims.extend(_dims(io.input))
+    tile.zero_data = True
+    return config
 
 
-def _accelerator(backend: Backend) -> list[str]:
-    """A backend with a CPU accelerator (OpenVINO): Triton runs the ONNX graph through ONNX Runtime's
-    execution provider of that name."""
-    if backend.triton_accelerator is None:
-        return []
-    return ["optimization {", "  execution_accelerators {",
-            f'    cpu_execution_accelerator: [ {{ name: "{backend.triton_accelerator}" }} ]', "  }", "}"]
+def _data_type(pb: Any, entry: TensorRecord) -> int:
+    if entry.dtype not in TRITON_TYPES:
+        raise TritonExportError(f"tensor {entry.name!r} has dtype {entry.dtype}, which this export does not map "
+                                f"to a Triton type ({', '.join(TRITON_TYPES)})")
+    return pb.DataType.Value(TRITON_TYPES[entry.dtype])
+
+
+def _dims(entry: TensorRecord) -> list[int]:
+    """A tensor's dims without the batch axis (Triton adds it for max_batch_size > 0)."""
+    return [int(d) for d in entry.shape[1:]]
+
+
+def config_pbtxt(name: str, manifest: EngineManifest, instances: int = 1, kind: str | None = None,
+                 max_queue_delay_us: int = 100, version_policy: str | None = None) -> str:
+    """The `config.pbtxt` text for an engine's manifest (see `model_config`), checked by reading it back."""
+    _, text_format = _schema()
+    config = model_config(name, manifest, instances, kind, max_queue_delay_us, version_policy)
+    text = "".join(f"{line}\n" for line in _plan_record(manifest)) + text_format.MessageToString(config)
+    if read_config(text) != config:
+        raise TritonExportError("the generated config.pbtxt does not read back as written")
+    return text
+
+
+def read_config(text: str) -> Any:
+    """A `config.pbtxt` parsed with Triton's schema; any field or value it does not define is refused."""
+    pb, text_format = _schema()
+    try:
+        return text_format.Parse(text, pb.ModelConfig())
+    except text_format.ParseError as exc:
+        raise TritonExportError(f"config.pbtxt is not a valid Triton model configuration: {exc}") from None
 
 
 def _plan_record(manifest: EngineManifest) -> list[str]:
     """Comment lines saying which TensorRT and GPU a plan needs (Triton's TensorRT must be that one)."""
     built = manifest.tensorrt
-    if manifest.backend != "tensorrt" or built is None:
+    if backend_of(manifest).kind.name != "plan" or built is None:
         return []
     return [f"# TensorRT plan built with TensorRT {built.version} for {built.gpu} "
             f"(compute capability {list(built.compute_capability)}): serve it with a Triton release whose "
             "TensorRT is exactly this version, on this GPU family"]
 
 
-def _plan_parameters(manifest: EngineManifest) -> list[str]:
-    """The plan's TensorRT version as a config parameter, so tools can check it before loading."""
-    if manifest.backend != "tensorrt" or manifest.tensorrt is None:
-        return []
-    return ["parameters {", '  key: "nnslim_tensorrt_version"',
-            f'  value: {{ string_value: "{manifest.tensorrt.version}" }}', "}"]
+def _interface(config: Any) -> dict[str, Any]:
+    """What every version of one model must share: the config is one for all of them."""
+    _, text_format = _schema()
+
+    def tensors(entries: Any) -> list[str]:
+        return [text_format.MessageToString(e, as_one_line=True) for e in entries]
+
+    trt = config.parameters["nnslim_tensorrt_version"].string_value if "nnslim_tensorrt_version" in config.parameters \
+        else None
+    return {"platform": config.platform, "backend": config.backend, "max_batch_size": config.max_batch_size,
+            "input": tensors(config.input), "output": tensors(config.output), "TensorRT version": trt}
 
 
-_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([A-Za-z0-9_.+-]+))')
+def _versions(model_dir: Path) -> list[int]:
+    return sorted(int(p.name) for p in model_dir.iterdir() if _VERSION.fullmatch(p.name) and p.is_dir())
 
 
-def parse_pbtxt(text: str) -> dict[str, Any]:
-    """Protobuf text format -> nested dicts; a repeated field becomes a list (always a list for
-    `[...]` values and for fields given more than once)."""
-    tokens: list[str] = []
-    position = 0
-    while position < len(text):
-        match = _TOKEN.match(text, position)
-        if not match or match.end() == position:
-            if text[position:].strip() == "":
-                break
-            raise TritonExportError(f"cannot parse config.pbtxt at {text[position:position + 30]!r}")
-        position = match.end()
-        token = match.group(2) or match.group(3) or match.group(4)
-        if token:
-            tokens.append(token)
+def _keep_previous(path: Path, new: bytes, version: int, copies: list[Path] = ()) -> None:
+    """Before `path` is replaced by `new`: keep its old bytes beside it as `NAME.before-vVERSION`,
+    unless they are unchanged or already kept in one of `copies`."""
+    if not path.is_file():
+        return
+    old = path.read_bytes()
+    if old == new or any(c.is_file() and c.read_bytes() == old for c in copies):
+        return
+    keep, n = path.with_name(f"{path.name}.before-v{version}"), 1
+    while keep.exists():
+        keep, n = path.with_name(f"{path.name}.before-v{version}.{n}"), n + 1
+    write_bytes_atomic(keep, old)
 
-    def value(i: int) -> tuple[Any, int]:
-        token = tokens[i]
-        if token == "{":
-            return message(i + 1, "}")
-        if token == "[":
-            items, i = [], i + 1
-            while tokens[i] != "]":
-                item, i = value(i)
-                items.append(item)
-                if tokens[i] == ",":
-                    i += 1
-            return items, i + 1
-        if token.startswith('"'):
-            return token[1:-1], i + 1
-        for number in (int, float):
-            try:
-                return number(token), i + 1
-            except ValueError:
-                pass
-        return token, i + 1  # enum names and booleans
 
-    def message(i: int, end: str | None) -> tuple[dict[str, Any], int]:
-        fields: dict[str, Any] = {}
-        while i < len(tokens) and tokens[i] != end:
-            key = tokens[i]
-            i += 1
-            if tokens[i] == ":":
-                i += 1
-            item, i = value(i)
-            if key in fields:
-                previous = fields[key] if isinstance(fields[key], list) else [fields[key]]
-                fields[key] = previous + (item if isinstance(item, list) else [item])
-            else:
-                fields[key] = item
-        if end is not None:
-            if i >= len(tokens):
-                raise TritonExportError(f"config.pbtxt: unclosed '{{' (expected {end!r})")
-            i += 1
-        return fields, i
-
-    parsed, _ = message(0, None)
-    return parsed
+def _write_version(engine_dir: Path, manifest: EngineManifest, folder: Path, model_file: str) -> None:
+    """The engine's runtime model (the verified bytes, or the file and its external data) and its manifest."""
+    model = read_verified(engine_dir, manifest, manifest.runtime_model)  # the bytes that were hashed
+    if model is None:  # external data: copied by path, as verified, with the files it names
+        source = engine_dir / manifest.runtime_model
+        shutil.copyfile(source, folder / model_file)
+        for name in manifest.files[manifest.runtime_model].external_data or ():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.parent / name, folder / name)
+    else:
+        write_bytes_atomic(folder / model_file, model)
+    shutil.copyfile(engine_dir / MANIFEST, folder / MANIFEST_COPY)
 
 
 def export_triton(engine_dir: str | Path, repository: str | Path, name: str | None = None, instances: int = 1,
-                  kind: str = "KIND_GPU") -> Path:
-    """Write `repository/name/` (config and version 1 model) from a verified engine directory."""
+                  kind: str | None = None, version_policy: str | None = None,
+                  max_queue_delay_us: int = 100) -> TritonExport:
+    """Write `repository/name/` from a verified engine directory: a new model (config and version 1),
+    or the next version of an existing one with the same interface (module docstring).
+
+    Args:
+        kind: "KIND_CPU" or "KIND_GPU"; None: from the engine's device.
+        version_policy: `latest:N`, `all` or `specific:1,3`; None: kept from an existing config
+            (else unset: Triton's default, the newest version only).
+    """
     engine_dir, repository = Path(engine_dir), Path(repository)
     manifest = load_manifest(engine_dir)
     name = name or engine_dir.name
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         raise TritonExportError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
     model_file = backend_of(manifest).kind.triton_file
     target = repository / name
-    if target.exists():
-        raise TritonExportError(f"{target} exists; remove it or choose another --name")
-    text = config_pbtxt(name, manifest, instances, kind)
-    parsed = parse_pbtxt(text)
-    if parsed.get("name") != name or parsed.get("max_batch_size") != manifest.io.batch[2]:
-        raise TritonExportError(f"generated config.pbtxt does not read back as written: {parsed}")
-    with staging_folder(target, "exporting") as staging:
-        (staging / "1").mkdir()
-        write_text_atomic(staging / "config.pbtxt", text)
-        model = read_verified(engine_dir, manifest, manifest.runtime_model)  # the bytes that were hashed
-        if model is None:  # external data: copied by path, as verified
-            shutil.copyfile(engine_dir / manifest.runtime_model, staging / "1" / model_file)
-        else:
-            write_bytes_atomic(staging / "1" / model_file, model)
-        shutil.copyfile(engine_dir / MANIFEST, staging / "nnslim_manifest.json")  # preprocessing for clients
+    if not target.exists():
+        if version_policy is not None:
+            _check_specific(version_policy, [1], target)
+        text = config_pbtxt(name, manifest, instances, kind, max_queue_delay_us, version_policy)
+        with staging_folder(target, "exporting") as staging:
+            (staging / "1").mkdir()
+            _write_version(engine_dir, manifest, staging / "1", model_file)
+            write_text_atomic(staging / CONFIG, text)
+            shutil.copyfile(engine_dir / MANIFEST, staging / MANIFEST_COPY)  # preprocessing for clients
+            fsync_tree(staging)
+            try:
+                staging.rename(target)
+            except OSError as exc:
+                raise TritonExportError(f"{target} appeared while exporting ({exc}); export again") from None
+        return TritonExport(target, 1, model_file)
+    return _add_version(engine_dir, manifest, target, name, model_file, instances, kind, version_policy,
+                        max_queue_delay_us)
+
+
+def _check_specific(version_policy: str, versions: list[int], target: Path) -> None:
+    policy = parse_version_policy(version_policy)
+    missing = sorted(set(policy.specific.versions) - set(versions))
+    if missing:
+        raise TritonExportError(f"version policy {version_policy!r} names version(s) {missing}, which {target} "
+                                f"would not have (versions: {versions})")
+
+
+def _add_version(engine_dir: Path, manifest: EngineManifest, target: Path, name: str, model_file: str,
+                 instances: int, kind: str | None, version_policy: str | None, max_queue_delay_us: int) -> TritonExport:
+    """The next version folder of an existing model, and its config rewritten when the interface is the same."""
+    config_path = target / CONFIG
+    if not target.is_dir() or not config_path.is_file():
+        raise TritonExportError(f"{target} exists and is not a Triton model folder (no {CONFIG}); "
+                                "choose another --name")
+    try:
+        existing = read_config(config_path.read_text())
+    except UnicodeDecodeError as exc:
+        raise TritonExportError(f"{config_path} is not text ({exc}); fix or move it, or choose another --name") from None
+    except TritonExportError as exc:
+        raise TritonExportError(f"{config_path}: {exc}; fix it, or choose another --name") from None
+    versions = _versions(target)
+    version = (versions[-1] if versions else 0) + 1
+    if version_policy is None:
+        version_policy = version_policy_text(existing)
+    if version_policy is not None:
+        _check_specific(version_policy, [*versions, version], target)
+    text = config_pbtxt(name, manifest, instances, kind, max_queue_delay_us, version_policy)
+    old, new = _interface(existing), _interface(read_config(text))
+    changed = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new if old[key] != new[key]]
+    if changed:
+        raise TritonExportError(
+            f"{target} serves another interface than this engine ({'; '.join(changed)}); one config.pbtxt serves "
+            f"all versions, so this engine cannot be version {version} of {name!r}: choose another --name")
+    folder = target / str(version)
+    with staging_folder(folder, "exporting") as staging:
+        _write_version(engine_dir, manifest, staging, model_file)
         fsync_tree(staging)
-        staging.rename(target)
-    return target
+        try:
+            staging.rename(folder)
+        except OSError as exc:
+            raise TritonExportError(f"{folder} appeared while exporting ({exc}); export again") from None
+    # the version folder first: until the config is rewritten, the old one (same interface) serves it
+    copies = [target / str(v) / MANIFEST_COPY for v in versions]
+    _keep_previous(config_path, text.encode(), version)
+    write_text_atomic(config_path, text)
+    manifest_bytes = (folder / MANIFEST_COPY).read_bytes()
+    _keep_previous(target / MANIFEST_COPY, manifest_bytes, version, copies)
+    write_bytes_atomic(target / MANIFEST_COPY, manifest_bytes)
+    return TritonExport(target, version, model_file)
