@@ -5,8 +5,10 @@ A cache is an optimisation that must never change an answer, so nothing in it is
 - **Private folders.** Each tool caches in `cache_root()/TOOL`, created 0700 (whatever the umask).
   A folder (or the cache root) owned by another user, or writable by group or others, is not used:
   anyone who can write there could plant a compiled model.
-- **Checked entries.** An entry is one file, `KEY.entry`: a header line with the sha256 of the
-  payload, then the payload, written atomically (0600). Reading one opens it without following
+- **Checked entries.** An entry is one file, `KEY.entry`: a header line with its key and the
+  sha256 of the payload, then the payload, written atomically (0600). The key in the header must be
+  the key asked for, so an entry renamed or linked under another key (another engine's compiled
+  model) is refused. Reading one opens it without following
   links and without blocking (a FIFO cannot hang the run), refuses anything that is not a regular
   file owned by this user, hashes the payload and hands those very bytes to the caller. A damaged
   entry is ignored (and replaced by the next write); it is never handed on.
@@ -32,7 +34,7 @@ from nnslim.files import write_bytes_atomic
 logger = logging.getLogger(__name__)
 
 ENTRY_SUFFIX = ".entry"
-_MAGIC = b"nnslim-cache-entry 1 sha256="
+_MAGIC = b"nnslim-cache-entry 2 "
 MAX_ENTRY_BYTES = 16 << 30  # larger than any engine; a bound on what a read may allocate
 _warned: set[str] = set()
 
@@ -73,6 +75,11 @@ def private_folder(tool: str, folder: Path | None = None) -> Path | None:
                 finally:
                     os.umask(old)
             info = os.stat(path) if path == root else os.lstat(path)  # the root may be a link (~/.cache)
+            if not stat.S_ISDIR(info.st_mode):
+                _warn_once(f"not using the {tool} cache: {path} is not a folder ({'a symbolic link' if path.is_symlink() else 'a file'}); "
+                           f"set NNSLIM_CACHE to a folder of yours. Going on without a cache (a slower start, the "
+                           f"same results)")
+                return None
             why = _not_private(path, info)
             if why:
                 _warn_once(f"not using the {tool} cache: {path} is not private: {why}; caching there would let "
@@ -112,18 +119,20 @@ def read_entry(folder: Path, key: str) -> bytes | None:
     with os.fdopen(fd, "rb") as f:
         data = f.read()
     header, _, payload = data.partition(b"\n")
-    if not header.startswith(_MAGIC) or header[len(_MAGIC):].decode("ascii", "replace") != hashlib.sha256(
-            payload).hexdigest():
-        _warn_once(f"ignoring cache entry {path}: its content does not match the sha256 it was written with "
-                   f"(damaged or edited); it will be rebuilt")
+    if header != _header(key, payload):
+        _warn_once(f"ignoring cache entry {path}: it is not the entry written for this key, or its content does "
+                   f"not match the sha256 it was written with (damaged, edited or moved); it will be rebuilt")
         return None
     return payload
 
 
+def _header(key: str, payload: bytes) -> bytes:
+    return _MAGIC + f"key={key} sha256={hashlib.sha256(payload).hexdigest()}".encode()
+
+
 def write_entry(folder: Path, key: str, payload: bytes) -> None:
     """Store `payload` as `folder/KEY.entry` (atomically, 0600); a failure to write is a warning."""
-    header = _MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
     try:
-        write_bytes_atomic(folder / f"{key}{ENTRY_SUFFIX}", header + payload, mode=0o600)
+        write_bytes_atomic(folder / f"{key}{ENTRY_SUFFIX}", _header(key, payload) + b"\n" + payload, mode=0o600)
     except OSError as exc:
         _warn_once(f"could not write to the cache {folder} ({exc.strerror}); the next run compiles again")

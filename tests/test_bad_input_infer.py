@@ -310,7 +310,7 @@ def _quiet():
 
 
 def test_printable_escapes_what_forges_lines():
-    from nnslim.compiler.runtime.volumes.layout import printable, unprintable
+    from nnslim.compiler.runtime.safety import printable, unprintable
 
     assert printable("a\nb\r\x1b[31m\u202ec") == "a\\nb\\r\\x1b[31m\\u202ec"
     assert not unprintable("Müller_ñ 01 (copy)") and printable("Müller") == "Müller"

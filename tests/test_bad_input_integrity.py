@@ -66,11 +66,14 @@ def constant_class_blob(engine: Path) -> bytes:
     return stream.getvalue()
 
 
-def plant(entry: Path, payload: bytes) -> None:
-    """Replace a cache entry with a self-consistent one (the right header and sha256 for `payload`)."""
+def plant(entry: Path, payload: bytes, key: str | None = None) -> None:
+    """Replace a cache entry with a self-consistent one (the right header and sha256 for `payload`),
+    written for `key` (default: the entry's own, as nnslim would write it)."""
     import hashlib
 
-    entry.write_bytes(b"nnslim-cache-entry 1 sha256=" + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
+    key = key or entry.name.removesuffix(".entry")
+    entry.write_bytes(f"nnslim-cache-entry 2 key={key} sha256={hashlib.sha256(payload).hexdigest()}\n".encode()
+                      + payload)
 
 
 @pytest.fixture
@@ -104,6 +107,7 @@ def test_a_planted_entry_of_this_user_in_a_private_cache_would_run_the_control(c
     ("entry of another user", "not a regular file of this user"),
     ("flipped byte", "does not match the sha256"),
     ("one flipped bit", "does not match the sha256"),
+    ("another key's entry linked here", "not the entry written for this key"),
     ("entry is a symlink", "symbolic link"),
     ("entry is a folder", "not a regular file"),
 ])
@@ -123,6 +127,11 @@ def test_a_planted_or_damaged_cache_never_changes_a_label(cached, tmp_path, atta
         data = bytearray(entry.read_bytes())
         data[len(data) // 2] ^= 0xFF if attack == "flipped byte" else 0x01
         entry.write_bytes(bytes(data))
+    elif attack == "another key's entry linked here":  # another engine's compiled model, intact, under our key
+        other = entry.with_name("0" * 64 + ".entry")
+        plant(other, blob)
+        entry.unlink()
+        os.link(other, entry)
     elif attack == "entry is a symlink":
         plant(tmp_path / "elsewhere.entry", blob)
         entry.unlink()

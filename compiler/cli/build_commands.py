@@ -130,6 +130,11 @@ def build_config(o: dict[str, Any]):
         raise click.UsageError("--prune-sparsity and --prune-threshold are alternatives; give one")
     if o["finetune_steps"] and o["structured_ratio"] is None:
         raise click.UsageError("--finetune-steps needs --prune-structured")
+    calibrating = o["calibration"] or click.get_current_context().get_parameter_source("calibration_tiles") \
+        in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    if calibrating and o["precision"] != "auto" and not get_precision(o["precision"]).calibrated:
+        raise click.UsageError(f"--calibration / --calibration-tiles calibrate int8, but --precision {o['precision']} "
+                               "is not calibrated: drop them, or build --precision int8 (or auto)")
     tolerance = None  # each precision's own gate
     if o["parity_rtol"] is not None or o["min_agreement"] is not None:
         if o["precision"] == "auto":

@@ -168,6 +168,7 @@ def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:
     those that depend on the inputs being a folder are `plan.OptionConflict`, raised for the API too)."""
     from click.core import ParameterSource
 
+    from nnslim.compiler.runtime.backends.choice import gpu_backends
     from nnslim.compiler.runtime.cases.plan import is_folder_input
 
     def given(name: str) -> bool:
@@ -183,6 +184,9 @@ def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:
     for name, works, (unless, advice) in _IDLE_OPTIONS:
         if given(name) and not works(o):
             raise click.UsageError(f"{shown(name)} does nothing {unless}: {advice}", ctx=ctx)
+    if o["device"] == "cuda" and o["backend"] and o["backend"] not in gpu_backends():
+        raise click.UsageError(f"--backend {o['backend']} runs on the CPU only, so --device cuda would be ignored; pass "
+                               f"--device cpu, or a GPU backend ({', '.join(gpu_backends())})", ctx=ctx)
     if given("io_workers") and not is_folder_input(list(o["inputs"])):
         raise click.UsageError(f"{shown('io_workers')} overlaps the cases of a folder, but the input is one case; "
                                "drop --io-workers, or give the folder of cases", ctx=ctx)
@@ -218,9 +222,13 @@ def evaluate(prediction, reference, mask, labels_from, json_out) -> None:
     from nnslim.compiler.runtime.manifest import load_manifest
     from nnslim.compiler.runtime.metrics import evaluate_files
     from nnslim.compiler.runtime.safety import refuse_input_as_output
+    from nnslim.errors import InputError
 
     if json_out:
         refuse_input_as_output(json_out, {"prediction": prediction, "reference": reference, "mask": mask}, "--json")
+        if labels_from and labels_from.resolve() in json_out.resolve().parents:
+            raise InputError(f"--json {json_out} is inside the engine directory {labels_from} (--labels-from); writing "
+                             "it would change that engine. Give --json a path outside it")
     names = list(load_manifest(labels_from, verify=False).labels) if labels_from else None
     result = evaluate_files(prediction, reference, mask, names)
     where = f" inside {mask}" if mask else ""

@@ -281,9 +281,15 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
     """
     engine_dir, repository = Path(engine_dir), Path(repository)
     manifest = load_manifest(engine_dir)
-    name = name or engine_dir.name
+    real_engine, real_repository = engine_dir.resolve(), repository.resolve()
+    if real_repository == real_engine or real_engine in real_repository.parents:
+        raise TritonExportError(f"the repository {repository} is inside the engine directory {engine_dir}: the engine "
+                                "would no longer be only its listed files; choose a repository outside it")
+    given, name = name, name or engine_dir.name
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-        raise TritonExportError(f"model name {name!r} must be letters, digits, '_', '.' or '-'")
+        origin = "" if given else " (the engine folder's name; choose one with --name)"
+        raise TritonExportError(f"model name {name!r}{origin} must be letters, digits, '_', '.' or '-', and not "
+                                f"'.' or '..'")
     model_file = backend_of(manifest).kind.triton_file
     target = repository / name
     if not target.exists():

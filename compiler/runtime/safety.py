@@ -13,6 +13,7 @@ import errno
 import os
 import re
 import resource
+import unicodedata
 from pathlib import Path
 
 from nnslim.errors import InputError, SettingsError
@@ -57,11 +58,34 @@ def same_file(a: Path, b: Path) -> bool:
 
 def refuse_input_as_output(output: Path, inputs: dict[str, Path | None], option: str) -> None:
     """Raise InputError when the output file `output` (given as `option`) is one of the command's
-    `inputs` (named by what they are), so that writing it cannot replace what it reads."""
+    `inputs` (named by what they are), or the voxel data file a detached header among them names,
+    so that writing it cannot replace what it reads."""
     for what, path in inputs.items():
-        if path is not None and same_file(output, path):
-            raise InputError(f"{option} {output} is the {what} of this command; writing it would replace "
-                             f"that input. Give {option} a path of its own")
+        for file in ([path, *detached_data_files(path)] if path is not None else []):
+            if same_file(output, file):
+                part = what if file == path else f"voxel data ({file.name}) of the {what}"
+                raise InputError(f"{option} {output} is the {part} of this command; writing it would replace "
+                                 f"that input. Give {option} a path of its own")
+
+
+_DATA_FILE = {".mhd": re.compile(r"^\s*ElementDataFile\s*=\s*(.+?)\s*$", re.M),
+              ".nhdr": re.compile(r"^\s*data ?file\s*:\s*(.+?)\s*$", re.M | re.I)}
+
+
+def detached_data_files(path: str | os.PathLike) -> list[Path]:
+    """The files a detached header (.mhd, .nhdr) keeps its voxels in, resolved beside it: inputs of a
+    command as much as the header itself (a build or an output must not replace them)."""
+    path = Path(path)
+    pattern = _DATA_FILE.get(path.suffix.lower())
+    if pattern is None or not path.is_file():
+        return []
+    try:
+        with open(path, "rb") as f:
+            text = f.read(1 << 16).decode("latin-1")
+    except OSError:
+        return []
+    names = [v.split()[0] for v in pattern.findall(text) if v and v.split()[0].upper() not in ("LOCAL", "LIST")]
+    return [path.parent / name for name in names]
 
 
 def max_threads() -> int:
@@ -102,3 +126,20 @@ def symlink_loop(path: Path) -> bool:
     except OSError as exc:
         return exc.errno == errno.ELOOP
     return False
+
+
+_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder what is shown
+
+
+def unprintable(name: str) -> bool:
+    """Whether a name holds characters that change what a terminal or a log shows: control characters
+    (newline, carriage return, escape sequences), line or paragraph separators, bidirectional overrides,
+    and the surrogates Python decodes undecodable bytes to. Printed as part of a line they forge other
+    lines (`case: FAILED ...` after a newline) or cannot be printed at all."""
+    return any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS for c in name)
+
+
+def printable(name: str) -> str:
+    """`name` with each character `unprintable` refuses written as a Python escape (`\\n`, `\\x1b`,
+    `\\u202e`), so a message can show it without being forged by it."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unprintable(c) else c for c in name)

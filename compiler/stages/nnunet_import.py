@@ -231,6 +231,11 @@ def _ct_statistics(properties: Any, channel: int) -> dict[str, float]:
                              for v in values.values()):
         raise NnUNetImportError(f"plans.json: `{key}` is {stats!r:.120}, expected numbers for {', '.join(names)}; "
                                 "the plans are damaged (use the plans.json nnU-Net wrote beside the folds)")
+    if values["percentile_00_5"] > values["percentile_99_5"] or values["std"] < 0:
+        raise NnUNetImportError(f"plans.json: `{key}` clips to [{values['percentile_00_5']}, "
+                                f"{values['percentile_99_5']}] with std {values['std']}: the lower percentile must not "
+                                "exceed the upper one and std must not be negative (every voxel would get one value); "
+                                "the plans are damaged (use the plans.json nnU-Net wrote beside the folds)")
     return {n: float(v) for n, v in values.items()}
 
 

@@ -15,6 +15,7 @@ from nnslim.compiler.runtime.backends import BACKENDS, Backend
 from nnslim.compiler.runtime.manifest import Tolerance
 from nnslim.compiler.runtime.manifest.schema import MAX_BATCH
 from nnslim.compiler.runtime.precision import AUTO, PRECISIONS, get_precision
+from nnslim.compiler.runtime.safety import detached_data_files
 from nnslim.compiler.stages.artifacts import compiled_backend, hook
 from nnslim.compiler.stages.candidates import Candidate, plan_candidates
 from nnslim.compiler.stages.prune import PruneSettings
@@ -56,12 +57,14 @@ class BuildConfig:
     @property
     def inputs(self) -> tuple[Path, ...]:
         """Every path the build reads or updates: the checkpoint (or nnU-Net model folder), the parity
-        and calibration volumes, a fine-tune dataset folder, the TensorRT plan and timing caches.
+        and calibration volumes (and the voxel files their detached headers name), a fine-tune dataset folder, the TensorRT plan and timing caches.
         `out_dir` may contain none of them, even with `overwrite` (`engine_dir.check_replaceable`)."""
         dataset = self.prune.finetune_dataset  # a dataset name, or a raw-layout folder
         folder = Path(dataset) if dataset and Path(dataset).exists() else None
-        return tuple(Path(p) for p in (self.checkpoint, self.parity_volume, *self.calibration, folder,
-                                       self.engine_cache, self.timing_cache) if p is not None)
+        volumes = [Path(p) for p in (self.parity_volume, *self.calibration) if p is not None]
+        data = [f for v in volumes for f in detached_data_files(v)]  # a .mhd's .raw is an input too
+        return tuple(Path(p) for p in (self.checkpoint, *volumes, *data, folder, self.engine_cache, self.timing_cache)
+                     if p is not None)
 
     @property
     def calibration_volumes(self) -> tuple[Path, ...]:

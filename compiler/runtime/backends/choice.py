@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from nnslim.compiler.runtime.backends import BACKENDS, get_backend
 from nnslim.compiler.runtime.manifest import EngineManifest
-from nnslim.errors import EngineError
+from nnslim.errors import EngineError, SettingsError
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ def resolve_runtime(manifest: EngineManifest, backend: str | None = None, precis
     choices = on_device(runtime_choices(manifest), device)
     if device == "cuda" and backend is not None:
         backend = get_backend(backend).gpu_twin or backend
+        if get_backend(backend).device != "cuda":  # it would quietly run on the CPU
+            raise SettingsError(f"backend {backend!r} runs on the CPU only, so it cannot honour device 'cuda'; use "
+                                f"device 'cpu' with it, or a GPU backend ({', '.join(gpu_backends())})")
     wanted = [c for c in choices if backend in (None, c.backend) and precision in (None, c.precision)]
     if not wanted and backend is not None and precision in (None, "fp32") and get_backend(backend).model == "onnx":
         fp32 = next((c for c in choices if c.precision == "fp32" and c.model.endswith(".onnx")), None)
@@ -105,3 +108,8 @@ def _fp32_elsewhere(choices: list[RuntimeChoice], device: str, tried: set[str]) 
                 and entry.available() and "fp32" in entry.precisions()):
             return RuntimeChoice(entry.name, "fp32", fp32.model, checked=False)
     return None
+
+
+def gpu_backends() -> list[str]:
+    """Backends that run on the GPU, or have a GPU twin (`--device cuda` accepts them)."""
+    return [name for name, b in BACKENDS.items() if b.device == "cuda" or b.gpu_twin]

@@ -18,11 +18,11 @@ compares the manifest's record with this machine before anything is deserialized
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable
 
-from nnslim.compiler.runtime.backends import Pool
 from nnslim.errors import EngineError, NnslimError
 from nnslim.extras import installed
 
@@ -152,7 +152,9 @@ class TensorRTPredictor:
                 plan if plan is not None else Path(plan_path).read_bytes())
             if self.engine is None:
                 raise EngineError(f"TensorRT cannot deserialize {plan_path}; rebuild the engine on this machine")
-            self.contexts = Pool(self._context)  # one execution context and stream per concurrent call
+            # one execution context and stream per concurrent call (`_take`), made when all are busy
+            self._idle = [_execution_context(self.engine, torch, self.device)]
+            self._lock = threading.Lock()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         if input_name not in names or output_name not in names:
             raise EngineError(f"{plan_path} has tensors {names}, expected {input_name!r} and {output_name!r}")
@@ -164,16 +166,17 @@ class TensorRTPredictor:
         self.output_dtype = dtypes[self.engine.get_tensor_dtype(output_name).name]
         self.max_batch = int(self.engine.get_tensor_profile_shape(input_name, 0)[2][0])
 
-    def _context(self) -> tuple[Any, Any]:
-        with self.torch.cuda.device(self.device):
-            return self.engine.create_execution_context(), self.torch.cuda.Stream(self.device)
-
     def __call__(self, tiles):
         torch = self.torch
         if tiles.shape[0] > self.max_batch:
             raise EngineError(f"batch {tiles.shape[0]} exceeds the plan's profile maximum {self.max_batch}")
         tiles = torch.as_tensor(tiles).to(self.device, self.input_dtype, non_blocking=True).contiguous()
-        with self.contexts.take() as (context, stream):
+        with self._lock:
+            slot = self._idle.pop() if self._idle else None
+        if slot is None:  # every context is busy with another thread's call: one more
+            slot = _execution_context(self.engine, torch, self.device)
+        context, stream = slot
+        try:
             if not context.set_input_shape(self.input_name, tuple(tiles.shape)):
                 raise EngineError(f"TensorRT refused input shape {tuple(tiles.shape)}")
             out = torch.empty(tuple(context.get_tensor_shape(self.output_name)), dtype=self.output_dtype,
@@ -188,9 +191,19 @@ class TensorRTPredictor:
             if not context.execute_async_v3(stream.cuda_stream):
                 raise EngineError("TensorRT execution failed; its log above says why")
             current.wait_stream(stream)
+        finally:
+            with self._lock:
+                self._idle.append((context, stream))
         return out
 
     def close(self) -> None:
         """Release the execution contexts, the deserialized engine and its GPU memory."""
-        self.contexts.clear()
+        with self._lock:
+            self._idle.clear()
         self.engine = None
+
+
+def _execution_context(engine: Any, torch: Any, device: Any) -> tuple[Any, Any]:
+    """A new execution context of `engine` and a CUDA stream of its own (one per concurrent call)."""
+    with torch.cuda.device(device):
+        return engine.create_execution_context(), torch.cuda.Stream(device)

@@ -58,6 +58,12 @@ def check_log_path(path: Path, inputs: Sequence[Path], outputs: Sequence[Path]) 
     if symlink_loop(path):
         raise InputError(f"--log-jsonl {path} is a symbolic link that loops back on itself; fix or remove the link, "
                          "or choose another file")
+    if path.is_symlink() and not path.exists():
+        raise InputError(f"--log-jsonl {path} is a symbolic link to {os.readlink(path)}, which does not exist; give "
+                         "the log file itself (a link could make the log land among the run's inputs)")
+    if path.exists() and not path.is_file():
+        raise InputError(f"--log-jsonl {path} is not a regular file (a pipe or a device); the log is appended and "
+                         "flushed to disk line by line, so give a file name")
     if path.is_file() and path.stat().st_size:
         with open(path, encoding="utf-8", errors="replace") as f:
             first = f.readline()

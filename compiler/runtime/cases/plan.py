@@ -27,9 +27,9 @@ from pathlib import Path
 
 from nnslim.errors import InputError, SettingsError
 from nnslim.compiler.runtime.manifest import ModelSpec
-from nnslim.compiler.runtime.safety import same_file, symlink_loop
+from nnslim.compiler.runtime.safety import printable, same_file, symlink_loop, unprintable
 from nnslim.compiler.runtime.segmentation import check_fits
-from nnslim.compiler.runtime.volumes.layout import find_cases, printable, unprintable
+from nnslim.compiler.runtime.volumes.layout import find_cases
 from nnslim.compiler.runtime.volumes.readers import VOLUME_SUFFIXES, check_output_name, output_suffix
 from nnslim.compiler.runtime.volumes.sitk import is_dicom_series
 from nnslim.compiler.runtime.volumes.volume import read_header
@@ -74,6 +74,9 @@ def plan_and_skip(inputs: list[Path], output: Path, existing: str = "refuse",
     part_id, num_parts = part
     if num_parts < 1 or not 0 <= part_id < num_parts:
         raise OptionConflict(f"--part-id must be in 0..{num_parts - 1} for --num-parts {num_parts}, got {part_id}")
+    if unprintable(str(output)):  # printed on every case's line: it would forge lines of output
+        raise InputError(f"the output path {printable(str(output))!r} holds control characters (a newline, tab or "
+                         "escape sequence); choose a name without them")
     folder_mode = is_folder_input(inputs)
     if folder_mode:
         if output.name.endswith(VOLUME_SUFFIXES) or output.is_file():

@@ -42,7 +42,8 @@ from nnslim.compiler.runtime.segmentation import (
     window_config,
 )
 from nnslim.compiler.runtime.volumes.header import Geometry
-from nnslim.compiler.runtime.volumes.layout import beside, printable
+from nnslim.compiler.runtime.safety import printable
+from nnslim.compiler.runtime.volumes.layout import beside
 from nnslim.compiler.runtime.volumes.volume import load_volume, save_segmentation
 
 logger = logging.getLogger(__name__)

@@ -32,7 +32,7 @@ from nnslim.compiler.runtime.manifest.records import (
     Tolerance,
     rebuild_hint,
 )
-from nnslim.compiler.runtime.safety import MAX_SPACING_MM
+from nnslim.compiler.runtime.safety import MAX_SPACING_MM, unprintable
 from nnslim.errors import EngineError
 
 MAX_PATCH = 1024  # voxels per axis of a network patch
@@ -119,8 +119,9 @@ def parse_manifest(raw: Any, source: Path | str = MANIFEST) -> EngineManifest:
             f"{FORMAT!r} versions {list(READABLE_VERSIONS)}; {r.hint}")
     io = _io(r)
     labels = tuple(r.get("labels", list))
-    if len(labels) != io.num_classes or not all(isinstance(n, str) and n for n in labels):
-        raise r.fail("labels", list(labels), f"{io.num_classes} non-empty label names, one per output head")
+    if len(labels) != io.num_classes or not all(isinstance(n, str) and n and not unprintable(n) for n in labels):
+        raise r.fail("labels", list(labels), f"{io.num_classes} non-empty label names without control characters "
+                     "(they are printed in tables and reports), one per output head")
     preprocessing = r.get("preprocessing", dict)
     r.get("preprocessing.normalization", dict)
     _spacing(r)

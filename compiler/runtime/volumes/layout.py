@@ -8,7 +8,6 @@ holding one DICOM series. `case_stem` is the one way nnslim strips a volume suff
 from __future__ import annotations
 
 import re
-import unicodedata
 from pathlib import Path
 
 from nnslim.compiler.runtime.volumes.readers import VOLUME_SUFFIXES, suffix_of
@@ -17,7 +16,6 @@ from nnslim.errors import InputError
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _OTHER_SUFFIXES = (".npz", ".png")  # what nnslim writes beside a label map
-_BIDI_CONTROLS = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder what is shown
 
 
 def case_stem(path: Path) -> str:
@@ -31,20 +29,6 @@ def case_stem(path: Path) -> str:
 def case_name(first_file: Path) -> str:
     """A case's name from its first file: the stem without nnU-Net's `_0000` channel suffix."""
     return _CHANNEL.sub(r"\g<case>", case_stem(first_file))
-
-
-def unprintable(name: str) -> bool:
-    """Whether a name holds characters that change what a terminal or a log shows: control characters
-    (newline, carriage return, escape sequences), line or paragraph separators, bidirectional overrides,
-    and the surrogates Python decodes undecodable bytes to. Printed as part of a line they forge other
-    lines (`case: FAILED ...` after a newline) or cannot be printed at all."""
-    return any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI_CONTROLS for c in name)
-
-
-def printable(name: str) -> str:
-    """`name` with each character `unprintable` refuses written as a Python escape (`\\n`, `\\x1b`,
-    `\\u202e`), so a message can show it without being forged by it."""
-    return "".join(c.encode("unicode_escape").decode("ascii") if unprintable(c) else c for c in name)
 
 
 def beside(labels: Path, suffix: str) -> Path:

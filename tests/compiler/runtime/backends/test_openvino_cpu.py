@@ -96,7 +96,7 @@ def test_backend_table_caches_in_a_private_folder_one_checked_entry_per_model_an
     first = open_predictor("openvino", OpenRequest(demo_graphs.fp32))(demo_graphs.tiles[:1])
     folder = tmp_path / "cache" / "openvino"
     (entry,) = folder.iterdir()
-    assert entry.name.endswith(".entry") and entry.read_bytes().startswith(b"nnslim-cache-entry 1 sha256=")
+    assert entry.name.endswith(".entry") and entry.read_bytes().startswith(f"nnslim-cache-entry 2 key={entry.stem} sha256=".encode())
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700 and stat.S_IMODE(entry.stat().st_mode) == 0o600
     written = entry.stat().st_mtime_ns
     again = open_predictor("openvino", OpenRequest(demo_graphs.fp32))(demo_graphs.tiles[:1])  # imported, not rewritten
