@@ -330,16 +330,24 @@ def check(case: Case, before: dict, after: dict, exit_code: int, output: str) ->
         assert all(after[k] == v for k, v in before.items()), "an input changed"
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_hostile_input_in_process(case, tiny_engine, tmp_path, monkeypatch):
+def run_in_process(case: Case, engine: Path, tmp_path: Path, monkeypatch) -> str:
+    """One row through the real CLI in this process (click's runner, the same error boundary), in a
+    fresh folder beside a copy of `engine`, checked by `check`; returns what it printed. Every
+    hostile-input file runs its rows through this."""
     root = tmp_path / "case"
     root.mkdir()
-    argv = prepare(case, root, tiny_engine)
+    argv = prepare(case, root, engine)
     monkeypatch.chdir(root)
     before = snapshot(root)
     result = CliRunner().invoke(cli, argv)
     check(case, before, snapshot(root), result.exit_code, result.output)
     assert not (root / "pwned").exists()
+    return result.output
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_hostile_input_in_process(case, tiny_engine, tmp_path, monkeypatch):
+    run_in_process(case, tiny_engine, tmp_path, monkeypatch)
 
 
 SUBPROCESS_CASES = ["infer -o is the input", "runtime_model absolute", "gzip-bomb header", "build --out user folder",

@@ -15,12 +15,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from nnslim.compiler.cli import cli
 from nnslim.training.checkpoint import save_checkpoint
 from tests.conftest import metadata, random_model
-from tests.test_bad_input import NNSLIM, TINY_MODEL, Case, check, prepare, scan, snapshot
+from tests.test_bad_input import Case, NNSLIM, TINY_MODEL, run_in_process, scan, snapshot
 
 PATIENT = "Doe_John_1957-03-02_MRN4471123"  # a folder named like a patient identifier
 FAST = ["--patch", "32", "32", "32", "--parity-tiles", "1", "--precision", "fp32"]
@@ -78,13 +76,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_build_input_in_process(case, tiny_engine, tmp_path, monkeypatch):
-    root = tmp_path / "case"
-    root.mkdir()
-    argv = prepare(case, root, tiny_engine)
-    monkeypatch.chdir(root)
-    before = snapshot(root)
-    result = CliRunner().invoke(cli, argv)
-    check(case, before, snapshot(root), result.exit_code, result.output)
+    run_in_process(case, tiny_engine, tmp_path, monkeypatch)
 
 
 # ---- privacy ---------------------------------------------------------------------------------------

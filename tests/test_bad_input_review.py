@@ -16,10 +16,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from click.testing import CliRunner
 
-from nnslim.compiler.cli import cli
-from tests.test_bad_input import TINY_MODEL, Case, check, labels, prepare, scan, snapshot
+from tests.test_bad_input import Case, TINY_MODEL, labels, run_in_process, scan
 from tests.test_bad_input_errors import _build_nnunet, _tiny_checkpoint
 
 FAST = ["--patch", "32", "32", "32", "--parity-tiles", "1", "--precision", "fp32"]
@@ -104,13 +102,7 @@ CASES = [
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_in_process(case, tiny_engine, tmp_path, monkeypatch):
-    root = tmp_path / "case"
-    root.mkdir()
-    argv = prepare(case, root, tiny_engine)
-    monkeypatch.chdir(root)
-    before = snapshot(root)
-    result = CliRunner().invoke(cli, argv)
-    check(case, before, snapshot(root), result.exit_code, result.output)
+    run_in_process(case, tiny_engine, tmp_path, monkeypatch)
 
 
 def test_api_detached_data_files_are_inputs(tmp_path):
