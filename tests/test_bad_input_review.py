@@ -8,7 +8,8 @@ Each was a silent wrong answer, lost data or a crash before its fix:
   calibrated: usage errors;
 - control characters in `-o` or in label names cannot forge lines of output;
 - an nnU-Net plan whose CT clip range is inverted (every voxel one value) is refused;
-- export-triton may not write its repository into the engine directory.
+- export-triton may not write its repository into the engine directory;
+- a sheared NIfTI's labels are not written as .mha (a direction its readers refuse), only as NIfTI.
 """
 
 from __future__ import annotations
@@ -57,6 +58,18 @@ def _dangling(link, target):
     return link
 
 
+def _sheared(root):
+    """A NIfTI scan whose affine is sheared (legal in NIfTI: gantry-tilted CT)."""
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.eye(4)
+    affine[0, 1] = 0.5
+    data = np.random.default_rng(0).normal(100, 20, (20, 20, 20)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, affine), root / "shear.nii.gz")
+    return root / "shear.nii.gz"
+
+
 def _newline_labels(payload):
     payload["metadata"]["label_names"] = ["background", "grey\nmatter", "white"]
 
@@ -95,6 +108,10 @@ CASES = [
     Case("label name with a newline", lambda r, e: ["build-engine", _tiny_checkpoint(r, _newline_labels), "--out",
                                                     r / "e2", *FAST], 1, "without control characters"),
     Case("nnunet CT clip range inverted", _build_nnunet(plans=_inverted_clip), 1, "must not exceed the upper one"),
+    Case("sheared NIfTI written as .mha", lambda r, e: ["infer", e, _sheared(r), "-o", r / "seg.mha"], 1,
+         "geometry is sheared"),
+    Case("ok: sheared NIfTI written as .nii.gz", lambda r, e: ["infer", e, _sheared(r), "-o", r / "seg.nii.gz"], 0,
+         "seg.nii.gz", outputs=("seg.nii.gz",)),
     Case("export-triton into the engine", lambda r, e: ["export-triton", e, e / "repo"], 1, "inside the engine"),
     Case("export-triton onto the engine", lambda r, e: ["export-triton", e, e], 1, "inside the engine"),
 ]

@@ -140,6 +140,12 @@ def write(labels: np.ndarray, geometry: Geometry, path: Path) -> None:
     """Write `[X, Y, Z]` labels as uint8 with the geometry (format from the suffix, compressed), atomically."""
     sitk = require_sitk(f"writing {path}")
     reference = geometry.as_itk()
+    try:  # a sheared NIfTI affine has no faithful ITK direction: a file its readers (nnslim's too) refuse
+        check_direction(reference.direction, path)
+    except InputError:
+        raise InputError(f"the scan's geometry is sheared (its affine is not a rotation times voxel sizes), which "
+                         f"{path.name}'s format cannot store faithfully; write the labels as .nii.gz or .nii, which keep "
+                         "the affine as it is") from None
     image = sitk.GetImageFromArray(np.ascontiguousarray(labels.astype(np.uint8).transpose(2, 1, 0)))
     image.SetOrigin(reference.origin)
     image.SetSpacing(reference.spacing)
