@@ -29,7 +29,7 @@ import os
 import stat
 from pathlib import Path
 
-from nnslim.files import write_bytes_atomic
+from nnslim.files import sweep_leftovers, write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +91,7 @@ def private_folder(tool: str, folder: Path | None = None) -> Path | None:
         _warn_once(f"not using the {tool} cache: cannot create {exc.filename or folder} ({exc.strerror}); set "
                    f"NNSLIM_CACHE to a writable folder. Going on without a cache (a slower start, the same results)")
         return None
+    sweep_leftovers(folder)  # entries half-written by a killed run (by their marker, as everywhere)
     return folder
 
 
