@@ -52,8 +52,6 @@ def _warn_once(message: str) -> None:
 
 def _not_private(path: Path, info: os.stat_result) -> str | None:
     """Why a folder must not hold a cache, or None when only this user can write it."""
-    if not stat.S_ISDIR(info.st_mode):
-        return "it is not a folder"
     if info.st_uid != os.geteuid():
         return f"it belongs to another user (uid {info.st_uid})"
     if info.st_mode & 0o022:

@@ -66,10 +66,10 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None) -> Iterator[Pa
 
 
 @contextmanager
-def marked_folder(parent: Path, stem: str, removable: str | list[str] = "all") -> Iterator[Path]:
-    """A new folder `parent/STEM-TOKEN` holding a marker (pid, token, `removable`), removed with all it
-    holds on leaving the block."""
-    folder = mark(parent / f"{stem}-{secrets.token_hex(6)}", removable, create=True)
+def marked_folder(parent: Path, stem: str) -> Iterator[Path]:
+    """A new folder `parent/STEM-TOKEN` holding a marker (pid, token; all of it removable), removed
+    with all it holds on leaving the block."""
+    folder = mark(parent / f"{stem}-{secrets.token_hex(6)}", create=True)
     try:
         yield folder
     finally:

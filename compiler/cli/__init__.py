@@ -12,7 +12,8 @@ Modules: `app` (the group), `boundary` (errors and exit codes), `options` (share
 from __future__ import annotations
 
 import signal
-import sys
+
+import click
 
 from nnslim.compiler.cli.app import cli
 from nnslim.compiler.cli.build_commands import build_engine
@@ -37,5 +38,5 @@ def main() -> None:
 
 def _terminated(signum: int, frame: object) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM stops at once
-    print("error: stopped by SIGTERM; nothing half-written is left", file=sys.stderr, flush=True)
+    click.echo("error: stopped by SIGTERM; nothing half-written is left", err=True)
     raise SystemExit(128 + signum)

@@ -13,7 +13,7 @@ from typing import Any
 from nnslim.compiler.runtime.manifest.schema import MAX_PATCH
 from nnslim.compiler.runtime.safety import MAX_SPACING_MM
 from nnslim.compiler.stages.nnunet_checkpoint import NnUNetImportError
-from nnslim.training.config import MAX_FEATURES, MAX_STAGES, ConfigError, UNetConfig, as_int, listed
+from nnslim.training.config import MAX_FEATURES, MAX_STAGES, ConfigError, UNetConfig, as_int
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")
 
@@ -56,9 +56,9 @@ def _per_stage(value: Any, n: int, dims: int) -> tuple[Any, ...]:
     return tuple(tuple(v) if isinstance(v, (list, tuple)) else (v,) * dims for v in value)
 
 
-def _counts(key: str, value: Any, n: int) -> tuple[Any, ...]:
+def _counts(value: Any, n: int) -> tuple[Any, ...]:
     """An int for every stage, or one per stage (checked by `UNetConfig`)."""
-    return tuple(listed(key, value)) if isinstance(value, (list, tuple)) else (value,) * n
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,) * n
 
 
 def _short(name: Any) -> str:
@@ -158,7 +158,10 @@ def _refuse_unsupported_options(kwargs: dict[str, Any]) -> None:
 
 def unet_config(configuration: dict[str, Any], in_channels: int, num_outputs: int) -> UNetConfig:
     """The nnslim `UNetConfig` equal to the configuration's network (new or pre-2.3 plans)."""
-    class_name, kwargs = _architecture(configuration)
+    try:  # a value of the wrong shape, here or in pre-2.3 plans' keys, is an error of the plans
+        class_name, kwargs = _architecture(configuration)
+    except ConfigError as exc:
+        raise NnUNetImportError(f"cannot read the network from the plans: {exc}") from exc
     dims, norm, slope = _layers(kwargs)
     _refuse_unsupported_options(kwargs)
     residual = class_name == "ResidualEncoderUNet"
@@ -168,11 +171,11 @@ def unet_config(configuration: dict[str, Any], in_channels: int, num_outputs: in
         return UNetConfig(
             in_channels=in_channels,
             num_classes=num_outputs,
-            features_per_stage=_counts("features_per_stage", kwargs["features_per_stage"], n),
+            features_per_stage=_counts(kwargs["features_per_stage"], n),
             kernel_sizes=_per_stage(kwargs["kernel_sizes"], n, dims),
             strides=_per_stage(kwargs["strides"], n, dims),
-            convs_per_stage=_counts(units, kwargs[units], n),
-            convs_per_decoder_stage=_counts("n_conv_per_stage_decoder", kwargs["n_conv_per_stage_decoder"], n - 1),
+            convs_per_stage=_counts(kwargs[units], n),
+            convs_per_decoder_stage=_counts(kwargs["n_conv_per_stage_decoder"], n - 1),
             conv_bias=bool(kwargs.get("conv_bias", False)),
             norm=norm,
             negative_slope=slope,

@@ -31,9 +31,9 @@ from nnslim.compiler.runtime.backends import OpenRequest, open_predictor
 from nnslim.compiler.runtime.backends.openvino_cpu import cpu_record
 from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, FileRecord, SelectionRecord, load_manifest
-from nnslim.compiler.runtime.manifest.schema import MAX_PATCH
+from nnslim.compiler.runtime.manifest.schema import MAX_PATCH, label_names_ok
 from nnslim.compiler.runtime.manifest.verify import onnx_external_data
-from nnslim.compiler.runtime.safety import require_fits, unprintable
+from nnslim.compiler.runtime.safety import require_fits
 from nnslim.compiler.stages.artifacts import ArtifactJob, hook
 from nnslim.compiler.stages.candidates import CandidateResult, choose, measure, ranking
 from nnslim.compiler.stages.engine_dir import check_replaceable, staging_dir
@@ -238,8 +238,7 @@ def _check_patch(patch: tuple[int, ...], stride: tuple[int, int, int]) -> tuple[
 def _check_labels(source: Source) -> None:
     """The label names the engine will carry: one non-empty name per class, as the runtime requires."""
     names = source.metadata.get("label_names")
-    named = isinstance(names, (list, tuple)) and all(isinstance(n, str) and n and not unprintable(n) for n in names)
-    if not named or len(names) != source.num_classes:
+    if not label_names_ok(names, source.num_classes):  # the runtime's own rule
         raise BuildError(f"the checkpoint's label_names is {names!r:.80}, but its network has {source.num_classes} "
                          f"classes: give it a list of {source.num_classes} non-empty names without control characters "
                          "(newlines, tabs), one per class (fix the checkpoint's metadata or dataset.json, then build "

@@ -128,8 +128,7 @@ def check_same_model(engine: Any, source: Source, checkpoint: str | Path) -> Non
         raise InputError(f"the engine's patch {spec.patch_size} is not a multiple of {checkpoint}'s total stride "
                          f"{source.total_stride}; {fix}")
     expected = manifest.source.get("checkpoint_sha256")
-    found = _checkpoint_sha256(source, Path(checkpoint))
-    if expected is not None and found != expected:
+    if expected is not None and _checkpoint_sha256(source, Path(checkpoint)) != expected:  # hashed only when recorded
         logger.warning("--torch-checkpoint %s has the engine's architecture and labels but other weights (sha256 "
                        "differs from the one the engine was built from): the comparison is with another training "
                        "of the same network", checkpoint)
@@ -138,7 +137,7 @@ def check_same_model(engine: Any, source: Source, checkpoint: str | Path) -> Non
 def _checkpoint_sha256(source: Source, checkpoint: Path) -> str | dict[str, str]:
     """The checkpoint's sha256 as the manifest records it: one digest, or one per fold file of a model folder."""
     if source.kind == "nnunet-v2":
-        return {f.relative_to(checkpoint).as_posix(): sha256_file(f) for f in source.files}
+        return {f.resolve().relative_to(checkpoint.resolve()).as_posix(): sha256_file(f) for f in source.files}
     return sha256_file(source.files[0])
 
 

@@ -152,7 +152,8 @@ class TensorRTPredictor:
                 plan if plan is not None else Path(plan_path).read_bytes())
             if self.engine is None:
                 raise EngineError(f"TensorRT cannot deserialize {plan_path}; rebuild the engine on this machine")
-            # one execution context and stream per concurrent call (`_take`), made when all are busy
+            # one execution context and stream per concurrent call, made when all are busy (written
+            # out rather than `backends.Pool`, so the TensorRT bindings check can follow the context)
             self._idle = [_execution_context(self.engine, torch, self.device)]
             self._lock = threading.Lock()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]

@@ -11,11 +11,9 @@
 - A folder entry that cannot be a case (a symlink loop or a dangling link, a name with control
   characters that would forge lines of output) fails as its own case (`CasePlan.problem`), shown
   with its name escaped; the other cases run.
-- Each case's header is read (not its voxels) and the memory the case needs is estimated:
-  input and normalized copy `2 * 4 * C * N` bytes, the resampled image `4 * C * M`, the slab
-  accumulators `4 * (K + 1) * slab` and the uint8 labels `N + M`, for N input voxels, M voxels
-  at the model's spacing and K output heads. A request over the machine's memory is refused
-  with the estimate; a voxel size that would resample an axis to nothing is refused too.
+- Each case's header is read (not its voxels) and checked with `segmentation.check_fits`: the
+  memory the case needs (the estimate is documented there) and a voxel size that would resample
+  an axis to nothing are refused before any voxel is read.
 """
 
 from __future__ import annotations

@@ -107,6 +107,12 @@ def parse_json(data: bytes, source: Path | str, error: Callable[[str], Exception
                     f"nnslim reads does; {hint}") from None
 
 
+def label_names_ok(names: Any, count: int) -> bool:
+    """One non-empty name per class, without control characters (they are printed in tables and reports)."""
+    return (isinstance(names, (list, tuple)) and len(names) == count
+            and all(isinstance(n, str) and n and not unprintable(n) for n in names))
+
+
 def parse_manifest(raw: Any, source: Path | str = MANIFEST) -> EngineManifest:
     """Check the schema of a decoded manifest (module docstring) and return it as records."""
     if not isinstance(raw, dict):
@@ -119,7 +125,7 @@ def parse_manifest(raw: Any, source: Path | str = MANIFEST) -> EngineManifest:
             f"{FORMAT!r} versions {list(READABLE_VERSIONS)}; {r.hint}")
     io = _io(r)
     labels = tuple(r.get("labels", list))
-    if len(labels) != io.num_classes or not all(isinstance(n, str) and n and not unprintable(n) for n in labels):
+    if not label_names_ok(labels, io.num_classes):
         raise r.fail("labels", list(labels), f"{io.num_classes} non-empty label names without control characters "
                      "(they are printed in tables and reports), one per output head")
     preprocessing = r.get("preprocessing", dict)

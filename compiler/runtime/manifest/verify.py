@@ -69,8 +69,7 @@ def verify_files(engine_dir: Path, manifest: EngineManifest) -> None:
     for name, record in manifest.files.items():
         path = inside(engine_dir, name, hint)
         if path.stat().st_size != record.bytes or sha256_file(path) != record.sha256:
-            raise TamperedEngineError(f"{engine_dir / name} does not match the sha256 in the manifest (modified, "
-                                      f"truncated or swapped): the engine is tampered with or damaged; {hint}")
+            raise _mismatch(engine_dir / name, hint)
     for name in manifest.referenced_files():
         for location in _external_data(engine_dir, manifest, name):  # resolved beside the model, as ONNX Runtime does
             _require_listed(engine_dir, manifest, str(PurePosixPath(name).parent / location), f"is external data of {name}")
@@ -154,6 +153,10 @@ def read_verified(engine_dir: str | Path, manifest: EngineManifest, name: str) -
     with open(inside(engine_dir, name, hint), "rb") as f:
         data = f.read(record.bytes + 1)
     if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
-        raise TamperedEngineError(f"{engine_dir / name} does not match the sha256 in the manifest (modified, "
-                                  f"truncated or swapped): the engine is tampered with or damaged; {hint}")
+        raise _mismatch(engine_dir / name, hint)
     return data
+
+
+def _mismatch(path: Path, hint: str) -> TamperedEngineError:
+    return TamperedEngineError(f"{path} does not match the sha256 in the manifest (modified, truncated or swapped): "
+                               f"the engine is tampered with or damaged; {hint}")

@@ -16,7 +16,6 @@ temporaries whose process is gone.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,6 @@ from nnslim.compiler.runtime.volumes.layout import case_name
 from nnslim.compiler.runtime.volumes.readers import AUTO, reader_for, writer_for
 from nnslim.errors import InputError
 from nnslim.files import sweep_leftovers
-
-logger = logging.getLogger(__name__)
 
 @dataclass
 class Volume:
@@ -131,12 +128,6 @@ def save_segmentation(segmentation: np.ndarray, geometry: Geometry, path: Path) 
     path = Path(path)
     writer = writer_for(path, geometry)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(path.parent)
+    sweep_leftovers(path.parent)  # temporaries of killed runs, by nnslim's marker (nnslim.files)
     writer.adapter().write(segmentation, geometry, path)
     return path
-
-
-def clean_stale_temps(folder: Path) -> list[Path]:
-    """Remove the temporaries of outputs (`nnslim.files.atomic_path`) that killed runs left in
-    `folder`: only marked folders of nnslim's whose process is gone, never a file by its name."""
-    return sweep_leftovers(folder)
