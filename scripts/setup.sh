@@ -27,6 +27,8 @@ if [ ! -f "$deps_stamp" ] || [ "$(cat "$deps_stamp")" != "$deps_want" ]; then
     # pick a newer CUDA build of several GB
     .venv/bin/python -m pip install --quiet "torch==2.13.0"
     .venv/bin/python -m pip install --quiet -e ".[dev,demo,plots]" --config-settings editable_mode=strict
+    # `nnslim serve`'s tritonserver (the serve extra) without its numpy<2 pin: the development set keeps numpy 2
+    .venv/bin/python -m pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
     echo "$deps_want" > "$deps_stamp"
     echo "$link_want" > "$link_stamp"
 fi

@@ -1,7 +1,8 @@
-"""Commands around engines and experiments: inspect, export-triton, bench, prune-sweep."""
+"""Commands around engines and experiments: inspect, export-triton, serve, bench, prune-sweep."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -37,11 +38,13 @@ Examples:
   nnslim export-triton artifacts/engines/tiny model_repository
   nnslim export-triton engines/liver /models --name liver_ct --instances 2
   nnslim export-triton engines/liver-v2 /models --name liver_ct --version-policy latest:2
+  nnslim export-triton engines/liver /models --whole-volume --name liver_volumes
 """)
 @click.argument("engine_dir", type=path_type(file_okay=False))
 @click.argument("repository", type=path_type(exists=False, file_okay=False))
-@click.option("--name", default=None, help="Model name in the repository [default: the engine directory's name]. "
-              "An existing model of that name gets the next version folder (same inputs and outputs only).")
+@click.option("--name", default=None, help="Model name in the repository [default: the engine directory's name; "
+              "with --whole-volume, nnslim]. An existing model of that name gets the next version folder (same "
+              "inputs and outputs only).")
 @click.option("--instances", default=1, show_default=True, type=click.IntRange(1),
               help="Model instances (per GPU for KIND_GPU).")
 @click.option("--kind", type=click.Choice(["KIND_CPU", "KIND_GPU"]), default=None,
@@ -50,15 +53,80 @@ Examples:
 @click.option("--version-policy", default=None, metavar="POLICY",
               help="Triton's version_policy: latest:N, all, or specific:1,3 [default: kept from an existing "
                    "config, else Triton's latest:1].")
-def export_triton(engine_dir, repository, name, instances, kind, version_policy) -> None:
+@click.option("--whole-volume", is_flag=True,
+              help="Write a Python-backend model that segments whole volumes inside Triton with nnslim's runtime "
+                   "(IMAGE [C,X,Y,Z] fp32 + SPACING [3] fp32 in, LABELS uint8 and optional PROBABILITIES fp16 out) "
+                   "instead of the network alone. Triton's Python must have nnslim installed (nnslim serve does "
+                   "this for you).")
+def export_triton(engine_dir, repository, name, instances, kind, version_policy, whole_volume) -> None:
     """Write a Triton Inference Server model repository entry from an engine directory: config.pbtxt
     (Triton's schema: dynamic batching, the instance kind of the engine's device, warmup, the chosen
-    backend and precision) and a version folder with the plan or ONNX model the engine runs."""
+    backend and precision) and a version folder with the plan or ONNX model the engine runs, or with
+    --whole-volume, the model that segments whole volumes."""
     from nnslim.compiler.deploy.triton import export_triton as run_export
 
-    done = run_export(engine_dir, repository, name, instances, kind, version_policy)
+    done = run_export(engine_dir, repository, name, instances, kind, version_policy, whole_volume=whole_volume)
     click.echo(f"Triton model written to {done.model_dir} (config.pbtxt, version {done.version}: "
                f"{done.version}/{done.model_file})")
+
+
+@click.command("serve", epilog="""\b
+Examples:
+  nnslim serve artifacts/engines/tiny
+  nnslim serve engines/liver --http-port 9000 --grpc-port 9001 --metrics-port 9002 --instances 2
+  nnslim serve engines/liver --host 0.0.0.0 --instances 2
+
+\b
+--host 0.0.0.0 makes it reachable from other machines: Triton has no TLS or authentication here.
+
+\b
+A client (pip install 'tritonclient[http]'), with the volume as nibabel gives it:
+  import nibabel as nib, numpy as np, tritonclient.http as http
+  scan = nib.load("scan.nii.gz")
+  image = np.asarray(scan.dataobj, dtype=np.float32)[None]      # [C, X, Y, Z]
+  spacing = np.asarray(scan.header.get_zooms()[:3], dtype=np.float32)
+  inputs = [http.InferInput("IMAGE", image.shape, "FP32"), http.InferInput("SPACING", [3], "FP32")]
+  inputs[0].set_data_from_numpy(image); inputs[1].set_data_from_numpy(spacing)
+  client = http.InferenceServerClient("127.0.0.1:8000")
+  result = client.infer("nnslim", inputs, outputs=[http.InferRequestedOutput("LABELS")])
+  labels = result.as_numpy("LABELS")                              # uint8 [X, Y, Z]
+""")
+@click.argument("engine_dir", type=path_type(file_okay=False))
+@click.option("--name", default="nnslim", show_default=True, help="The model's name in Triton.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address Triton listens on (HTTP, gRPC and metrics); 0.0.0.0 for every interface.")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--instances", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Model instances: volumes segmented at once (each holds the engine).")
+@click.option("--threads", default=None, type=click.IntRange(0, 1024),
+              help="CPU threads per instance [default: one instance uses every core; several share them out].")
+@click.option("--startup-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds to wait for the model to be READY.")
+@click.option("--triton-log", type=click.Choice(["warnings", "all", "none"]), default="warnings", show_default=True,
+              help="Which of Triton's log lines to pass on (to stderr).")
+def serve(engine_dir, name, host, http_port, grpc_port, metrics_port, instances, threads, startup_timeout,
+          triton_log) -> None:
+    """Serve an engine with a real Triton Inference Server: whole volumes in, labels out (the
+    export-triton --whole-volume model), over HTTP and gRPC. Runs in the foreground, prints one
+    READY line when the model can be called, and stops on Ctrl-C or SIGTERM. Needs the serve extra
+    (pip install 'nnslim[serve]': Triton's CPU-capable tritonserver, from the nvidia-pytriton wheel)."""
+    from nnslim.compiler.deploy.serve import ServeSettings
+    from nnslim.compiler.deploy.serve import serve as run_serve
+
+    settings = ServeSettings(engine_dir=engine_dir, name=name, host=host, http_port=http_port, grpc_port=grpc_port,
+                             metrics_port=metrics_port, instances=instances, threads=threads,
+                             startup_seconds=startup_timeout, log=triton_log)
+
+    def ready(s: ServeSettings) -> None:
+        urls = s.urls()
+        click.echo(f"READY model {s.name!r} at {urls['http']} (HTTP), {urls['grpc']} (gRPC), {urls['metrics']} "
+                   "(metrics); Ctrl-C or SIGTERM stops", nl=True)
+        sys.stdout.flush()
+
+    run_serve(settings, ready, echo=lambda line: click.echo(line, err=True))
+    click.echo("stopped", err=True)
 
 
 @click.command(epilog="""\b

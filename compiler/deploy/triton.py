@@ -19,13 +19,10 @@ anything is moved into place, so a field Triton does not know cannot be written 
   fp16 graph, the plan), and the parameters `nnslim_backend`, `nnslim_precision` and
   `nnslim_model_sha256` (Triton's backends ignore keys they do not read);
 - an OpenVINO engine is served by Triton's ONNX Runtime backend with OpenVINO as its CPU execution
-  accelerator. Triton's ONNX Runtime backend passes the OpenVINO execution provider no options
-  (device "CPU", no precision key): the int8 Q/DQ graph still runs int8 (the precision is in the
-  graph), a bf16 engine (the fp32 graph with a bf16 inference hint in nnslim) runs in fp32 there.
-  Triton's own `openvino` backend could take `HINT_BF16`, but it compiles the model for a fixed batch
-  of `max_batch_size` and needs `ENABLE_BATCH_PADDING` for the smaller batches dynamic batching
-  sends, whose pad size it never resets (a later full batch returns too few rows): not a safe home
-  for dynamically batched tiles;
+  accelerator, which gets no options (device "CPU", no precision key): an int8 Q/DQ graph still runs
+  int8, a bf16 engine (fp32 graph + bf16 hint in nnslim) runs fp32 there. Triton's own `openvino`
+  backend takes `HINT_BF16` but compiles for a fixed batch and pads smaller ones with a pad size it
+  never resets (a later full batch returns too few rows): no home for dynamically batched tiles;
 - for a TensorRT plan the TensorRT version that built it (a comment and the parameter
   `nnslim_tensorrt_version`): Triton can only load the plan with that exact version;
 - `model_warmup`: one tile of the patch size (batch 1, zeros), run when the model loads, so the
@@ -36,14 +33,16 @@ Exporting again to the same name adds the next version folder (2, 3, ...). The c
 shared by all versions, so the new engine must have the same interface (platform, batch, inputs,
 outputs, and for plans the TensorRT version); otherwise the export is refused and nothing changes.
 Nothing the repository held is deleted: a replaced `config.pbtxt` (or root manifest not kept in a
-version folder) stays beside as `*.before-vN`. Triton serves the network only: clients do the
-sliding window (nnslim's runtime with a Triton predictor, or their own).
+version folder) stays beside as `*.before-vN`. This model serves the network only: clients do the
+sliding window. `whole_volume=True` writes instead the Python-backend model that segments whole
+volumes inside Triton (`whole_volume`), versioned the same way.
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,9 +195,13 @@ def _dims(entry: TensorRecord) -> list[int]:
 def config_pbtxt(name: str, manifest: EngineManifest, instances: int = 1, kind: str | None = None,
                  max_queue_delay_us: int = 100, version_policy: str | None = None) -> str:
     """The `config.pbtxt` text for an engine's manifest (see `model_config`), checked by reading it back."""
-    _, text_format = _schema()
     config = model_config(name, manifest, instances, kind, max_queue_delay_us, version_policy)
-    text = "".join(f"{line}\n" for line in _plan_record(manifest)) + text_format.MessageToString(config)
+    return "".join(f"{line}\n" for line in _plan_record(manifest)) + _checked_text(config)
+
+
+def _checked_text(config: Any) -> str:
+    """A `ModelConfig` as config.pbtxt text, read back with Triton's schema to be sure."""
+    text = _schema()[1].MessageToString(config)
     if read_config(text) != config:
         raise TritonExportError("the generated config.pbtxt does not read back as written")
     return text
@@ -225,13 +228,10 @@ def _plan_record(manifest: EngineManifest) -> list[str]:
 
 def _interface(config: Any) -> dict[str, Any]:
     """What every version of one model must share: the config is one for all of them."""
-    _, text_format = _schema()
-
     def tensors(entries: Any) -> list[str]:
-        return [text_format.MessageToString(e, as_one_line=True) for e in entries]
+        return [_schema()[1].MessageToString(e, as_one_line=True) for e in entries]
 
-    trt = config.parameters["nnslim_tensorrt_version"].string_value if "nnslim_tensorrt_version" in config.parameters \
-        else None
+    trt = config.parameters["nnslim_tensorrt_version"].string_value if "nnslim_tensorrt_version" in config.parameters else None
     return {"platform": config.platform, "backend": config.backend, "max_batch_size": config.max_batch_size,
             "input": tensors(config.input), "output": tensors(config.output), "TensorRT version": trt}
 
@@ -268,9 +268,35 @@ def _write_version(engine_dir: Path, manifest: EngineManifest, folder: Path, mod
     shutil.copyfile(engine_dir / MANIFEST, folder / MANIFEST_COPY)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """What one export writes: the config text, the version folder's writer and model file, and
+    files at the model folder's root (name relative to it -> bytes)."""
+
+    text: str
+    model_file: str
+    write_version: Callable[[Path], None]
+    root_files: dict[str, bytes]
+
+
+def _layout(engine_dir: Path, manifest: EngineManifest, name: str, instances: int, kind: str | None,
+            version_policy: str | None, max_queue_delay_us: int, whole_volume: bool, threads: int) -> _Layout:
+    manifest_bytes = (engine_dir / MANIFEST).read_bytes()
+    if not whole_volume:
+        model_file = backend_of(manifest).kind.triton_file
+        return _Layout(config_pbtxt(name, manifest, instances, kind, max_queue_delay_us, version_policy), model_file,
+                       lambda folder: _write_version(engine_dir, manifest, folder, model_file),
+                       {MANIFEST_COPY: manifest_bytes})  # preprocessing for clients
+    from nnslim.compiler.deploy import whole_volume as wv
+
+    text = _checked_text(wv.model_config(name, manifest, instances, kind, version_policy, threads))
+    root = {f"warmup/{k}": v for k, v in wv.warmup_files(manifest).items()}
+    return _Layout(text, wv.MODEL_FILE, lambda folder: wv.write_version(engine_dir, manifest, folder), root)
+
+
 def export_triton(engine_dir: str | Path, repository: str | Path, name: str | None = None, instances: int = 1,
                   kind: str | None = None, version_policy: str | None = None,
-                  max_queue_delay_us: int = 100) -> TritonExport:
+                  max_queue_delay_us: int = 100, whole_volume: bool = False, threads: int = 0) -> TritonExport:
     """Write `repository/name/` from a verified engine directory: a new model (config and version 1),
     or the next version of an existing one with the same interface (module docstring).
 
@@ -278,6 +304,9 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
         kind: "KIND_CPU" or "KIND_GPU"; None: from the engine's device.
         version_policy: `latest:N`, `all` or `specific:1,3`; None: kept from an existing config
             (else unset: Triton's default, the newest version only).
+        whole_volume: write the Python-backend model that segments whole volumes with nnslim's
+            runtime inside Triton (`whole_volume`); name None then means "nnslim".
+        threads: with whole_volume, the CPU threads of each instance's engine (0: the backend's default).
     """
     engine_dir, repository = Path(engine_dir), Path(repository)
     manifest = load_manifest(engine_dir)
@@ -285,30 +314,32 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
     if real_repository == real_engine or real_engine in real_repository.parents:
         raise TritonExportError(f"the repository {repository} is inside the engine directory {engine_dir}: the engine "
                                 "would no longer be only its listed files; choose a repository outside it")
-    given, name = name, name or engine_dir.name
+    given, name = name, name or ("nnslim" if whole_volume else engine_dir.name)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
         origin = "" if given else " (the engine folder's name; choose one with --name)"
         raise TritonExportError(f"model name {name!r}{origin} must be letters, digits, '_', '.' or '-', and not "
                                 f"'.' or '..'")
-    model_file = backend_of(manifest).kind.triton_file
     target = repository / name
     if not target.exists():
         if version_policy is not None:
             _check_specific(version_policy, [1], target)
-        text = config_pbtxt(name, manifest, instances, kind, max_queue_delay_us, version_policy)
+        layout = _layout(engine_dir, manifest, name, instances, kind, version_policy, max_queue_delay_us,
+                         whole_volume, threads)
         with staging_folder(target, "exporting") as staging:
             (staging / "1").mkdir()
-            _write_version(engine_dir, manifest, staging / "1", model_file)
-            write_text_atomic(staging / CONFIG, text)
-            shutil.copyfile(engine_dir / MANIFEST, staging / MANIFEST_COPY)  # preprocessing for clients
+            layout.write_version(staging / "1")
+            write_text_atomic(staging / CONFIG, layout.text)
+            for relative, data in layout.root_files.items():
+                (staging / relative).parent.mkdir(parents=True, exist_ok=True)
+                write_bytes_atomic(staging / relative, data)
             fsync_tree(staging)
             try:
                 staging.rename(target)
             except OSError as exc:
                 raise TritonExportError(f"{target} appeared while exporting ({exc}); export again") from None
-        return TritonExport(target, 1, model_file)
-    return _add_version(engine_dir, manifest, target, name, model_file, instances, kind, version_policy,
-                        max_queue_delay_us)
+        return TritonExport(target, 1, layout.model_file)
+    return _add_version(engine_dir, manifest, target, name, instances, kind, version_policy, max_queue_delay_us,
+                        whole_volume, threads)
 
 
 def _check_specific(version_policy: str, versions: list[int], target: Path) -> None:
@@ -319,8 +350,9 @@ def _check_specific(version_policy: str, versions: list[int], target: Path) -> N
                                 f"would not have (versions: {versions})")
 
 
-def _add_version(engine_dir: Path, manifest: EngineManifest, target: Path, name: str, model_file: str,
-                 instances: int, kind: str | None, version_policy: str | None, max_queue_delay_us: int) -> TritonExport:
+def _add_version(engine_dir: Path, manifest: EngineManifest, target: Path, name: str, instances: int,
+                 kind: str | None, version_policy: str | None, max_queue_delay_us: int, whole_volume: bool,
+                 threads: int) -> TritonExport:
     """The next version folder of an existing model, and its config rewritten when the interface is the same."""
     config_path = target / CONFIG
     if not target.is_dir() or not config_path.is_file():
@@ -338,7 +370,9 @@ def _add_version(engine_dir: Path, manifest: EngineManifest, target: Path, name:
         version_policy = version_policy_text(existing)
     if version_policy is not None:
         _check_specific(version_policy, [*versions, version], target)
-    text = config_pbtxt(name, manifest, instances, kind, max_queue_delay_us, version_policy)
+    layout = _layout(engine_dir, manifest, name, instances, kind, version_policy, max_queue_delay_us,
+                     whole_volume, threads)
+    text = layout.text
     old, new = _interface(existing), _interface(read_config(text))
     changed = [f"{key}: {old[key]!r} -> {new[key]!r}" for key in new if old[key] != new[key]]
     if changed:
@@ -347,17 +381,18 @@ def _add_version(engine_dir: Path, manifest: EngineManifest, target: Path, name:
             f"all versions, so this engine cannot be version {version} of {name!r}: choose another --name")
     folder = target / str(version)
     with staging_folder(folder, "exporting") as staging:
-        _write_version(engine_dir, manifest, staging, model_file)
+        layout.write_version(staging)
         fsync_tree(staging)
         try:
             staging.rename(folder)
         except OSError as exc:
             raise TritonExportError(f"{folder} appeared while exporting ({exc}); export again") from None
     # the version folder first: until the config is rewritten, the old one (same interface) serves it
-    copies = [target / str(v) / MANIFEST_COPY for v in versions]
     _keep_previous(config_path, text.encode(), version)
     write_text_atomic(config_path, text)
-    manifest_bytes = (folder / MANIFEST_COPY).read_bytes()
-    _keep_previous(target / MANIFEST_COPY, manifest_bytes, version, copies)
-    write_bytes_atomic(target / MANIFEST_COPY, manifest_bytes)
-    return TritonExport(target, version, model_file)
+    copies = [target / str(v) / MANIFEST_COPY for v in versions]
+    for relative, data in layout.root_files.items():
+        _keep_previous(target / relative, data, version, copies if relative == MANIFEST_COPY else [])
+        (target / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(target / relative, data)
+    return TritonExport(target, version, layout.model_file)
