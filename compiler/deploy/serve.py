@@ -1,7 +1,8 @@
 """`nnslim serve ENGINE`: a real Triton Inference Server serving the engine's whole-volume model.
 
 The server is the `tritonserver` binary that the `nvidia-pytriton` wheel ships (CPU-capable; the
-`serve` extra). For one run, a private folder (removed when the server stops) holds:
+`serve` extra). For one run, a private folder `$TMPDIR/.nnslim-serve-TOKEN` (removed when the server
+stops; swept by the next `serve` if this one was killed) holds:
 
     models/NAME/          the whole-volume model (`whole_volume`), exported from the engine
     backends/python/      Triton's Python backend, linked from the wheel: its library and module,
@@ -38,7 +39,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nnslim.errors import NnslimError, SettingsError
-from nnslim.files import marked_folder
+from nnslim.files import marked_folder, sweep_leftovers
 
 STOP_SECONDS = 8.0
 UTILS = "triton_python_backend_utils.py"
@@ -193,7 +194,9 @@ def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with marked_folder(Path(tempfile.gettempdir()), "nnslim-serve") as folder:
+        temp = Path(tempfile.gettempdir())
+        sweep_leftovers(temp, [p.name for p in temp.glob(".nnslim-serve-*")])  # of servers killed with -9
+        with marked_folder(temp, ".nnslim-serve") as folder:
             models, backends = prepare(settings, triton, folder)
             process = subprocess.Popen(command(settings, triton, models, backends), env=environment(triton),
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -1,0 +1,86 @@
+"""`export-triton --whole-volume`: the config parses under Triton's schema with exactly the documented
+interface; the version folder holds a verified copy of the engine that opens and segments as the
+original does; warmup is one patch of zeros at the engine's voxel size; a second export adds a
+version; a per-tile model of the same name is not replaced by it. (A real Triton server loads and
+serves it in test_serve.py.)"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as pb
+
+from nnslim import load_engine
+from nnslim.compiler.cli import cli
+from nnslim.compiler.deploy.triton import TritonExportError, export_triton
+from nnslim.compiler.runtime.manifest import load_manifest
+
+
+def parsed(path) -> pb.ModelConfig:
+    return text_format.Parse(path.read_text(), pb.ModelConfig())
+
+
+def test_the_config_is_the_documented_interface(engine_dir, tmp_path):
+    done = export_triton(engine_dir, tmp_path / "repo", whole_volume=True)
+    assert (done.model_dir.name, done.version, done.model_file) == ("nnslim", 1, "model.py")
+    config = parsed(done.config)
+    assert (config.name, config.backend, config.platform, config.max_batch_size) == ("nnslim", "python", "", 0)
+
+    def entries(tensors):
+        return [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in tensors]
+
+    assert entries(config.input) == [("IMAGE", "TYPE_FP32", [-1, -1, -1, -1]), ("SPACING", "TYPE_FP32", [3])]
+    assert not any(t.optional for t in config.input)
+    assert entries(config.output) == [("LABELS", "TYPE_UINT8", [-1, -1, -1]),
+                                      ("PROBABILITIES", "TYPE_FP16", [-1, -1, -1, -1])]
+    (group,) = config.instance_group
+    assert group.count == 1 and group.kind == pb.ModelInstanceGroup.KIND_CPU
+    manifest = load_manifest(engine_dir)
+    parameters = {k: v.string_value for k, v in config.parameters.items()}
+    assert parameters["nnslim_backend"] == manifest.backend and parameters["nnslim_precision"] == manifest.precision
+    assert parameters["nnslim_model_sha256"] == manifest.files[manifest.runtime_model].sha256
+    (warmup,) = config.model_warmup
+    image, spacing = warmup.inputs["IMAGE"], warmup.inputs["SPACING"]
+    assert list(image.dims) == [manifest.spec.in_channels, *manifest.spec.patch_size] and image.zero_data
+    raw = (done.model_dir / "warmup" / spacing.input_data_file).read_bytes()
+    assert np.frombuffer(raw, "<f4").tolist() == list(manifest.spec.spacing or (1.0, 1.0, 1.0))
+
+
+def test_the_version_folder_holds_the_engine_verified_and_it_segments_the_same(engine_dir, small_volume, tmp_path):
+    import nibabel as nib
+
+    done = export_triton(engine_dir, tmp_path / "repo", name="seg", whole_volume=True)
+    copy = done.model_dir / "1" / "engine"
+    listed = set(json.loads((engine_dir / "manifest.json").read_text())["files"]) | {"manifest.json"}
+    assert {str(p.relative_to(copy)) for p in copy.rglob("*") if p.is_file()} == listed
+    assert (done.model_dir / "1" / "model.py").read_text().count("from nnslim.compiler.deploy.whole_volume import")
+    scan = nib.load(small_volume)
+    image, spacing = np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+    with load_engine(engine_dir) as original, load_engine(copy) as exported:
+        np.testing.assert_array_equal(exported.segment(image, spacing), original.segment(image, spacing))
+
+
+def test_a_second_export_adds_a_version_and_a_tile_model_is_not_replaced(engine_dir, tmp_path):
+    repo = tmp_path / "repo"
+    first = export_triton(engine_dir, repo, whole_volume=True)
+    second = export_triton(engine_dir, repo, whole_volume=True, version_policy="latest:2")
+    assert (second.version, sorted(p.name for p in first.model_dir.iterdir())) == (2, ["1", "2", "config.pbtxt", "config.pbtxt.before-v2",
+                                                                                       "warmup"])
+    assert parsed(second.config).version_policy.latest.num_versions == 2
+    export_triton(engine_dir, repo, name="tiles")
+    before = (repo / "tiles" / "config.pbtxt").read_bytes()
+    with pytest.raises(TritonExportError, match="another interface"):
+        export_triton(engine_dir, repo, name="tiles", whole_volume=True)
+    assert (repo / "tiles" / "config.pbtxt").read_bytes() == before and not (repo / "tiles" / "2").exists()
+
+
+def test_the_cli_flag_writes_it(engine_dir, tmp_path):
+    result = CliRunner().invoke(cli, ["export-triton", str(engine_dir), str(tmp_path / "repo"), "--whole-volume",
+                                      "--instances", "2"])
+    assert result.exit_code == 0, result.output
+    assert "version 1: 1/model.py" in result.output
+    assert parsed(tmp_path / "repo" / "nnslim" / "config.pbtxt").instance_group[0].count == 2
