@@ -104,7 +104,7 @@ A client (pip install 'tritonclient[http]'), with the volume as nibabel gives it
               help="CPU threads per instance [default: one instance uses every core; several share them out].")
 @click.option("--startup-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
               help="Seconds to wait for the model to be READY.")
-@click.option("--triton-log", type=click.Choice(["warnings", "all", "none"]), default="warnings", show_default=True,
+@click.option("--triton-log", type=click.Choice(["warnings", "all", "quiet"]), default="warnings", show_default=True,
               help="Which of Triton's log lines to pass on (to stderr).")
 def serve(engine_dir, name, host, http_port, grpc_port, metrics_port, instances, threads, startup_timeout,
           triton_log) -> None:

@@ -46,7 +46,8 @@ UTILS = "triton_python_backend_utils.py"
 STUB = "triton_python_backend_stub"
 # Lines Triton prints on every machine without a GPU: noise, not news
 _NOISE = re.compile(r"Failed to initialize NVML|DCGM unable to start|Unable to get CUDA device count|"
-                    r"CUDA driver version is insufficient|Collecting CPU metrics|CudaDriverHelper has not been initialized")
+                    r"CUDA driver version is insufficient|Collecting CPU metrics|CudaDriverHelper has not been initialized|"
+                    r"failed to allocate pinned system memory")
 _GLOG = re.compile(r"^([IWEF])\d{4} ")
 
 
@@ -105,7 +106,7 @@ class ServeSettings:
     instances: int = 1
     threads: int | None = None  # per instance; None: the cores shared out among the instances
     startup_seconds: float = 300.0
-    log: str = "warnings"  # "warnings" (Triton's warnings and errors), "all", "none"
+    log: str = "warnings"  # "warnings" (Triton's warnings and errors), "all", "quiet"
     cpu_only: bool = True  # the engine runs on the CPU (set from its manifest by `serve`)
 
     def instance_threads(self) -> int:
@@ -176,9 +177,9 @@ def command(settings: ServeSettings, triton: Tritonserver, models: Path, backend
             f"--metrics-address={settings.host}", f"--metrics-port={settings.metrics_port}",
             # no pinned host memory without a GPU (Triton warns at every start when it cannot have it)
             *(["--pinned-memory-pool-byte-size=0"] if settings.cpu_only else []),
-            # tensors cross to the stub through shared memory: start with room for a volume
-            "--backend-config=python,shm-default-byte-size=33554432",
-            "--backend-config=python,shm-growth-byte-size=16777216"]
+            # tensors cross to the stub through shared memory (/dev/shm): Triton's 1 MB to start, grown
+            # 32 MB at a time (a volume in one or two steps, not thirty)
+            "--backend-config=python,shm-growth-byte-size=33554432"]
 
 
 def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
@@ -192,7 +193,8 @@ def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
     check_ports(settings)
     settings = replace(settings, cpu_only=_runs_on_cpu(settings.engine_dir))
     stop = threading.Event()
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    main = threading.current_thread() is threading.main_thread()  # only there can Python take signals
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         temp = Path(tempfile.gettempdir())
         sweep_leftovers(temp, [p.name for p in temp.glob(".nnslim-serve-*")])  # of servers killed with -9
@@ -202,7 +204,7 @@ def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        start_new_session=True, preexec_fn=_stop_with_parent)
             tail: collections.deque[str] = collections.deque(maxlen=40)
-            reader = threading.Thread(target=_relay, args=(process, tail, settings.log, echo), daemon=True)
+            reader = threading.Thread(target=_relay, args=(process, tail, settings.log, echo, stop), daemon=True)
             reader.start()
             try:
                 return _run(settings, process, stop, tail, on_ready)
@@ -268,12 +270,15 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _relay(process: subprocess.Popen, tail: collections.deque, log: str, echo: Callable[[str], None]) -> None:
-    """Keep Triton's last lines; pass on its warnings and errors (or everything, or nothing)."""
+def _relay(process: subprocess.Popen, tail: collections.deque, log: str, echo: Callable[[str], None],
+           stopping: threading.Event) -> None:
+    """Keep Triton's last lines; pass on its warnings and errors (or everything, or nothing). Once
+    asked to stop, Triton's complaint that a model outlived its exit timeout is expected (the stub
+    is killed; it writes nothing): not passed on."""
     assert process.stdout is not None
     for raw in process.stdout:
         line = raw.decode("utf-8", errors="replace").rstrip()
-        if not line or _NOISE.search(line):
+        if not line or _NOISE.search(line) or (stopping.is_set() and "Exit timeout expired" in line):
             continue
         tail.append(line)
         glog = _GLOG.match(line)

@@ -7,6 +7,7 @@ stops it within 10 s with no process and no temporary folder left behind."""
 from __future__ import annotations
 
 import os
+import re
 import select
 import signal
 import socket
@@ -155,6 +156,17 @@ def test_the_mni_volume_gives_nnslim_infers_labels(server, mni, infer_labels, pr
     assert labels.dtype == np.uint8 and labels.shape == image.shape[1:]
     np.testing.assert_array_equal(labels, infer_labels)
     assert result.as_numpy("PROBABILITIES") is None  # not asked for, not sent
+
+
+def test_the_readmes_client_example_runs_as_written(server, mni, infer_labels, tmp_path, monkeypatch):
+    """The README's 10-line client, on the MNI volume, against this server (only the port changed)."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    (example,) = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "tritonclient.http" in block]
+    assert len([line for line in example.splitlines() if line.strip()]) == 10
+    monkeypatch.chdir(tmp_path)
+    Path("scan.nii.gz").symlink_to(mni[0])
+    exec(example.replace("127.0.0.1:8000", server["http"]), {})
+    np.testing.assert_array_equal(np.asarray(nib.load("scan_seg.nii.gz").dataobj), infer_labels)
 
 
 def test_four_concurrent_clients_all_get_the_labels(server, mni, infer_labels):

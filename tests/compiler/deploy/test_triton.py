@@ -6,9 +6,7 @@ TensorRT plan records the TensorRT version it needs."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,9 +28,9 @@ from nnslim.compiler.deploy.triton import (
     version_policy_text,
 )
 from nnslim.extras import MissingExtraError
+from tests.compiler.deploy.conftest import PLAN_BYTES
 from tests.conftest import manifest_record
 
-PLAN_BYTES = b"not a real TensorRT plan: the export copies bytes, Triton's TensorRT reads them"
 
 
 def _manifest(max_batch: int, backend: str = "tensorrt", precision: str = "fp32"):
@@ -66,21 +64,6 @@ def engine_dir(checkpoint_path, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("triton-engine") / "small"
     build_engine(BuildConfig(checkpoint=checkpoint_path, out_dir=out, batch_size=2, backend="onnxruntime", precision="fp32"))
-    return out
-
-
-@pytest.fixture(scope="module")
-def plan_engine(engine_dir, tmp_path_factory):
-    """The same engine in TensorRT form, as a build on a GPU would leave it: `engine.plan` listed with
-    its sha256, backend tensorrt, precision fp16, and the TensorRT record (no GPU needed to export it)."""
-    out = tmp_path_factory.mktemp("triton-plan") / "small_plan"
-    shutil.copytree(engine_dir, out)
-    (out / "engine.plan").write_bytes(PLAN_BYTES)
-    manifest = json.loads((out / "manifest.json").read_text())
-    manifest.update(backend="tensorrt", precision="fp16", runtime_model="engine.plan",
-                    tensorrt={"version": "10.16.1.11", "gpu": "NVIDIA A10", "compute_capability": [8, 6]})
-    manifest["files"]["engine.plan"] = {"sha256": hashlib.sha256(PLAN_BYTES).hexdigest(), "bytes": len(PLAN_BYTES)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return out
 
 

@@ -84,3 +84,13 @@ def test_the_cli_flag_writes_it(engine_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "version 1: 1/model.py" in result.output
     assert parsed(tmp_path / "repo" / "nnslim" / "config.pbtxt").instance_group[0].count == 2
+
+
+def test_a_tensorrt_form_engine_gets_gpu_instances_and_parses(plan_engine, tmp_path):
+    done = export_triton(plan_engine, tmp_path / "repo", whole_volume=True)
+    config = parsed(done.config)
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_GPU
+    assert {k: v.string_value for k, v in config.parameters.items()}["nnslim_backend"] == "tensorrt"
+    assert (done.model_dir / "1" / "engine" / "engine.plan").is_file()
+    with pytest.raises(TritonExportError, match="only on the GPU"):
+        export_triton(plan_engine, tmp_path / "repo2", whole_volume=True, kind="KIND_CPU")
