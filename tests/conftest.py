@@ -10,6 +10,7 @@ Engines are built with an explicit `precision="fp32"`: the default ("auto") time
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +25,12 @@ from nnslim.training.unet import UNet
 
 PATCH = (16, 16, 16)
 HEX = "0" * 64
+
+
+def written(folder: Path) -> list[str]:
+    """The names in an output folder besides nnslim's provenance (`run.json` / `run-partK.json`, `.nnslim/`)."""
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name != ".nnslim" and not re.fullmatch(r"run(-part\d+)?\.json", p.name))
 
 
 def manifest_json(engine_dir: Path) -> dict:

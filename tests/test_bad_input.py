@@ -29,6 +29,7 @@ import pytest
 from click.testing import CliRunner
 
 from nnslim.compiler.cli import cli
+from tests.conftest import written
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "artifacts" / "models" / "mni-tissue-tiny.pt"
@@ -262,7 +263,8 @@ CASES = [
     # accepted
     Case("ok: one scan", _infer_on(lambda r: scan(r / "s.nii.gz")), 0, "seg.nii.gz", outputs=("seg.nii.gz",)),
     Case("ok: folder", lambda r, e: ["infer", e, _cases_folder(r, ("a", "b")), "-o", r / "out"], 0, "b.nii.gz",
-         outputs=("out/a.nii.gz", "out/b.nii.gz")),
+         outputs=("out/a.nii.gz", "out/b.nii.gz", "out/run.json", "out/.nnslim/a.nii.gz.json",
+                  "out/.nnslim/b.nii.gz.json")),
     Case("ok: unknown manifest records", _manifest_edit(lambda m: m.update(
         backends=["onnxruntime"], selection={"precision": "fp32"}, candidates=[])), 0, "seg.nii.gz",
         outputs=("seg.nii.gz",)),
@@ -382,7 +384,7 @@ def test_folder_mode_existing_outputs_overwrite_or_continue(tiny_engine, tmp_pat
         done = segment_files(engine, [folder], out, options, existing="overwrite")
     assert len(done) == 2 and nib.load(out / "a.nii.gz").shape == (20, 20, 20)
     assert "replacing the existing output" in caplog.text and "a.nii.gz" in caplog.text
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    assert written(out) == ["a.nii.gz", "b.nii.gz"]
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from nnslim.compiler.cli import cli
+from tests.conftest import written
 from nnslim.compiler.cli.boundary import EXIT_INTERNAL_ERROR, EXIT_USER_ERROR, NnslimGroup, translate
 from nnslim.compiler.cli.options import fold_names
 
@@ -332,7 +333,7 @@ def test_a_corrupt_case_in_a_folder_is_reported_and_the_others_are_written(engin
     result = CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--no-progress"])
     lines = result.output.splitlines()
     assert result.exit_code == EXIT_SOME_CASES_FAILED, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]  # nothing for b, nothing else
+    assert written(out) == ["a.nii.gz", "c.nii.gz"]  # nothing for b, nothing else
     assert any(line.startswith("b") and "FAILED" in line for line in lines), result.output
     assert "1 of 3 case(s) failed: b" in result.output and "Traceback" not in result.output
     # a second run with --continue skips the finished cases and fails b again, nothing else
@@ -359,7 +360,7 @@ def test_six_cases_in_two_parts_with_a_corrupt_one_and_an_interrupt(engine_dir, 
 
     part0 = infer("--part-id", "0")
     assert part0.exit_code == 0, part0.output
-    assert sorted(p.name for p in out.iterdir()) == ["case0.nii.gz", "case2.nii.gz", "case4.nii.gz"]
+    assert written(out) == ["case0.nii.gz", "case2.nii.gz", "case4.nii.gz"]
     # the interrupted part 1: case1 finished, case5's writer was killed mid-write (SIGKILL: no cleanup ran)
     from tests.nnslim.test_files import killed_writer
 
@@ -368,7 +369,7 @@ def test_six_cases_in_two_parts_with_a_corrupt_one_and_an_interrupt(engine_dir, 
     resumed = infer("--part-id", "1", "--continue")
     assert resumed.exit_code == EXIT_SOME_CASES_FAILED, resumed.output
     assert "1 of 2 case(s) failed: case3" in resumed.output  # case1 skipped, case5 written, case3 reported
-    assert sorted(p.name for p in out.iterdir()) == [f"case{i}.nii.gz" for i in (0, 1, 2, 4, 5)]
+    assert written(out) == [f"case{i}.nii.gz" for i in (0, 1, 2, 4, 5)]
     bad = CliRunner().invoke(cli, ["infer", str(engine_dir), str(cases), "-o", str(out), "--num-parts", "2",
                                    "--part-id", "2"])
     assert bad.exit_code == 2 and "--part-id" in bad.output, bad.output

@@ -6,7 +6,7 @@ happen inside the commands so `--help` is instant. Failures are reported in one 
 
 Modules: `app` (the group), `boundary` (errors and exit codes), `options` (shared options),
 `train_commands`, `build_commands` (build-engine), `infer_commands` (infer, evaluate),
-`tool_commands` (inspect, export-triton, serve, bench, prune-sweep).
+`tool_commands` (inspect, export-triton, serve, report, bench, prune-sweep).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from nnslim.compiler.cli.app import cli
 from nnslim.compiler.cli.build_commands import build_engine
 from nnslim.compiler.cli.infer_commands import evaluate, infer
 from nnslim.compiler.cli.options import PRESET_NAMES
-from nnslim.compiler.cli.tool_commands import bench, export_triton, inspect, prune_sweep, serve
+from nnslim.compiler.cli.tool_commands import bench, export_triton, inspect, prune_sweep, report, serve
 from nnslim.compiler.cli.train_commands import prepare_dataset, pseudo_label, train
 
 for _command in (prepare_dataset, train, build_engine, infer, evaluate, pseudo_label, bench, export_triton,
-                 serve, prune_sweep, inspect):
+                 serve, report, prune_sweep, inspect):
     cli.add_command(_command)
 
 __all__ = ["PRESET_NAMES", "cli", "main"]

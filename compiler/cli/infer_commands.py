@@ -13,6 +13,7 @@ from nnslim.compiler.cli.options import (
     blending_modes,
     checked,
     devices,
+    part_number,
     path_type,
     precisions,
     progress_option,
@@ -25,12 +26,19 @@ Examples:
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg.nii.gz
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --tta --continue
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --num-parts 4 --part-id 0 --continue
+  nnslim infer artifacts/engines/tiny scans/ -o segs/ --num-parts auto --part-id auto --continue
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --log-jsonl segs.jsonl --save-probabilities --preview
   nnslim infer artifacts/engines/tiny scans/ -o segs/ --io-workers 0 --device cpu
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_fp32.nii.gz --backend openvino --precision fp32
   nnslim infer engines/liver imagesTs/ -o predictions/ --no-tta --skip roi+mask
   nnslim infer engines/liver big_ct.nii.gz -o seg.nii.gz --memory-cap-mb 1024
   nnslim infer artifacts/engines/tiny scan.nii.gz -o seg_torch.nii.gz --torch-checkpoint model.pt
+
+\b
+A folder of outputs also gets OUTPUT/run.json (run-part{K}.json for part K: version, engine,
+settings, host, times, counts) and OUTPUT/.nnslim/CASE.json per case written (the engine that
+wrote it); --continue segments a case again when its record names another engine or an output it
+asks for (.npz, preview) is missing.
 """
 
 
@@ -62,10 +70,14 @@ Examples:
                    "checked; the fp32 graph may run on any ONNX backend).")
 @click.option("--precision", type=TableChoice(precisions), default=None,
               help="Run this precision of the engine instead of the one its build chose.")
-@click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1),
-              help="Folder mode: split the sorted cases into this many parts (one per machine or process).")
-@click.option("--part-id", default=0, show_default=True, type=click.IntRange(0),
-              help="Folder mode: which part this run segments (0 .. --num-parts - 1), like nnUNetv2_predict.")
+@click.option("--num-parts", default="1", show_default=True, callback=part_number(1), metavar="N|auto",
+              help="Folder mode: split the sorted cases into this many parts (one per machine or process). auto: "
+                   "$SLURM_ARRAY_TASK_COUNT or $WORLD_SIZE.")
+@click.option("--part-id", default="0", show_default=True, callback=part_number(0), metavar="K|auto",
+              help="Folder mode: which part this run segments (0 .. --num-parts - 1), like nnUNetv2_predict. auto: "
+                   "from the scheduler: $SLURM_ARRAY_TASK_ID, $JOB_COMPLETION_INDEX (Kubernetes Indexed Job) or "
+                   "$RANK (torchrun). Each part writes its own run-part{K}.json and previews index; `nnslim report "
+                   "OUTPUT` merges them.")
 @click.option("--engine-sha256", default=None, metavar="HEX", callback=checked(check_sha256),
               help="Refuse the engine unless its manifest.json has this sha256 (pin it; `nnslim inspect` prints it).")
 @click.option("--overwrite", is_flag=True,
@@ -110,13 +122,17 @@ def infer(**o: Any) -> None:
       probabilities  CASE.npz (--save-probabilities), else null
       preview        the PNG (--preview), else null
       error          why the case failed, else null
+      started        when its read began (UTC, ISO 8601), finished: when it was reported
+      engine_sha256  the engine's manifest sha256; nnslim_version, backend, device, part ([K, N])
     """
     from nnslim.compiler.runtime.cases.batch import BatchOptions
+    from nnslim.compiler.runtime.cases.parts import resolve_part
     from nnslim.compiler.runtime.cases.plan import OptionConflict
     from nnslim.compiler.runtime.engine import load_engine
     from nnslim.compiler.runtime.cases.run import segment_files
 
     refuse_idle_options(click.get_current_context(), o)
+    part = resolve_part(o["part_id"], o["num_parts"])  # before the engine: a missing variable fails at once
     engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
                          backend=o["backend"], precision=o["precision"], expected_sha256=o["engine_sha256"])
     checkpoint = o["torch_checkpoint"]
@@ -126,8 +142,6 @@ def infer(**o: Any) -> None:
 
         predictor = reference_predictor(engine, checkpoint)
     runner = f"PyTorch ({checkpoint})" if checkpoint else f"{engine.runtime.label} engine on {engine.device}"
-    batch = BatchOptions(io_workers=o["io_workers"], save_probabilities=o["save_probabilities"], preview=o["preview"],
-                         log_jsonl=o["log_jsonl"])
 
     def report(r) -> None:  # each case's line as soon as it is done
         if r.error:
@@ -141,7 +155,9 @@ def infer(**o: Any) -> None:
     existing = "overwrite" if o["overwrite"] else "continue" if o["resume"] else "refuse"
     try:
         results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
-                                existing=existing, on_case=report, part=(o["part_id"], o["num_parts"]), batch=batch)
+                                existing=existing, on_case=report, part=part, batch=BatchOptions(
+                                    io_workers=o["io_workers"], save_probabilities=o["save_probabilities"],
+                                    preview=o["preview"], log_jsonl=o["log_jsonl"]))
     except OptionConflict as exc:  # options that cannot do anything for these inputs: the command line must change
         raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
     failed = [r.name for r in results if r.error]

@@ -156,3 +156,22 @@ def checked(check: Callable[[Any], Any]) -> Callable[[click.Context, click.Param
             raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
 
     return callback
+
+
+def part_number(minimum: int) -> Callable[[click.Context, click.Parameter, Any], int | str]:
+    """A click callback for --part-id / --num-parts: a whole number >= `minimum`, or "auto" (from the
+    scheduler's variables: `cases.parts`)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> int | str:
+        text = str(value).strip().lower()
+        if text == "auto":
+            return "auto"
+        try:
+            number = int(text)
+        except ValueError:
+            raise click.BadParameter(f"{value!r} is not a whole number or 'auto'", ctx=ctx, param=param) from None
+        if number < minimum:
+            raise click.BadParameter(f"{number} is below {minimum}", ctx=ctx, param=param)
+        return number
+
+    return callback

@@ -1,4 +1,4 @@
-"""Commands around engines and experiments: inspect, export-triton, serve, bench, prune-sweep."""
+"""Commands around engines and experiments: inspect, export-triton, serve, report, bench, prune-sweep."""
 
 from __future__ import annotations
 
@@ -127,6 +127,22 @@ def serve(engine_dir, name, host, http_port, grpc_port, metrics_port, instances,
 
     run_serve(settings, ready, echo=lambda line: click.echo(line, err=True))
     click.echo("stopped", err=True)
+
+
+@click.command("report", epilog="""\b
+Examples:
+  nnslim report segs/
+""")
+@click.argument("output", type=path_type(file_okay=False))
+def report(output) -> None:
+    """Merge the parts of a folder written by `nnslim infer --num-parts N` (an array job): one
+    previews/index.html listing every case once, and OUTPUT/summary.json with every run record,
+    the cases written, the failures of each part's last run and the engines that wrote it."""
+    from nnslim.compiler.runtime.cases.report import merge
+
+    done = merge(output)
+    index = f", {done.index}" if done.index else ""
+    click.echo(f"{done.summary}{index}: {done.runs} run record(s), {done.cases} case(s) written")
 
 
 @click.command(epilog="""\b

@@ -20,7 +20,8 @@ from nnslim.errors import InputError
 logger = logging.getLogger(__name__)
 
 # what each line holds, in this order (README and `infer --help` say the same)
-LOG_FIELDS = ("case", "status", "seconds", "windows", "tiles", "output", "probabilities", "preview", "error")
+LOG_FIELDS = ("case", "status", "seconds", "windows", "tiles", "output", "probabilities", "preview", "error",
+              "started", "finished", "engine_sha256", "nnslim_version", "backend", "device", "part")
 
 
 class CaseLog:

@@ -3,11 +3,17 @@
 What would lose data is refused before the first case runs (`plan`); each case then runs as the
 three stages of `stages.CaseStages`, overlapped by `batch.run_cases`; each result is reported (a
 line, the JSONL log, the progress bar) in case order as soon as it is written.
+
+Provenance (`provenance`): JSON lines name the engine, version, backend, device and part; in folder
+mode each written case gets a record, the run a `run.json` (`run-part{K}.json`), and --continue
+segments again a case not shown to be this engine's whole result.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -16,7 +22,15 @@ from tqdm import tqdm
 from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.cases.batch import BatchOptions, Stages, run_cases
 from nnslim.compiler.runtime.cases.log import CaseLog
-from nnslim.compiler.runtime.cases.plan import plan_and_skip
+from nnslim.compiler.runtime.cases.plan import CasePlan, plan_and_skip
+from nnslim.compiler.runtime.cases.provenance import (
+    RunInfo,
+    now,
+    read_case_record,
+    run_info,
+    stale_reason,
+    write_run_record,
+)
 from nnslim.compiler.runtime.cases.stages import CaseResult, CaseStages, previews_folder
 from nnslim.compiler.runtime.manifest import ModelSpec
 from nnslim.compiler.runtime.segmentation import InferenceOptions
@@ -32,17 +46,10 @@ class SegmentsCases(Protocol):
     predictor: Predictor
 
 
-def segment_files(
-    engine: SegmentsCases,
-    inputs: list[Path],
-    output: Path,
-    options: InferenceOptions = InferenceOptions(),
-    predictor: Predictor | None = None,
-    existing: str = "refuse",
-    on_case: Callable[[CaseResult], None] | None = None,
-    part: tuple[int, int] = (0, 1),
-    batch: BatchOptions = BatchOptions(),
-) -> list[CaseResult]:
+def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, options: InferenceOptions = InferenceOptions(),
+                  predictor: Predictor | None = None, existing: str = "refuse",
+                  on_case: Callable[[CaseResult], None] | None = None, part: tuple[int, int] = (0, 1),
+                  batch: BatchOptions = BatchOptions()) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
 
     What would lose data is refused before the first case runs (`plan`): no output may be an input,
@@ -50,33 +57,34 @@ def segment_files(
 
     Args:
         engine: the loaded engine (its spec drives preprocessing and the window).
-        inputs: a single file / the channel files of one case, or one folder.
-        output: a file (single case) or a folder (folder input).
+        inputs, output: one file or the channel files of one case, and a file; or a folder and a folder.
         options: window and TTA settings.
         predictor: run this instead of the engine's own (e.g. PyTorch, for parity).
         existing: folder mode, outputs that already exist: "refuse" (default), "overwrite"
             (replaced, each logged; a case that fails loses its earlier output too) or "continue"
             (those cases are skipped; refused for a single case, like a `part`: `plan.OptionConflict`).
-        on_case: called with each case's result once written (or failed), in case order, one at a
-            time (from a writer thread with overlapped I/O; not for cases --continue skips).
+        on_case: called with each case's result once written or failed, in case order, one at a time
+            (from a writer thread with overlapped I/O; not for skipped cases).
         part: `(part_id, num_parts)`: this process's share of a folder (`plan.plan_and_skip`).
         batch: overlapped I/O, probabilities, previews and the JSONL log (`batch.BatchOptions`).
 
     Returns the results of the cases run. In folder mode a case that cannot be read, segmented or
     written is reported (its `error`) and the others go on; a single case's error is raised.
     """
-    inputs, output = [Path(p) for p in inputs], Path(output)
+    started = time.time()
+    inputs, output, info = [Path(p) for p in inputs], Path(output), _run_info(engine, part, predictor)
     plans, skipped = plan_and_skip(inputs, output, existing, part)
     folder = any(p.target != output for p in [*plans, *skipped])  # outputs inside OUTPUT (a DICOM folder is one case)
     cases = CaseStages(engine.spec, predictor or engine.predictor, options, batch, previews_folder(output, folder, batch),
-                       replace=folder and existing == "overwrite")
+                       replace=folder and existing == "overwrite", provenance=info if folder else None)
     if folder and existing == "refuse":
         cases.refuse_existing(plans)
+    plans, skipped = _recheck_skipped(cases, info, plans, skipped) if folder and info else (plans, skipped)
     every = [*plans, *skipped]
     log = CaseLog(batch.log_jsonl, [f for c in every for f in c.files], cases.outputs(every)) if batch.log_jsonl else None
     try:
         with tqdm(total=len(every), unit="case", desc="cases", disable=None if folder and options.progress else True) as bar:
-            report = _reporter(cases, log, on_case, bar)
+            report = _reporter(cases, log, on_case, bar, info)
             for plan in skipped:
                 report(cases.skipped(plan), 0.0)
             try:
@@ -84,18 +92,70 @@ def segment_files(
                                     batch.io_workers if folder else 0, report, (NnslimError, OSError) if folder else ())
             except (NnslimError, OSError) as exc:  # one case: its error is the command's; the log says so too
                 if log is not None:
-                    log.write(cases.failed(plans[0], exc).record())
+                    log.write(_line(cases.failed(plans[0], exc), info))
                 raise
     finally:
         if log is not None:
             log.close()
     if folder:
-        cases.write_index()
+        cases.write_index(info.part_suffix if info else "")
+        _write_run_record(output, info, results, len(skipped), _options_record(options, existing, batch), started)
     return results
 
 
+def _write_run_record(output: Path, info: RunInfo | None, results: list[CaseResult], skipped: int, options: dict,
+                      started: float) -> None:
+    """OUTPUT/run.json (run-part{K}.json) when the folder holds this run's outputs (a run whose every
+    case failed leaves the folder as it was: its JSON lines and messages say what happened)."""
+    counts = {"ok": sum(not r.error for r in results), "failed": sum(bool(r.error) for r in results), "skipped": skipped}
+    if info is not None and counts["ok"] + skipped:
+        write_run_record(output, info, options, started, counts)
+
+
+def _run_info(engine: SegmentsCases, part: tuple[int, int], predictor: Predictor | None) -> RunInfo | None:
+    """Who writes the outputs (None: an engine assembled by hand, with no directory to name)."""
+    if getattr(engine, "directory", None) is None:
+        return None
+    info = run_info(engine, part)
+    return dataclasses.replace(info, backend="pytorch", precision="fp32") if predictor is not None else info
+
+
+def _recheck_skipped(cases: CaseStages, info: RunInfo, plans: list[CasePlan],
+                     skipped: list[CasePlan]) -> tuple[list[CasePlan], list[CasePlan]]:
+    """--continue: cases whose output exists but is not this engine's whole result run again (a warning each)."""
+    if not skipped:
+        return plans, skipped
+    again, unrecorded = [], [p for p in skipped if read_case_record(p.target) is None]
+    for plan in skipped:
+        reason = stale_reason(plan.target, info, cases.wanted(plan))
+        if reason is not None:
+            logger.warning("%s: segmenting it again (--continue): %s", plan.name, reason)
+            again.append(plan)
+    if unrecorded:
+        logger.warning("--continue: %d existing output(s) have no nnslim record of the engine that wrote them (e.g. "
+                       "%s: an older nnslim's, another tool's, or put there by hand); kept, as --continue keeps "
+                       "outputs; --overwrite would segment them again", len(unrecorded), unrecorded[0].target.name)
+    if not again:
+        return plans, skipped
+    order = [*plans, *again]
+    order.sort(key=lambda p: p.name)
+    return order, [p for p in skipped if p not in again]
+
+
+def _options_record(options: InferenceOptions, existing: str, batch: BatchOptions) -> dict:
+    """The run's settings, names and numbers only (no paths: the record ships with the outputs)."""
+    window = {k: v for k, v in dataclasses.asdict(options).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    return {**window, "existing": existing, "save_probabilities": batch.save_probabilities, "preview": batch.preview,
+            "io_workers": batch.io_workers}
+
+
+def _line(result: CaseResult, info: RunInfo | None) -> dict:
+    """A case's JSON line: its record, when it was reported, and who wrote it."""
+    return {**result.record(), "finished": now(), **(info.line_fields() if info else {})}
+
+
 def _reporter(cases: CaseStages, log: CaseLog | None, on_case: Callable[[CaseResult], None] | None,
-              bar: tqdm) -> Callable[[CaseResult, float], None]:
+              bar: tqdm, info: RunInfo | None) -> Callable[[CaseResult, float], None]:
     """What happens when a case is done (in case order, one case at a time): its log line, the bar,
     and the caller's `on_case`, printed above the progress bars rather than through them."""
 
@@ -106,7 +166,7 @@ def _reporter(cases: CaseStages, log: CaseLog | None, on_case: Callable[[CaseRes
         cases.reported(result)
         bar.update(1)
         if log is not None:
-            log.write(result.record())
+            log.write(_line(result, info))
         if on_case is not None and result.status != "skipped":
             with tqdm.external_write_mode():
                 on_case(result)

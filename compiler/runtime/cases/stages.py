@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ import numpy as np
 from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.cases.batch import BatchOptions
 from nnslim.compiler.runtime.cases.plan import CasePlan, check_case_fits
+from nnslim.compiler.runtime.cases.provenance import RunInfo, iso, read_case_record, write_case_record
 from nnslim.errors import InputError, NnslimError
 from nnslim.compiler.runtime.manifest import ModelSpec
 from nnslim.compiler.runtime.preprocessing import Prepared
@@ -62,17 +64,20 @@ class CaseResult:
     status: str = "ok"  # "ok", "failed" (see error) or "skipped" (--continue: its output existed)
     probabilities: Path | None = None  # CASE.npz, with --save-probabilities
     preview: Path | None = None  # the PNG, with --preview
+    started: float | None = None  # when its read began (time.time()); None: not run
 
     def record(self) -> dict[str, Any]:
-        """The case's line of `--log-jsonl` (`log.LOG_FIELDS`)."""
+        """The case's line of `--log-jsonl` (`log.LOG_FIELDS`; the run's fields are added by the log)."""
         return {"case": self.name, "status": self.status, "seconds": round(self.seconds, 3),
                 "windows": self.windows or None, "tiles": self.tiles, "output": str(self.output),
                 "probabilities": self.probabilities and str(self.probabilities),
-                "preview": self.preview and str(self.preview), "error": self.error}
+                "preview": self.preview and str(self.preview), "error": self.error,
+                "started": iso(self.started) if self.started else None}
 
 
 @dataclass
 class _Read:
+    started: float
     name: str
     geometry: Geometry  # what the outputs copy
     spacing: tuple[float, ...]
@@ -82,6 +87,7 @@ class _Read:
 
 @dataclass
 class _Computed:
+    started: float
     name: str
     geometry: Geometry
     spacing: tuple[float, ...]
@@ -99,10 +105,11 @@ def previews_folder(output: Path, folder: bool, batch: BatchOptions) -> Path | N
 class CaseStages:
     """The stages of one engine's cases, and the preview index entries of those reported."""
 
-    def __init__(self, spec: ModelSpec, predictor: Predictor,
-                 options: InferenceOptions, batch: BatchOptions, previews: Path | None, replace: bool = False) -> None:
-        """`replace`: existing outputs are being replaced (folder mode, --overwrite): a failed case's are removed."""
-        self.spec, self.replace = spec, replace
+    def __init__(self, spec: ModelSpec, predictor: Predictor, options: InferenceOptions, batch: BatchOptions,
+                 previews: Path | None, replace: bool = False, provenance: RunInfo | None = None) -> None:
+        """`replace`: existing outputs are being replaced (folder mode, --overwrite): a failed case's are
+        removed. `provenance`: write each case's record (`provenance`) after its label map."""
+        self.spec, self.replace, self.provenance = spec, replace, provenance
         self.predictor, self.options, self.batch, self.previews = predictor, options, batch, previews
         self.passes = 2 ** len(window_config(spec, options).mirror_axes)  # also fails early on a bad batch
         self.index: list[dict[str, Any]] = []
@@ -118,6 +125,11 @@ class CaseStages:
         if self.previews is None:
             return None
         return self.previews / beside(plan.target, ".png").name
+
+    def wanted(self, plan: CasePlan) -> dict[str, Path | None]:
+        """The outputs besides the label map that this run asks for, by kind (None: not asked for)."""
+        npz = beside(plan.target, PROBABILITIES_SUFFIX) if self.batch.save_probabilities else None
+        return {"probabilities": npz, "preview": self.preview_path(plan)}
 
     def outputs(self, plans: list[CasePlan]) -> list[Path]:
         """Every file the run may write for `plans` (the label maps, probabilities and previews)."""
@@ -135,23 +147,24 @@ class CaseStages:
                              "--overwrite to replace them or write to another output folder")
 
     def read(self, plan: CasePlan) -> _Read:
+        started = time.time()
         if plan.problem:
             raise InputError(plan.problem)
         check_case_fits(plan, self.spec)  # headers only, before allocating
         volume = load_volume(plan.files, self.spec.in_channels)
         image = np.array(volume.data[0]) if self.previews is not None else None
-        return _Read(volume.name, volume.geometry, volume.spacing, image, prepare_volume(volume, self.spec))
+        return _Read(started, volume.name, volume.geometry, volume.spacing, image, prepare_volume(volume, self.spec))
 
     def compute(self, plan: CasePlan, read: _Read) -> _Computed:
         segmentation = segment_prepared(read.prepared, read.name, self.predictor, self.spec, self.options,
                                         self.batch.save_probabilities)
-        return _Computed(read.name, read.geometry, read.spacing, read.image, segmentation)
+        return _Computed(read.started, read.name, read.geometry, read.spacing, read.image, segmentation)
 
     def write(self, plan: CasePlan, computed: _Computed) -> CaseResult:
         labels, report = computed.segmentation.labels, computed.segmentation.report
         result = CaseResult(name=computed.name, output=plan.target, shape=labels.shape, seconds=0.0,
                             tiles=report.evaluated * self.passes, windows=report.to_dict(),
-                            label_voxels=self._label_voxels(labels))
+                            label_voxels=self._label_voxels(labels), started=computed.started)
         try:
             if computed.segmentation.probabilities is not None:
                 result.probabilities = save_probabilities(computed.segmentation.probabilities,
@@ -164,7 +177,18 @@ class CaseStages:
                     path.unlink(missing_ok=True)
             raise
         logger.info("%s -> %s", computed.name, result.output)
+        if self.provenance is not None:
+            self._record(plan, result, computed.started)
         return result
+
+    def _record(self, plan: CasePlan, result: CaseResult, started: float) -> None:
+        """The case's record; the label map is whole without it (a missing record only means that
+        --continue segments the case again), so failing to write it is a warning."""
+        outputs = {"labels": result.output, "probabilities": result.probabilities, "preview": result.preview}
+        try:
+            write_case_record(plan.target, self.provenance, outputs, started, time.time() - started)
+        except OSError as exc:
+            logger.warning("no record for %s (%s): --continue will segment it again", printable(result.name), exc)
 
     def failed(self, plan: CasePlan, exc: BaseException) -> CaseResult:
         """The failed case's result; under `replace`, its earlier outputs are removed (module docstring)."""
@@ -202,15 +226,24 @@ class CaseStages:
         if self.previews is None:
             return
         png = result.preview or self.previews / beside(result.output, ".png").name
-        self.index.append({"case": result.name, "status": result.status, "seconds": result.seconds,
+        status, seconds = result.status, result.seconds
+        earlier = read_case_record(result.output) if status == "skipped" else None
+        if earlier is not None:  # written by an earlier run of this engine: say so, with its time
+            status, seconds = f"ok (earlier run, {earlier.get('finished')})", earlier.get("seconds")
+        self.index.append({"case": result.name, "status": status, "seconds": seconds,
                            "png": png.name if png.is_file() else None})
 
-    def write_index(self) -> Path | None:
+    def write_index(self, suffix: str = "") -> Path | None:
+        """`previews/index{suffix}.html` and its entries as `.json` (what `nnslim report` merges)."""
         if self.previews is None or not self.index:
             return None
-        from nnslim.compiler.runtime.volumes.preview import write_preview_index
+        import json
 
-        return write_preview_index(self.previews, self.index)
+        from nnslim.compiler.runtime.volumes.preview import write_preview_index
+        from nnslim.files import write_text_atomic
+
+        write_text_atomic(self.previews / f"index{suffix}.json", json.dumps(self.index, indent=1) + "\n")
+        return write_preview_index(self.previews, self.index, f"index{suffix}.html")
 
     def _preview(self, plan: CasePlan, computed: _Computed) -> Path | None:
         """The case's PNG; a preview that cannot be drawn is a warning, not a failed case."""

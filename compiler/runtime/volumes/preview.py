@@ -140,8 +140,8 @@ def write_case_preview(image: np.ndarray, labels: np.ndarray, spacing: tuple[flo
     return save_figure(fig, path)
 
 
-def write_preview_index(folder: Path, entries: list[dict[str, Any]]) -> Path:
-    """`folder/index.html`: one row per case (keys "case", "png" relative to `folder`, "status", "seconds")."""
+def write_preview_index(folder: Path, entries: list[dict[str, Any]], name: str = "index.html") -> Path:
+    """`folder/NAME`: one row per case (keys "case", "png" relative to `folder`, "status", "seconds")."""
     rows = []
     for entry in entries:
         if "case" not in entry:
@@ -160,6 +160,6 @@ def write_preview_index(folder: Path, entries: list[dict[str, Any]]) -> Path:
         "<table><tr><th>case</th><th>status</th><th>seconds</th><th>preview</th></tr>", *rows,
         "</table></body></html>", "",
     ])
-    path = Path(folder) / "index.html"
+    path = Path(folder) / name
     write_text_atomic(path, page)
     return path

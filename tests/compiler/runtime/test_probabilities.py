@@ -18,7 +18,7 @@ from nnslim.errors import InputError
 from nnslim.compiler.runtime.backends.torch_module import TorchPredictor
 from nnslim.compiler.runtime.segmentation import prepare_volume, segment_prepared
 from nnslim.compiler.runtime.volumes.volume import volume_from_array
-from tests.conftest import random_model
+from tests.conftest import random_model, written
 
 
 def check_probabilities(probabilities: np.ndarray, labels: np.ndarray, classes: int) -> None:
@@ -87,8 +87,8 @@ def test_infer_writes_probabilities_previews_and_the_log(engine_dir, small_volum
                                       "--save-probabilities", "--preview", "--log-jsonl", str(log)])
     assert result.exit_code == 0, result.output
     assert "onnxruntime fp32 engine on cpu" in result.output  # --device auto, no GPU here
-    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "a.npz", "b.nii.gz", "b.npz", "previews"]
-    assert sorted(p.name for p in (out / "previews").iterdir()) == ["a.png", "b.png", "index.html"]
+    assert written(out) == ["a.nii.gz", "a.npz", "b.nii.gz", "b.npz", "previews"]
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["a.png", "b.png", "index.html", "index.json"]
     labels = np.asarray(nib.load(out / "a.nii.gz").dataobj)
     with np.load(out / "a.npz") as saved:
         assert list(saved) == ["probabilities"]

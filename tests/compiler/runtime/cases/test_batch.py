@@ -12,6 +12,7 @@ import pytest
 
 from nnslim.compiler.runtime.cases.batch import BatchOptions, Stages, run_cases
 from nnslim.compiler.runtime.cases.log import LOG_FIELDS
+from tests.conftest import written
 from nnslim.compiler.runtime.engine import InferenceOptions, load_engine
 from nnslim.compiler.runtime.cases.run import segment_files
 from nnslim.errors import InputError
@@ -45,7 +46,7 @@ def test_overlapped_io_matches_one_step_after_another_and_isolates_a_corrupt_cas
                                 batch=BatchOptions(io_workers=workers, log_jsonl=tmp_path / f"log{workers}.jsonl"))
         order[workers] = [(r.name, r.status, r.error is None) for r in seen]
         assert [r.name for r in results] == [r.name for r in seen]
-        outputs[workers] = {p.name: np.asarray(nib.load(p).dataobj) for p in sorted(out.iterdir())}
+        outputs[workers] = {name: np.asarray(nib.load(out / name).dataobj) for name in written(out)}
     expected = [("a", "ok", True), ("b", "ok", True), ("c", "failed", False), ("d", "ok", True), ("e", "ok", True)]
     assert order[0] == order[1] == order[2] == expected
     assert sorted(outputs[0]) == ["a.nii.gz", "b.nii.gz", "d.nii.gz", "e.nii.gz"]  # nothing for c, no temporaries
@@ -68,16 +69,19 @@ def test_continue_logs_skipped_cases_and_the_log_refuses_inputs_and_outputs(engi
     folder = _cases(tmp_path / "in", small_volume, corrupt=None)
     out, log = tmp_path / "out", tmp_path / "cases.jsonl"
     out.mkdir()
-    nib.save(nib.load(folder / "b_0000.nii.gz"), out / "b.nii.gz")  # b was done by an earlier run
+    nib.save(nib.load(folder / "b_0000.nii.gz"), out / "b.nii.gz")  # b was done by an earlier run (no record)
     done = segment_files(engine, [folder], out, InferenceOptions(progress=False), existing="continue",
                          part=(0, 2), batch=BatchOptions(log_jsonl=log))  # part 0: a, c, e
     assert [r.name for r in done] == ["a", "c", "e"]
     segment_files(engine, [folder], out, InferenceOptions(progress=False), existing="continue", part=(1, 2),
                   batch=BatchOptions(log_jsonl=log))  # part 1: b (skipped), d; appended to the same log
+    segment_files(engine, [folder], out, InferenceOptions(progress=False), existing="continue",
+                  batch=BatchOptions(log_jsonl=log))  # every case is there
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["case"], r["status"]) for r in records] == [("a", "ok"), ("c", "ok"), ("e", "ok"), ("b", "skipped"),
-                                                          ("d", "ok")]
+                                                          ("d", "ok")] + [(c, "skipped") for c in "abcde"]
     assert records[3]["output"] == str(out / "b.nii.gz") and records[3]["windows"] is None
+    assert {tuple(r["part"]) for r in records} == {(0, 2), (1, 2), (0, 1)}
 
     for clash in (folder / "a_0000.nii.gz", out / "a.nii.gz"):
         before = clash.read_bytes()

@@ -18,6 +18,7 @@ from nnslim.compiler.runtime.postprocessing import restore_geometry
 from nnslim.compiler.runtime.volumes.volume import load_volume, save_segmentation
 from nnslim.compiler.runtime.volumes.readers import check_output_name, output_suffix
 from nnslim.compiler.runtime.volumes.layout import find_cases
+from tests.conftest import written as label_files
 
 # exact in float32 and in DICOM's decimal strings: a rotation about z by atan2(0.8, 0.6)
 DIRECTION = (0.6, -0.8, 0.0, 0.8, 0.6, 0.0, 0.0, 0.0, 1.0)
@@ -299,9 +300,9 @@ def test_infer_writes_mha_nrrd_and_dicom_outputs_with_the_input_geometry(engine_
     infer(cases, tmp_path / "out")
     infer(tmp_path / "plain.nii.gz", tmp_path / "plain_seg.nii.gz")
     infer(cases / "c", tmp_path / "dicom_seg.nii.gz")  # a series folder given alone is one case
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mha", "b.nrrd", "c.nii.gz"]
+    assert label_files(tmp_path / "out") == ["a.mha", "b.nrrd", "c.nii.gz"]
     plain = np.asarray(nib.load(tmp_path / "plain_seg.nii.gz").dataobj)
-    for out in [tmp_path / "single.mha", tmp_path / "dicom_seg.nii.gz", *(tmp_path / "out").iterdir()]:
+    for out in [tmp_path / "single.mha", tmp_path / "dicom_seg.nii.gz", *(tmp_path / "out" / n for n in label_files(tmp_path / "out"))]:
         written = sitk.ReadImage(str(out))
         assert_geometry(written, sitk_image(t1, **geometry))
         # the same voxels in any format: the labels equal those of the NIfTI run
