@@ -25,6 +25,7 @@ EXTRAS = {
     "nilearn": ("the MNI demo data", "'nnslim[demo]'"),
     "tensorrt": ("TensorRT engines", "'nnslim[gpu,tensorrt-cu13]' (or tensorrt-cu12 for a CUDA 12 driver)"),
     "tritonclient": ("Triton model configurations (export-triton)", "'nnslim[triton]'"),
+    "ray": ("infer --ray (a folder on a Ray cluster)", "'nnslim[ray]'"),
 }
 
 

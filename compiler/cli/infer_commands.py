@@ -104,6 +104,12 @@ asks for (.npz, preview) is missing.
 @click.option("--preview", is_flag=True,
               help="Also draw a PNG per case (labels over the image): OUTPUT/previews/CASE.png and "
                    "OUTPUT/previews/index.html for a folder, OUTPUT_STEM.png beside a single output.")
+@click.option("--ray", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS]",
+              help="Folder mode: run the cases on a Ray cluster (Ray Data; one engine per actor; the ray extra). "
+                   "No ADDRESS: a local Ray started for the run; auto: $RAY_ADDRESS; or ray://head:10001. Workers "
+                   "need the engine, inputs and output folder at the same paths.")
+@click.option("--ray-actors", default=2, show_default=True, type=click.IntRange(1, 4096),
+              help="With --ray: actors, each holding one engine (one CPU slot each, or one GPU for a GPU engine).")
 @progress_option
 def infer(**o: Any) -> None:
     """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
@@ -157,7 +163,7 @@ def infer(**o: Any) -> None:
         results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
                                 existing=existing, on_case=report, part=part, batch=BatchOptions(
                                     io_workers=o["io_workers"], save_probabilities=o["save_probabilities"],
-                                    preview=o["preview"], log_jsonl=o["log_jsonl"]))
+                                    preview=o["preview"], log_jsonl=o["log_jsonl"]), runner=_ray_runner(o, engine))
     except OptionConflict as exc:  # options that cannot do anything for these inputs: the command line must change
         raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
     failed = [r.name for r in results if r.error]
@@ -176,7 +182,20 @@ _IDLE_OPTIONS = (
     ("ort_tensorrt", lambda o: o["device"] == "cuda", ("without --device cuda", "it puts ONNX Runtime's TensorRT "
      "provider first on the GPU: add --device cuda, or drop it")),
     *((name, lambda o: not o["torch_checkpoint"], _TORCH) for name in ("backend", "precision", "threads", "ort_tensorrt")),
+    ("ray", lambda o: not o["torch_checkpoint"], ("with --torch-checkpoint", "--ray opens the engine on each Ray actor; "
+     "the PyTorch reference runs here only: drop one of them")),
+    ("ray_actors", lambda o: o["ray"] is not None, ("without --ray", "it is the number of Ray actors: add --ray, or "
+     "drop it")),
 )
+
+
+def _ray_runner(o: dict[str, Any], engine: Any) -> Any:
+    """With --ray: the runner that sends the folder's cases to Ray actors (`cases.ray_runner`)."""
+    if o["ray"] is None:
+        return None
+    from nnslim.compiler.runtime.cases.ray_runner import RayRunner
+
+    return RayRunner(engine.directory, engine.opened_with or {}, engine.device, o["ray"], o["ray_actors"])
 
 
 def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:

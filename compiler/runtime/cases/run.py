@@ -22,7 +22,7 @@ from tqdm import tqdm
 from nnslim.compiler.runtime.window.config import Predictor
 from nnslim.compiler.runtime.cases.batch import BatchOptions, Stages, run_cases
 from nnslim.compiler.runtime.cases.log import CaseLog
-from nnslim.compiler.runtime.cases.plan import CasePlan, plan_and_skip
+from nnslim.compiler.runtime.cases.plan import CasePlan, OptionConflict, plan_and_skip
 from nnslim.compiler.runtime.cases.provenance import (
     RunInfo,
     now,
@@ -37,6 +37,7 @@ from nnslim.compiler.runtime.segmentation import InferenceOptions
 from nnslim.errors import NnslimError
 
 logger = logging.getLogger(__name__)
+ISOLATED = (NnslimError, OSError)  # in a folder, errors that fail their case only
 
 
 class SegmentsCases(Protocol):
@@ -49,7 +50,7 @@ class SegmentsCases(Protocol):
 def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, options: InferenceOptions = InferenceOptions(),
                   predictor: Predictor | None = None, existing: str = "refuse",
                   on_case: Callable[[CaseResult], None] | None = None, part: tuple[int, int] = (0, 1),
-                  batch: BatchOptions = BatchOptions()) -> list[CaseResult]:
+                  batch: BatchOptions = BatchOptions(), runner: Runner | None = None) -> list[CaseResult]:
     """Segment one file, or every case of a folder, and write label volumes.
 
     What would lose data is refused before the first case runs (`plan`): no output may be an input,
@@ -67,6 +68,7 @@ def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, optio
             (from a writer thread with overlapped I/O; not for skipped cases).
         part: `(part_id, num_parts)`: this process's share of a folder (`plan.plan_and_skip`).
         batch: overlapped I/O, probabilities, previews and the JSONL log (`batch.BatchOptions`).
+        runner: runs the cases of a folder (`local_runner`, the default; `ray_runner.RayRunner`).
 
     Returns the results of the cases run. In folder mode a case that cannot be read, segmented or
     written is reported (its `error`) and the others go on; a single case's error is raised.
@@ -75,6 +77,9 @@ def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, optio
     inputs, output, info = [Path(p) for p in inputs], Path(output), _run_info(engine, part, predictor)
     plans, skipped = plan_and_skip(inputs, output, existing, part)
     folder = any(p.target != output for p in [*plans, *skipped])  # outputs inside OUTPUT (a DICOM folder is one case)
+    if runner is not None and not folder:
+        raise OptionConflict("--ray runs the cases of a folder on a cluster, but the input is one case; drop --ray, "
+                             "or give the folder of cases")
     cases = CaseStages(engine.spec, predictor or engine.predictor, options, batch, previews_folder(output, folder, batch),
                        replace=folder and existing == "overwrite", provenance=info if folder else None)
     if folder and existing == "refuse":
@@ -88,9 +93,8 @@ def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, optio
             for plan in skipped:
                 report(cases.skipped(plan), 0.0)
             try:
-                results = run_cases(plans, Stages(cases.read, cases.compute, cases.write, cases.failed),
-                                    batch.io_workers if folder else 0, report, (NnslimError, OSError) if folder else ())
-            except (NnslimError, OSError) as exc:  # one case: its error is the command's; the log says so too
+                results = (runner if folder and runner else local_runner)(plans, cases, report, folder)
+            except ISOLATED as exc:  # one case: its error is the command's; the log says so too
                 if log is not None:
                     log.write(_line(cases.failed(plans[0], exc), info))
                 raise
@@ -101,6 +105,20 @@ def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, optio
         cases.write_index(info.part_suffix if info else "")
         _write_run_record(output, info, results, len(skipped), _options_record(options, existing, batch), started)
     return results
+
+
+class Runner(Protocol):
+    """Runs `plans` through `cases`' stages, calls `report(result, seconds)` for each, returns the results."""
+
+    def __call__(self, plans: list[CasePlan], cases: CaseStages, report: Callable[[CaseResult, float], None],
+                 folder: bool) -> list[CaseResult]: ...
+
+
+def local_runner(plans: list[CasePlan], cases: CaseStages, report: Callable[[CaseResult, float], None],
+                 folder: bool) -> list[CaseResult]:
+    """This process, I/O overlapped (`batch.run_cases`); in a folder, a case's error is its own."""
+    return run_cases(plans, Stages(cases.read, cases.compute, cases.write, cases.failed),
+                     cases.batch.io_workers if folder else 0, report, ISOLATED if folder else ())
 
 
 def _write_run_record(output: Path, info: RunInfo | None, results: list[CaseResult], skipped: int, options: dict,

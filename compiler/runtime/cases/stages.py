@@ -121,6 +121,19 @@ class CaseStages:
 
             import_pyplot()  # a missing plotting extra is one clear error before the first case
 
+    def for_predictor(self, predictor: Predictor) -> CaseStages:
+        """The same stages with another predictor (a Ray actor's own engine): what a pickle carries
+        is everything but the predictor and the drawing lock."""
+        clone = CaseStages.__new__(CaseStages)
+        clone.__dict__.update({**self.__dict__, "predictor": predictor, "index": [], "_drawing": threading.Lock()})
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("predictor", "_drawing")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, predictor=None, _drawing=threading.Lock())
+
     def preview_path(self, plan: CasePlan) -> Path | None:
         if self.previews is None:
             return None

@@ -1,0 +1,135 @@
+"""`nnslim infer ... --ray [ADDRESS]`: a folder's cases on a Ray cluster, with Ray Data.
+
+The cases (after `plan`: --continue, --overwrite and the part are decided before anything runs)
+become a dataset of case indices, one block each; `map_batches` sends them to a pool of actors,
+each of which opens the engine once (`load_engine` on the engine directory, verified again where
+it runs) and reads, segments and writes one case per call with the driver's own stages
+(`stages.CaseStages.for_predictor`), so outputs, records and errors are those of the local path. An
+actor takes one CPU slot, or one GPU (`num_gpus=1`) for an engine that runs on one; its engine gets
+the cluster's CPUs shared out among the actors unless --threads says otherwise.
+
+A case's own error (an unreadable scan) is its result, as locally. An actor that dies in the middle
+of a case (a killed worker, a lost node) is restarted by Ray and the case retried on it; writes are
+atomic, so the interrupted attempt leaves no half-written output (a marked temporary at most, swept
+by the next write into that folder).
+
+ADDRESS: none or "local": a Ray instance started on this machine for the run and stopped after;
+"auto": the cluster of $RAY_ADDRESS (or the one `ray start` left on this machine); anything else is
+passed to `ray.init(address=...)` ("ray://head:10001", "head:6379"). The workers must reach the
+engine directory, the inputs and the output folder at the same paths (a shared file system).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nnslim.compiler.runtime.cases.plan import CasePlan
+from nnslim.compiler.runtime.cases.stages import CaseResult, CaseStages
+from nnslim.errors import SettingsError
+from nnslim.extras import missing_extra
+
+logger = logging.getLogger(__name__)
+
+ISOLATED_NAMES = ("NnslimError", "OSError")
+
+
+@dataclass(frozen=True)
+class RayRunner:
+    """Runs a folder's cases on Ray (module docstring); a `run.Runner`."""
+
+    engine_dir: Path
+    load_options: dict[str, Any]  # load_engine's options, as the driver opened the engine
+    device: str  # the driver engine's device: "cuda" asks each actor for a GPU
+    address: str | None = None
+    actors: int = 2
+
+    def __call__(self, plans: list[CasePlan], cases: CaseStages, report: Callable[[CaseResult, float], None],
+                 folder: bool) -> list[CaseResult]:
+        ray = _import_ray()
+        if self.actors < 1:
+            raise SettingsError(f"--ray-actors must be at least 1, got {self.actors}")
+        started_here = not ray.is_initialized()
+        if started_here:
+            _init(ray, self.address)
+        try:
+            return self._run(ray, plans, cases, report)
+        finally:
+            if started_here:
+                ray.shutdown()
+
+    def _run(self, ray: Any, plans: list[CasePlan], cases: CaseStages,
+             report: Callable[[CaseResult, float], None]) -> list[CaseResult]:
+        if not plans:
+            return []
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # nnslim's own bar and lines report the cases
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset
+        options = dict(self.load_options)
+        if not options.get("threads"):
+            cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+            options["threads"] = max(1, cpus // self.actors)
+        resources = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": 1}
+        dataset = ray.data.from_items([{"case": i} for i in range(len(plans))], override_num_blocks=len(plans))
+        done = dataset.map_batches(
+            _CaseActor, fn_constructor_args=(str(self.engine_dir), options, plans, cases), batch_size=1,
+            concurrency=self.actors, max_restarts=-1, max_task_retries=-1, **resources)
+        results: dict[int, CaseResult] = {}
+        for row in done.iter_rows():
+            index, result, seconds = pickle.loads(row["result"])
+            if index in results:  # a retried case that had finished: reported once
+                continue
+            results[index] = result
+            report(result, seconds)
+        return [results[i] for i in sorted(results)]
+
+
+class _CaseActor:
+    """One engine, opened once; one case per call, with the driver's stages."""
+
+    def __init__(self, engine_dir: str, options: dict[str, Any], plans: list[CasePlan], cases: CaseStages) -> None:
+        from nnslim.compiler.runtime.engine import load_engine
+
+        self.engine = load_engine(engine_dir, **options)
+        self.plans, self.cases = plans, cases.for_predictor(self.engine.predictor)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from nnslim.compiler.runtime.cases.run import ISOLATED
+
+        out = []
+        for index in batch["case"]:
+            plan, start = self.plans[int(index)], time.perf_counter()
+            try:
+                result = self.cases.write(plan, self.cases.compute(plan, self.cases.read(plan)))
+            except ISOLATED as exc:
+                result = self.cases.failed(plan, exc)
+            out.append(pickle.dumps((int(index), result, time.perf_counter() - start)))
+        return {"result": np.array(out, dtype=object)}
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise missing_extra("ray", "infer --ray") from exc
+    return ray
+
+
+def _init(ray: Any, address: str | None) -> None:
+    """Connect to, or start, the cluster (module docstring: ADDRESS)."""
+    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+    if address in (None, "", "local"):
+        ray.init(include_dashboard=False, num_cpus=os.cpu_count(), **quiet)
+    elif address == "auto":
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", **quiet)
+    else:
+        ray.init(address=address, **quiet)
+    logger.info("ray: %s", ray.cluster_resources())
