@@ -102,12 +102,15 @@ A client (pip install 'tritonclient[http]'), with the volume as nibabel gives it
               help="Model instances: volumes segmented at once (each holds the engine).")
 @click.option("--threads", default=None, type=click.IntRange(0, 1024),
               help="CPU threads per instance [default: one instance uses every core; several share them out].")
+@click.option("--memory-budget-mb", default=None, type=click.FloatRange(64),
+              help="Memory each instance may plan a request for; a volume whose segmentation needs more gets an "
+                   "error response [default: the memory available at start, shared out among the instances].")
 @click.option("--startup-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
               help="Seconds to wait for the model to be READY.")
 @click.option("--triton-log", type=click.Choice(["warnings", "all", "quiet"]), default="warnings", show_default=True,
               help="Which of Triton's log lines to pass on (to stderr).")
-def serve(engine_dir, name, host, http_port, grpc_port, metrics_port, instances, threads, startup_timeout,
-          triton_log) -> None:
+def serve(engine_dir, name, host, http_port, grpc_port, metrics_port, instances, threads, memory_budget_mb,
+          startup_timeout, triton_log) -> None:
     """Serve an engine with a real Triton Inference Server: whole volumes in, labels out (the
     export-triton --whole-volume model), over HTTP and gRPC. Runs in the foreground, prints one
     READY line when the model can be called, and stops on Ctrl-C or SIGTERM. Needs the serve extra
@@ -117,7 +120,7 @@ def serve(engine_dir, name, host, http_port, grpc_port, metrics_port, instances,
 
     settings = ServeSettings(engine_dir=engine_dir, name=name, host=host, http_port=http_port, grpc_port=grpc_port,
                              metrics_port=metrics_port, instances=instances, threads=threads,
-                             startup_seconds=startup_timeout, log=triton_log)
+                             memory_budget_mb=memory_budget_mb, startup_seconds=startup_timeout, log=triton_log)
 
     def ready(s: ServeSettings) -> None:
         urls = s.urls()

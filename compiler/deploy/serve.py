@@ -24,6 +24,7 @@ import ctypes
 import importlib.util
 import os
 import re
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,7 +40,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from nnslim.errors import NnslimError, SettingsError
-from nnslim.files import marked_folder, sweep_leftovers
+from nnslim.compiler.runtime.safety import MEMORY_BUDGET_ENV
+from nnslim.files import marked_folder, pid_alive, sweep_leftovers
 
 STOP_SECONDS = 8.0
 UTILS = "triton_python_backend_utils.py"
@@ -49,6 +51,10 @@ _NOISE = re.compile(r"Failed to initialize NVML|DCGM unable to start|Unable to g
                     r"CUDA driver version is insufficient|Collecting CPU metrics|CudaDriverHelper has not been initialized|"
                     r"failed to allocate pinned system memory")
 _GLOG = re.compile(r"^([IWEF])\d{4} ")
+# The model's process died: a request it could not survive (Triton's stub fails before nnslim's code
+# runs for some shapes); Triton keeps answering "not healthy" for it, so serve stops instead
+_FATAL = re.compile(r"terminate called|what\(\)|Stub process .* is not healthy|Segmentation fault|Aborted")
+SHM = Path("/dev/shm")
 
 
 class ServeError(NnslimError):
@@ -108,6 +114,7 @@ class ServeSettings:
     startup_seconds: float = 300.0
     log: str = "warnings"  # "warnings" (Triton's warnings and errors), "all", "quiet"
     cpu_only: bool = True  # the engine runs on the CPU (set from its manifest by `serve`)
+    memory_budget_mb: float | None = None  # per instance; None: the memory available now over the instances
 
     def instance_threads(self) -> int:
         if self.threads is not None:
@@ -118,6 +125,18 @@ class ServeSettings:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return {"http": f"http://{host}:{self.http_port}", "grpc": f"{host}:{self.grpc_port}",
                 "metrics": f"http://{host}:{self.metrics_port}/metrics"}
+
+
+def check_name_and_host(settings: ServeSettings) -> None:
+    """Refuse a model name Triton could not serve under and a host that is not an IPv4 address here."""
+    name = settings.name
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+        raise SettingsError(f"--name {name!r}: use letters, digits, '_', '.' or '-' (not empty, '.' or '..')")
+    try:
+        socket.getaddrinfo(settings.host, None, socket.AF_INET)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise SettingsError(f"--host {settings.host!r} is not an IPv4 address or name of this machine ({exc}); use "
+                            "127.0.0.1 (this machine only), 0.0.0.0 (every interface) or one of its addresses") from None
 
 
 def check_ports(settings: ServeSettings) -> None:
@@ -153,9 +172,13 @@ def prepare(settings: ServeSettings, triton: Tritonserver, folder: Path) -> tupl
     return models, backend.parent
 
 
-def environment(triton: Tritonserver) -> dict[str, str]:
-    """Triton's environment: this interpreter's libpython first (for the stub), then the wheel's libraries."""
+def environment(triton: Tritonserver, settings: ServeSettings) -> dict[str, str]:
+    """Triton's environment: this interpreter's libpython first (for the stub), then the wheel's
+    libraries; each instance's memory budget (`safety.machine_memory_bytes`)."""
     env = dict(os.environ)
+    budget = settings.memory_budget_mb or _available_mb() / settings.instances
+    if budget:
+        env[MEMORY_BUDGET_ENV] = f"{budget:.0f}"
     # the model's import path: this interpreter's (the stub ignores PYTHONPATH; model.py reads this)
     env["NNSLIM_PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and Path(p).is_dir())
     libdirs = []
@@ -169,7 +192,7 @@ def environment(triton: Tritonserver) -> dict[str, str]:
     return env
 
 
-def command(settings: ServeSettings, triton: Tritonserver, models: Path, backends: Path) -> list[str]:
+def command(settings: ServeSettings, triton: Tritonserver, models: Path, backends: Path, shm_prefix: str) -> list[str]:
     return [str(triton.binary), f"--model-repository={models}", f"--backend-directory={backends}",
             "--model-control-mode=none", "--disable-auto-complete-config", "--strict-readiness=true", "--exit-timeout-secs=3",
             f"--http-address={settings.host}", f"--http-port={settings.http_port}",
@@ -179,7 +202,9 @@ def command(settings: ServeSettings, triton: Tritonserver, models: Path, backend
             *(["--pinned-memory-pool-byte-size=0"] if settings.cpu_only else []),
             # tensors cross to the stub through shared memory (/dev/shm): Triton's 1 MB to start, grown
             # 32 MB at a time (a volume in one or two steps, not thirty)
-            "--backend-config=python,shm-growth-byte-size=33554432"]
+            "--backend-config=python,shm-growth-byte-size=33554432",
+            # this run's regions, by name: removed when it stops, however the model's processes ended
+            f"--backend-config=python,shm-region-prefix-name={shm_prefix}"]
 
 
 def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
@@ -188,6 +213,7 @@ def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
     Triton stops on its own (ServeError with the end of its log)."""
     if settings.instances < 1:
         raise SettingsError(f"--instances must be at least 1, got {settings.instances}")
+    check_name_and_host(settings)
     triton = find_tritonserver()
     triton.stub()
     check_ports(settings)
@@ -195,48 +221,60 @@ def serve(settings: ServeSettings, on_ready: Callable[[ServeSettings], None],
     stop = threading.Event()
     main = threading.current_thread() is threading.main_thread()  # only there can Python take signals
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    shm_prefix = f"nnslim_serve_{os.getpid()}_{secrets.token_hex(4)}_"
     try:
         temp = Path(tempfile.gettempdir())
         sweep_leftovers(temp, [p.name for p in temp.glob(".nnslim-serve-*")])  # of servers killed with -9
+        _sweep_shm()
         with marked_folder(temp, ".nnslim-serve") as folder:
             models, backends = prepare(settings, triton, folder)
-            process = subprocess.Popen(command(settings, triton, models, backends), env=environment(triton),
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True, preexec_fn=_stop_with_parent)
-            tail: collections.deque[str] = collections.deque(maxlen=40)
-            reader = threading.Thread(target=_relay, args=(process, tail, settings.log, echo, stop), daemon=True)
+            process = subprocess.Popen(command(settings, triton, models, backends, shm_prefix),
+                                       env=environment(triton, settings), stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                       preexec_fn=_stop_with_parent)
+            log = _Log(settings.log, echo, stop)
+            reader = threading.Thread(target=log.relay, args=(process,), daemon=True)
             reader.start()
             try:
-                return _run(settings, process, stop, tail, on_ready)
+                return _run(settings, process, stop, log, on_ready, lambda: reader.join(timeout=2))
             finally:
                 _stop(process)
                 reader.join(timeout=2)
+                for region in SHM.glob(f"{shm_prefix}*"):
+                    region.unlink(missing_ok=True)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _run(settings: ServeSettings, process: subprocess.Popen, stop: threading.Event, tail: collections.deque,
-         on_ready: Callable[[ServeSettings], None]) -> int:
+def _run(settings: ServeSettings, process: subprocess.Popen, stop: threading.Event, log: _Log,
+         on_ready: Callable[[ServeSettings], None], drain: Callable[[], None]) -> int:
     ready_url = f"{settings.urls()['http']}/v2/models/{settings.name}/ready"
     deadline = time.monotonic() + settings.startup_seconds
+
+    def failed(what: str) -> ServeError:
+        drain()  # the last lines Triton printed, read before they are shown
+        return ServeError(f"{what}; Triton's last lines:\n{log.last_lines()}")
+
     while not stop.is_set():
         if process.poll() is not None:
-            raise ServeError(f"tritonserver stopped while loading the model (exit code {process.returncode}); "
-                             f"its last lines:\n{_last_lines(tail)}")
+            raise failed(f"tritonserver stopped while loading the model (exit code {process.returncode})")
         if _ready(ready_url):
             break
         if time.monotonic() > deadline:
-            raise ServeError(f"the model was not READY within {settings.startup_seconds:g} s; Triton's last "
-                             f"lines:\n{_last_lines(tail)}")
+            raise failed(f"the model was not READY within {settings.startup_seconds:g} s")
         stop.wait(0.2)
     else:
         return 0
     on_ready(settings)
     while not stop.wait(0.5):
         if process.poll() is not None:
-            raise ServeError(f"tritonserver stopped on its own (exit code {process.returncode}); its last lines:\n"
-                             f"{_last_lines(tail)}")
+            raise failed(f"tritonserver stopped on its own (exit code {process.returncode})")
+        if log.broken.is_set():
+            raise failed("the model's process died on a request (Triton would answer every later request with "
+                         "'not healthy'); nnslim serve stops so that a supervisor can start it again")
+    if process.poll() is not None:  # it died just before the stop was asked for
+        raise failed(f"tritonserver stopped on its own (exit code {process.returncode})")
     return 0
 
 
@@ -270,25 +308,60 @@ def _stop(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def _relay(process: subprocess.Popen, tail: collections.deque, log: str, echo: Callable[[str], None],
-           stopping: threading.Event) -> None:
-    """Keep Triton's last lines; pass on its warnings and errors (or everything, or nothing). Once
-    asked to stop, Triton's complaint that a model outlived its exit timeout is expected (the stub
-    is killed; it writes nothing): not passed on."""
-    assert process.stdout is not None
-    for raw in process.stdout:
-        line = raw.decode("utf-8", errors="replace").rstrip()
-        if not line or _NOISE.search(line) or (stopping.is_set() and "Exit timeout expired" in line):
-            continue
-        tail.append(line)
-        glog = _GLOG.match(line)
-        if log == "all" or (log == "warnings" and (glog is None and line.startswith("error") or
-                                                   glog is not None and glog.group(1) in "WEF")):
-            echo(f"[tritonserver] {line}")
+class _Log:
+    """Triton's output: the last lines kept (and the fatal ones apart, so they are never crowded
+    out), its warnings and errors passed on (or everything, or nothing); `broken` once the model's
+    process died."""
+
+    def __init__(self, level: str, echo: Callable[[str], None], stopping: threading.Event) -> None:
+        self.level, self.echo, self.stopping = level, echo, stopping
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.fatal: collections.deque[str] = collections.deque(maxlen=10)
+        self.broken = threading.Event()
+
+    def relay(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            # once asked to stop, Triton's complaint that a model outlived its exit timeout is expected
+            # (the stub is killed; it writes nothing)
+            if not line or _NOISE.search(line) or (self.stopping.is_set() and "Exit timeout expired" in line):
+                continue
+            self.tail.append(line)
+            glog = _GLOG.match(line)
+            fatal = _FATAL.search(line) is not None
+            if fatal:
+                self.fatal.append(line)
+                if not self.stopping.is_set():
+                    self.broken.set()
+            shown = glog is not None and glog.group(1) in "WEF" or line.startswith("error") or fatal
+            if self.level == "all" or (self.level == "warnings" and shown):
+                self.echo(f"[tritonserver] {line}")
+
+    def last_lines(self) -> str:
+        recent = list(self.tail)[-20:]
+        lines = [*(f for f in self.fatal if f not in recent), *recent]
+        return "\n".join(f"  {line}" for line in lines) or "  (nothing)"
 
 
-def _last_lines(tail: collections.deque) -> str:
-    return "\n".join(f"  {line}" for line in list(tail)[-20:]) or "  (nothing)"
+def _available_mb() -> float:
+    """MemAvailable (Linux), else 0 (no budget beyond the machine's memory)."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def _sweep_shm() -> None:
+    """Shared-memory regions of servers whose `nnslim serve` is gone (killed with -9)."""
+    for region in SHM.glob("nnslim_serve_*_*_*"):
+        pid = region.name.split("_")[2]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            region.unlink(missing_ok=True)
 
 
 def _stop_with_parent() -> None:

@@ -77,10 +77,14 @@ def model_config(name: str, manifest: EngineManifest, instances: int = 1, kind: 
                  version_policy: str | None = None, threads: int = 0) -> Any:
     """The `ModelConfig` of the whole-volume model of an engine (see the module docstring)."""
     from nnslim import __version__
-    from nnslim.compiler.deploy.triton import TritonExportError, _schema, instance_kind, parse_version_policy
+    from nnslim.compiler.deploy.triton import KINDS, TritonExportError, _schema, instance_kind, parse_version_policy
 
     pb, _ = _schema()
     kind = kind or instance_kind(manifest)
+    if kind not in KINDS:
+        raise TritonExportError(f"instance kind {kind!r}: use one of {', '.join(KINDS)}")
+    if int(threads) < 0:
+        raise TritonExportError(f"threads must be 0 (the backend's default) or more, got {threads}")
     if kind == "KIND_CPU" and BACKENDS.get(manifest.backend) is not None and BACKENDS[manifest.backend].kind.name == "plan":
         raise TritonExportError("a TensorRT plan runs only on the GPU it was built for; KIND_CPU cannot serve it")
     if instances < 1:

@@ -22,8 +22,12 @@ GB = 2**30
 MAX_SPACING_MM = 1e4  # a voxel 10 m wide is a broken header, not a scan (headers and manifests alike)
 
 
+MEMORY_BUDGET_ENV = "NNSLIM_MEMORY_BUDGET_MB"  # a process's share (`nnslim serve` sets it per model instance)
+
+
 def machine_memory_bytes() -> int | None:
-    """Physical memory, capped by RLIMIT_AS when set; None when the platform does not say."""
+    """Physical memory, capped by RLIMIT_AS and by $NNSLIM_MEMORY_BUDGET_MB when set; None when the
+    platform does not say."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
@@ -31,6 +35,12 @@ def machine_memory_bytes() -> int | None:
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
         total = soft if total is None else min(total, soft)
+    try:
+        budget = int(float(os.environ.get(MEMORY_BUDGET_ENV, "0")) * 2**20)
+    except ValueError:
+        budget = 0
+    if budget > 0:
+        total = budget if total is None else min(total, budget)
     return total
 
 

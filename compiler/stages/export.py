@@ -39,6 +39,18 @@ class ExportSettings:
     max_batch: int = 1024  # upper bound of the symbolic batch dimension
 
 
+def strip_source_paths(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node Python stack traces (`pkg.torch.onnx.stack_trace`: file paths of
+    this machine's torch and of the training code), which would ship inside every engine."""
+    graphs = [proto.graph, *(f for f in proto.functions)]
+    for graph in graphs:
+        for node in graph.node:
+            kept = [p for p in node.metadata_props if "stack_trace" not in p.key]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+
+
 def export_onnx(model: nn.Module, path: Path, settings: ExportSettings) -> onnx.ModelProto:
     """Export `model` to `path` and return the checked ONNX model."""
     if settings.opset < 17:
@@ -74,6 +86,7 @@ def export_onnx(model: nn.Module, path: Path, settings: ExportSettings) -> onnx.
     proto = program.model_proto
     proto.ir_version = min(proto.ir_version, MAX_IR_VERSION)
     proto.producer_name = "nnslim"
+    strip_source_paths(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(proto, str(path))
     try:

@@ -268,3 +268,48 @@ def test_without_the_serve_extra_the_error_says_what_to_install(serve_engine, mo
     assert result.exit_code == 1, result.output
     assert "nnslim[serve]" in result.output and "nvidia-pytriton" in result.output
     assert os.environ.get("NNSLIM_PYTHONPATH") is None  # nothing set in this process
+
+
+def test_a_request_that_kills_the_models_process_stops_serve_with_its_reason(tiny_engine):
+    """A declared shape whose byte size wraps to 0 passes Triton's checks and kills the Python backend's
+    stub before nnslim's code runs (Triton 2.51); Triton would then answer every request "not healthy"
+    while reporting READY, so serve stops, non-zero, saying why, and leaves nothing behind."""
+    import json as json_module
+    import urllib.request
+
+    http_port, grpc_port, metrics_port = free_ports(3)
+    process = subprocess.Popen([sys.executable, "-m", "nnslim", "serve", str(tiny_engine), "--http-port", str(http_port),
+                                "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert read_ready_line(process).startswith("READY")
+        tree = descendants(process.pid)
+        body = json_module.dumps({"inputs": [
+            {"name": "IMAGE", "shape": [1, 2**32, 2**32, 1], "datatype": "FP32", "data": []},
+            {"name": "SPACING", "shape": [3], "datatype": "FP32", "data": [1, 1, 1]}]}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v2/models/nnslim/infer", body,
+                                         {"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(request, timeout=30).read()
+        except OSError:
+            pass  # the error response (or the dropped connection) is Triton's
+        process.wait(timeout=30)
+        err = process.stderr.read().decode()
+        assert process.returncode == 1, err
+        assert "the model's process died on a request" in err and "terminate called" in err, err
+        time.sleep(0.5)
+        assert not [pid for pid in tree if alive(pid)]
+        assert not list(Path("/dev/shm").glob(f"nnslim_serve_{process.pid}_*"))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--name", ""], "--name ''"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid'"),
+])
+def test_a_bad_name_or_host_is_refused_before_triton_starts(serve_engine, args, says):
+    result = CliRunner().invoke(cli, ["serve", str(serve_engine), *args])
+    assert result.exit_code == 1 and says in result.output, result.output

@@ -94,3 +94,25 @@ def test_a_tensorrt_form_engine_gets_gpu_instances_and_parses(plan_engine, tmp_p
     assert (done.model_dir / "1" / "engine" / "engine.plan").is_file()
     with pytest.raises(TritonExportError, match="only on the GPU"):
         export_triton(plan_engine, tmp_path / "repo2", whole_volume=True, kind="KIND_CPU")
+
+
+def test_nothing_in_the_repository_names_a_folder_of_this_machine(tiny_engine, tmp_path):
+    """The exporter's per-node stack traces (paths of torch and of the training code) are stripped at
+    export, so neither the engine nor its Triton copy carries a path of the build machine."""
+    import sys
+    from pathlib import Path
+
+    done = export_triton(tiny_engine, tmp_path / "repo", whole_volume=True)
+    places = {str(Path(__file__).resolve().parents[3]), sys.prefix, str(tmp_path), str(tiny_engine.parent)}
+    for path in [*done.model_dir.rglob("*"), *tiny_engine.rglob("*")]:
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [p for p in places if p.encode() in data], path
+
+
+def test_bad_kind_and_threads_are_export_errors(engine_dir, tmp_path):
+    with pytest.raises(TritonExportError, match="KIND_TPU"):
+        export_triton(engine_dir, tmp_path / "repo", whole_volume=True, kind="KIND_TPU")
+    with pytest.raises(TritonExportError, match="threads"):
+        export_triton(engine_dir, tmp_path / "repo", whole_volume=True, threads=-5)
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
