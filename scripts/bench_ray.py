@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "artifacts" / "bench" / "ray"
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
-MODES = {"local": [], "ray, 1 actor": ["--ray", "--ray-actors", "1"], "ray, 2 actors": ["--ray", "--ray-actors", "2"]}
+MODES = {"local": [], "ray, 1 actor": ["--ray", "--ray-actors", "1"], "ray, 2 actors": ["--ray", "--ray-actors", "2"]}  # 1: the default on one node
 
 
 def cpu_name() -> str:

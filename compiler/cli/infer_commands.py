@@ -108,8 +108,9 @@ asks for (.npz, preview) is missing.
               help="Folder mode: run the cases on a Ray cluster (Ray Data; one engine per actor; the ray extra). "
                    "No ADDRESS: a local Ray started for the run; auto: $RAY_ADDRESS; or ray://head:10001. Workers "
                    "need the engine, inputs and output folder at the same paths.")
-@click.option("--ray-actors", default=2, show_default=True, type=click.IntRange(1, 4096),
-              help="With --ray: actors, each holding one engine (one CPU slot each, or one GPU for a GPU engine).")
+@click.option("--ray-actors", default=None, type=click.IntRange(1, 4096),
+              help="With --ray: actors, each holding one engine and an equal share of the cluster's CPUs (or one "
+                   "GPU for a GPU engine) [default: one per node, with all its cores].")
 @progress_option
 def infer(**o: Any) -> None:
     """Segment NIfTI volumes with an engine (tiled sliding window, nnU-Net numerics).
@@ -195,7 +196,7 @@ def _ray_runner(o: dict[str, Any], engine: Any) -> Any:
         return None
     from nnslim.compiler.runtime.cases.ray_runner import RayRunner
 
-    return RayRunner(engine.directory, engine.opened_with or {}, engine.device, o["ray"], o["ray_actors"])
+    return RayRunner(engine.directory, engine.opened_with or {}, engine.device, o["ray"], o["ray_actors"] or 0)
 
 
 def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:

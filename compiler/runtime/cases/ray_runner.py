@@ -4,9 +4,10 @@ The cases (after `plan`: --continue, --overwrite and the part are decided before
 become a dataset of case indices, one block each; `map_batches` sends them to a pool of actors,
 each of which opens the engine once (`load_engine` on the engine directory, verified again where
 it runs) and reads, segments and writes one case per call with the driver's own stages
-(`stages.CaseStages.for_predictor`), so outputs, records and errors are those of the local path. An
-actor takes one CPU slot, or one GPU (`num_gpus=1`) for an engine that runs on one; its engine gets
-the cluster's CPUs shared out among the actors unless --threads says otherwise.
+(`stages.CaseStages.for_predictor`), so outputs, records and errors are those of the local path. By
+default there is one actor per node, holding that many CPUs and using them all (threads); with
+`--ray-actors N` the cluster's CPUs are shared out among N actors. An engine that runs on a GPU
+asks for one GPU per actor instead.
 
 A case's own error (an unreadable scan) is its result, as locally. An actor that dies in the middle
 of a case (a killed worker, a lost node) is restarted by Ray and the case retried on it; writes are
@@ -49,13 +50,13 @@ class RayRunner:
     load_options: dict[str, Any]  # load_engine's options, as the driver opened the engine
     device: str  # the driver engine's device: "cuda" asks each actor for a GPU
     address: str | None = None
-    actors: int = 2
+    actors: int = 0  # 0: one per node of the cluster
 
     def __call__(self, plans: list[CasePlan], cases: CaseStages, report: Callable[[CaseResult, float], None],
                  folder: bool) -> list[CaseResult]:
         ray = _import_ray()
-        if self.actors < 1:
-            raise SettingsError(f"--ray-actors must be at least 1, got {self.actors}")
+        if self.actors < 0:
+            raise SettingsError(f"--ray-actors must be 1 or more (or 0: one per node), got {self.actors}")
         started_here = not ray.is_initialized()
         if started_here:
             _init(ray, self.address)
@@ -69,18 +70,18 @@ class RayRunner:
              report: Callable[[CaseResult, float], None]) -> list[CaseResult]:
         if not plans:
             return []
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # nnslim's own bar and lines report the cases
-        logging.getLogger("ray.data").setLevel(logging.WARNING)  # not a line per dataset
-        options = dict(self.load_options)
-        if not options.get("threads"):
-            cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-            options["threads"] = max(1, cpus // self.actors)
-        resources = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": 1}
-        dataset = ray.data.from_items([{"case": i} for i in range(len(plans))], override_num_blocks=len(plans))
-        done = dataset.map_batches(
-            _CaseActor, fn_constructor_args=(str(self.engine_dir), options, plans, cases), batch_size=1,
-            concurrency=self.actors, max_restarts=-1, max_task_retries=-1, **resources)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)  # not a line per dataset, nor for what follows
+        ray.data.DataContext.get_current().enable_progress_bars = False  # nnslim's own bar and lines report the cases
+        actors = self.actors or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+        cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+        per_actor = max(1, cpus // actors)  # an actor per node by default, with all its cores
+        options = {**self.load_options, "threads": self.load_options.get("threads") or per_actor}
+        resources = {"num_gpus": 1} if self.device == "cuda" else {"num_cpus": per_actor}
+        # each row carries its case, so the actors' constructor gets only the engine and the settings
+        rows = [{"case": i, "plan": pickle.dumps(plan)} for i, plan in enumerate(plans)]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(plans))
+        done = dataset.map_batches(_CaseActor, fn_constructor_args=(str(self.engine_dir), options, cases),
+                                   batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), **resources)
         results: dict[int, CaseResult] = {}
         for row in done.iter_rows():
             index, result, seconds = pickle.loads(row["result"])
@@ -92,20 +93,21 @@ class RayRunner:
 
 
 class _CaseActor:
-    """One engine, opened once; one case per call, with the driver's stages."""
+    """One engine, opened once; one case per call, with the driver's stages. Ray Data restarts an
+    actor that dies and retries its case (its defaults: max_restarts and max_task_retries -1)."""
 
-    def __init__(self, engine_dir: str, options: dict[str, Any], plans: list[CasePlan], cases: CaseStages) -> None:
+    def __init__(self, engine_dir: str, options: dict[str, Any], cases: CaseStages) -> None:
         from nnslim.compiler.runtime.engine import load_engine
 
         self.engine = load_engine(engine_dir, **options)
-        self.plans, self.cases = plans, cases.for_predictor(self.engine.predictor)
+        self.cases = cases.for_predictor(self.engine.predictor)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from nnslim.compiler.runtime.cases.run import ISOLATED
 
         out = []
-        for index in batch["case"]:
-            plan, start = self.plans[int(index)], time.perf_counter()
+        for index, blob in zip(batch["case"], batch["plan"]):
+            plan, start = pickle.loads(blob), time.perf_counter()
             try:
                 result = self.cases.write(plan, self.cases.compute(plan, self.cases.read(plan)))
             except ISOLATED as exc:
@@ -125,7 +127,7 @@ def _import_ray() -> Any:
 
 def _init(ray: Any, address: str | None) -> None:
     """Connect to, or start, the cluster (module docstring: ADDRESS)."""
-    quiet = {"log_to_driver": False, "logging_level": logging.WARNING, "configure_logging": True}
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "configure_logging": True}
     if address in (None, "", "local"):
         ray.init(include_dashboard=False, num_cpus=os.cpu_count(), **quiet)
     elif address == "auto":
