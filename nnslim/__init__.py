@@ -31,7 +31,7 @@ _here = Path(__file__).parent
 if not (_here / "compiler").is_dir() and (_here.parent / "compiler" / "__init__.py").is_file():
     __path__ = [*__path__, str(_here.parent)]
 
-__all__ = ["InferenceOptions", "__version__", "load_engine", "segment_files"]
+__all__ = ["InferenceOptions", "__version__", "build_engine", "load_engine", "segment_files"]
 
 
 def __getattr__(name: str):
@@ -41,6 +41,7 @@ def __getattr__(name: str):
         labels = engine.segment(array, spacing=(1.0, 1.0, 1.0))
         labels, probabilities = engine.segment(array, return_probabilities=True)  # + float16 [K, *array.shape]
         results = nnslim.segment_files(engine, [Path("scans/")], Path("segs/"))
+        nnslim.build_engine("model.pt", "engines/brain")    # or an nnU-Net folder, or an nn.Module + metadata
     """
     if name in ("load_engine", "InferenceOptions"):
         from nnslim.compiler.runtime import engine
@@ -50,4 +51,8 @@ def __getattr__(name: str):
         from nnslim.compiler.runtime.cases.run import segment_files
 
         return segment_files
+    if name == "build_engine":  # needs the build extra (torch, onnx)
+        from nnslim.compiler.stages.api import build_engine
+
+        return build_engine
     raise AttributeError(f"module 'nnslim' has no attribute {name!r}")

@@ -27,6 +27,13 @@ from nnslim.files import sha256_file, write_text_atomic
 from nnslim.compiler.runtime.backends.tensorrt_plan import BackendUnavailable, import_tensorrt
 
 
+def source_name(config: Any) -> str:
+    """What the engine records as its source: the checkpoint's or folder's name, or `<module Class>`."""
+    if config.checkpoint is None and config.module is not None:
+        return f"<module {config.module.details['class']}>"
+    return shipped_name(config.checkpoint)
+
+
 def shipped_name(path: str | os.PathLike) -> str:
     """What an engine records of a path it was built from: the last component, never the folders
     (module docstring). The one rule for every path the build records: checkpoint, parity and
@@ -92,7 +99,7 @@ def engine_manifest(
     metadata = source.metadata
     in_channels, num_classes = source.in_channels, source.num_classes
     command = (
-        f"nnslim build-engine {shipped_name(config.checkpoint)} --out {shipped_name(config.out_dir)} "
+        f"nnslim build-engine {source_name(config)} --out {shipped_name(config.out_dir)} "
         f"--patch {' '.join(map(str, patch))} "
         f"--batch {config.batch_size} --backend {config.backend} --precision {config.precision}"
     )
@@ -112,9 +119,8 @@ def engine_manifest(
         model={"architecture": source.architecture, **model_stats},
         source={
             "kind": source.kind,
-            "checkpoint": shipped_name(config.checkpoint),
-            "checkpoint_sha256": {_inside(f, config.checkpoint): sha256_file(f) for f in source.files}
-            if source.kind == "nnunet-v2" else sha256_file(source.files[0]),
+            "checkpoint": source_name(config),
+            "checkpoint_sha256": _source_digest(config, source),
             **source.details,
             "dataset": metadata.get("dataset"),
             "training": _without_folders(metadata.get("training")),
@@ -219,3 +225,13 @@ def _selection_lines(selection: SelectionRecord | None) -> list[str]:
         lines.append(f"| {c.backend} | {c.precision} | {seconds} | {speedup} | {agreement:.5f} | {error:.2e} | "
                      f">= {gate} | {verdict} |")
     return [*lines, ""]
+
+
+def _source_digest(config: Any, source: Any) -> str | dict[str, str]:
+    """The sha256 of what the engine was built from: per fold file, the checkpoint, or a module's
+    state dict (its parameter names and bytes)."""
+    if source.kind == "pytorch-module":
+        return source.details["state_dict_sha256"]
+    if source.kind == "nnunet-v2":
+        return {_inside(f, config.checkpoint): sha256_file(f) for f in source.files}
+    return sha256_file(source.files[0])

@@ -37,7 +37,7 @@ from nnslim.compiler.runtime.safety import require_fits
 from nnslim.compiler.stages.artifacts import ArtifactJob, hook
 from nnslim.compiler.stages.candidates import CandidateResult, choose, measure, ranking
 from nnslim.compiler.stages.engine_dir import check_replaceable, staging_dir
-from nnslim.compiler.stages.engine_manifest import engine_manifest, shipped_name, write_report
+from nnslim.compiler.stages.engine_manifest import engine_manifest, source_name, write_report
 from nnslim.compiler.stages.export import ExportError, ExportSettings, export_onnx
 from nnslim.compiler.stages.graphs import GraphJob, produce
 from nnslim.compiler.stages.model_stats import CONVOLUTIONS, conv_macs, conv_weight_sparsity
@@ -76,8 +76,8 @@ def build_engine(config: BuildConfig) -> BuildResult:
     stages: list[dict[str, Any]] = []
     plan = plan_build(config)                                                    # settings first: fail fast
     check_replaceable(config.out_dir, config.overwrite, config.inputs)           # --out holds no input
-    with _timed(stages, "load", checkpoint=shipped_name(config.checkpoint)) as record:  # checkpoint or nnU-Net folder
-        source = load_source(config.checkpoint, config.folds, config.nnunet_checkpoint)
+    with _timed(stages, "load", checkpoint=source_name(config)) as record:        # checkpoint, nnU-Net folder or module
+        source = config.module or load_source(config.checkpoint, config.folds, config.nnunet_checkpoint)
         record.update(kind=source.kind, **source.details)
     _check_labels(source)
     with _timed(stages, "reparameterize") as record:                             # fuse blocks, fold BN

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nnslim.compiler.runtime.backends import BACKENDS, Backend
 from nnslim.compiler.runtime.manifest import Tolerance
@@ -29,7 +30,7 @@ class BuildError(NnslimError):
 
 @dataclass(frozen=True)
 class BuildConfig:
-    checkpoint: Path  # an nnslim checkpoint file, or an nnU-Net v2 model folder
+    checkpoint: Path | None  # an nnslim checkpoint file, or an nnU-Net v2 model folder (None: `module`)
     out_dir: Path
     patch_size: tuple[int, int, int] | None = None  # None: the checkpoint's training patch
     batch_size: int = 2
@@ -53,6 +54,7 @@ class BuildConfig:
     trt_fp16_mode: str = "typed"  # "flag": TensorRT 10's BuilderFlag.FP16 on the fp32 graph
     engine_cache: Path | None = None  # None: $NNSLIM_CACHE/tensorrt or ~/.cache/nnslim/tensorrt
     timing_cache: Path | None = None
+    module: Any = None  # a `source.Source` read from an nn.Module (the Python API), instead of `checkpoint`
 
     @property
     def inputs(self) -> tuple[Path, ...]:

@@ -1,4 +1,5 @@
-"""The build's input: an nnslim checkpoint or an nnU-Net v2 model folder, read into one `Source`.
+"""The build's input: an nnslim checkpoint, an nnU-Net v2 model folder, or (Python API) any PyTorch
+`nn.Module` with its metadata (`module_source`), read into one `Source`.
 
 `build-engine` and `infer --torch-checkpoint` (`reference_predictor`) both load models through
 `load_source`, so a model folder means the same thing to both. It takes paths, not the build's
@@ -153,3 +154,62 @@ def _architecture_differences(engine: dict[str, Any], reference: dict[str, Any])
     a, b = engine.get("config") or {}, reference.get("config") or {}
     keys = sorted((set(a) | set(b)) - set(_NAMING_FIELDS), key=str)
     return [f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys if a.get(k) != b.get(k)]
+
+
+MODULE_KEYS = ("patch_size", "label_names", "in_channels", "normalization", "spacing", "mirror_axes", "total_stride",
+               "dataset")
+DEFAULT_NORMALIZATION = {"scheme": "zscore", "mask": "nonzero", "outside": "zero"}
+
+
+def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
+    """Any PyTorch segmentation network `[N, C, X, Y, Z] -> [N, K, X, Y, Z]` (logits) and what the
+    runtime must know of it: `patch_size` (3 ints) and `label_names` (K names, background first) are
+    required; `in_channels` (1), `normalization` (z-score over nonzero voxels), `spacing` (None: no
+    resampling), `mirror_axes` (none: no TTA), `total_stride` (the patch must be a multiple of it;
+    (1, 1, 1)) and `dataset` are optional. The module is checked on one zero tile of the patch size."""
+    import hashlib
+
+    import torch
+
+    unknown = sorted(set(metadata) - set(MODULE_KEYS))
+    if unknown:
+        raise SourceError(f"metadata has unknown key(s) {unknown}; the keys are {', '.join(MODULE_KEYS)}")
+    missing = [k for k in ("patch_size", "label_names") if k not in metadata]
+    if missing:
+        raise SourceError(f"a module needs metadata {missing} (patch_size: the training tile, 3 ints; label_names: "
+                          "one name per output channel, background first)")
+    patch = tuple(int(v) for v in metadata["patch_size"])
+    labels = [str(n) for n in metadata["label_names"]]
+    in_channels = int(metadata.get("in_channels", 1))
+    if len(patch) != 3 or min(patch) < 1 or len(labels) < 2 or in_channels < 1:
+        raise SourceError(f"patch_size must be 3 positive ints, label_names 2 or more names and in_channels >= 1; got "
+                          f"{metadata['patch_size']!r}, {len(labels)} name(s), {in_channels}")
+    model = model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, *patch))
+    except Exception as exc:  # the user's module: any error it raises on a tile of the declared shape
+        raise SourceError(f"the module fails on a zero tile [1, {in_channels}, {', '.join(map(str, patch))}]: "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, len(labels), *patch):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise SourceError(f"the module maps [1, {in_channels}, {', '.join(map(str, patch))}] to {shape}; nnslim needs "
+                          f"[1, {len(labels)}, {', '.join(map(str, patch))}]: one logit channel per label name, the "
+                          "tile's spatial size (a deep-supervision list or a tuple is not it)")
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    spacing = metadata.get("spacing")
+    normalization = metadata.get("normalization", DEFAULT_NORMALIZATION)
+    full = {"patch_size": list(patch), "label_names": labels, "normalization": normalization, "spacing": spacing,
+            "mirror_axes": list(metadata.get("mirror_axes", [])), "dataset": metadata.get("dataset")}
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    return Source(model=model, architecture={"name": "pytorch-module", "class": name}, metadata=full,
+                  in_channels=in_channels, num_classes=len(labels),
+                  total_stride=tuple(int(v) for v in metadata.get("total_stride", (1, 1, 1))), files=[],
+                  preprocessing={"normalization": normalization, "spacing": spacing, "mirror_axes": full["mirror_axes"],
+                                 "axis_order": "array axes of the NIfTI data as nibabel reads them",
+                                 "resample": bool(spacing)},
+                  postprocessing={"kind": "argmax"}, kind="pytorch-module",
+                  details={"class": name, "state_dict_sha256": digest.hexdigest()})

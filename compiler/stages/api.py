@@ -1,0 +1,45 @@
+"""`nnslim.build_engine(source, out, ...)`: the build from Python, for any of its inputs.
+
+    nnslim.build_engine("model.pt", "engines/brain")                       # an nnslim checkpoint
+    nnslim.build_engine("nnUNet_results/Dataset003_Liver/...", "engines/liver", folds=("0", "1"))
+    nnslim.build_engine(my_net, "engines/mine", metadata={"patch_size": (96, 96, 96),
+                        "label_names": ["background", "tumour"], "spacing": (1.0, 1.0, 1.0)})
+
+The keyword options are `plan.BuildConfig`'s fields (patch_size, precision, backend, parity_volume,
+...); the same parity gates, candidate selection, manifest, report and engine directory as
+`nnslim build-engine`. An `nn.Module` source is any network `[N, C, X, Y, Z] -> [N, K, X, Y, Z]`
+of logits, described by `metadata` (`source.module_source`); its parity reference is the module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from nnslim.errors import SettingsError
+
+
+def build_engine(source: Any, out: str | Path, *, metadata: dict[str, Any] | None = None, **options: Any) -> Any:
+    """Build an engine directory at `out` from a checkpoint path, an nnU-Net v2 model folder, or an
+    `nn.Module` with `metadata`; returns the `pipeline.BuildResult` (out_dir, manifest, parity)."""
+    from torch import nn
+
+    from nnslim.compiler.stages.pipeline import build_engine as run_build
+    from nnslim.compiler.stages.plan import BuildConfig
+    from nnslim.compiler.stages.source import module_source
+
+    fields = {f.name for f in dataclasses.fields(BuildConfig)} - {"checkpoint", "out_dir", "module"}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise SettingsError(f"unknown build option(s) {unknown}; the options are {', '.join(sorted(fields))}")
+    if isinstance(source, nn.Module):
+        return run_build(BuildConfig(checkpoint=None, out_dir=Path(out), module=module_source(source, metadata or {}),
+                                     **options))
+    if metadata is not None:
+        raise SettingsError("metadata describes an nn.Module source; a checkpoint or an nnU-Net model folder carries "
+                            "its own")
+    if not isinstance(source, (str, Path)):
+        raise SettingsError(f"source must be a checkpoint path, an nnU-Net v2 model folder or an nn.Module, got "
+                            f"{type(source).__name__}")
+    return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out), **options))
