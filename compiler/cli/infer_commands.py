@@ -36,7 +36,7 @@ Examples:
 
 \b
 A folder of outputs also gets OUTPUT/run.json (run-part{K}.json for part K: version, engine,
-settings, host, times, counts) and OUTPUT/.nnslim/CASE.json per case written (the engine that
+settings, host, times, counts) and OUTPUT/.nnslim/CASE.nii.gz.json per case written (the engine that
 wrote it); --continue segments a case again when its record names another engine or an output it
 asks for (.npz, preview) is missing.
 """
@@ -84,7 +84,9 @@ asks for (.npz, preview) is missing.
               help="Folder mode: replace outputs that already exist (each is logged; a case that fails loses its "
                    "earlier output too).")
 @click.option("--continue", "resume", is_flag=True,
-              help="Folder mode: skip cases whose output already exists (outputs are written atomically).")
+              help="Folder mode: skip cases whose output already exists (outputs are written atomically), unless "
+                   "its record names another engine or an output asked for (.npz, preview) is missing: those run "
+                   "again (an output with no nnslim record is kept).")
 @click.option("--device", type=TableChoice(devices), default="auto", show_default=True,
               help="auto: the GPU when the engine's backend can use one here (ONNX Runtime's CUDA execution "
                    "provider, or a TensorRT plan), else the CPU; each case's line names it (-v logs why). cuda: ONNX Runtime's CUDA "
@@ -139,7 +141,7 @@ def infer(**o: Any) -> None:
     from nnslim.compiler.runtime.cases.run import segment_files
 
     refuse_idle_options(click.get_current_context(), o)
-    part = resolve_part(o["part_id"], o["num_parts"])  # before the engine: a missing variable fails at once
+    part = resolve_part(*_auto_together(click.get_current_context(), o))  # before the engine: fails at once
     engine = load_engine(o["engine_dir"], threads=o["threads"], device=o["device"], ort_tensorrt=o["ort_tensorrt"],
                          backend=o["backend"], precision=o["precision"], expected_sha256=o["engine_sha256"])
     checkpoint = o["torch_checkpoint"]
@@ -187,14 +189,36 @@ _IDLE_OPTIONS = (
      "the PyTorch reference runs here only: drop one of them")),
     ("ray_actors", lambda o: o["ray"] is not None, ("without --ray", "it is the number of Ray actors: add --ray, or "
      "drop it")),
+    ("io_workers", lambda o: o["ray"] is None, ("with --ray", "each Ray actor reads, segments and writes its cases "
+     "in turn: drop --io-workers")),
 )
+
+
+def _auto_together(ctx: click.Context, o: dict[str, Any]) -> tuple[Any, Any]:
+    """--part-id auto with --num-parts left at its default (or the other way round) means both from
+    the scheduler: a default of 1 part (or part 0) would make every array task segment the same cases."""
+    from click.core import ParameterSource
+
+    part_id, num_parts = o["part_id"], o["num_parts"]
+    defaulted = {name: ctx.get_parameter_source(name) == ParameterSource.DEFAULT for name in ("part_id", "num_parts")}
+    if part_id == "auto" and defaulted["num_parts"]:
+        num_parts = "auto"
+    if num_parts == "auto" and defaulted["part_id"]:
+        part_id = "auto"
+    return part_id, num_parts
 
 
 def _ray_runner(o: dict[str, Any], engine: Any) -> Any:
     """With --ray: the runner that sends the folder's cases to Ray actors (`cases.ray_runner`)."""
     if o["ray"] is None:
         return None
+    from pathlib import Path
+
     from nnslim.compiler.runtime.cases.ray_runner import RayRunner
+
+    if o["ray"] not in ("local", "auto") and Path(o["ray"]).exists():  # `--ray ENGINE ...`: the address ate it
+        raise click.UsageError(f"--ray took {o['ray']!r} as the cluster's address, but it is a path: write --ray "
+                               "after the inputs, or give it a value (--ray local, --ray auto, --ray ray://head:10001)")
 
     return RayRunner(engine.directory, engine.opened_with or {}, engine.device, o["ray"], o["ray_actors"] or 0)
 

@@ -102,7 +102,7 @@ A client (pip install 'tritonclient[http]'), with the volume as nibabel gives it
               help="Model instances: volumes segmented at once (each holds the engine).")
 @click.option("--threads", default=None, type=click.IntRange(0, 1024),
               help="CPU threads per instance [default: one instance uses every core; several share them out].")
-@click.option("--memory-budget-mb", default=None, type=click.FloatRange(64),
+@click.option("--memory-budget-mb", default=None, type=click.FloatRange(64, 2**30),
               help="Memory each instance may plan a request for; a volume whose segmentation needs more gets an "
                    "error response [default: the memory available at start, shared out among the instances].")
 @click.option("--startup-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
@@ -139,7 +139,7 @@ Examples:
 @click.argument("output", type=path_type(file_okay=False))
 def report(output) -> None:
     """Merge the parts of a folder written by `nnslim infer --num-parts N` (an array job): one
-    previews/index.html listing every case once, and OUTPUT/summary.json with every run record,
+    previews/index.html listing every case once, and OUTPUT/nnslim-summary.json with every run record,
     the cases written, the failures of each part's last run and the engines that wrote it."""
     from nnslim.compiler.runtime.cases.report import merge
 

@@ -37,7 +37,7 @@ def machine_memory_bytes() -> int | None:
         total = soft if total is None else min(total, soft)
     try:
         budget = int(float(os.environ.get(MEMORY_BUDGET_ENV, "0")) * 2**20)
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number of MB, or inf: no budget beyond the machine's
         budget = 0
     if budget > 0:
         total = budget if total is None else min(total, budget)

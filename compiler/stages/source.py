@@ -161,30 +161,56 @@ MODULE_KEYS = ("patch_size", "label_names", "in_channels", "normalization", "spa
 DEFAULT_NORMALIZATION = {"scheme": "zscore", "mask": "nonzero", "outside": "zero"}
 
 
-def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
-    """Any PyTorch segmentation network `[N, C, X, Y, Z] -> [N, K, X, Y, Z]` (logits) and what the
-    runtime must know of it: `patch_size` (3 ints) and `label_names` (K names, background first) are
-    required; `in_channels` (1), `normalization` (z-score over nonzero voxels), `spacing` (None: no
-    resampling), `mirror_axes` (none: no TTA), `total_stride` (the patch must be a multiple of it;
-    (1, 1, 1)) and `dataset` are optional. The module is checked on one zero tile of the patch size."""
-    import hashlib
-
-    import torch
-
+def module_metadata(metadata: dict[str, Any], needs: str = "a module needs metadata") -> dict[str, Any]:
+    """`metadata` checked and completed (`module_source` says what each key is), with the
+    preprocessing record the manifest keeps."""
     unknown = sorted(set(metadata) - set(MODULE_KEYS))
     if unknown:
         raise SourceError(f"metadata has unknown key(s) {unknown}; the keys are {', '.join(MODULE_KEYS)}")
     missing = [k for k in ("patch_size", "label_names") if k not in metadata]
     if missing:
-        raise SourceError(f"a module needs metadata {missing} (patch_size: the training tile, 3 ints; label_names: "
-                          "one name per output channel, background first)")
+        raise SourceError(f"{needs} {missing} (patch_size: the training tile, 3 ints; label_names: one name per "
+                          "output channel, background first)")
     patch = tuple(int(v) for v in metadata["patch_size"])
     labels = [str(n) for n in metadata["label_names"]]
     in_channels = int(metadata.get("in_channels", 1))
     if len(patch) != 3 or min(patch) < 1 or len(labels) < 2 or in_channels < 1:
         raise SourceError(f"patch_size must be 3 positive ints, label_names 2 or more names and in_channels >= 1; got "
                           f"{metadata['patch_size']!r}, {len(labels)} name(s), {in_channels}")
-    model = model.eval()
+    spacing = metadata.get("spacing")
+    stride = tuple(int(v) for v in metadata.get("total_stride", (1, 1, 1)))
+    if spacing is not None and (len(spacing) != 3 or not all(float(v) > 0 for v in spacing)):
+        raise SourceError(f"spacing must be three positive voxel sizes in mm (or None: no resampling), got {spacing!r}")
+    if len(stride) != 3 or min(stride) < 1:
+        raise SourceError(f"total_stride must be three positive ints, got {metadata.get('total_stride')!r}")
+    normalization = metadata.get("normalization", DEFAULT_NORMALIZATION)
+    if not isinstance(normalization, dict) or "scheme" not in normalization:
+        raise SourceError(f"normalization must be a dict with a 'scheme' (e.g. {DEFAULT_NORMALIZATION}), got "
+                          f"{normalization!r}")
+    mirror = [int(a) for a in metadata.get("mirror_axes", [])]
+    return {"patch_size": patch, "label_names": labels, "in_channels": in_channels, "spacing": spacing,
+            "total_stride": stride, "normalization": normalization, "mirror_axes": mirror,
+            "dataset": metadata.get("dataset"),
+            "preprocessing": {"normalization": normalization, "spacing": spacing, "mirror_axes": mirror,
+                              "axis_order": "array axes of the NIfTI data as nibabel reads them",
+                              "resample": bool(spacing)}}
+
+
+def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
+    """Any PyTorch segmentation network `[N, C, X, Y, Z] -> [N, K, X, Y, Z]` (logits) and what the
+    runtime must know of it: `patch_size` (3 ints) and `label_names` (K names, background first) are
+    required; `in_channels` (1), `normalization` (z-score over nonzero voxels), `spacing` (None: no
+    resampling), `mirror_axes` (none: no TTA), `total_stride` (the patch must be a multiple of it;
+    (1, 1, 1)) and `dataset` are optional. A copy of the module, on the CPU in fp32, is checked on
+    one zero tile of the patch size."""
+    import copy
+    import hashlib
+
+    import torch
+
+    meta = module_metadata(metadata)
+    patch, labels, in_channels = meta["patch_size"], meta["label_names"], meta["in_channels"]
+    model = copy.deepcopy(model).cpu().float().eval()  # the caller's module is left as it was
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, in_channels, *patch))
@@ -200,16 +226,10 @@ def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    spacing = metadata.get("spacing")
-    normalization = metadata.get("normalization", DEFAULT_NORMALIZATION)
-    full = {"patch_size": list(patch), "label_names": labels, "normalization": normalization, "spacing": spacing,
-            "mirror_axes": list(metadata.get("mirror_axes", [])), "dataset": metadata.get("dataset")}
+    full = {k: meta[k] for k in ("label_names", "normalization", "spacing", "mirror_axes", "dataset")}
     name = f"{type(model).__module__}.{type(model).__qualname__}"
-    return Source(model=model, architecture={"name": "pytorch-module", "class": name}, metadata=full,
-                  in_channels=in_channels, num_classes=len(labels),
-                  total_stride=tuple(int(v) for v in metadata.get("total_stride", (1, 1, 1))), files=[],
-                  preprocessing={"normalization": normalization, "spacing": spacing, "mirror_axes": full["mirror_axes"],
-                                 "axis_order": "array axes of the NIfTI data as nibabel reads them",
-                                 "resample": bool(spacing)},
+    return Source(model=model, architecture={"name": "pytorch-module", "class": name},
+                  metadata={**full, "patch_size": list(patch)}, in_channels=in_channels, num_classes=len(labels),
+                  total_stride=meta["total_stride"], files=[], preprocessing=meta["preprocessing"],
                   postprocessing={"kind": "argmax"}, kind="pytorch-module",
                   details={"class": name, "state_dict_sha256": digest.hexdigest()})

@@ -84,10 +84,11 @@ def record_path(target: Path) -> Path:
 
 
 def write_case_record(target: Path, info: RunInfo, outputs: dict[str, Path | None], started: float | None,
-                      seconds: float) -> Path:
-    """The case's record, written atomically after its label map (so a record means a whole case)."""
+                      seconds: float, asked: list[str] = ()) -> Path:
+    """The case's record, written atomically after its label map (so a record means a whole case).
+    `asked`: the optional outputs this run asked for (one missing from `outputs` could not be made)."""
     record = {"case_output": target.name, **info.line_fields(), "engine": info.engine, "precision": info.precision,
-              "outputs": {k: (v.name if v is not None else None) for k, v in outputs.items()},
+              "outputs": {k: (v.name if v is not None else None) for k, v in outputs.items()}, "asked": list(asked),
               "started": iso(started) if started else None, "finished": now(), "seconds": round(seconds, 3)}
     path = record_path(target)
     path.parent.mkdir(exist_ok=True)
@@ -112,7 +113,12 @@ def stale_reason(target: Path, info: RunInfo, wanted: dict[str, Path | None]) ->
     if record.get("engine_sha256") != info.engine_sha256:
         return (f"it was written by another engine ({record.get('engine')!r}, manifest sha256 "
                 f"{str(record.get('engine_sha256'))[:12]}...)")
-    missing = [kind for kind, path in wanted.items() if path is not None and not path.is_file()]
+    if (record.get("backend") == "pytorch") != (info.backend == "pytorch"):
+        return f"it was written by {'PyTorch (--torch-checkpoint)' if record.get('backend') == 'pytorch' else 'the engine'}"
+    asked, written = record.get("asked") or [], record.get("outputs") or {}
+    # asked for before and not written then (a preview that could not be drawn) is not asked again
+    missing = [kind for kind, path in wanted.items() if path is not None and not path.is_file()
+               and not (kind in asked and written.get(kind) is None)]
     if missing:
         return f"its {' and '.join(missing)} file{'' if len(missing) == 1 else 's'} {'is' if len(missing) == 1 else 'are'} missing"
     return None

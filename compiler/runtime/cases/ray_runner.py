@@ -10,9 +10,11 @@ default there is one actor per node, holding that many CPUs and using them all (
 asks for one GPU per actor instead.
 
 A case's own error (an unreadable scan) is its result, as locally. An actor that dies in the middle
-of a case (a killed worker, a lost node) is restarted by Ray and the case retried on it; writes are
-atomic, so the interrupted attempt leaves no half-written output (a marked temporary at most, swept
-by the next write into that folder).
+of a case (a killed worker, a lost node) is restarted by Ray and the case retried, up to `RETRIES`
+times; a case that kills its worker every time (out of memory, a crash in the runtime) fails alone,
+with that said. Writes are atomic, so an interrupted attempt leaves no half-written output (a
+marked temporary at most, swept by the next write into that folder). Results are reported in case
+order, as locally. Each actor plans its cases within the memory of its node (not a share of it).
 
 ADDRESS: none or "local": a Ray instance started on this machine for the run and stopped after;
 "auto": the cluster of $RAY_ADDRESS (or the one `ray start` left on this machine); anything else is
@@ -26,6 +28,7 @@ import logging
 import os
 import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,12 +37,12 @@ import numpy as np
 
 from nnslim.compiler.runtime.cases.plan import CasePlan
 from nnslim.compiler.runtime.cases.stages import CaseResult, CaseStages
-from nnslim.errors import SettingsError
+from nnslim.errors import EngineError, SettingsError
 from nnslim.extras import missing_extra
 
 logger = logging.getLogger(__name__)
 
-ISOLATED_NAMES = ("NnslimError", "OSError")
+RETRIES = 2  # a case whose actor dies (a killed worker, a lost node) is tried again this many times
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class RayRunner:
         ray = _import_ray()
         if self.actors < 0:
             raise SettingsError(f"--ray-actors must be 1 or more (or 0: one per node), got {self.actors}")
+        if not plans:  # --continue on a finished folder: no cluster to start or reach
+            return []
         started_here = not ray.is_initialized()
         if started_here:
             _init(ray, self.address)
@@ -68,11 +73,12 @@ class RayRunner:
 
     def _run(self, ray: Any, plans: list[CasePlan], cases: CaseStages,
              report: Callable[[CaseResult, float], None]) -> list[CaseResult]:
-        if not plans:
-            return []
         logging.getLogger("ray.data").setLevel(logging.ERROR)  # not a line per dataset, nor for what follows
-        ray.data.DataContext.get_current().enable_progress_bars = False  # nnslim's own bar and lines report the cases
-        actors = self.actors or max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # nnslim's own bar and lines report the cases
+        context.max_errored_blocks = len(plans)  # a case whose worker keeps dying fails alone (below)
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+        actors = self.actors or max(1, len(nodes))
         cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
         per_actor = max(1, cpus // actors)  # an actor per node by default, with all its cores
         options = {**self.load_options, "threads": self.load_options.get("threads") or per_actor}
@@ -80,21 +86,31 @@ class RayRunner:
         # each row carries its case, so the actors' constructor gets only the engine and the settings
         rows = [{"case": i, "plan": pickle.dumps(plan)} for i, plan in enumerate(plans)]
         dataset = ray.data.from_items(rows, override_num_blocks=len(plans))
-        done = dataset.map_batches(_CaseActor, fn_constructor_args=(str(self.engine_dir), options, cases),
-                                   batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), **resources)
-        results: dict[int, CaseResult] = {}
-        for row in done.iter_rows():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # max_task_retries is a remote argument Ray Data still takes this way
+            done = dataset.map_batches(_CaseActor, fn_constructor_args=(str(self.engine_dir), options, cases),
+                                       batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
+                                       max_task_retries=RETRIES, **resources)
+        results: dict[int, tuple[CaseResult, float]] = {}
+        reported = 0
+        for row in done.iter_rows():  # as cases finish; reported in case order, as locally
             index, result, seconds = pickle.loads(row["result"])
-            if index in results:  # a retried case that had finished: reported once
-                continue
-            results[index] = result
-            report(result, seconds)
-        return [results[i] for i in sorted(results)]
+            results.setdefault(index, (result, seconds))  # a retried case that had finished: once
+            while reported in results:
+                report(*results[reported])
+                reported += 1
+        for index in range(reported, len(plans)):  # a case whose worker died on every try, and those after it
+            if index not in results:
+                died = EngineError(f"the Ray worker segmenting it died {RETRIES + 1} times (killed, out of memory, "
+                                   "or a crash in the runtime); nothing of it was written")
+                results[index] = (cases.failed(plans[index], died), 0.0)
+            report(*results[index])
+        return [results[i][0] for i in range(len(plans))]
 
 
 class _CaseActor:
     """One engine, opened once; one case per call, with the driver's stages. Ray Data restarts an
-    actor that dies and retries its case (its defaults: max_restarts and max_task_retries -1)."""
+    actor that dies (max_restarts -1, its default) and the case is retried `RETRIES` times."""
 
     def __init__(self, engine_dir: str, options: dict[str, Any], cases: CaseStages) -> None:
         from nnslim.compiler.runtime.engine import load_engine

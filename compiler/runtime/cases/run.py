@@ -86,7 +86,9 @@ def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, optio
         cases.refuse_existing(plans)
     plans, skipped = _recheck_skipped(cases, info, plans, skipped) if folder and info else (plans, skipped)
     every = [*plans, *skipped]
-    log = CaseLog(batch.log_jsonl, [f for c in every for f in c.files], cases.outputs(every)) if batch.log_jsonl else None
+    records = [output / f"run{info.part_suffix}.json"] if folder and info else []  # nor the run's record
+    log = CaseLog(batch.log_jsonl, [f for c in every for f in c.files], [*cases.outputs(every), *records]) \
+        if batch.log_jsonl else None
     try:
         with tqdm(total=len(every), unit="case", desc="cases", disable=None if folder and options.progress else True) as bar:
             report = _reporter(cases, log, on_case, bar, info)
@@ -95,7 +97,7 @@ def segment_files(engine: SegmentsCases, inputs: list[Path], output: Path, optio
             try:
                 results = (runner if folder and runner else local_runner)(plans, cases, report, folder)
             except ISOLATED as exc:  # one case: its error is the command's; the log says so too
-                if log is not None:
+                if not folder and log is not None:  # in a folder it is no case's (a lost cluster, a full log disk)
                     log.write(_line(cases.failed(plans[0], exc), info))
                 raise
     finally:
@@ -163,6 +165,8 @@ def _recheck_skipped(cases: CaseStages, info: RunInfo, plans: list[CasePlan],
 def _options_record(options: InferenceOptions, existing: str, batch: BatchOptions) -> dict:
     """The run's settings, names and numbers only (no paths: the record ships with the outputs)."""
     window = {k: v for k, v in dataclasses.asdict(options).items() if isinstance(v, (str, int, float, bool, type(None)))}
+    blending = getattr(options, "blending", None)
+    window["blending"] = getattr(blending, "mode", None) or (str(blending) if blending is not None else None)
     return {**window, "existing": existing, "save_probabilities": batch.save_probabilities, "preview": batch.preview,
             "io_workers": batch.io_workers}
 

@@ -199,7 +199,8 @@ class CaseStages:
         --continue segments the case again), so failing to write it is a warning."""
         outputs = {"labels": result.output, "probabilities": result.probabilities, "preview": result.preview}
         try:
-            write_case_record(plan.target, self.provenance, outputs, started, time.time() - started)
+            asked = [kind for kind, path in self.wanted(plan).items() if path is not None]
+            write_case_record(plan.target, self.provenance, outputs, started, time.time() - started, asked)
         except OSError as exc:
             logger.warning("no record for %s (%s): --continue will segment it again", printable(result.name), exc)
 
@@ -213,6 +214,9 @@ class CaseStages:
     def _remove_earlier_outputs(self, plan: CasePlan) -> str:
         """Remove what an earlier run wrote for a case that failed now; what to add to its error."""
         removed, kept = [], []
+        from nnslim.compiler.runtime.cases.provenance import record_path
+
+        record_path(plan.target).unlink(missing_ok=True)  # nnslim's own record of the output removed below
         for path in self.outputs([plan]):
             if not (path.is_file() or path.is_symlink()):
                 continue

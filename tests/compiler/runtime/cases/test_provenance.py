@@ -85,7 +85,7 @@ def test_two_parts_under_slurm_then_report_lists_every_case_once(engine_dir, sma
     assert [e["case"] for e in entries] == list("abcde")
     html = (previews / "index.html").read_text()
     assert all(html.count(f"<td>{c}</td>") == 1 for c in "abcde")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "nnslim-summary.json").read_text())
     assert summary["cases"]["written"] == 5 and summary["parts"] == [[0, 2], [1, 2]]
     assert summary["engines_sha256"] == [digest]
 
