@@ -37,6 +37,7 @@ Examples:
       --out engines/liver --folds 0 1 2 3 4
   nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
       --out engines/liver-012 --folds 0,1,2 --checkpoint-name checkpoint_best.pth
+  nnslim build-engine exported.onnx --out engines/theirs --metadata exported.json --precision fp32
 """
 
 
@@ -45,6 +46,10 @@ Examples:
 @click.command("build-engine", cls=list_options_command("--folds"), epilog=EPILOG)
 @click.argument("checkpoint", type=path_type())
 @out_dir_option("Engine directory.")
+@click.option("--metadata", type=path_type(dir_okay=False), default=None, metavar="FILE.json",
+              help="For an ONNX file: what the runtime must know of the graph, as JSON: patch_size, label_names "
+                   "(required unless the graph's shapes say them), in_channels, normalization, spacing, mirror_axes, "
+                   "total_stride.")
 @patch_option("Tile size (default: training patch).")
 @click.option("--batch", "batch_size", default=2, show_default=True, type=click.IntRange(1, MAX_BATCH),
               help="Tiles per call (max batch), up to the runtime's limit.")
@@ -106,9 +111,10 @@ Examples:
 def build_engine(**options: Any) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 
-    CHECKPOINT is an nnslim checkpoint (.pt) or a trained nnU-Net v2 model folder
-    (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/); nnU-Net
-    checkpoints are read weights-only with an allow-list, never unpickled freely.
+    CHECKPOINT is an nnslim checkpoint (.pt), a trained nnU-Net v2 model folder
+    (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/), or an ONNX
+    graph [N, C, X, Y, Z] -> [N, K, X, Y, Z] with --metadata; checkpoints are read
+    weights-only with an allow-list, never unpickled freely.
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
     """
@@ -149,7 +155,7 @@ def build_config(o: dict[str, Any]):
         two_four=o["two_four"], finetune_steps=o["finetune_steps"], finetune_dataset=o["finetune_dataset"],
     )
     return BuildConfig(
-        checkpoint=o["checkpoint"], out_dir=o["out_dir"], patch_size=patch_tuple(o["patch"]),
+        checkpoint=o["checkpoint"], out_dir=o["out_dir"], patch_size=patch_tuple(o["patch"]), module=_onnx(o),
         batch_size=o["batch_size"], backend=o["backend"], parity_volume=o["parity_volume"],
         parity_tiles=o["parity_tiles"], precision=o["precision"], tolerance=tolerance,
         pass_parity=not o["no_pass_parity"], prune=prune, folds=fold_names(o["folds"]),
@@ -158,6 +164,30 @@ def build_config(o: dict[str, Any]):
         engine_cache=o["engine_cache"], timing_cache=o["timing_cache"], calibration=tuple(o["calibration"]),
         calibration_tiles=o["calibration_tiles"], threads=o["threads"], overwrite=o["overwrite"],
     )
+
+
+def _onnx(o: dict[str, Any]):
+    """An ONNX file's source, read with its --metadata (None for other inputs, which refuse --metadata)."""
+    import json
+
+    onnx_file = o["checkpoint"].suffix.lower() == ".onnx"
+    if o["metadata"] is not None and not onnx_file:
+        raise click.UsageError("--metadata describes an ONNX graph; a checkpoint or an nnU-Net model folder carries "
+                               "its own: drop it")
+    if not onnx_file:
+        return None
+    metadata = {}
+    if o["metadata"] is not None:
+        try:
+            metadata = json.loads(o["metadata"].read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(f"{o['metadata']} is not readable JSON ({exc})", param_hint="--metadata") from None
+        if not isinstance(metadata, dict):
+            raise click.BadParameter(f"{o['metadata']} holds {type(metadata).__name__}, not an object of keys",
+                                     param_hint="--metadata")
+    from nnslim.compiler.stages.onnx_source import onnx_source
+
+    return onnx_source(o["checkpoint"], metadata)
 
 
 def summary_lines(result) -> list[str]:

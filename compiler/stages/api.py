@@ -4,11 +4,13 @@
     nnslim.build_engine("nnUNet_results/Dataset003_Liver/...", "engines/liver", folds=("0", "1"))
     nnslim.build_engine(my_net, "engines/mine", metadata={"patch_size": (96, 96, 96),
                         "label_names": ["background", "tumour"], "spacing": (1.0, 1.0, 1.0)})
+    nnslim.build_engine("exported.onnx", "engines/theirs", metadata={"label_names": [...], ...})
 
 The keyword options are `plan.BuildConfig`'s fields (patch_size, precision, backend, parity_volume,
 ...); the same parity gates, candidate selection, manifest, report and engine directory as
 `nnslim build-engine`. An `nn.Module` source is any network `[N, C, X, Y, Z] -> [N, K, X, Y, Z]`
 of logits, described by `metadata` (`source.module_source`); its parity reference is the module.
+An ONNX file is such a graph with the same metadata (`onnx_source`); its reference is ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -36,10 +38,15 @@ def build_engine(source: Any, out: str | Path, *, metadata: dict[str, Any] | Non
     if isinstance(source, nn.Module):
         return run_build(BuildConfig(checkpoint=None, out_dir=Path(out), module=module_source(source, metadata or {}),
                                      **options))
-    if metadata is not None:
-        raise SettingsError("metadata describes an nn.Module source; a checkpoint or an nnU-Net model folder carries "
-                            "its own")
     if not isinstance(source, (str, Path)):
-        raise SettingsError(f"source must be a checkpoint path, an nnU-Net v2 model folder or an nn.Module, got "
-                            f"{type(source).__name__}")
+        raise SettingsError(f"source must be a checkpoint path, an nnU-Net v2 model folder, an ONNX file or an "
+                            f"nn.Module, got {type(source).__name__}")
+    if Path(source).suffix.lower() == ".onnx":
+        from nnslim.compiler.stages.onnx_source import onnx_source
+
+        return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out),
+                                     module=onnx_source(source, metadata or {}), **options))
+    if metadata is not None:
+        raise SettingsError("metadata describes an nn.Module or ONNX source; a checkpoint or an nnU-Net model folder "
+                            "carries its own")
     return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out), **options))

@@ -91,7 +91,10 @@ def build_engine(config: BuildConfig) -> BuildResult:
     with staging_dir(config.out_dir, overwrite=config.overwrite, protect=config.inputs) as staging:
         settings = ExportSettings(patch_size=patch, in_channels=source.in_channels, opset=config.opset)
         with _timed(stages, "export", opset=settings.opset, patch_size=list(patch)):  # PyTorch -> ONNX
-            export_onnx(deployed, staging / "model.onnx", settings)
+            if source.graph is not None:  # an ONNX source is its own export
+                (staging / "model.onnx").write_bytes(source.graph)
+            else:
+                export_onnx(deployed, staging / "model.onnx", settings)
         tiles, tile_source, layout = parity_crops(patch, source.in_channels, config.parity_tiles,
                                                   config.parity_volume, source.preprocessing)
         passes = default_passes(strict_tensorrt=plan.compiled is not None)
@@ -165,6 +168,8 @@ def _prune(config: BuildConfig, stages: list[dict[str, Any]], source: Source, de
     """The optional prune stage: (the model to export, the pruning record or None)."""
     if not config.prune.active:
         return deployed, None
+    if source.kind == "onnx":
+        raise BuildError("pruning works on PyTorch models; an ONNX graph is built as it is (drop the --prune options)")
     if config.prune.structured_ratio is not None and source.kind != "nnslim-checkpoint":
         raise BuildError("structured pruning is implemented for nnslim's own U-Nets; "
                          "use magnitude pruning (--prune-sparsity) for an imported nnU-Net model")

@@ -44,6 +44,7 @@ class Source:
     postprocessing: dict[str, Any]
     kind: str
     details: dict[str, Any]
+    graph: bytes | None = None  # an ONNX source's graph, written as the export (`onnx_source`)
 
 
 def load_source(path: str | Path, folds: tuple[str, ...] = ("0",), checkpoint_name: str = "checkpoint_final.pth") -> Source:
