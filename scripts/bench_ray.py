@@ -28,19 +28,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from bench_serve import cpu_name  # scripts/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "artifacts" / "bench" / "ray"
 MODEL = ROOT / "artifacts" / "models" / "mni-tissue-tiny.pt"
 MODES = {"local": [], "ray, 1 actor": ["--ray", "--ray-actors", "1"], "ray, 2 actors": ["--ray", "--ray-actors", "2"]}  # 1: the default on one node
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "unknown")
-    except OSError:
-        return "unknown"
 
 
 def prepare(engine: Path, count: int) -> Path:

@@ -226,17 +226,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs TensorRT: pip install 'nnslim[tensorrt]' on a GPU machine"))
 
 
-@pytest.fixture(scope="session")
-def tiny_engine(tmp_path_factory) -> Path:
-    """One real engine for the whole session (patch 32, one parity tile: about 15 s)."""
+def demo_engine(out: Path, patch: int, *options: str) -> Path:
+    """The bundled demo model built by the real CLI at `out` (one parity tile), or a skip without it."""
     if not DEMO_MODEL.is_file():
         pytest.skip(f"{DEMO_MODEL} is not in this checkout")
-    out = tmp_path_factory.mktemp("bad-input") / "engine"
     from click.testing import CliRunner
 
     from nnslim.compiler.cli import cli
 
-    result = CliRunner().invoke(cli, ["build-engine", str(DEMO_MODEL), "--out", str(out), "--patch", "32", "32", "32",
-                                      "--parity-tiles", "1", "--precision", "fp32"])
+    result = CliRunner().invoke(cli, ["build-engine", str(DEMO_MODEL), "--out", str(out), "--patch", *[str(patch)] * 3,
+                                      "--parity-tiles", "1", *options])
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tmp_path_factory) -> Path:
+    """One real engine for the whole session (patch 32, one parity tile: about 15 s)."""
+    return demo_engine(tmp_path_factory.mktemp("bad-input") / "engine", 32, "--precision", "fp32")

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 
 from nnslim.compiler.cli import cli
 from nnslim.extras import installed
-from tests.conftest import DEMO_MODEL
+from tests.conftest import demo_engine
 
 pytestmark = [
     pytest.mark.slow,
@@ -77,13 +77,7 @@ def alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def serve_engine(tmp_path_factory) -> Path:
     """The demo model at its own 96^3 patch on OpenVINO fp32: the MNI volume in seconds."""
-    if not DEMO_MODEL.is_file():
-        pytest.skip(f"{DEMO_MODEL} is not in this checkout")
-    out = tmp_path_factory.mktemp("serve") / "engine"
-    result = CliRunner().invoke(cli, ["build-engine", str(DEMO_MODEL), "--out", str(out), "--patch", "96", "96", "96",
-                                      "--parity-tiles", "1", "--backend", "openvino", "--precision", "fp32"])
-    assert result.exit_code == 0, result.output
-    return out
+    return demo_engine(tmp_path_factory.mktemp("serve") / "engine", 96, "--backend", "openvino", "--precision", "fp32")
 
 
 @pytest.fixture(scope="module")
