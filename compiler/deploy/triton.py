@@ -231,9 +231,11 @@ def _interface(config: Any) -> dict[str, Any]:
     def tensors(entries: Any) -> list[str]:
         return [_schema()[1].MessageToString(e, as_one_line=True) for e in entries]
 
-    trt = config.parameters["nnslim_tensorrt_version"].string_value if "nnslim_tensorrt_version" in config.parameters else None
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
     return {"platform": config.platform, "backend": config.backend, "max_batch_size": config.max_batch_size,
-            "input": tensors(config.input), "output": tensors(config.output), "TensorRT version": trt}
+            "input": tensors(config.input), "output": tensors(config.output),
+            "TensorRT version": parameters.get("nnslim_tensorrt_version"),
+            "channels": parameters.get("nnslim_in_channels"), "classes": parameters.get("nnslim_classes")}
 
 
 def _versions(model_dir: Path) -> list[int]:

@@ -98,8 +98,10 @@ def model_config(name: str, manifest: EngineManifest, instances: int = 1, kind: 
     config.output.add(name=LABELS, data_type=uint8, dims=[-1, -1, -1])
     config.output.add(name=PROBABILITIES, data_type=fp16, dims=[-1, -1, -1, -1])
     config.instance_group.add(count=int(instances), kind=pb.ModelInstanceGroup.Kind.Value(kind))
+    # channels and classes: IMAGE and PROBABILITIES say -1, so these keep versions of one interface
     parameters = {"nnslim_version": __version__, "nnslim_backend": manifest.backend,
-                  "nnslim_precision": manifest.precision, "nnslim_threads": str(int(threads))}
+                  "nnslim_precision": manifest.precision, "nnslim_threads": str(int(threads)),
+                  "nnslim_in_channels": str(manifest.spec.in_channels), "nnslim_classes": str(manifest.spec.num_classes)}
     model_record = manifest.files.get(manifest.runtime_model)
     if model_record is not None:
         parameters["nnslim_model_sha256"] = model_record.sha256

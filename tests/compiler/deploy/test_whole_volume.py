@@ -116,3 +116,20 @@ def test_bad_kind_and_threads_are_export_errors(engine_dir, tmp_path):
     with pytest.raises(TritonExportError, match="threads"):
         export_triton(engine_dir, tmp_path / "repo", whole_volume=True, threads=-5)
     assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+
+
+def test_a_whole_volume_model_of_other_channels_or_classes_is_not_a_new_version(engine_dir, tmp_path):
+    """IMAGE and PROBABILITIES are [-1, ...]: the channel and class counts, as parameters, keep one
+    config's versions to one interface (the warmup's channels, a client's classes)."""
+    repo = tmp_path / "repo"
+    export_triton(engine_dir, repo, whole_volume=True)
+    other = tmp_path / "two-channels"
+    manifest = json.loads((engine_dir / "manifest.json").read_text())
+    import shutil
+
+    shutil.copytree(engine_dir, other)
+    manifest["io"]["input"]["shape"][1] = 2
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TritonExportError, match="channels: '1' -> '2'"):
+        export_triton(other, repo, whole_volume=True)
+    assert sorted(p.name for p in (repo / "nnslim").iterdir()) == ["1", "config.pbtxt", "warmup"]
