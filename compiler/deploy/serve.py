@@ -129,8 +129,10 @@ class ServeSettings:
 
 def check_name_and_host(settings: ServeSettings) -> None:
     """Refuse a model name Triton could not serve under and a host that is not an IPv4 address here."""
+    from nnslim.compiler.deploy.triton import valid_model_name
+
     name = settings.name
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+    if not valid_model_name(name):
         raise SettingsError(f"--name {name!r}: use letters, digits, '_', '.' or '-' (not empty, '.' or '..')")
     try:
         socket.getaddrinfo(settings.host, None, socket.AF_INET)
@@ -282,7 +284,7 @@ def _runs_on_cpu(engine_dir: Path) -> bool:
     from nnslim.compiler.deploy.triton import instance_kind
     from nnslim.compiler.runtime.manifest import load_manifest
 
-    return instance_kind(load_manifest(engine_dir)) == "KIND_CPU"
+    return instance_kind(load_manifest(engine_dir, verify=False)) == "KIND_CPU"  # the export verifies it next
 
 
 def _ready(url: str) -> bool:
@@ -320,8 +322,7 @@ class _Log:
         self.broken = threading.Event()
 
     def relay(self, process: subprocess.Popen) -> None:
-        assert process.stdout is not None
-        for raw in process.stdout:
+        for raw in process.stdout or ():  # Popen(stdout=PIPE): always there
             line = raw.decode("utf-8", errors="replace").rstrip()
             # once asked to stop, Triton's complaint that a model outlived its exit timeout is expected
             # (the stub is killed; it writes nothing)

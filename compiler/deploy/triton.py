@@ -49,8 +49,13 @@ from typing import Any
 
 from nnslim.compiler.runtime.backends import BACKENDS, Backend
 from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, TensorRecord, load_manifest, read_verified
-from nnslim.errors import NnslimError
-from nnslim.extras import missing_extra
+from nnslim.compiler.deploy.schema import (
+    TritonExportError,
+    _check_specific,
+    _schema,
+    parse_version_policy,
+    version_policy_text,
+)
 from nnslim.files import fsync_tree, staging_folder, write_bytes_atomic, write_text_atomic
 
 TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16"}
@@ -59,11 +64,6 @@ CONFIG = "config.pbtxt"
 MANIFEST_COPY = "nnslim_manifest.json"
 WARMUP = "nnslim_patch_tile"
 _VERSION = re.compile(r"[1-9][0-9]*")
-
-
-class TritonExportError(NnslimError):
-    """An engine that cannot be exported, a configuration Triton would refuse, or a destination that
-    would be overwritten."""
 
 
 @dataclass(frozen=True)
@@ -79,16 +79,6 @@ class TritonExport:
         return self.model_dir / CONFIG
 
 
-def _schema() -> tuple[Any, Any]:
-    """Triton's `model_config_pb2` and protobuf's `text_format` (the `triton` extra)."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError as exc:
-        raise missing_extra("tritonclient", "Triton model configurations (export-triton)") from exc
-    return model_config_pb2, text_format
-
-
 def backend_of(manifest: EngineManifest) -> Backend:
     """The engine's backend record: its model kind says how Triton serves it (platform, file name)."""
     if manifest.backend not in BACKENDS:
@@ -101,53 +91,28 @@ def instance_kind(manifest: EngineManifest) -> str:
     return "KIND_CPU" if backend_of(manifest).device == "cpu" else "KIND_GPU"
 
 
-def parse_version_policy(text: str) -> Any:
-    """`latest:N`, `all` or `specific:V1,V2,...` as Triton's `ModelVersionPolicy`."""
-    pb, _ = _schema()
-    policy = pb.ModelVersionPolicy()
-    spec = text.strip().lower()
-    kind, _, value = spec.partition(":")
-    try:
-        if spec == "all":
-            policy.all.SetInParent()
-        elif kind == "latest" and int(value) >= 1:
-            policy.latest.num_versions = int(value)
-        elif kind == "specific" and (versions := [int(v) for v in value.split(",")]) and min(versions) >= 1:
-            policy.specific.versions.extend(sorted(set(versions)))
-        else:
-            raise ValueError
-    except ValueError:
-        raise TritonExportError(f"version policy {text!r}: use latest:N (N >= 1), all, or specific:1,3 "
-                                "(positive version numbers)") from None
-    return policy
+def checked_kind(manifest: EngineManifest, kind: str | None, instances: int) -> str:
+    """The instance kind (None: from the engine's device), refused where Triton could not serve it."""
+    kind = kind or instance_kind(manifest)
+    if kind not in KINDS:
+        raise TritonExportError(f"instance kind {kind!r}: use one of {', '.join(KINDS)}")
+    if backend_of(manifest).kind.name == "plan" and kind != "KIND_GPU":
+        raise TritonExportError(f"a TensorRT plan runs only on the GPU it was built for; {kind} cannot serve it")
+    if instances < 1:
+        raise TritonExportError(f"instances must be at least 1, got {instances}")
+    return kind
 
 
-def version_policy_text(config: Any) -> str | None:
-    """A config's version policy written as `parse_version_policy` reads it (None: not set, Triton's
-    default `latest:1`)."""
-    if not config.HasField("version_policy"):
-        return None
-    policy = config.version_policy
-    choice = policy.WhichOneof("policy_choice")
-    if choice == "latest":
-        return f"latest:{policy.latest.num_versions}"
-    if choice == "specific":
-        return "specific:" + ",".join(str(v) for v in policy.specific.versions)
-    return "all" if choice == "all" else None
+def valid_model_name(name: str) -> bool:
+    """A name Triton serves a model under: letters, digits, '_', '.', '-'; not '.' or '..'."""
+    return bool(re.fullmatch(r"[A-Za-z0-9_.-]+", name)) and name not in (".", "..")
 
 
 def model_config(name: str, manifest: EngineManifest, instances: int = 1, kind: str | None = None,
                  max_queue_delay_us: int = 100, version_policy: str | None = None) -> Any:
     """The `ModelConfig` message for an engine's manifest (kind None: from the engine's device)."""
     pb, _ = _schema()
-    backend = backend_of(manifest)
-    kind = kind or instance_kind(manifest)
-    if kind not in KINDS:
-        raise TritonExportError(f"instance kind {kind!r}: use one of {', '.join(KINDS)}")
-    if backend.kind.name == "plan" and kind != "KIND_GPU":
-        raise TritonExportError(f"a TensorRT plan runs only on the GPU it was built for; {kind} cannot serve it")
-    if instances < 1:
-        raise TritonExportError(f"instances must be at least 1, got {instances}")
+    backend, kind = backend_of(manifest), checked_kind(manifest, kind, instances)
     io = manifest.io
     max_batch = int(io.batch[2])
     config = pb.ModelConfig(name=name, platform=backend.kind.triton_platform, max_batch_size=max_batch)
@@ -317,7 +282,7 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
         raise TritonExportError(f"the repository {repository} is inside the engine directory {engine_dir}: the engine "
                                 "would no longer be only its listed files; choose a repository outside it")
     given, name = name, name or ("nnslim" if whole_volume else engine_dir.name)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
+    if not valid_model_name(name):
         origin = "" if given else " (the engine folder's name; choose one with --name)"
         raise TritonExportError(f"model name {name!r}{origin} must be letters, digits, '_', '.' or '-', and not "
                                 f"'.' or '..'")
@@ -342,14 +307,6 @@ def export_triton(engine_dir: str | Path, repository: str | Path, name: str | No
         return TritonExport(target, 1, layout.model_file)
     return _add_version(engine_dir, manifest, target, name, instances, kind, version_policy, max_queue_delay_us,
                         whole_volume, threads)
-
-
-def _check_specific(version_policy: str, versions: list[int], target: Path) -> None:
-    policy = parse_version_policy(version_policy)
-    missing = sorted(set(policy.specific.versions) - set(versions))
-    if missing:
-        raise TritonExportError(f"version policy {version_policy!r} names version(s) {missing}, which {target} "
-                                f"would not have (versions: {versions})")
 
 
 def _add_version(engine_dir: Path, manifest: EngineManifest, target: Path, name: str, instances: int,

@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 
-from nnslim.compiler.runtime.backends import BACKENDS
 from nnslim.compiler.runtime.manifest import MANIFEST, EngineManifest, read_verified
 from nnslim.errors import NnslimError
 
@@ -77,18 +76,12 @@ def model_config(name: str, manifest: EngineManifest, instances: int = 1, kind: 
                  version_policy: str | None = None, threads: int = 0) -> Any:
     """The `ModelConfig` of the whole-volume model of an engine (see the module docstring)."""
     from nnslim import __version__
-    from nnslim.compiler.deploy.triton import KINDS, TritonExportError, _schema, instance_kind, parse_version_policy
+    from nnslim.compiler.deploy.triton import TritonExportError, _schema, checked_kind, parse_version_policy
 
     pb, _ = _schema()
-    kind = kind or instance_kind(manifest)
-    if kind not in KINDS:
-        raise TritonExportError(f"instance kind {kind!r}: use one of {', '.join(KINDS)}")
+    kind = checked_kind(manifest, kind, instances)
     if int(threads) < 0:
         raise TritonExportError(f"threads must be 0 (the backend's default) or more, got {threads}")
-    if kind == "KIND_CPU" and BACKENDS.get(manifest.backend) is not None and BACKENDS[manifest.backend].kind.name == "plan":
-        raise TritonExportError("a TensorRT plan runs only on the GPU it was built for; KIND_CPU cannot serve it")
-    if instances < 1:
-        raise TritonExportError(f"instances must be at least 1, got {instances}")
     fp32, fp16, uint8 = (pb.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16", "TYPE_UINT8"))
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
     if version_policy is not None:

@@ -104,12 +104,11 @@ def read_case_record(target: Path) -> dict[str, Any] | None:
     return record if isinstance(record, dict) else None
 
 
-def stale_reason(target: Path, info: RunInfo, wanted: dict[str, Path | None]) -> str | None:
-    """Why an existing output must be segmented again under --continue (None: it is complete and this
-    engine's). `wanted`: the outputs this run asks for, by kind (None: not asked for)."""
-    record = read_case_record(target)
-    if record is None:  # not shown to be nnslim's: never replaced without --overwrite (`unrecorded`)
-        return None
+def stale_reason(record: dict[str, Any], info: RunInfo, wanted: dict[str, Path | None]) -> str | None:
+    """Why an existing output, with its `record`, must be segmented again under --continue (None: it
+    is complete and this engine's). `wanted`: the outputs this run asks for, by kind (None: not
+    asked for). An output without a record is not shown to be nnslim's and is never replaced
+    without --overwrite: the caller keeps it."""
     if record.get("engine_sha256") != info.engine_sha256:
         return (f"it was written by another engine ({record.get('engine')!r}, manifest sha256 "
                 f"{str(record.get('engine_sha256'))[:12]}...)")

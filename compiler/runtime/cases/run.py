@@ -145,9 +145,13 @@ def _recheck_skipped(cases: CaseStages, info: RunInfo, plans: list[CasePlan],
     """--continue: cases whose output exists but is not this engine's whole result run again (a warning each)."""
     if not skipped:
         return plans, skipped
-    again, unrecorded = [], [p for p in skipped if read_case_record(p.target) is None]
+    again, unrecorded = [], []
     for plan in skipped:
-        reason = stale_reason(plan.target, info, cases.wanted(plan))
+        record = read_case_record(plan.target)
+        if record is None:
+            unrecorded.append(plan)
+            continue
+        reason = stale_reason(record, info, cases.wanted(plan))
         if reason is not None:
             logger.warning("%s: segmenting it again (--continue): %s", plan.name, reason)
             again.append(plan)
