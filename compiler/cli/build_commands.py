@@ -38,6 +38,7 @@ Examples:
   nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
       --out engines/liver-012 --folds 0,1,2 --checkpoint-name checkpoint_best.pth
   nnslim build-engine exported.onnx --out engines/theirs --metadata exported.json --precision fp32
+  nnslim build-engine spleen_ct_segmentation/ --out engines/spleen --precision fp32
 """
 
 
@@ -112,9 +113,11 @@ def build_engine(**options: Any) -> None:
     """Compile a checkpoint into an engine directory (ONNX model, manifest, report).
 
     CHECKPOINT is an nnslim checkpoint (.pt), a trained nnU-Net v2 model folder
-    (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/), or an ONNX
-    graph [N, C, X, Y, Z] -> [N, K, X, Y, Z] with --metadata; checkpoints are read
-    weights-only with an allow-list, never unpickled freely.
+    (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/), a MONAI bundle
+    (configs/metadata.json, configs/inference.json, models/model.pt; the engine reproduces its
+    transforms and SlidingWindowInferer), or an ONNX graph [N, C, X, Y, Z] -> [N, K, X, Y, Z]
+    with --metadata; checkpoints are read weights-only with an allow-list, never unpickled
+    freely, and a bundle's config runs no code.
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
     """

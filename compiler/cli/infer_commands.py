@@ -11,6 +11,7 @@ from nnslim.compiler.cli.options import (
     TableChoice,
     backends,
     blending_modes,
+    window_rules,
     checked,
     devices,
     part_number,
@@ -48,8 +49,12 @@ asks for (.npz, preview) is missing.
 @click.argument("engine_dir", type=path_type(file_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=path_type())
 @click.option("-o", "--output", required=True, type=path_type(exists=False), help="Output file, or folder for a folder input.")
-@click.option("--step", "step_fraction", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Window step as a fraction of the patch.")
+@click.option("--window", type=TableChoice(window_rules), default=None,
+              help="Window rules: nnunet (nnU-Net v2's grid and Gaussian, step 0.5) or monai (MONAI's "
+                   "SlidingWindowInferer: scan interval int(patch * (1 - overlap)), its Gaussian, step 0.75) "
+                   "[default: the engine's; a MONAI bundle's engine records the bundle's settings].")
+@click.option("--step", "step_fraction", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Window step as a fraction of the patch (1 - MONAI's overlap) [default: the window rules'].")
 @click.option("--batch", "batch_size", default=None, type=click.IntRange(1), help="Tiles per call (default: engine max).")
 @click.option("--tta/--no-tta", "mirror", default=None,
               help="Mirror test-time augmentation (8 passes for 3 axes) [default: on for imported nnU-Net "
@@ -60,9 +65,9 @@ asks for (.npz, preview) is missing.
               help="Skip windows (opt-in approximation): outside a body mask, and/or seed 003's ROI test "
                    "(a slab's centre window must predict --roi-threshold foreground voxels).")
 @click.option("--roi-threshold", default=1000, show_default=True, type=click.IntRange(0))
-@click.option("--blending", type=TableChoice(blending_modes), default="gaussian", show_default=True,
-              help="Tile weight where windows overlap: gaussian (nnU-Net's, sigma = patch/8) or constant (plain "
-                   "averaging, MONAI's mode='constant').")
+@click.option("--blending", type=TableChoice(blending_modes), default=None,
+              help="Tile weight where windows overlap: gaussian (sigma = patch/8, drawn by the window rules) or "
+                   "constant (plain averaging, MONAI's mode='constant') [default: the window rules'].")
 @click.option("--memory-cap-mb", type=click.FloatRange(min=1), default=None,
               help="Cap for the slab accumulators (fp16 above it; an error if a slab does not fit even then).")
 @click.option("--backend", type=TableChoice(backends), default=None,
@@ -255,12 +260,11 @@ def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:
 def inference_options(o: dict[str, Any]):
     """The sliding-window settings of infer's parsed options."""
     from nnslim.compiler.runtime.segmentation import InferenceOptions
-    from nnslim.compiler.runtime.window.blending import Blending
 
     return InferenceOptions(
-        step_fraction=o["step_fraction"], batch_size=o["batch_size"], mirror=o["mirror"], progress=o["progress"],
-        skip=o["skip"], roi_threshold=o["roi_threshold"], memory_cap_mb=o["memory_cap_mb"],
-        blending=Blending(o["blending"]),
+        window=o["window"], step_fraction=o["step_fraction"], batch_size=o["batch_size"], mirror=o["mirror"],
+        progress=o["progress"], skip=o["skip"], roi_threshold=o["roi_threshold"], memory_cap_mb=o["memory_cap_mb"],
+        blending=o["blending"],
     )
 
 

@@ -74,6 +74,12 @@ def blending_modes() -> tuple[str, ...]:
     return BLENDING_MODES
 
 
+def window_rules() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.window.rules import WINDOW_RULES
+
+    return tuple(WINDOW_RULES)
+
+
 def path_type(exists: bool = True, **kwargs) -> click.Path:
     return click.Path(exists=exists, path_type=Path, **kwargs)
 

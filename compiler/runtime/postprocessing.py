@@ -45,7 +45,8 @@ def restore_geometry(labels: np.ndarray, prepared: Prepared) -> np.ndarray:
     """Labels at the cropped shape -> the input array's shape and axes (background outside the crop)."""
     full = np.zeros(prepared.full_shape, dtype=np.uint8)
     full[prepared.box] = labels
-    return np.ascontiguousarray(full.transpose(np.argsort(prepared.permutation)))
+    restored = full.transpose(np.argsort(prepared.permutation))
+    return np.ascontiguousarray(np.flip(restored, prepared.flips) if prepared.flips else restored)
 
 
 class StreamingLabeler:

@@ -1,6 +1,9 @@
 """Preprocessing before the sliding window, as the manifest's `preprocessing` entry says.
 
 `prepare`, each step only when the entry asks for it:
+0. `orientation` (MONAI's `Orientation`, e.g. "RAS"): the voxel axes flipped and permuted so that
+   they run along those world directions (`reorientation`, from the scan's affine; exact, no
+   interpolation). An in-memory array has no affine and is taken as already oriented.
 1. axis order: `"reversed"` turns nibabel's `[X, Y, Z]` voxel array into SimpleITK's `[Z, Y, X]`
    (what nnU-Net trains on); then `transpose_forward` permutes the axes (spacing follows).
 2. `crop_to_nonzero`: crop to the bounding box of the voxels nonzero in any channel (holes
@@ -30,7 +33,7 @@ from nnslim.errors import EngineError
 # too, which turns air into one negative constant that differs from the padding.
 SCHEMES = {("zscore", "nonzero", "transform"), ("zscore", "none", "transform"), ("zscore", "nonzero", "zero")}
 DEFAULT_NORMALIZATION = {"scheme": "zscore", "mask": "nonzero", "outside": "zero"}
-CHANNEL_SCHEMES = ("ct", "zscore", "none", "rescale01", "rgb01")
+CHANNEL_SCHEMES = ("ct", "zscore", "none", "rescale01", "rgb01", "scale-range", "monai-zscore")
 
 
 def zscore_channel(channel: np.ndarray, statistics_from: np.ndarray | None = None) -> np.ndarray:
@@ -82,6 +85,12 @@ def normalize(image: np.ndarray, normalization: dict, mask: np.ndarray | None = 
     statistics, with `mask: "nonzero-region"` only inside `mask` (the crop's nonzero region,
     voxels outside it unchanged); `rescale01` maps min..max to 0..1; `rgb01` divides by 255;
     `none` leaves the channel as it is. Arithmetic in float32 in nnU-Net's order.
+
+    MONAI's (a bundle's transforms, `stages.monai_bundle`): `scale-range` is
+    `ScaleIntensityRange`: `(x - a_min) / (a_max - a_min)`, then `* (b_max - b_min) + b_min` and
+    clipped to `[b_min, b_max]` when `clip`; `monai-zscore` is `NormalizeIntensity` per channel:
+    `(x - mean) / std` over the voxels that are nonzero (`nonzero`; the others stay) or all, a zero
+    std taken as 1.
     """
     if normalization.get("scheme") != "per-channel":
         return nnslim_normalize(image, normalization)
@@ -110,9 +119,34 @@ def _normalize_channel(channel: np.ndarray, entry: dict, mask: np.ndarray | None
         channel /= max(float(channel.max()), 1e-8)
     elif scheme == "rgb01":
         channel /= 255.0
+    elif scheme == "scale-range":
+        _scale_range(channel, entry)
+    elif scheme == "monai-zscore":
+        selected = channel != 0 if entry.get("nonzero") else np.ones(channel.shape, dtype=bool)
+        if selected.any():
+            values = channel[selected]
+            std = float(values.std())
+            channel[selected] = (values - float(values.mean())) / (std if std != 0.0 else 1.0)
     elif scheme != "none":
         raise EngineError(f"unsupported channel normalization {entry}; this nnslim knows {CHANNEL_SCHEMES}")
     return channel
+
+
+def _scale_range(channel: np.ndarray, entry: dict) -> None:
+    """MONAI's `ScaleIntensityRange`, in place, in its order (`normalize`)."""
+    a_min, a_max, b_min, b_max = (entry.get(k) for k in ("a_min", "a_max", "b_min", "b_max"))
+    if a_max == a_min:  # MONAI warns and shifts
+        channel -= a_min
+        if b_min is not None:
+            channel += b_min
+        return
+    channel -= a_min
+    channel /= a_max - a_min
+    if b_min is not None and b_max is not None:
+        channel *= b_max - b_min
+        channel += b_min
+    if entry.get("clip"):
+        np.clip(channel, b_min, b_max, out=channel)
 
 
 def nonzero_mask(data: np.ndarray) -> np.ndarray:
@@ -185,6 +219,7 @@ class Prepared:
 
     image: np.ndarray              # [C, *model-space shape], float32
     permutation: tuple[int, ...]   # model axis i is input array axis permutation[i]
+    flips: tuple[int, ...]         # input array axes reversed before the permutation (orientation)
     full_shape: tuple[int, ...]    # permuted, before cropping
     box: tuple[slice, ...]         # the crop inside full_shape
     cropped_shape: tuple[int, ...]  # before resampling
@@ -192,12 +227,27 @@ class Prepared:
     target_spacing: tuple[float, ...] | None
 
 
-def _permutation(pre: dict) -> tuple[int, ...]:
+def _permutation(pre: dict, oriented: tuple[int, ...] = (0, 1, 2)) -> tuple[int, ...]:
     order = (2, 1, 0) if pre.get("axis_order") == "reversed" else (0, 1, 2)
     transpose = tuple(pre.get("transpose_forward") or (0, 1, 2))
     if sorted(transpose) != [0, 1, 2]:
         raise EngineError(f"transpose_forward {transpose} is not a permutation of (0, 1, 2)")
-    return tuple(order[t] for t in transpose)
+    return tuple(oriented[order[t]] for t in transpose)
+
+
+def reorientation(axcodes: str | None, ras_axes: np.ndarray | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """MONAI's `Orientation(axcodes)` as `(order, flips)`: oriented axis j is input axis `order[j]`,
+    and the input axes in `flips` are reversed first (nibabel's `io_orientation` of the scan's
+    3x3 RAS matrix `ras_axes`, `ornt_transform` to `axcodes`). Identity without either."""
+    if not axcodes or ras_axes is None:
+        return (0, 1, 2), ()
+    from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
+
+    affine = np.eye(4)
+    affine[:3, :3] = ras_axes
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt(tuple(axcodes)))
+    order = tuple(int(a) for a in np.argsort(transform[:, 0]))
+    return order, tuple(int(a) for a in range(3) if transform[a, 1] == -1)
 
 
 def target_spacing(pre: dict, spacing: tuple[float, ...]) -> tuple[float, ...] | None:
@@ -209,9 +259,13 @@ def target_spacing(pre: dict, spacing: tuple[float, ...]) -> tuple[float, ...] |
     return (spacing[0], *target) if len(target) == len(spacing) - 1 else target
 
 
-def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict) -> Prepared:
-    """Input array `[C, X, Y, Z]` with its voxel spacing -> normalized model-space image (module docstring)."""
-    permutation = _permutation(pre)
+def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: np.ndarray | None = None) -> Prepared:
+    """Input array `[C, X, Y, Z]` with its voxel spacing (and its RAS axes, for `orientation`) ->
+    normalized model-space image (module docstring)."""
+    oriented, flips = reorientation(pre.get("orientation"), ras_axes)
+    permutation = _permutation(pre, oriented)
+    if flips:
+        data = np.flip(data, tuple(a + 1 for a in flips))
     data = np.ascontiguousarray(data.transpose(0, *(p + 1 for p in permutation)))
     spacing = tuple(float(spacing[p]) for p in permutation)
     full_shape = data.shape[1:]
@@ -226,4 +280,4 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict) -> Prepared
     target = target_spacing(pre, spacing) if pre.get("resample") else None
     if target is not None:
         image = resample(image, resampled_shape(image.shape[1:], spacing, target))
-    return Prepared(image, permutation, full_shape, box, tuple(data.shape[1:]), spacing, target)
+    return Prepared(image, permutation, flips, full_shape, box, tuple(data.shape[1:]), spacing, target)

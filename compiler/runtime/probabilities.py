@@ -101,7 +101,8 @@ def probability_canvas(num_classes: int, prepared: Prepared) -> tuple[np.ndarray
 def restore_probabilities(canvas: np.ndarray, prepared: Prepared) -> np.ndarray:
     """`[K, *full_shape]` in the model's axes -> `[K, *labels.shape]` in the input array's axes (the
     permutation `restore_geometry` applies to the labels; a view, no copy)."""
-    return canvas.transpose(0, *(int(a) + 1 for a in np.argsort(prepared.permutation)))
+    restored = canvas.transpose(0, *(int(a) + 1 for a in np.argsort(prepared.permutation)))
+    return np.flip(restored, tuple(a + 1 for a in prepared.flips)) if prepared.flips else restored
 
 
 def save_probabilities(probabilities: np.ndarray, path: Path) -> Path:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -29,7 +29,7 @@ from nnslim.compiler.runtime.probabilities import (
     restore_probabilities,
 )
 from nnslim.compiler.runtime.volumes.volume import Volume
-from nnslim.compiler.runtime.window.blending import Blending
+from nnslim.compiler.runtime.window.rules import WINDOW_RULES, WindowRules, from_record, resolve
 from nnslim.compiler.runtime.window.config import SlidingWindowConfig
 from nnslim.compiler.runtime.window.mask import body_mask
 from nnslim.compiler.runtime.window.selection import SKIP_MODES, WindowReport, WindowSelection
@@ -45,7 +45,10 @@ class InferenceOptions:
     """How `infer` walks a volume.
 
     Attributes:
-        step_fraction: window step as a fraction of the patch (nnU-Net: 0.5).
+        window: window rules, a key of `window.rules.WINDOW_RULES` ("nnunet", "monai"; None: the
+            rules the engine records, nnU-Net's when it records none).
+        step_fraction: window step as a fraction of the patch (None: the rules'; nnU-Net 0.5,
+            MONAI 1 - overlap).
         batch_size: tiles per network call (None: the engine's maximum batch).
         mirror: mirror TTA (None: the engine's default, on for imported nnU-Net models).
         progress: progress bars.
@@ -55,17 +58,18 @@ class InferenceOptions:
         roi_threshold: foreground voxels the centre window must predict to keep its slab.
         memory_cap_mb: bound for the slab accumulators; over it they switch to fp16, and a slab
             that does not fit even then is an error (use a smaller patch).
-        blending: the tile weight (`window.Blending`: nnU-Net's Gaussian by default, or constant).
+        blending: the tile weight's mode, "gaussian" or "constant" (None: the rules').
     """
 
-    step_fraction: float = 0.5
+    window: str | None = None
+    step_fraction: float | None = None
     batch_size: int | None = None
     mirror: bool | None = None
     progress: bool = True
     skip: str = "none"
     roi_threshold: int = 1000
     memory_cap_mb: float | None = None
-    blending: Blending = field(default_factory=Blending)
+    blending: str | None = None
 
 
 def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowConfig:
@@ -75,14 +79,25 @@ def window_config(spec: ModelSpec, options: InferenceOptions) -> SlidingWindowCo
         raise InputError(f"batch {batch} exceeds the engine's maximum {spec.max_batch}; rebuild with --batch {batch}")
     if options.skip not in SKIP_MODES:
         raise InputError(f"--skip must be one of {tuple(SKIP_MODES)}, got {options.skip!r}")
+    if options.window not in (None, *WINDOW_RULES):
+        raise InputError(f"--window must be one of {tuple(WINDOW_RULES)}, got {options.window!r}")
+    rules = engine_window(spec, options)
     return SlidingWindowConfig(
         patch_size=spec.patch_size,
-        step_fraction=options.step_fraction,
+        step_fraction=rules.step_fraction,
         batch_size=batch,
-        blending=options.blending,
+        blending=rules.blending,
+        grid=rules.name,
+        pad_value=rules.pad_value,
         mirror_axes=spec.mirror_axes if (spec.tta_default if options.mirror is None else options.mirror) else (),
         memory_cap_mb=options.memory_cap_mb,
     )
+
+
+def engine_window(spec: ModelSpec, options: InferenceOptions) -> WindowRules:
+    """The window rules of a walk: the engine's record (`window.rules`) with the options on top."""
+    recorded = from_record((spec.preprocessing or {}).get("window"))
+    return resolve(recorded, options.window, options.step_fraction, options.blending)
 
 
 def segment_volume(
@@ -140,7 +155,7 @@ def prepare_volume(volume: Volume, spec: ModelSpec) -> Prepared:
             "%s has spacing %s but the model was trained at %s; results may degrade (resampling is not applied)",
             volume.name, volume.spacing, spec.spacing,
         )
-    prepared = prepare(volume.data, volume.spacing, pre)
+    prepared = prepare(volume.data, volume.spacing, pre, volume.geometry.ras_axes() if pre.get("orientation") else None)
     if prepared.target_spacing is not None and tuple(prepared.image.shape[1:]) != prepared.cropped_shape:
         logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
     return prepared

@@ -5,12 +5,14 @@
     nnslim.build_engine(my_net, "engines/mine", metadata={"patch_size": (96, 96, 96),
                         "label_names": ["background", "tumour"], "spacing": (1.0, 1.0, 1.0)})
     nnslim.build_engine("exported.onnx", "engines/theirs", metadata={"label_names": [...], ...})
+    nnslim.build_engine("spleen_ct_segmentation", "engines/spleen")       # a MONAI bundle folder
 
 The keyword options are `plan.BuildConfig`'s fields (patch_size, precision, backend, parity_volume,
 ...); the same parity gates, candidate selection, manifest, report and engine directory as
 `nnslim build-engine`. An `nn.Module` source is any network `[N, C, X, Y, Z] -> [N, K, X, Y, Z]`
 of logits, described by `metadata` (`source.module_source`); its parity reference is the module.
 An ONNX file is such a graph with the same metadata (`onnx_source`); its reference is ONNX Runtime.
+A MONAI bundle carries its own metadata (`monai_bundle`); its reference is the bundle's network.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from nnslim.errors import SettingsError
 
 
 def build_engine(source: Any, out: str | Path, *, metadata: dict[str, Any] | None = None, **options: Any) -> Any:
-    """Build an engine directory at `out` from a checkpoint path, an nnU-Net v2 model folder, or an
-    `nn.Module` with `metadata`; returns the `pipeline.BuildResult` (out_dir, manifest, parity)."""
+    """Build an engine directory at `out` from a checkpoint path, an nnU-Net v2 model folder, a MONAI
+    bundle folder, an ONNX file or an `nn.Module` (with `metadata` for the last two); returns the `pipeline.BuildResult` (out_dir, manifest, parity)."""
     from torch import nn
 
     from nnslim.compiler.stages.pipeline import build_engine as run_build
@@ -39,14 +41,14 @@ def build_engine(source: Any, out: str | Path, *, metadata: dict[str, Any] | Non
         return run_build(BuildConfig(checkpoint=None, out_dir=Path(out), module=module_source(source, metadata or {}),
                                      **options))
     if not isinstance(source, (str, Path)):
-        raise SettingsError(f"source must be a checkpoint path, an nnU-Net v2 model folder, an ONNX file or an "
-                            f"nn.Module, got {type(source).__name__}")
+        raise SettingsError(f"source must be a checkpoint path, an nnU-Net v2 model folder, a MONAI bundle folder, an "
+                            f"ONNX file or an nn.Module, got {type(source).__name__}")
     if Path(source).suffix.lower() == ".onnx":
         from nnslim.compiler.stages.onnx_source import onnx_source
 
         return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out),
                                      module=onnx_source(source, metadata or {}), **options))
     if metadata is not None:
-        raise SettingsError("metadata describes an nn.Module or ONNX source; a checkpoint or an nnU-Net model folder "
-                            "carries its own")
+        raise SettingsError("metadata describes an nn.Module or ONNX source; a checkpoint, an nnU-Net model folder or a "
+                            "MONAI bundle carries its own")
     return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out), **options))

@@ -232,6 +232,6 @@ def _source_digest(config: Any, source: Any) -> str | dict[str, str]:
     state dict (its parameter names and bytes)."""
     if source.kind == "pytorch-module":
         return source.details["state_dict_sha256"]
-    if source.kind == "nnunet-v2":
+    if source.kind in ("nnunet-v2", "monai-bundle"):
         return {_inside(f, config.checkpoint): sha256_file(f) for f in source.files}
     return sha256_file(source.files[0])

@@ -1,5 +1,6 @@
-"""The build's input: an nnslim checkpoint, an nnU-Net v2 model folder, or (Python API) any PyTorch
-`nn.Module` with its metadata (`module_source`), read into one `Source`.
+"""The build's input: an nnslim checkpoint, an nnU-Net v2 model folder, a MONAI bundle
+(`monai_bundle`), or (Python API) any PyTorch `nn.Module` with its metadata (`module_source`), read
+into one `Source`.
 
 `build-engine` and `infer --torch-checkpoint` (`reference_predictor`) both load models through
 `load_source`, so a model folder means the same thing to both. It takes paths, not the build's
@@ -26,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 class SourceError(NnslimError):
-    """The path is neither an nnslim checkpoint nor an nnU-Net v2 model folder."""
+    """The path is not a model nnslim reads (checkpoint, nnU-Net v2 model folder, MONAI bundle)."""
 
 
 @dataclass
@@ -56,8 +57,13 @@ def load_source(path: str | Path, folds: tuple[str, ...] = ("0",), checkpoint_na
     """
     path = Path(path)
     if path.is_dir():
+        from nnslim.compiler.stages.monai_bundle import is_bundle, read_bundle
+
+        if is_bundle(path):
+            return read_bundle(path)
         if not is_model_folder(path):
-            raise SourceError(f"{path} is a folder but not an nnU-Net v2 model folder (no plans.json / dataset.json)")
+            raise SourceError(f"{path} is a folder but neither an nnU-Net v2 model folder (plans.json, dataset.json) "
+                              "nor a MONAI bundle (configs/metadata.json, configs/inference.json)")
         imported = read_model_folder(path, folds, checkpoint_name)
         arch = imported.architecture
         return Source(
@@ -138,7 +144,7 @@ def check_same_model(engine: Any, source: Source, checkpoint: str | Path) -> Non
 
 def _checkpoint_sha256(source: Source, checkpoint: Path) -> str | dict[str, str]:
     """The checkpoint's sha256 as the manifest records it: one digest, or one per fold file of a model folder."""
-    if source.kind == "nnunet-v2":
+    if source.kind in ("nnunet-v2", "monai-bundle"):
         return {f.resolve().relative_to(checkpoint.resolve()).as_posix(): sha256_file(f) for f in source.files}
     return sha256_file(source.files[0])
 

@@ -169,8 +169,6 @@ def _recheck_skipped(cases: CaseStages, info: RunInfo, plans: list[CasePlan],
 def _options_record(options: InferenceOptions, existing: str, batch: BatchOptions) -> dict:
     """The run's settings, names and numbers only (no paths: the record ships with the outputs)."""
     window = {k: v for k, v in dataclasses.asdict(options).items() if isinstance(v, (str, int, float, bool, type(None)))}
-    blending = getattr(options, "blending", None)
-    window["blending"] = getattr(blending, "mode", None) or (str(blending) if blending is not None else None)
     return {**window, "existing": existing, "save_probabilities": batch.save_probabilities, "preview": batch.preview,
             "io_workers": batch.io_workers}
 

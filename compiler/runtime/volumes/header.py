@@ -74,6 +74,13 @@ class Geometry:
             return tuple(float(z) for z in self.itk.spacing[:3])
         return tuple(float(z) for z in self.nifti.header.get_zooms()[:3])
 
+    def ras_axes(self) -> np.ndarray:
+        """The 3x3 voxel-to-world matrix in RAS (nibabel's convention: column i is array axis i)."""
+        if self.itk is not None:
+            direction = np.asarray(self.itk.direction, dtype=np.float64).reshape(3, 3)
+            return _LPS @ direction * np.asarray(self.itk.spacing[:3], dtype=np.float64)
+        return np.asarray(self.nifti.affine, dtype=np.float64)[:3, :3]
+
     def as_itk(self) -> SitkReference:
         """The geometry in ITK's terms (a nibabel affine converted to LPS)."""
         return self.itk if self.itk is not None else SitkReference.from_affine(self.nifti.affine)

@@ -31,6 +31,8 @@ class SlidingWindowConfig:
         step_fraction: step as a fraction of the patch (nnU-Net: 0.5).
         batch_size: tiles per predictor call.
         blending: the tile weight (default: nnU-Net's Gaussian, sigma P/8, maximum 10).
+        grid: where the windows are, a key of `grid.GRID_RULES` ("nnunet", or MONAI's "monai").
+        pad_value: what the image is padded with where it is smaller than the patch (MONAI's cval).
         mirror_axes: spatial axes (0..2) whose flips are averaged; empty disables TTA.
         accumulate_dtype: dtype of the logit accumulator, "float32" or "float16".
         memory_cap_mb: bound for the slab accumulators (None: no bound); over it they switch to
@@ -41,6 +43,8 @@ class SlidingWindowConfig:
     step_fraction: float = 0.5
     batch_size: int = 1
     blending: Blending = Blending()
+    grid: str = "nnunet"
+    pad_value: float = 0.0
     mirror_axes: tuple[int, ...] = ()
     accumulate_dtype: str = "float32"
     memory_cap_mb: float | None = None

@@ -1,9 +1,15 @@
-"""Where the windows are: nnU-Net v2's grid over a (padded) volume, and the walk's axis order.
+"""Where the windows are: a grid rule over a (padded) volume, and the walk's axis order.
 
-- Axes smaller than the patch are zero-padded, centred (`below = diff // 2`); the rest untouched.
-- Steps per axis: `n = ceil((I - P) / (P * step)) + 1`, starts `round(i * (I - P) / (n - 1))`
-  (only 0 when n == 1); Python's round, like numpy's, rounds halves to even. An axis with patch 1
-  (a 2D model's slice axis) visits every slice once.
+- Axes smaller than the patch are padded, centred (`below = diff // 2`) with the pad value (0 by
+  default; MONAI's `cval`); the rest untouched. nnU-Net and MONAI pad the same way.
+- The grid rules (`GRID_RULES`), per axis of padded size I, patch P and step fraction s:
+  - "nnunet" (nnU-Net v2): `n = ceil((I - P) / (P * s)) + 1` windows, starts
+    `round(i * (I - P) / (n - 1))` (only 0 when n == 1), spread evenly; Python's round, like
+    numpy's, rounds halves to even. An axis with patch 1 (a 2D model's slice axis) visits every
+    slice once.
+  - "monai" (MONAI's `SlidingWindowInferer`, overlap `1 - s`): interval `int(P * s)` (at least 1;
+    P when I == P), starts `0, interval, 2 * interval, ...` up to the first that reaches the end,
+    which is moved back to `I - P`.
 - Tiles in nnU-Net's order (last axis fastest); the walk takes one axis as its slab axis: the one
   with the most window positions (the long axis of a whole-body scan), the first of equals.
 """
@@ -16,11 +22,19 @@ from typing import Any, Sequence
 
 from nnslim.compiler.runtime.window.arrays import NumpyArrays
 
+GRID_RULES = ("nnunet", "monai")
 
-def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> list[list[int]]:
-    """Start offsets per axis; `image_size` must already be >= `patch_size` on every axis."""
+
+def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float,
+                  rule: str = "nnunet") -> list[list[int]]:
+    """Start offsets per axis under a grid rule (module docstring); `image_size` must already be
+    >= `patch_size` on every axis."""
     if not 0 < step_fraction <= 1:
         raise ValueError(f"step fraction must be in (0, 1], got {step_fraction}")
+    if rule not in GRID_RULES:
+        raise ValueError(f"grid rule must be one of {GRID_RULES}, got {rule!r}")
+    if rule == "monai":
+        return [_monai_starts(size, patch, step_fraction) for size, patch in zip(image_size, patch_size)]
     steps = []
     for size, patch in zip(image_size, patch_size):
         if size < patch:
@@ -37,15 +51,27 @@ def compute_steps(image_size: Sequence[int], patch_size: Sequence[int], step_fra
     return steps
 
 
+def _monai_starts(size: int, patch: int, step_fraction: float) -> list[int]:
+    """MONAI's starts along one axis (`_get_scan_interval` and `dense_patch_slices`)."""
+    if size < patch:
+        raise ValueError(f"image size {size} is smaller than the patch {patch}; pad first")
+    interval = patch if patch == size else max(int(patch * step_fraction), 1)
+    starts = [0]
+    while starts[-1] + patch < size:
+        starts.append(min(starts[-1] + interval, size - patch))
+    return starts
+
+
 def padded_size(image_size: Sequence[int], patch_size: Sequence[int]) -> tuple[int, ...]:
     """The image size after `pad_to_patch`."""
     return tuple(max(s, p) for s, p in zip(image_size, patch_size))
 
 
-def pad_to_patch(image: Any, patch_size: Sequence[int], arrays: Any = None) -> tuple[Any, tuple[slice, ...]]:
-    """The image `[C, *spatial]` zero-padded, centred, on the axes smaller than the patch, as a new
-    array (contiguous in the image's axis order, so tiles are gathered from one block of memory),
-    and the slices that cut the original region back out.
+def pad_to_patch(image: Any, patch_size: Sequence[int], arrays: Any = None,
+                 value: float = 0.0) -> tuple[Any, tuple[slice, ...]]:
+    """The image `[C, *spatial]` padded with `value`, centred, on the axes smaller than the patch, as
+    a new array (contiguous in the image's axis order, so tiles are gathered from one block of
+    memory), and the slices that cut the original region back out.
 
     Args:
         arrays: the namespace of `image` (`arrays.arrays_for`); default numpy.
@@ -55,13 +81,16 @@ def pad_to_patch(image: Any, patch_size: Sequence[int], arrays: Any = None) -> t
     before = [max(p - s, 0) // 2 for s, p in zip(spatial, patch_size)]
     region = (slice(None),) + tuple(slice(b, b + s) for b, s in zip(before, spatial))
     padded = arrays.zeros_beside((image.shape[0], *padded_size(spatial, patch_size)), image)
+    if value:
+        padded[...] = value
     padded[region] = image
     return padded, region
 
 
-def tile_slices(padded: Sequence[int], patch_size: Sequence[int], step_fraction: float) -> list[tuple[slice, ...]]:
+def tile_slices(padded: Sequence[int], patch_size: Sequence[int], step_fraction: float,
+                rule: str = "nnunet") -> list[tuple[slice, ...]]:
     """Every tile's spatial slices over a padded volume, in nnU-Net's order (last axis fastest)."""
-    steps = compute_steps(padded, patch_size, step_fraction)
+    steps = compute_steps(padded, patch_size, step_fraction, rule)
     return [tuple(slice(s, s + p) for s, p in zip(start, patch_size)) for start in itertools.product(*steps)]
 
 
@@ -71,10 +100,10 @@ def eq2_window_count(image_size: Sequence[int], patch_size: Sequence[int], step_
 
 
 def walk_order(image_size: Sequence[int], patch_size: Sequence[int], step_fraction: float,
-               slab_axis: int | None = None) -> tuple[int, ...]:
+               slab_axis: int | None = None, rule: str = "nnunet") -> tuple[int, ...]:
     """Axis order of the walk: the slab axis first (None: the axis with the most window
     positions, the first of equals), then the others in order."""
     if slab_axis is None:
-        counts = [len(s) for s in compute_steps(padded_size(image_size, patch_size), patch_size, step_fraction)]
+        counts = [len(s) for s in compute_steps(padded_size(image_size, patch_size), patch_size, step_fraction, rule)]
         slab_axis = counts.index(max(counts))
     return (slab_axis, *(a for a in range(len(image_size)) if a != slab_axis))

@@ -1,7 +1,7 @@
 """The decisions of one walk, made once before the first tile: axis order, grid, accumulator dtype.
 
 `plan_window` turns an image size and the window settings into a `WindowPlan`: the walk order
-(`grid.walk_order`), the patch and mirror axes in that order, nnU-Net's grid over the padded
+(`grid.walk_order`), the patch and mirror axes in that order, the grid (`config.grid`) over the padded
 volume (walk order, padded coordinates), and the dtype of the slab accumulators under a memory cap.
 The walk (`walk`), the progress bar and the report all read the plan; nothing is computed twice.
 """
@@ -56,13 +56,13 @@ def plan_window(image_size: Sequence[int], num_classes: int, config: SlidingWind
         InputError: the accumulators do not fit under `config.memory_cap_mb`, even in fp16.
     """
     image_size = tuple(int(s) for s in image_size)
-    order = walk_order(image_size, config.patch_size, config.step_fraction, slab_axis)
+    order = walk_order(image_size, config.patch_size, config.step_fraction, slab_axis, config.grid)
     walked = dataclasses.replace(config, patch_size=tuple(config.patch_size[a] for a in order),
                                  mirror_axes=tuple(order.index(a) for a in config.mirror_axes))
     padded = padded_size(tuple(image_size[a] for a in order), walked.patch_size)
     dtype = _accumulator_dtype(padded, num_classes, walked)
     return WindowPlan(order, dataclasses.replace(walked, accumulate_dtype=dtype), padded,
-                      tile_slices(padded, walked.patch_size, walked.step_fraction),
+                      tile_slices(padded, walked.patch_size, walked.step_fraction, walked.grid),
                       eq2_window_count(image_size, config.patch_size, config.step_fraction))
 
 

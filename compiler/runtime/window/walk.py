@@ -102,7 +102,7 @@ class _Walk:
             mask = None if mask is None else np.transpose(np.asarray(mask), plan.order)
             self.predictor = _Permuted(predictor, plan, arrays)
         # one copy in walk order, zero-padded: tiles are gathered from one block of memory
-        self.padded, self.region = pad_to_patch(image, config.patch_size, arrays)
+        self.padded, self.region = pad_to_patch(image, config.patch_size, arrays, config.pad_value)
         # the body mask stays on the host, where the strategies look at it (`selection`)
         self.mask = None if mask is None else pad_to_patch(np.asarray(mask)[None], config.patch_size)[0][0] > 0
         self.mirrors = _mirror_combinations(config.mirror_axes)
