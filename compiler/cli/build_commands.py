@@ -39,6 +39,7 @@ Examples:
       --out engines/liver-012 --folds 0,1,2 --checkpoint-name checkpoint_best.pth
   nnslim build-engine exported.onnx --out engines/theirs --metadata exported.json --precision fp32
   nnslim build-engine spleen_ct_segmentation/ --out engines/spleen --precision fp32
+  nnslim build-engine exported.pt2 --out engines/program --metadata exported.json
 """
 
 
@@ -48,7 +49,7 @@ Examples:
 @click.argument("checkpoint", type=path_type())
 @out_dir_option("Engine directory.")
 @click.option("--metadata", type=path_type(dir_okay=False), default=None, metavar="FILE.json",
-              help="For an ONNX file: what the runtime must know of the graph, as JSON: patch_size, label_names "
+              help="For an ONNX file or a .pt2 program: what the runtime must know of the graph, as JSON: patch_size, label_names "
                    "(required unless the graph's shapes say them), in_channels, normalization, spacing, mirror_axes, "
                    "total_stride.")
 @patch_option("Tile size (default: training patch).")
@@ -115,8 +116,8 @@ def build_engine(**options: Any) -> None:
     CHECKPOINT is an nnslim checkpoint (.pt), a trained nnU-Net v2 model folder
     (Trainer__Plans__Configuration with plans.json, dataset.json and fold_N/), a MONAI bundle
     (configs/metadata.json, configs/inference.json, models/model.pt; the engine reproduces its
-    transforms and SlidingWindowInferer), or an ONNX graph [N, C, X, Y, Z] -> [N, K, X, Y, Z]
-    with --metadata; checkpoints are read weights-only with an allow-list, never unpickled
+    transforms and SlidingWindowInferer), or an ONNX graph or torch.export program (.pt2)
+    [N, C, X, Y, Z] -> [N, K, X, Y, Z] with --metadata; checkpoints are read weights-only with an allow-list, never unpickled
     freely, and a bundle's config runs no code.
 
     Exits non-zero, writing nothing, when the engine disagrees with PyTorch beyond the tolerance.
@@ -170,14 +171,15 @@ def build_config(o: dict[str, Any]):
 
 
 def _onnx(o: dict[str, Any]):
-    """An ONNX file's source, read with its --metadata (None for other inputs, which refuse --metadata)."""
+    """An ONNX file's or a torch.export program's source, read with its --metadata (None for other
+    inputs, which refuse --metadata)."""
     import json
 
-    onnx_file = o["checkpoint"].suffix.lower() == ".onnx"
-    if o["metadata"] is not None and not onnx_file:
-        raise click.UsageError("--metadata describes an ONNX graph; a checkpoint or an nnU-Net model folder carries "
-                               "its own: drop it")
-    if not onnx_file:
+    suffix = o["checkpoint"].suffix.lower()
+    if o["metadata"] is not None and suffix not in METADATA_SUFFIXES:
+        raise click.UsageError("--metadata describes an ONNX graph or a .pt2 program; a checkpoint, an nnU-Net model "
+                               "folder or a MONAI bundle carries its own: drop it")
+    if suffix not in METADATA_SUFFIXES:
         return None
     metadata = {}
     if o["metadata"] is not None:
@@ -188,9 +190,16 @@ def _onnx(o: dict[str, Any]):
         if not isinstance(metadata, dict):
             raise click.BadParameter(f"{o['metadata']} holds {type(metadata).__name__}, not an object of keys",
                                      param_hint="--metadata")
+    if suffix == ".pt2":
+        from nnslim.compiler.stages.program_source import program_source
+
+        return program_source(o["checkpoint"], metadata)
     from nnslim.compiler.stages.onnx_source import onnx_source
 
     return onnx_source(o["checkpoint"], metadata)
+
+
+METADATA_SUFFIXES = (".onnx", ".pt2")  # inputs described by --metadata
 
 
 def summary_lines(result) -> list[str]:

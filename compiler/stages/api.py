@@ -6,6 +6,7 @@
                         "label_names": ["background", "tumour"], "spacing": (1.0, 1.0, 1.0)})
     nnslim.build_engine("exported.onnx", "engines/theirs", metadata={"label_names": [...], ...})
     nnslim.build_engine("spleen_ct_segmentation", "engines/spleen")       # a MONAI bundle folder
+    nnslim.build_engine("exported.pt2", "engines/program", metadata={"label_names": [...]})  # torch.export
 
 The keyword options are `plan.BuildConfig`'s fields (patch_size, precision, backend, parity_volume,
 ...); the same parity gates, candidate selection, manifest, report and engine directory as
@@ -43,11 +44,13 @@ def build_engine(source: Any, out: str | Path, *, metadata: dict[str, Any] | Non
     if not isinstance(source, (str, Path)):
         raise SettingsError(f"source must be a checkpoint path, an nnU-Net v2 model folder, a MONAI bundle folder, an "
                             f"ONNX file or an nn.Module, got {type(source).__name__}")
-    if Path(source).suffix.lower() == ".onnx":
+    if Path(source).suffix.lower() in (".onnx", ".pt2"):
         from nnslim.compiler.stages.onnx_source import onnx_source
+        from nnslim.compiler.stages.program_source import program_source
 
-        return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out),
-                                     module=onnx_source(source, metadata or {}), **options))
+        read = onnx_source if Path(source).suffix.lower() == ".onnx" else program_source
+        return run_build(BuildConfig(checkpoint=Path(source), out_dir=Path(out), module=read(source, metadata or {}),
+                                     **options))
     if metadata is not None:
         raise SettingsError("metadata describes an nn.Module or ONNX source; a checkpoint, an nnU-Net model folder or a "
                             "MONAI bundle carries its own")
