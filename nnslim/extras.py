@@ -26,6 +26,8 @@ EXTRAS = {
     "tensorrt": ("TensorRT engines", "'nnslim[gpu,tensorrt-cu13]' (or tensorrt-cu12 for a CUDA 12 driver)"),
     "tritonclient": ("Triton model configurations (export-triton)", "'nnslim[triton]'"),
     "ray": ("infer --ray (a folder on a Ray cluster)", "'nnslim[ray]'"),
+    "monai": ("MONAI bundles (build-engine BUNDLE_DIR)", "'nnslim[monai]' (install torch first, so pip keeps it)"),
+    "yaml": ("MONAI bundles with a YAML config", "'nnslim[monai]'"),
 }
 
 

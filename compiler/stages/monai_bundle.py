@@ -248,6 +248,10 @@ def _first_entry(metadata: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def read_bundle(path: Path) -> Any:
     """A bundle folder as a `source.Source` (module docstring)."""
     from nnslim.compiler.stages.source import module_source
+    from nnslim.extras import installed, missing_extra
+
+    if not installed("monai"):
+        raise missing_extra("monai")
 
     path = Path(path)
     config_file = next(path / "configs" / n for n in CONFIG_NAMES if (path / "configs" / n).is_file())

@@ -164,8 +164,83 @@ def _architecture_differences(engine: dict[str, Any], reference: dict[str, Any])
 
 
 MODULE_KEYS = ("patch_size", "label_names", "in_channels", "normalization", "spacing", "mirror_axes", "total_stride",
-               "dataset")
+               "dataset", "axis_order", "output", "regions_class_order", "slice_axis")
 DEFAULT_NORMALIZATION = {"scheme": "zscore", "mask": "nonzero", "outside": "zero"}
+AXIS_ORDERS = ("nibabel", "reversed")  # the network's array axes: nibabel's [X, Y, Z], or SimpleITK's [Z, Y, X]
+OUTPUT_KINDS = ("logits", "probabilities", "sigmoid")
+TINY = 1e-6  # probabilities are clamped to [TINY, 1 - TINY] before their log (`AsLogits`)
+
+
+class AsLogits(nn.Module):
+    """A network whose output is not logits, seen as one that is: softmax probabilities become
+    `log(p)` (argmax and softmax unchanged), sigmoid probabilities `log(p / (1 - p))` (the region rule's
+    logit > 0 is p > 0.5); both clamped to [TINY, 1 - TINY]. The window then blends these logits."""
+
+    def __init__(self, model: nn.Module, output: str) -> None:
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, x):  # noqa: ANN001 (a tensor)
+        import torch
+
+        y = self.model(x)
+        if self.output == "probabilities":
+            return torch.log(y.clamp(TINY, 1.0))
+        if self.output == "sigmoid":
+            return torch.logit(y, eps=TINY)
+        return y
+
+
+class SliceWrapper(nn.Module):
+    """A 2D network `[N, C, H, W]` driven with the engine's 3D tiles: one slice along `axis` (a spatial
+    axis, 0..2) squeezed out before it and put back after."""
+
+    def __init__(self, model: nn.Module, axis: int) -> None:
+        super().__init__()
+        self.model, self.axis = model, axis
+
+    def forward(self, x):  # noqa: ANN001 (a tensor)
+        return self.model(x.squeeze(2 + self.axis)).unsqueeze(2 + self.axis)
+
+
+def _slice_layout(metadata: dict[str, Any], patch: tuple[int, ...]) -> tuple[int | None, tuple[int, ...], list[int],
+                                                                           tuple[int, ...]]:
+    """A 2D network's patch, mirror axes and stride in the engine's 3D terms: `(slice_axis, patch,
+    mirror_axes, total_stride)`, 1 at the slice axis (default: Z, the last nibabel axis; the first
+    with `axis_order` "reversed", as nnU-Net's 2D models). 3D networks pass through (slice axis None)."""
+    mirror = [int(a) for a in metadata.get("mirror_axes", [])]
+    stride = tuple(int(v) for v in metadata.get("total_stride", (1,) * len(patch)))
+    if len(patch) != 2:
+        if "slice_axis" in metadata:
+            raise SourceError("slice_axis describes a 2D network (a patch_size of 2 ints); drop it for a 3D one")
+        return None, patch, mirror, stride
+    axis = metadata.get("slice_axis", 0 if metadata.get("axis_order") == "reversed" else 2)
+    if axis not in (0, 1, 2) or len(stride) != 2 or any(a not in (0, 1) for a in mirror):
+        raise SourceError(f"a 2D network needs slice_axis in 0..2 (got {axis!r}), a 2-int total_stride and mirror_axes "
+                          f"among its own axes 0, 1 (got {metadata.get('total_stride')!r}, {mirror})")
+    others = [a for a in range(3) if a != axis]
+
+    def spread(values: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(1 if a == axis else values[others.index(a)] for a in range(3))
+
+    return axis, spread(patch), [others[a] for a in mirror], spread(stride)
+
+
+def _output_records(metadata: dict[str, Any], num_classes: int) -> tuple[str, dict[str, Any]]:
+    """The network's output kind and the postprocessing record it implies (`module_metadata`)."""
+    output = metadata.get("output", "logits")
+    if output not in OUTPUT_KINDS:
+        raise SourceError(f"output must be one of {OUTPUT_KINDS} (what the network's last layer gives), got {output!r}")
+    order = metadata.get("regions_class_order")
+    if order is not None and output != "sigmoid":
+        raise SourceError("regions_class_order describes sigmoid region outputs; add \"output\": \"sigmoid\" or drop it")
+    if output != "sigmoid":
+        return output, {"kind": "argmax"}
+    order = [int(v) for v in (order or range(1, num_classes + 1))]
+    if len(order) != num_classes or min(order) < 1 or max(order) > 255:
+        raise SourceError(f"regions_class_order must give one label value in 1..255 per output channel ({num_classes}), "
+                          f"got {order}")
+    return output, {"kind": "regions", "class_order": order, "threshold_logit": 0.0, "label_values": sorted(set(order))}
 
 
 def module_metadata(metadata: dict[str, Any], needs: str = "a module needs metadata") -> dict[str, Any]:
@@ -178,14 +253,14 @@ def module_metadata(metadata: dict[str, Any], needs: str = "a module needs metad
     if missing:
         raise SourceError(f"{needs} {missing} (patch_size: the training tile, 3 ints; label_names: one name per "
                           "output channel, background first)")
-    patch = tuple(int(v) for v in metadata["patch_size"])
     labels = [str(n) for n in metadata["label_names"]]
     in_channels = int(metadata.get("in_channels", 1))
-    if len(patch) != 3 or min(patch) < 1 or len(labels) < 2 or in_channels < 1:
-        raise SourceError(f"patch_size must be 3 positive ints, label_names 2 or more names and in_channels >= 1; got "
-                          f"{metadata['patch_size']!r}, {len(labels)} name(s), {in_channels}")
+    patch = tuple(int(v) for v in metadata["patch_size"])
+    if len(patch) not in (2, 3) or min(patch) < 1 or len(labels) < 2 or in_channels < 1:
+        raise SourceError(f"patch_size must be 3 positive ints (2 for a 2D network), label_names 2 or more names and "
+                          f"in_channels >= 1; got {metadata['patch_size']!r}, {len(labels)} name(s), {in_channels}")
+    slice_axis, patch, mirror, stride = _slice_layout(metadata, patch)
     spacing = metadata.get("spacing")
-    stride = tuple(int(v) for v in metadata.get("total_stride", (1, 1, 1)))
     if spacing is not None and (len(spacing) != 3 or not all(float(v) > 0 for v in spacing)):
         raise SourceError(f"spacing must be three positive voxel sizes in mm (or None: no resampling), got {spacing!r}")
     if len(stride) != 3 or min(stride) < 1:
@@ -194,12 +269,17 @@ def module_metadata(metadata: dict[str, Any], needs: str = "a module needs metad
     if not isinstance(normalization, dict) or "scheme" not in normalization:
         raise SourceError(f"normalization must be a dict with a 'scheme' (e.g. {DEFAULT_NORMALIZATION}), got "
                           f"{normalization!r}")
-    mirror = [int(a) for a in metadata.get("mirror_axes", [])]
+    axis_order = metadata.get("axis_order", "nibabel")
+    if axis_order not in AXIS_ORDERS:
+        raise SourceError(f"axis_order must be one of {AXIS_ORDERS} (nibabel's [X, Y, Z], or SimpleITK's [Z, Y, X] as "
+                          f"nnU-Net and ITK-based tools use), got {axis_order!r}")
+    output, post = _output_records(metadata, len(labels))
     return {"patch_size": patch, "label_names": labels, "in_channels": in_channels, "spacing": spacing,
             "total_stride": stride, "normalization": normalization, "mirror_axes": mirror,
-            "dataset": metadata.get("dataset"),
+            "dataset": metadata.get("dataset"), "output": output, "postprocessing": post, "slice_axis": slice_axis,
             "preprocessing": {"normalization": normalization, "spacing": spacing, "mirror_axes": mirror,
-                              "axis_order": "array axes of the NIfTI data as nibabel reads them",
+                              "axis_order": "reversed" if axis_order == "reversed" else
+                              "array axes of the NIfTI data as nibabel reads them",
                               "resample": bool(spacing)}}
 
 
@@ -208,8 +288,13 @@ def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
     runtime must know of it: `patch_size` (3 ints) and `label_names` (K names, background first) are
     required; `in_channels` (1), `normalization` (z-score over nonzero voxels), `spacing` (None: no
     resampling), `mirror_axes` (none: no TTA), `total_stride` (the patch must be a multiple of it;
-    (1, 1, 1)) and `dataset` are optional. A copy of the module, on the CPU in fp32, is checked on
-    one zero tile of the patch size."""
+    (1, 1, 1)), `dataset`, `axis_order` ("nibabel", or "reversed": the network takes SimpleITK's
+    [Z, Y, X]; spacing and patch in the network's order), `output` ("logits"; "probabilities" of a
+    softmax, "sigmoid" regions, turned into logits by `AsLogits`) and `regions_class_order` (sigmoid:
+    the label value of each channel, painted in order; default 1..K) are optional. A copy of the
+    module, on the CPU in fp32, is checked on one zero tile of the patch size. A 2D network
+    `[N, C, H, W]` has a patch_size of 2 ints and `slice_axis` (`_slice_layout`); its mirror_axes and
+    total_stride are its own 2 axes'."""
     import copy
     import hashlib
 
@@ -217,7 +302,12 @@ def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
 
     meta = module_metadata(metadata)
     patch, labels, in_channels = meta["patch_size"], meta["label_names"], meta["in_channels"]
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
     model = copy.deepcopy(model).cpu().float().eval()  # the caller's module is left as it was
+    if meta["slice_axis"] is not None:
+        model = SliceWrapper(model, meta["slice_axis"]).eval()
+    if meta["output"] != "logits":
+        model = AsLogits(model, meta["output"]).eval()
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, in_channels, *patch))
@@ -230,13 +320,12 @@ def module_source(model: nn.Module, metadata: dict[str, Any]) -> Source:
                           f"[1, {len(labels)}, {', '.join(map(str, patch))}]: one logit channel per label name, the "
                           "tile's spatial size (a deep-supervision list or a tuple is not it)")
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     full = {k: meta[k] for k in ("label_names", "normalization", "spacing", "mirror_axes", "dataset")}
-    name = f"{type(model).__module__}.{type(model).__qualname__}"
     return Source(model=model, architecture={"name": "pytorch-module", "class": name},
                   metadata={**full, "patch_size": list(patch)}, in_channels=in_channels, num_classes=len(labels),
                   total_stride=meta["total_stride"], files=[], preprocessing=meta["preprocessing"],
-                  postprocessing={"kind": "argmax"}, kind="pytorch-module",
-                  details={"class": name, "state_dict_sha256": digest.hexdigest()})
+                  postprocessing=meta["postprocessing"], kind="pytorch-module",
+                  details={"class": name, "state_dict_sha256": digest.hexdigest(), "output": meta["output"]})

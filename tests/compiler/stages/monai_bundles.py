@@ -14,7 +14,9 @@ NETWORKS: dict[str, dict[str, Any]] = {
              "strides": [2, 2], "num_res_units": 1, "norm": "batch"},
     "segresnet": {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "init_filters": 8,
                   "blocks_down": [1, 2, 2], "blocks_up": [1, 1]},
+    "swinunetr": {"_target_": "SwinUNETR", "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "feature_size": 12},
 }
+ROI = {"swinunetr": 64}  # SwinUNETR's windows need a multiple of 32; the others take 32
 
 PREPROCESSING = [
     {"_target_": "LoadImaged", "keys": ["image", "label"], "allow_missing_keys": True},
@@ -25,25 +27,42 @@ PREPROCESSING = [
 ]
 
 
-def network(kind: str):
-    """MONAI's network for `kind`, built as the bundle's config says."""
+def network(definition: dict[str, Any]):
+    """MONAI's network for a `network_def`, built as MONAI builds it."""
     from monai.bundle import ConfigParser
 
-    return ConfigParser({"net": NETWORKS[kind]}).get_parsed_content("net")
+    return ConfigParser({"net": definition}).get_parsed_content("net")
+
+
+def net_in(net) -> int:
+    """The network's input channels (its first convolution's)."""
+    import torch
+
+    return next(m for m in net.modules() if isinstance(m, torch.nn.Conv3d)).in_channels
 
 
 def write_bundle(root: Path, kind: str = "unet", *, preprocessing: list | None = None, inferer: dict | None = None,
-                 postprocessing: list | None = None, network_def: dict | None = None, scale: float = 20.0,
-                 seed: int = 0) -> Path:
-    """A bundle folder at `root` (returned)."""
+                 postprocessing: list | None = None, network_def: dict | None = None, hostile: bool = False,
+                 scale: float = 20.0, seed: int = 0) -> Path:
+    """A bundle folder at `root` (returned). A `hostile` network_def is written, never built: the
+    weights are then `kind`'s."""
     import torch
 
     (root / "configs").mkdir(parents=True, exist_ok=True)
     (root / "models").mkdir(exist_ok=True)
     torch.manual_seed(seed)
-    state = network(kind).state_dict()
-    state = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() and "running" not in k else v
-             for k, v in state.items()}
+    net = network(NETWORKS[kind] if network_def is None or hostile else network_def)
+    with torch.no_grad():
+        for value in net.parameters():
+            value += 0.1 * torch.randn_like(value)
+        for module in net.modules():  # batch-norm statistics of z-scored tiles, as training leaves them
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = None
+        net.train()
+        for _ in range(2):
+            roi = (inferer or {}).get("roi_size")
+            net(torch.randn(2, net_in(net), *(roi if isinstance(roi, list) else [ROI.get(kind, 32)] * 3)))
+    state = net.state_dict()
     last = [k for k, v in state.items() if v.ndim == 5][-1]  # the output convolution
     state[last] = state[last] * scale
     state[last.replace("weight", "bias")] = state.get(last.replace("weight", "bias"), torch.zeros(1)) * scale
@@ -55,8 +74,8 @@ def write_bundle(root: Path, kind: str = "unet", *, preprocessing: list | None =
         "network_def": network_def or NETWORKS[kind],
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing or PREPROCESSING},
-        "inferer": inferer or {"_target_": "SlidingWindowInferer", "roi_size": "@patch_size", "sw_batch_size": 2,
-                               "overlap": 0.25, "mode": "gaussian"},
+        "inferer": inferer or {"_target_": "SlidingWindowInferer", "roi_size": [ROI.get(kind, 32)] * 3,
+                               "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"},
         "postprocessing": {"_target_": "Compose", "transforms": postprocessing or [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"},

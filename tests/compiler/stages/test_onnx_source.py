@@ -1,6 +1,7 @@
 """ONNX files in: a graph exported by someone else (static batch 1, its own tensor names) builds with
 `build-engine model.onnx --metadata FILE.json`, and the engine agrees with ONNX Runtime on the
-original file; graphs that do not fit (2D, another class count, no metadata) are refused clearly."""
+original file; graphs that do not fit (a 2D graph with a 3D patch, another class count, no metadata) are
+refused clearly. 2D graphs, probability and sigmoid outputs and SimpleITK's axis order are built too."""
 
 from __future__ import annotations
 
@@ -70,7 +71,7 @@ class Flat(nn.Module):
 def test_graphs_that_do_not_fit_are_refused(graph, tmp_path):
     flat = tmp_path / "flat.onnx"
     export(Flat(), torch.zeros(1, 1, 16, 16), flat)
-    with pytest.raises(SourceError, match="3D graphs"):
+    with pytest.raises(SourceError, match="is a 2D graph .* patch_size \\[16, 16, 16\\] is 3D"):
         nnslim.build_engine(flat, tmp_path / "e1", metadata={"label_names": LABELS, "patch_size": (16, 16, 16)})
     with pytest.raises(SourceError, match="classes .* the graph says 3, the metadata 2"):
         nnslim.build_engine(graph, tmp_path / "e2", metadata={"label_names": ["a", "b"]})
@@ -82,3 +83,82 @@ def test_graphs_that_do_not_fit_are_refused(graph, tmp_path):
     misplaced = CliRunner().invoke(cli, ["build-engine", str(tmp_path / "model.pt"), "--out", str(tmp_path / "e5"),
                                          "--metadata", str(tmp_path / "m.json")])
     assert misplaced.exit_code == 2
+
+
+class Softmaxed(nn.Module):
+    """A graph that ends in a softmax (or a sigmoid): probabilities, not logits."""
+
+    def __init__(self, net: nn.Module, sigmoid: bool = False) -> None:
+        super().__init__()
+        self.net, self.sigmoid = net, sigmoid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)
+        return torch.sigmoid(y) if self.sigmoid else torch.softmax(y, dim=1)
+
+
+def built(tmp_path, net, example, metadata, name):
+    export(net, example, tmp_path / f"{name}.onnx")
+    (tmp_path / f"{name}.json").write_text(json.dumps(metadata))
+    result = CliRunner().invoke(cli, ["build-engine", str(tmp_path / f"{name}.onnx"), "--out", str(tmp_path / name),
+                                      "--metadata", str(tmp_path / f"{name}.json"), "--backend", "onnxruntime",
+                                      "--precision", "fp32", "--parity-tiles", "2"])
+    assert result.exit_code == 0, result.output
+    return load_engine(tmp_path / name)
+
+
+def test_probability_sigmoid_and_2d_graphs(small_volume, tmp_path):
+    torch.manual_seed(1)
+    net = ThreeLayers().eval()
+    scan = nib.load(small_volume)
+    image, spacing = np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+    plain = built(tmp_path, net, torch.zeros(1, 1, 16, 16, 16), {"label_names": LABELS}, "logits")
+    expected = plain.segment(image, spacing)
+    # probabilities: log(p) is blended instead of logits, so labels may differ where windows overlap
+    soft = built(tmp_path, Softmaxed(net), torch.zeros(1, 1, 16, 16, 16),
+                 {"label_names": LABELS, "output": "probabilities"}, "soft")
+    assert np.mean(soft.segment(image, spacing) == expected) >= 0.99
+    # sigmoid regions: channel i is label order[i] where p > 0.5, later channels painted over earlier ones
+    regions = built(tmp_path, Softmaxed(net, sigmoid=True), torch.zeros(1, 1, 16, 16, 16),
+                    {"label_names": ["a", "b", "c"], "output": "sigmoid", "regions_class_order": [3, 1, 2]}, "sig")
+    assert regions.manifest.postprocessing["class_order"] == [3, 1, 2]
+    assert np.isin(np.unique(regions.segment(image, spacing)), [0, 1, 2, 3]).all()
+    logits = plain.manifest  # the same network's logits, thresholded by hand, give the same regions
+    with torch.no_grad():
+        tile = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 16, 16, 16)).astype(np.float32))
+        want = np.zeros((16, 16, 16), np.uint8)
+        for head, label in enumerate([3, 1, 2]):
+            want[net(tile)[0, head].numpy() > 0] = label
+    got = regions.predictor(tile.numpy())[0]
+    painted = np.zeros((16, 16, 16), np.uint8)
+    for head, label in enumerate([3, 1, 2]):
+        painted[got[head] > 0] = label
+    assert logits is not None and np.mean(painted == want) >= 0.999
+    # a 2D graph sliced along Z: each slice of the volume is one 2D tile, so labels equal slice-by-slice argmax
+    torch.manual_seed(2)
+    flat = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
+    x, y, _ = image.shape
+    engine = built(tmp_path, flat, torch.zeros(1, 1, x, y), {"label_names": LABELS, "slice_axis": 2,
+                                                             "normalization": {"scheme": "zscore", "mask": "none",
+                                                                               "outside": "transform"}}, "flat")
+    assert engine.spec.patch_size == (x, y, 1)
+    labels = engine.segment(image, spacing)
+    normalized = (image - image.mean()) / image.std()
+    with torch.no_grad():
+        slices = torch.from_numpy(np.ascontiguousarray(normalized.transpose(2, 0, 1)[:, None]))
+        want = flat(slices).argmax(1).numpy().transpose(1, 2, 0)
+    assert np.mean(labels == want) >= 0.999
+
+
+def test_sitk_axis_order_reverses_the_axes(small_volume, tmp_path):
+    torch.manual_seed(3)
+    net = ThreeLayers().eval()
+    scan = nib.load(small_volume)
+    image, spacing = np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+    nib_engine = built(tmp_path, net, torch.zeros(1, 1, 16, 16, 16), {"label_names": LABELS}, "nib")
+    sitk_engine = built(tmp_path, net, torch.zeros(1, 1, 16, 16, 16), {"label_names": LABELS, "axis_order": "reversed"},
+                        "sitk")
+    assert sitk_engine.spec.preprocessing["axis_order"] == "reversed"
+    # the network sees [Z, Y, X]: segmenting the reversed volume with the nibabel engine is the same thing
+    reversed_labels = nib_engine.segment(np.ascontiguousarray(image.transpose(2, 1, 0)), spacing[::-1])
+    assert np.mean(sitk_engine.segment(image, spacing) == reversed_labels.transpose(2, 1, 0)) >= 0.999
