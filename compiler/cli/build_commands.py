@@ -95,9 +95,10 @@ Examples:
 @click.option("--finetune-dataset", default=None, help="Dataset for --finetune-steps (default: the checkpoint's).")
 @click.option("--folds", multiple=True, default=None, metavar="FOLD...",
               help="nnU-Net model folder: folds to ensemble (logits averaged), e.g. --folds 0 1 2 or "
-                   "--folds 0,1,2 [default: 0].")
-@click.option("--checkpoint-name", type=click.Choice(["checkpoint_final.pth", "checkpoint_best.pth"]),
-              default="checkpoint_final.pth", show_default=True, help="nnU-Net model folder: which checkpoint of each fold.")
+                   "--folds 0,1,2 [default: every fold_N the folder has, printed].")
+@click.option("--checkpoint-name", default="checkpoint_final.pth", show_default=True, metavar="FILE",
+              help="nnU-Net model folder: the checkpoint file in each fold folder (any name, like nnUNetv2_predict -chk; "
+                   "e.g. checkpoint_best.pth).")
 @click.option("--workspace-mb", default=4096, show_default=True, type=click.IntRange(16),
               help="TensorRT: workspace memory pool limit.")
 @click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5),

@@ -11,6 +11,7 @@ from nnslim.compiler.cli.options import (
     TableChoice,
     backends,
     blending_modes,
+    probabilities_formats,
     window_rules,
     checked,
     devices,
@@ -108,6 +109,9 @@ asks for (.npz, preview) is missing.
 @click.option("--save-probabilities", is_flag=True,
               help="Also write CASE.npz beside each label map: key 'probabilities', float16 [classes, *label map "
                    "shape], softmax in the label map's geometry (argmax = the labels). Not for region-based engines.")
+@click.option("--probabilities-format", type=TableChoice(probabilities_formats), default="nnslim", show_default=True,
+              help="With --save-probabilities: nnslim (float16 [K, X, Y, Z]) or nnunet (nnU-Net's float32 CASE.npz in "
+                   "its axis order plus CASE.pkl, which nnUNetv2_ensemble and nnUNetv2_apply_postprocessing read).")
 @click.option("--preview", is_flag=True,
               help="Also draw a PNG per case (labels over the image): OUTPUT/previews/CASE.png and "
                    "OUTPUT/previews/index.html for a folder, OUTPUT_STEM.png beside a single output.")
@@ -171,7 +175,8 @@ def infer(**o: Any) -> None:
         results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
                                 existing=existing, on_case=report, part=part, batch=BatchOptions(
                                     io_workers=o["io_workers"], save_probabilities=o["save_probabilities"],
-                                    preview=o["preview"], log_jsonl=o["log_jsonl"]), runner=_ray_runner(o, engine))
+                                    probabilities_format=o["probabilities_format"], preview=o["preview"],
+                                    log_jsonl=o["log_jsonl"]), runner=_ray_runner(o, engine))
     except OptionConflict as exc:  # options that cannot do anything for these inputs: the command line must change
         raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
     failed = [r.name for r in results if r.error]
@@ -196,6 +201,8 @@ _IDLE_OPTIONS = (
      "drop it")),
     ("io_workers", lambda o: o["ray"] is None, ("with --ray", "each Ray actor reads, segments and writes its cases "
      "in turn: drop --io-workers")),
+    ("probabilities_format", lambda o: o["save_probabilities"], ("without --save-probabilities", "it is the format of "
+     "the probabilities: add --save-probabilities, or drop it")),
 )
 
 

@@ -80,6 +80,12 @@ def window_rules() -> tuple[str, ...]:
     return tuple(WINDOW_RULES)
 
 
+def probabilities_formats() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.cases.batch import PROBABILITIES_FORMATS
+
+    return PROBABILITIES_FORMATS
+
+
 def path_type(exists: bool = True, **kwargs) -> click.Path:
     return click.Path(exists=exists, path_type=Path, **kwargs)
 
@@ -136,7 +142,7 @@ def list_options_command(*names: str) -> type[click.Command]:
 def fold_names(folds: tuple[str, ...]) -> tuple[str, ...]:
     """Fold names from repeated --folds (see `list_options_command`), also `--folds=0,1,2`."""
     names = [f for group in folds for f in group.replace(",", " ").split()]
-    return tuple(names) or ("0",)
+    return tuple(names) or None
 
 
 def float_list(ctx, param, value):

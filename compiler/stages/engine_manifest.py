@@ -104,7 +104,7 @@ def engine_manifest(
         f"--batch {config.batch_size} --backend {config.backend} --precision {config.precision}"
     )
     if source.kind == "nnunet-v2":
-        command += f" --folds {' '.join(config.folds)} --checkpoint-name {config.nnunet_checkpoint}"
+        command += f" --folds {' '.join(source.details['folds'])} --checkpoint-name {config.nnunet_checkpoint}"
     return EngineManifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         backend=chosen["backend"],

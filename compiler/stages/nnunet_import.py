@@ -17,7 +17,9 @@ What this module does:
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from nnslim.training.unet import UNet
 
 __all__ = ["NnUNetImportError", "NnUNetModel", "is_model_folder", "load_checkpoint", "read_model_folder", "unet_config"]
 
-CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")
+CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth")  # nnU-Net's own; -chk takes any file name
 # nnU-Net's intensity normalization classes -> the runtime's per-channel scheme names
 NORMALIZATIONS = {
     "CTNormalization": "ct",
@@ -44,6 +46,8 @@ NORMALIZATIONS = {
 }
 # image readers whose arrays are the NIfTI voxel array with its axes reversed (SimpleITK order)
 READERS = ("SimpleITKIO", "NibabelIO")
+
+logger = logging.getLogger(__name__)
 
 
 class FoldEnsemble(nn.Module):
@@ -204,6 +208,7 @@ class NnUNetModel:
             "crop_to_nonzero": True,
             "resample": True,
             "tta_default": bool(self.mirror_axes),
+            "image_reader_writer": self.plans.get("image_reader_writer", "SimpleITKIO"),  # nnU-Net's .pkl form
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -264,6 +269,30 @@ def is_model_folder(path: Path) -> bool:
     return path.is_dir() and (path / "plans.json").is_file() and (path / "dataset.json").is_file()
 
 
+def check_checkpoint_name(name: str) -> str:
+    """A checkpoint file name (nnU-Net's `-chk`: any file in the fold folder), never a path."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise NnUNetImportError(f"checkpoint name {name!r} must be a file name inside each fold folder (e.g. "
+                                f"{CHECKPOINT_NAMES[0]}, {CHECKPOINT_NAMES[1]}), not a path")
+    return name
+
+
+def available_folds(folder: Path, checkpoint_name: str = "checkpoint_final.pth") -> tuple[str, ...]:
+    """nnslim's default folds: every `fold_N` holding the checkpoint, in order; `all` when there is no
+    numbered one. An error names what is there when there is neither."""
+    folder = Path(folder)
+    check_checkpoint_name(checkpoint_name)
+    numbered = sorted((int(m.group(1)) for p in folder.glob("fold_*")
+                       if (m := re.fullmatch(r"fold_(\d+)", p.name)) and (p / checkpoint_name).is_file()))
+    if numbered:
+        return tuple(str(n) for n in numbered)
+    if (folder / "fold_all" / checkpoint_name).is_file():
+        return ("all",)
+    present = sorted(p.name for p in folder.glob("fold_*") if p.is_dir())
+    raise NnUNetImportError(f"{folder.name} has no fold folder holding {checkpoint_name} (fold folders: "
+                            f"{present or 'none'}); train a fold, or pass the checkpoint name its folds hold")
+
+
 def _fold_checkpoints(folder: Path, folds: tuple[str, ...], checkpoint_name: str) -> tuple[dict, dict]:
     """Each fold's checkpoint (loaded weights-only) and its file, or an error naming what is there."""
     checkpoints, files = {}, {}
@@ -281,13 +310,16 @@ def _fold_checkpoints(folder: Path, folds: tuple[str, ...], checkpoint_name: str
 
 
 def read_model_folder(
-    folder: str | Path, folds: tuple[str, ...] = ("0",), checkpoint_name: str = "checkpoint_final.pth"
+    folder: str | Path, folds: tuple[str, ...] | None = None, checkpoint_name: str = "checkpoint_final.pth"
 ) -> NnUNetModel:
-    """Read and check an nnU-Net v2 model folder; `folds` like ("0", "1") or ("all",)."""
+    """Read and check an nnU-Net v2 model folder; `folds` like ("0", "1") or ("all",), None: every
+    fold it has (`available_folds`); `checkpoint_name` any file name in the fold folders."""
     folder = Path(folder)
     plans, dataset = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
-    if checkpoint_name not in CHECKPOINT_NAMES:
-        raise NnUNetImportError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {checkpoint_name!r}")
+    check_checkpoint_name(checkpoint_name)
+    if folds is None:
+        folds = available_folds(folder, checkpoint_name)
+        logger.warning("folds: %s (every fold of %s holding %s)", " ".join(folds), folder.name, checkpoint_name)
     if not folds:
         raise NnUNetImportError("give at least one fold")
     reader = plans.get("image_reader_writer", "SimpleITKIO")

@@ -42,7 +42,7 @@ class BuildConfig:
     pass_parity: bool = True  # check ONNX Runtime parity after every graph pass
     prune: PruneSettings = PruneSettings()
     opset: int = 18
-    folds: tuple[str, ...] = ("0",)  # nnU-Net model folders: folds to ensemble
+    folds: tuple[str, ...] | None = None  # nnU-Net model folders: folds to ensemble (None: every fold there)
     nnunet_checkpoint: str = "checkpoint_final.pth"
     calibration: tuple[Path, ...] = ()  # int8 calibration volumes (default: the parity volume)
     calibration_tiles: int = 4  # per calibration volume

@@ -48,12 +48,13 @@ class Source:
     graph: bytes | None = None  # an ONNX source's graph, written as the export (`onnx_source`)
 
 
-def load_source(path: str | Path, folds: tuple[str, ...] = ("0",), checkpoint_name: str = "checkpoint_final.pth") -> Source:
+def load_source(path: str | Path, folds: tuple[str, ...] | None = None,
+                checkpoint_name: str = "checkpoint_final.pth") -> Source:
     """Read an nnslim checkpoint, or import an nnU-Net v2 model folder (`nnslim.compiler.stages.nnunet_import`).
 
     Args:
-        folds / checkpoint_name: nnU-Net model folders only: the folds to ensemble and the file to
-            read in each fold folder.
+        folds / checkpoint_name: nnU-Net model folders only: the folds to ensemble (None: every fold
+            the folder has) and the file to read in each fold folder.
     """
     path = Path(path)
     if path.is_dir():
@@ -101,7 +102,7 @@ def reference_predictor(engine: Any, checkpoint: str | Path) -> Any:
     checkpoint name its manifest records) on the engine's device, refused when it cannot be the
     model the engine was built from (`check_same_model`)."""
     recorded = engine.manifest.source
-    source = load_source(checkpoint, tuple(recorded.get("folds") or ("0",)),
+    source = load_source(checkpoint, tuple(recorded["folds"]) if recorded.get("folds") else None,
                          recorded.get("checkpoint_name", "checkpoint_final.pth"))
     check_same_model(engine, source, checkpoint)
     return TorchPredictor(source.model, device=getattr(engine.predictor, "device", "cpu"))

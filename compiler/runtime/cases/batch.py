@@ -36,6 +36,9 @@ Case = TypeVar("Case")
 Result = TypeVar("Result")
 
 
+PROBABILITIES_FORMATS = ("nnslim", "nnunet")  # BatchOptions.probabilities_format
+
+
 @dataclass(frozen=True)
 class BatchOptions:
     """What a run writes beside the label maps, and how it overlaps I/O with compute.
@@ -44,12 +47,15 @@ class BatchOptions:
         io_workers: 0 runs read, compute and write one after the other; N >= 1 reads one case
             ahead in a thread and writes with N threads (module docstring).
         save_probabilities: also write `CASE.npz` (`nnslim.compiler.runtime.probabilities`).
+        probabilities_format: "nnslim" (float16 `[K, X, Y, Z]`) or "nnunet" (nnU-Net's float32 `.npz`
+            and `.pkl`, which its ensembling and post-processing read: `nnunet_files`).
         preview: also write a PNG per case (folder: `OUTPUT/previews/CASE.png` and `index.html`).
         log_jsonl: append one JSON line per case here (`log.CaseLog`).
     """
 
     io_workers: int = 1
     save_probabilities: bool = False
+    probabilities_format: str = "nnslim"
     preview: bool = False
     log_jsonl: Path | None = None
 

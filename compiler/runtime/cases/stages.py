@@ -43,6 +43,8 @@ from nnslim.compiler.runtime.segmentation import (
     segment_prepared,
     window_config,
 )
+from nnslim.compiler.runtime.cases import nnunet_files
+from nnslim.compiler.runtime.cases.nnunet_files import crop_record
 from nnslim.compiler.runtime.volumes.header import Geometry
 from nnslim.compiler.runtime.safety import printable
 from nnslim.compiler.runtime.volumes.layout import beside
@@ -93,6 +95,7 @@ class _Computed:
     spacing: tuple[float, ...]
     image: np.ndarray | None
     segmentation: Segmentation
+    crop: dict[str, Any] = field(default_factory=dict)  # nnU-Net's crop keys (`nnunet_files.crop_record`)
 
 
 def previews_folder(output: Path, folder: bool, batch: BatchOptions) -> Path | None:
@@ -171,7 +174,9 @@ class CaseStages:
     def compute(self, plan: CasePlan, read: _Read) -> _Computed:
         segmentation = segment_prepared(read.prepared, read.name, self.predictor, self.spec, self.options,
                                         self.batch.save_probabilities)
-        return _Computed(read.started, read.name, read.geometry, read.spacing, read.image, segmentation)
+        prepared = read.prepared
+        return _Computed(read.started, read.name, read.geometry, read.spacing, read.image, segmentation,
+                         crop_record(prepared.full_shape, prepared.box, prepared.cropped_shape))
 
     def write(self, plan: CasePlan, computed: _Computed) -> CaseResult:
         labels, report = computed.segmentation.labels, computed.segmentation.report
@@ -180,8 +185,7 @@ class CaseStages:
                             label_voxels=self._label_voxels(labels), started=computed.started)
         try:
             if computed.segmentation.probabilities is not None:
-                result.probabilities = save_probabilities(computed.segmentation.probabilities,
-                                                          beside(plan.target, PROBABILITIES_SUFFIX))
+                result.probabilities = self._save_probabilities(plan, computed)
             result.preview = self._preview(plan, computed)
             result.output = save_segmentation(labels, computed.geometry, plan.target)
         except BaseException:  # a failed case has no output: not half of one either
@@ -193,6 +197,19 @@ class CaseStages:
         if self.provenance is not None:
             self._record(plan, result, computed.started)
         return result
+
+    def _save_probabilities(self, plan: CasePlan, computed: _Computed) -> Path:
+        """`CASE.npz` in the asked format (`BatchOptions.probabilities_format`); nnU-Net's brings `CASE.pkl`."""
+        npz = beside(plan.target, PROBABILITIES_SUFFIX)
+        if self.batch.probabilities_format != "nnunet":
+            return save_probabilities(computed.segmentation.probabilities, npz)
+        reader = str((self.spec.preprocessing or {}).get("image_reader_writer") or "SimpleITKIO")
+        try:
+            return nnunet_files.save(computed.segmentation.probabilities,
+                                     nnunet_files.properties(computed.geometry, computed.crop, reader), npz)[0]
+        except BaseException:
+            npz.with_suffix(".pkl").unlink(missing_ok=True)
+            raise
 
     def _record(self, plan: CasePlan, result: CaseResult, started: float) -> None:
         """The case's record; the label map is whole without it (a missing record only means that

@@ -71,6 +71,10 @@ def make_plans(configuration: str, kwargs: dict, patch: list[int], spacing: list
                 "resampling_fn_data": "resample_data_or_seg_to_shape",
                 "resampling_fn_seg": "resample_data_or_seg_to_shape",
                 "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, "order_z": 0, "force_separate_z": None},
+                "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, "order_z": 0,
+                                                       "force_separate_z": None},
                 "architecture": {
                     "network_class_name": f"dynamic_network_architectures.architectures.unet.{name}",
                     "arch_kwargs": kwargs,
@@ -229,8 +233,11 @@ def checkpoint_dict(sd: dict, plans: dict, configuration: str, fold: int, mirror
 
 
 def write_model_folder(root: Path, *, dims: int = 3, residual: bool = False, folds=(0,), patch=None,
-                       spacing=None, mirror_axes=None, normalization: str = "CTNormalization") -> dict:
-    """Write `root` as an nnU-Net results folder; returns what the test needs to check it."""
+                       spacing=None, mirror_axes=None, normalization: str = "CTNormalization",
+                       decisive: float = 1.0) -> dict:
+    """Write `root` as an nnU-Net results folder; returns what the test needs to check it.
+    `decisive` scales the segmentation heads, so that argmax is rarely a near-tie (random weights
+    otherwise give classes within 1% of each other, where nnU-Net's fp16 accumulator decides)."""
     configuration = "2d" if dims == 2 else "3d_fullres"
     patch = patch or ([32, 32] if dims == 2 else [16, 24, 24])
     spacing = spacing or ([1.0, 1.0] if dims == 2 else [2.0, 1.0, 1.0])
@@ -243,6 +250,8 @@ def write_model_folder(root: Path, *, dims: int = 3, residual: bool = False, fol
     weights = {}
     for fold in folds:
         sd = nnunet_state_dict(kwargs, residual, 1, 3, seed=100 + fold)
+        for key in [k for k in sd if k.startswith("decoder.seg_layers.")]:
+            sd[key] = sd[key] * decisive
         (root / f"fold_{fold}").mkdir(exist_ok=True)
         torch.save(checkpoint_dict(sd, plans, configuration, fold, mirror_axes),
                    root / f"fold_{fold}" / "checkpoint_final.pth")

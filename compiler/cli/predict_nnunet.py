@@ -1,0 +1,170 @@
+"""`nnslim-predict-nnunet`: nnU-Net v2's `nnUNetv2_predict`, with its arguments, its output folder and
+its numbers, on an nnslim engine.
+
+    nnUNetv2_predict       -i imagesTs -o predictions -d 3 -c 3d_fullres
+    nnslim-predict-nnunet  -i imagesTs -o predictions -d 3 -c 3d_fullres
+
+The arguments are nnU-Net's (argparse, single-dash long flags). The model folder is found as nnU-Net
+finds it: `$nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION`, `-d` a dataset id or name.
+The first run builds an engine for this machine (the fastest candidate inside its gate, as
+`build-engine --precision auto` does) into nnslim's engine cache, keyed by the model files' sha256,
+folds, checkpoint, machine and nnslim version (`stages.engine_cache`); later runs reuse it. Then the
+folder is segmented and written as nnU-Net writes it: segmentations in the dataset's file ending with
+the input's geometry, `dataset.json`, `plans.json`, `predict_from_raw_data_args.json`, and with
+`--save_probabilities` nnU-Net's `.npz` and `.pkl` (`runtime.cases.nnunet_files`).
+
+nnslim's own option: `--precision` (default auto; fp32 for the closest agreement with nnU-Net).
+
+Differences, stated: `-f` defaults to every `fold_N` the model folder has (nnU-Net: 0 1 2 3 4,
+an error when one is missing), printed; the window accumulates in fp32 where nnU-Net's predictor
+accumulates in fp16 (at a volume's edges and corners, where every window's Gaussian weight is
+below fp16's normal range, nnU-Net's logits are rounding noise; nnslim's are not); `-npp` / `-nps` size nnslim's I/O threads (at most 8);
+`-device cuda` on a machine without a usable GPU runs on the CPU with a warning; cascades
+(`-prev_stage_predictions`) are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from nnslim.errors import InputError, SettingsError
+
+logger = logging.getLogger(__name__)
+
+
+def parser() -> argparse.ArgumentParser:
+    """`nnUNetv2_predict`'s arguments (nnU-Net v2.8), with nnslim's help."""
+    p = argparse.ArgumentParser(
+        prog="nnslim-predict-nnunet", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="nnUNetv2_predict on an nnslim engine: the same arguments, output folder and numbers, faster.",
+        epilog="examples:\n"
+               "  nnslim-predict-nnunet -i imagesTs -o predictions -d 3 -c 3d_fullres\n"
+               "  nnslim-predict-nnunet -i imagesTs -o predictions -d Dataset003_Liver -c 3d_fullres -f 0 1 "
+               "--save_probabilities\n"
+               "  nnslim-predict-nnunet -i imagesTs -o predictions -d 3 -c 2d -chk checkpoint_best.pth --disable_tta\n"
+               "The engine is cached under $NNSLIM_CACHE/engines (default ~/.cache/nnslim/engines).")
+    p.add_argument("-i", required=True, help="input folder (nnU-Net's channel files CASE_0000.nii.gz, ...)")
+    p.add_argument("-o", required=True, help="output folder (created if missing)")
+    p.add_argument("-d", required=True, help="dataset id or name (3, 003 or Dataset003_Liver)")
+    p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
+    p.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
+    p.add_argument("-c", required=True, help="configuration (2d, 3d_fullres, 3d_lowres, ...)")
+    p.add_argument("-f", nargs="+", default=None, help="folds (default: every fold_N of the model folder)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
+    p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
+    p.add_argument("--verbose", action="store_true", help="log what is done")
+    p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's CASE.npz and CASE.pkl")
+    p.add_argument("--continue_prediction", "--c", action="store_true", help="skip cases whose output exists")
+    p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
+    p.add_argument("-npp", type=int, default=int(os.environ.get("nnUNet_npp", 3)), help="preprocessing workers")
+    p.add_argument("-nps", type=int, default=int(os.environ.get("nnUNet_nps", 3)), help="export workers")
+    p.add_argument("-prev_stage_predictions", default=None, help="cascades: not supported (refused)")
+    p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
+    p.add_argument("-part_id", type=int, default=0, help="which part this run segments (0 .. num_parts - 1)")
+    p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="cuda (default) or cpu")
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
+    p.add_argument("--not_on_device", action="store_true", help="accepted for compatibility; nnslim decides itself")
+    p.add_argument("--precision", default="auto", choices=precision_choices(),
+                   help="nnslim's own: the engine's precision (default auto: the fastest inside its agreement gate "
+                        "with PyTorch; fp32 for the closest agreement with nnU-Net)")
+    return p
+
+
+def precision_choices() -> tuple[str, ...]:
+    from nnslim.compiler.runtime.precision import PRECISIONS
+
+    return ("auto", *PRECISIONS)
+
+
+def dataset_folder(results: Path, dataset: str) -> Path:
+    """nnU-Net's rule: `-d` is a dataset name (`Dataset003_Liver`) or its id (3, 003)."""
+    if re.fullmatch(r"\d+", dataset):
+        matches = sorted(results.glob(f"Dataset{int(dataset):03d}_*"))
+        if len(matches) != 1:
+            found = "no folder" if not matches else f"{len(matches)} folders ({', '.join(m.name for m in matches)})"
+            raise InputError(f"-d {dataset}: $nnUNet_results ({results}) has {found} named Dataset{int(dataset):03d}_*")
+        return matches[0]
+    if not (results / dataset).is_dir():
+        raise InputError(f"-d {dataset}: no such dataset folder in $nnUNet_results ({results})")
+    return results / dataset
+
+
+def model_folder(args: argparse.Namespace) -> Path:
+    """The trained model's folder from `$nnUNet_results` and -d, -tr, -p, -c."""
+    results = os.environ.get("nnUNet_results")
+    if not results:
+        raise SettingsError("$nnUNet_results is not set; set it to the folder nnU-Net trained into, as for "
+                            "nnUNetv2_predict")
+    folder = dataset_folder(Path(results), args.d) / f"{args.tr}__{args.p}__{args.c}"
+    if not folder.is_dir():
+        raise InputError(f"no trained model at {folder} (trainer {args.tr}, plans {args.p}, configuration {args.c})")
+    return folder
+
+
+def _arguments_record(args: argparse.Namespace, output: Path) -> dict[str, Any]:
+    """`predict_from_raw_data_args.json` with nnU-Net's keys (`predict_from_files`'s parameters)."""
+    return {"list_of_lists_or_source_folder": args.i, "output_folder_or_list_of_truncated_output_files": str(output),
+            "save_probabilities": args.save_probabilities, "overwrite": not args.continue_prediction,
+            "num_processes_preprocessing": args.npp, "num_processes_segmentation_export": args.nps,
+            "folder_with_segs_from_prev_stage": None, "num_parts": args.num_parts, "part_id": args.part_id}
+
+
+def run(args: argparse.Namespace) -> int:
+    """Resolve, build or reuse the engine, segment the folder; the exit code."""
+    from nnslim.compiler.runtime.cases.batch import BatchOptions
+    from nnslim.compiler.runtime.cases.nnunet_files import write_provenance
+    from nnslim.compiler.runtime.engine import load_engine
+    from nnslim.compiler.runtime.segmentation import InferenceOptions
+    from nnslim.compiler.stages.engine_cache import cached_engine
+
+    if args.prev_stage_predictions is not None:
+        raise SettingsError("-prev_stage_predictions: cascades (3d_cascade_fullres) are not supported by nnslim yet; "
+                            "run nnUNetv2_predict for them")
+    if not 0 <= args.part_id < args.num_parts:
+        raise SettingsError(f"-part_id {args.part_id} must be in 0 .. -num_parts - 1 ({args.num_parts - 1})")
+    if not 0 < args.step_size <= 1:
+        raise SettingsError(f"-step_size must be in (0, 1], got {args.step_size}")
+    folder, inputs, output = model_folder(args), Path(args.i), Path(args.o)
+    if not inputs.is_dir():
+        raise InputError(f"-i {inputs} is not a folder of cases")
+    device = "cpu" if args.device == "cpu" else "auto"  # auto: the GPU when the engine can use one here
+    engine_dir = cached_engine(folder, args.f, args.chk, inputs, args.precision)
+    engine = load_engine(engine_dir, device=device)
+    if args.device != "cpu" and getattr(engine.predictor, "device", "cpu") == "cpu":
+        logger.warning("-device %s: no GPU this engine can use here; running on the CPU", args.device)
+    print(f"nnslim-predict-nnunet: {folder.name}, folds {' '.join(engine.manifest.source.get('folds') or [])}, "
+          f"{engine.runtime.label} engine ({engine_dir})", file=sys.stderr)
+    write_provenance(output, folder, _arguments_record(args, output))
+    options = InferenceOptions(step_fraction=args.step_size, mirror=not args.disable_tta,
+                               progress=not args.disable_progress_bar)
+    batch = BatchOptions(io_workers=max(1, min(8, args.nps)), save_probabilities=args.save_probabilities,
+                         probabilities_format="nnunet")
+    with engine:
+        results = engine.segment_files([inputs], output, options=options, part=(args.part_id, args.num_parts),
+                                       existing="continue" if args.continue_prediction else "overwrite", batch=batch)
+    failed = [r for r in results if r.status == "failed"]
+    for result in failed:
+        print(f"{result.name}: FAILED ({result.error})", file=sys.stderr)
+    return 4 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script: nnU-Net's arguments (exit 2 on a usage error, as argparse does); errors as
+    nnslim's CLI reports them (`boundary.translate`: exit 1, or 3 for a bug); 4 when some cases failed."""
+    from nnslim.compiler.cli.boundary import translate
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        code = run(args)
+    except Exception as exc:  # the boundary: every error becomes one report and an exit code
+        report = translate(exc, verbose=1 if args.verbose else 0)
+        report.show()
+        code = report.exit_code
+    sys.exit(code)
