@@ -39,7 +39,8 @@ def __getattr__(name: str):
 
         engine = nnslim.load_engine("engines/brain")        # verifies hashes, picks the backend
         labels = engine.segment(array, spacing=(1.0, 1.0, 1.0))
-        labels, probabilities = engine.segment(array, return_probabilities=True)  # + float16 [K, *array.shape]
+        labels, probabilities = engine.segment(array, "engine", return_probabilities=True)  # training spacing
+        labels = engine.segment(sitk_array, spacing[::-1], axis_order="sitk")  # SimpleITK's / nnU-Net's [Z, Y, X]
         results = nnslim.segment_files(engine, [Path("scans/")], Path("segs/"))
         nnslim.build_engine("model.pt", "engines/brain")    # or an nnU-Net folder, or an nn.Module + metadata
     """

@@ -222,10 +222,10 @@ def test_api_one_case_refuses_folder_options(engine, tmp_path, kwargs, message):
 def test_api_complex_and_structured_voxels(engine):
     image = np.random.default_rng(0).normal(100, 20, (20, 20, 20))
     with pytest.raises(InputError, match="holds complex voxels"):
-        engine.segment(image * (1 + 1j))
+        engine.segment(image * (1 + 1j), "engine")
     with pytest.raises(InputError, match="non-numeric"):
-        engine.segment(image.astype(object))
-    assert engine.segment(image).shape == (20, 20, 20)
+        engine.segment(image.astype(object), "engine")
+    assert engine.segment(image, "engine").shape == (20, 20, 20)
 
 
 def test_api_direction_matrix(tmp_path):

@@ -258,4 +258,4 @@ def test_load_engine_with_an_unusable_cache_still_opens(tiny_engine, monkeypatch
     monkeypatch.setenv("NNSLIM_CACHE", str(tmp_path / "a-file"))
     (tmp_path / "a-file").write_text("")
     engine = load_engine(tiny_engine, backend="openvino")
-    assert engine.segment(np.ones((20, 20, 20), np.float32)).shape == (20, 20, 20)
+    assert engine.segment(np.ones((20, 20, 20), np.float32), "engine").shape == (20, 20, 20)

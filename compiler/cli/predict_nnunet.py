@@ -13,7 +13,9 @@ folder is segmented and written as nnU-Net writes it: segmentations in the datas
 the input's geometry, `dataset.json`, `plans.json`, `predict_from_raw_data_args.json`, and with
 `--save_probabilities` nnU-Net's `.npz` and `.pkl` (`runtime.cases.nnunet_files`).
 
-nnslim's own option: `--precision` (default auto; fp32 for the closest agreement with nnU-Net).
+nnslim's own options: `--precision` (default auto; fp32 for the closest agreement with nnU-Net)
+and `-pp_pkl_file` (nnU-Net's postprocessing.pkl, applied to the segmentations as
+`nnUNetv2_apply_postprocessing` applies it: `runtime.nnunet_postprocessing`).
 
 Differences, stated: `-f` defaults to every `fold_N` the model folder has (nnU-Net: 0 1 2 3 4,
 an error when one is missing), printed; the window accumulates in fp32 where nnU-Net's predictor
@@ -32,6 +34,8 @@ import re
 import sys
 from pathlib import Path
 from typing import Any
+
+import click
 
 from nnslim.errors import InputError, SettingsError
 
@@ -70,6 +74,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="cuda (default) or cpu")
     p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
     p.add_argument("--not_on_device", action="store_true", help="accepted for compatibility; nnslim decides itself")
+    p.add_argument("-pp_pkl_file", default=None,
+                   help="nnslim's own: apply this postprocessing.pkl (from nnUNetv2_find_best_configuration) to the "
+                        "segmentations, as nnUNetv2_apply_postprocessing would; read with an allow-list, never unpickled")
     p.add_argument("--precision", default="auto", choices=precision_choices(),
                    help="nnslim's own: the engine's precision (default auto: the fastest inside its agreement gate "
                         "with PyTorch; fp32 for the closest agreement with nnU-Net)")
@@ -133,24 +140,32 @@ def run(args: argparse.Namespace) -> int:
     folder, inputs, output = model_folder(args), Path(args.i), Path(args.o)
     if not inputs.is_dir():
         raise InputError(f"-i {inputs} is not a folder of cases")
+    steps: tuple[dict, ...] = ()
+    if args.pp_pkl_file:
+        from nnslim.compiler.runtime.nnunet_postprocessing import read_steps
+
+        if not Path(args.pp_pkl_file).is_file():
+            raise InputError(f"-pp_pkl_file {args.pp_pkl_file} is not a file (nnU-Net writes postprocessing.pkl into "
+                             "the crossval_results_folds_* folder of nnUNetv2_find_best_configuration)")
+        steps = tuple(read_steps(args.pp_pkl_file))
     device = "cpu" if args.device == "cpu" else "auto"  # auto: the GPU when the engine can use one here
     engine_dir = cached_engine(folder, args.f, args.chk, inputs, args.precision)
     engine = load_engine(engine_dir, device=device)
     if args.device != "cpu" and getattr(engine.predictor, "device", "cpu") == "cpu":
         logger.warning("-device %s: no GPU this engine can use here; running on the CPU", args.device)
-    print(f"nnslim-predict-nnunet: {folder.name}, folds {' '.join(engine.manifest.source.get('folds') or [])}, "
-          f"{engine.runtime.label} engine ({engine_dir})", file=sys.stderr)
+    click.echo(f"nnslim-predict-nnunet: {folder.name}, folds {' '.join(engine.manifest.source.get('folds') or [])}, "
+               f"{engine.runtime.label} engine ({engine_dir})", err=True)
     write_provenance(output, folder, _arguments_record(args, output))
     options = InferenceOptions(step_fraction=args.step_size, mirror=not args.disable_tta,
                                progress=not args.disable_progress_bar)
     batch = BatchOptions(io_workers=max(1, min(8, args.nps)), save_probabilities=args.save_probabilities,
-                         probabilities_format="nnunet")
+                         probabilities_format="nnunet", label_steps=steps)
     with engine:
         results = engine.segment_files([inputs], output, options=options, part=(args.part_id, args.num_parts),
                                        existing="continue" if args.continue_prediction else "overwrite", batch=batch)
     failed = [r for r in results if r.status == "failed"]
     for result in failed:
-        print(f"{result.name}: FAILED ({result.error})", file=sys.stderr)
+        click.echo(f"{result.name}: FAILED ({result.error})", err=True)
     return 4 if failed else 0
 
 

@@ -93,37 +93,97 @@ class Engine:
                               "be pickled; pass the engine directory and open it with load_engine where it is used")
         return _reopen, (str(self.directory), self.opened_with)
 
-    def segment(self, image: Any, spacing: tuple[float, float, float] | None = None,
-                options: InferenceOptions | None = None,
-                return_probabilities: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    def segment(self, image: Any, spacing: tuple[float, float, float] | str | None = None,
+                options: InferenceOptions | None = None, return_probabilities: bool = False,
+                axis_order: str = "nibabel") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Labels for an in-memory image, with the same numerics as `nnslim infer` and no file I/O.
 
         Args:
-            image: `[X, Y, Z]` (one channel) or `[C, X, Y, Z]`, numpy or torch, in the array axes
-                nibabel gives for the scan.
-            spacing: voxel size in mm along those axes (None: the engine's training spacing, or 1 mm).
+            image: numpy or torch, in `axis_order`: "nibabel" (default) `[X, Y, Z]` or `[C, X, Y, Z]`,
+                the array nibabel gives for a NIfTI file; "sitk" (also "nnunet") `[Z, Y, X]` or
+                `[C, Z, Y, X]`, the array SimpleITK's `GetArrayFromImage` gives and nnU-Net's
+                `predict_single_npy_array` takes.
+            spacing: voxel size in mm along the image's axes, in the same order: nibabel's
+                `header.get_zooms()[:3]`, or SimpleITK's `GetSpacing()[::-1]` (nnU-Net's
+                `properties["spacing"]`). Required: "engine" asks for the engine's training
+                spacing (no resampling) by name; None is an error, never silently a guess.
             options: window settings (default: no progress bar).
             return_probabilities: also return the class probabilities (`probabilities` module).
 
         Returns:
-            uint8 labels `[X, Y, Z]`; with `return_probabilities`, `(labels, probabilities)` with
-            float16 probabilities `[K, X, Y, Z]` whose argmax over K is the labels (ties aside).
+            uint8 labels in the image's axis order (`[X, Y, Z]`, or `[Z, Y, X]` for "sitk"); with
+            `return_probabilities`, `(labels, probabilities)`, float16 `[K, *labels.shape]`
+            whose argmax over K is the labels (ties aside).
 
         Raises:
-            InputError: what `nnslim infer` refuses too: wrong channels, NaN voxels, a voxel size
-                outside (0, 1e4] mm or one that resamples an axis to nothing, a case whose
-                segmentation would not fit in this machine's memory (`segmentation.check_fits`).
+            InputError: what `nnslim infer` refuses too (wrong channels, NaN voxels, a voxel size
+                outside (0, 1e4] mm or one that resamples an axis to nothing, a case that would not
+                fit in memory: `segmentation.check_fits`), a missing spacing or an unknown axis order.
         """
-        volume = volume_from_array(image, spacing or self.spec.spacing or (1.0, 1.0, 1.0), self.spec.in_channels)
+        reverse = _reversed_axes(axis_order)
+        spacing = self._spacing(spacing, reverse)
+        if reverse:  # to nibabel's order, which the engine's preprocessing starts from
+            image = _reverse_spatial(image)
+        volume = volume_from_array(image, spacing, self.spec.in_channels)
         result = segment_prepared(prepare_volume(volume, self.spec), volume.name, self.predictor, self.spec,
                                   options or InferenceOptions(progress=False), return_probabilities)
-        return (result.labels, result.probabilities) if return_probabilities else result.labels
+        labels, probabilities = result.labels, result.probabilities
+        if reverse:
+            labels = np.ascontiguousarray(labels.transpose(2, 1, 0))
+            probabilities = None if probabilities is None else probabilities.transpose(0, 3, 2, 1)
+        return (labels, probabilities) if return_probabilities else labels
+
+    def predict_single_npy_array(self, input_image: np.ndarray, image_properties: dict,
+                                 segmentation_previous_stage: Any = None, output_file_truncated: Any = None,
+                                 save_or_return_probabilities: bool = False) -> Any:
+        """nnU-Net's `nnUNetPredictor.predict_single_npy_array`: `input_image` `[C, Z, Y, X]` as
+        SimpleITK reads it, `image_properties["spacing"]` `[sz, sy, sx]`; returns the labels `[Z, Y, X]`
+        (and float16 probabilities `[K, Z, Y, X]` with `save_or_return_probabilities`). Writing files
+        and cascades are nnU-Net's alone: `output_file_truncated` and `segmentation_previous_stage`
+        are refused."""
+        if segmentation_previous_stage is not None or output_file_truncated is not None:
+            raise InputError("predict_single_npy_array: cascades (segmentation_previous_stage) and writing files "
+                             "(output_file_truncated) are not supported; segment, then write the result yourself")
+        if not isinstance(image_properties, dict) or "spacing" not in image_properties:
+            raise InputError("predict_single_npy_array needs image_properties['spacing'] ([sz, sy, sx] in mm), as "
+                             "nnU-Net's SimpleITKIO.read_images returns it")
+        return self.segment(input_image, tuple(image_properties["spacing"]), axis_order="sitk",
+                            return_probabilities=save_or_return_probabilities)
+
+    def _spacing(self, spacing: Any, reverse: bool) -> tuple[float, ...]:
+        """The voxel size in nibabel's axis order (`segment`)."""
+        if isinstance(spacing, str) and spacing == "engine":
+            return tuple(self.spec.spacing or (1.0, 1.0, 1.0))
+        if spacing is None or isinstance(spacing, str):
+            raise InputError(f"spacing is {spacing!r}: pass the voxel size in mm along the image's axes (nibabel: "
+                             "header.get_zooms()[:3]; axis_order='sitk': GetSpacing()[::-1]), or spacing='engine' for "
+                             f"the engine's training spacing {tuple(self.spec.spacing) if self.spec.spacing else '(none: 1 mm)'}")
+        spacing = tuple(float(v) for v in spacing)
+        return spacing[::-1] if reverse else spacing
 
     def segment_files(self, inputs: list[Path], output: Path, **kwargs: Any) -> list:
         """`nnslim infer` from Python: see `nnslim.compiler.runtime.cases.run.segment_files`."""
         from nnslim.compiler.runtime.cases.run import segment_files
 
         return segment_files(self, inputs, output, **kwargs)
+
+
+AXIS_ORDERS = {"nibabel": False, "sitk": True, "nnunet": True}  # name -> the spatial axes are reversed
+
+
+def _reversed_axes(axis_order: str) -> bool:
+    if axis_order not in AXIS_ORDERS:
+        raise InputError(f"axis_order must be one of {tuple(AXIS_ORDERS)}, got {axis_order!r}")
+    return AXIS_ORDERS[axis_order]
+
+
+def _reverse_spatial(image: Any) -> Any:
+    """`[Z, Y, X]` or `[C, Z, Y, X]` (numpy or torch) with its spatial axes reversed."""
+    ndim = image.ndim
+    if ndim not in (3, 4):
+        raise InputError(f"image has shape {tuple(image.shape)}; expected [Z, Y, X] or [C, Z, Y, X]")
+    order = (2, 1, 0) if ndim == 3 else (0, 3, 2, 1)
+    return image.permute(*order) if hasattr(image, "permute") else np.transpose(image, order)
 
 
 def load_engine(engine_dir: str | Path, threads: int = 0, device: str = "cpu", ort_tensorrt: bool = False,

@@ -194,11 +194,13 @@ def _key_differences(expected: dict[str, Any], got: dict[str, Any]) -> tuple[lis
 
 def window_rules(config: dict[str, Any]) -> tuple[WindowRules, tuple[int, ...] | None, int | None]:
     """The inferer as window rules, with its roi_size and sw_batch_size (None where not given)."""
-    inferer = resolve(config.get("inferer"), config, "inferer")
+    inferer = follow(config.get("inferer"), config, "inferer")
     if not isinstance(inferer, dict) or str(inferer.get("_target_", "")).rsplit(".", 1)[-1] != "SlidingWindowInferer":
         target = inferer.get("_target_") if isinstance(inferer, dict) else inferer
         raise BundleError(f"the inferer is {target!r}; nnslim reproduces MONAI's SlidingWindowInferer (a tiled "
                           "engine needs a window size)")
+    read = ("roi_size", "sw_batch_size", "overlap", "mode", "sigma_scale", "padding_mode", "cval")
+    inferer = resolve({k: inferer[k] for k in read if k in inferer}, config, "inferer")  # devices etc. never evaluated
     overlap = _one_value(inferer.get("overlap", 0.25), "inferer.overlap")
     sigma = _one_value(inferer.get("sigma_scale", 0.125), "inferer.sigma_scale")
     mode = str(inferer.get("mode", "constant"))

@@ -54,10 +54,19 @@ def _transforms(config: dict[str, Any], section: str) -> list[dict[str, Any]]:
     return listed
 
 
-def _arguments(transform: dict[str, Any], config: dict[str, Any], where: str) -> dict[str, Any]:
+# the arguments nnslim reads, per transform; the others (dtype, device, meta keys, ...) are never evaluated
+_READ = {"Orientation": ("axcodes", "labels"), "Spacing": ("pixdim",),
+         "ScaleIntensityRange": ("a_min", "a_max", "b_min", "b_max", "clip"),
+         "NormalizeIntensity": ("nonzero", "channel_wise", "subtrahend", "divisor"),
+         "Activations": ("softmax", "sigmoid", "other"), "AsDiscrete": ("argmax", "threshold")}
+
+
+def _arguments(transform: dict[str, Any], name: str, config: dict[str, Any], where: str) -> dict[str, Any]:
+    """The arguments nnslim reads of a transform (`_READ`), references and literals resolved."""
     from nnslim.compiler.stages.monai_bundle import resolve
 
-    return resolve(transform, config, where)
+    read = {k: transform[k] for k in _READ.get(name, ()) if k in transform}
+    return {**{k: v for k, v in transform.items() if k not in _READ.get(name, ())}, **resolve(read, config, where)}
 
 
 def read_preprocessing(config: dict[str, Any], key: str = "image") -> dict[str, Any]:
@@ -71,7 +80,7 @@ def read_preprocessing(config: dict[str, Any], key: str = "image") -> dict[str, 
         found["names"].append(name)
         if name in _NEUTRAL:
             continue
-        transform = _arguments(transform, config, f"preprocessing.{name}")
+        transform = _arguments(transform, name, config, f"preprocessing.{name}")
         if name == "Orientation" and not transform.get("labels"):
             found["axcodes"] = str(transform.get("axcodes", "RAS"))
         elif name == "Spacing" and _pixdim(transform.get("pixdim")) is not None:
@@ -131,7 +140,7 @@ def read_postprocessing(config: dict[str, Any], num_classes: int, key: str = "pr
         name = _name(transform)
         if not _touches(transform, key) or name in _NEUTRAL:
             continue
-        transform = _arguments(transform, config, f"postprocessing.{name}")
+        transform = _arguments(transform, name, config, f"postprocessing.{name}")
         if name == "Activations" and not transform.get("other"):
             activation = "sigmoid" if transform.get("sigmoid") else "softmax" if transform.get("softmax") else activation
         elif name == "AsDiscrete" and transform.get("argmax"):

@@ -191,3 +191,18 @@ def test_infer_writes_nnunets_probabilities_on_request(env, tmp_path):
     probabilities = np.load(tmp_path / "a.npz")["probabilities"]
     assert probabilities.dtype == np.float32 and probabilities.shape == (3, *env["images"]["a"].shape[::-1])
     assert (tmp_path / "a.pkl").is_file()
+
+
+def test_postprocessing_pkl_is_applied_to_the_segmentations(env, tmp_path):
+    from scipy.ndimage import label
+
+    from tests.compiler.runtime.test_nnunet_postprocessing import nnunet_pickle
+
+    nnunet_pickle(tmp_path / "postprocessing.pkl", [{"labels_or_regions": [1, 2]}])
+    out = tmp_path / "pp"
+    assert predict("-i", str(env["root"] / "imagesTs"), "-o", str(out), "-d", "999", "-c", "3d_fullres",
+                   "-pp_pkl_file", str(tmp_path / "postprocessing.pkl")) == 0
+    for name in env["images"]:
+        labels = np.asarray(nib.load(out / f"{name}.nii.gz").dataobj)
+        _, components = label(labels > 0, structure=np.ones((3, 3, 3)))
+        assert components == 1 and labels.any()

@@ -49,6 +49,8 @@ class BatchOptions:
         save_probabilities: also write `CASE.npz` (`nnslim.compiler.runtime.probabilities`).
         probabilities_format: "nnslim" (float16 `[K, X, Y, Z]`) or "nnunet" (nnU-Net's float32 `.npz`
             and `.pkl`, which its ensembling and post-processing read: `nnunet_files`).
+        label_steps: nnU-Net post-processing applied to each label map before it is written
+            (`nnunet_postprocessing.read_steps`; the probabilities are left as they are, as nnU-Net does).
         preview: also write a PNG per case (folder: `OUTPUT/previews/CASE.png` and `index.html`).
         log_jsonl: append one JSON line per case here (`log.CaseLog`).
     """
@@ -56,6 +58,7 @@ class BatchOptions:
     io_workers: int = 1
     save_probabilities: bool = False
     probabilities_format: str = "nnslim"
+    label_steps: tuple[dict, ...] = ()
     preview: bool = False
     log_jsonl: Path | None = None
 

@@ -180,6 +180,10 @@ class CaseStages:
 
     def write(self, plan: CasePlan, computed: _Computed) -> CaseResult:
         labels, report = computed.segmentation.labels, computed.segmentation.report
+        if self.batch.label_steps:
+            from nnslim.compiler.runtime.nnunet_postprocessing import apply_steps
+
+            labels = apply_steps(labels, list(self.batch.label_steps))
         result = CaseResult(name=computed.name, output=plan.target, shape=labels.shape, seconds=0.0,
                             tiles=report.evaluated * self.passes, windows=report.to_dict(),
                             label_voxels=self._label_voxels(labels), started=computed.started)

@@ -44,19 +44,19 @@ def test_four_threads_two_volumes_each_on_one_engine(tiny_engine, backend):
     rng = np.random.default_rng(0)
     volumes = [rng.normal(100, 20, (40 + 4 * i, 36, 44)).astype(np.float32) for i in range(8)]
     with load_engine(tiny_engine, backend=backend, precision="fp32") as engine:
-        alone = [engine.segment(v) for v in volumes]
+        alone = [engine.segment(v, "engine") for v in volumes]
         with ThreadPoolExecutor(4) as pool:
-            together = list(pool.map(engine.segment, volumes))
+            together = list(pool.map(lambda v: engine.segment(v, "engine"), volumes))
     for a, b in zip(alone, together):
         np.testing.assert_array_equal(a, b)
 
 
 def test_a_closed_engine_refuses_clearly(tiny_engine):
     with load_engine(tiny_engine, backend="openvino") as engine:
-        assert engine.segment(np.ones((20, 20, 20), np.float32)).shape == (20, 20, 20)
+        assert engine.segment(np.ones((20, 20, 20), np.float32), "engine").shape == (20, 20, 20)
     assert engine.closed
     with pytest.raises(EngineError, match="was closed; open it again with load_engine"):
-        engine.segment(np.ones((20, 20, 20), np.float32))
+        engine.segment(np.ones((20, 20, 20), np.float32), "engine")
     engine.close()  # twice is fine
 
 
@@ -69,7 +69,7 @@ def test_an_engine_pickles_as_its_directory_and_options_and_is_verified_again(ti
     again = pickle.loads(data)
     assert again.runtime == engine.runtime and again.opened_with == engine.opened_with
     volume = np.random.default_rng(1).normal(100, 20, (24, 24, 24)).astype(np.float32)
-    np.testing.assert_array_equal(again.segment(volume), engine.segment(volume))
+    np.testing.assert_array_equal(again.segment(volume, "engine"), engine.segment(volume, "engine"))
     model = copy / engine.manifest.runtime_model
     model.write_bytes(model.read_bytes()[:-8] + b"\0" * 8)
     from nnslim.compiler.runtime.manifest import TamperedEngineError
@@ -79,7 +79,7 @@ def test_an_engine_pickles_as_its_directory_and_options_and_is_verified_again(ti
 
 
 def _segment_in_child(engine, volume):
-    return engine.segment(volume)
+    return engine.segment(volume, "engine")
 
 
 def test_another_process_segments_with_a_pickled_engine(tiny_engine):
@@ -87,7 +87,7 @@ def test_another_process_segments_with_a_pickled_engine(tiny_engine):
     volume = np.random.default_rng(2).normal(100, 20, (24, 24, 24)).astype(np.float32)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         labels = pool.apply(_segment_in_child, (engine, volume))
-    np.testing.assert_array_equal(labels, engine.segment(volume))
+    np.testing.assert_array_equal(labels, engine.segment(volume, "engine"))
 
 
 def test_a_hand_assembled_engine_says_why_it_cannot_be_pickled(tiny_engine):

@@ -1,7 +1,7 @@
 """Small MONAI bundles written by tests: the real layout (configs/metadata.json, configs/inference.json,
 models/model.pt), MONAI's own network classes with random weights, and an output layer scaled so that
 argmax is decisive. The config has what real bundles have and nnslim must leave alone: `$` imports,
-a `$` device expression and `network: $@network_def.to(@device)`."""
+`$` device and dtype expressions and `network: $@network_def.to(@device)`."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ PREPROCESSING = [
     {"_target_": "LoadImaged", "keys": ["image", "label"], "allow_missing_keys": True},
     {"_target_": "EnsureChannelFirstd", "keys": "image"},
     {"_target_": "Orientationd", "keys": "image", "axcodes": "RAS"},
-    {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True},
+    {"_target_": "NormalizeIntensityd", "keys": "image", "nonzero": True, "channel_wise": True, "dtype": "$np.float32"},
     {"_target_": "EnsureTyped", "keys": "image"},
 ]
 
@@ -75,7 +75,8 @@ def write_bundle(root: Path, kind: str = "unet", *, preprocessing: list | None =
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": preprocessing or PREPROCESSING},
         "inferer": inferer or {"_target_": "SlidingWindowInferer", "roi_size": [ROI.get(kind, 32)] * 3,
-                               "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian"},
+                               "sw_batch_size": 2, "overlap": 0.25, "mode": "gaussian",
+                               "sw_device": "$torch.device('cpu')"},  # an expression nnslim never evaluates
         "postprocessing": {"_target_": "Compose", "transforms": postprocessing or [
             {"_target_": "Activationsd", "keys": "pred", "softmax": True},
             {"_target_": "Invertd", "keys": "pred", "transform": "@preprocessing", "orig_keys": "image"},

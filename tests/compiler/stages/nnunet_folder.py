@@ -26,7 +26,7 @@ CT_PROPERTIES = {"max": 1200.0, "mean": 60.0, "median": 55.0, "min": -1000.0,
                  "percentile_00_5": -100.0, "percentile_99_5": 250.0, "std": 45.0}
 
 
-def arch_kwargs(dims: int, residual: bool, features=(8, 16, 24), n_stages: int = 3) -> dict:
+def arch_kwargs(dims: int, residual: bool, features=(8, 16, 24), n_stages: int = 3, decoder_convs: int = 1) -> dict:
     strides = [[1] * dims] + [[2] * dims] * (n_stages - 1)
     kwargs = {
         "n_stages": n_stages,
@@ -34,7 +34,7 @@ def arch_kwargs(dims: int, residual: bool, features=(8, 16, 24), n_stages: int =
         "conv_op": f"torch.nn.modules.conv.Conv{dims}d",
         "kernel_sizes": [[3] * dims] * n_stages,
         "strides": strides,
-        "n_conv_per_stage_decoder": [1] * (n_stages - 1),
+        "n_conv_per_stage_decoder": [decoder_convs] * (n_stages - 1),
         "conv_bias": True,
         "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dims}d",
         "norm_op_kwargs": {"eps": 1e-05, "affine": True},
@@ -234,7 +234,8 @@ def checkpoint_dict(sd: dict, plans: dict, configuration: str, fold: int, mirror
 
 def write_model_folder(root: Path, *, dims: int = 3, residual: bool = False, folds=(0,), patch=None,
                        spacing=None, mirror_axes=None, normalization: str = "CTNormalization",
-                       decisive: float = 1.0) -> dict:
+                       decisive: float = 1.0, features=(8, 16, 24), n_stages: int = 3, decoder_convs: int = 1,
+                       dataset: dict | None = None) -> dict:
     """Write `root` as an nnU-Net results folder; returns what the test needs to check it.
     `decisive` scales the segmentation heads, so that argmax is rarely a near-tie (random weights
     otherwise give classes within 1% of each other, where nnU-Net's fp16 accumulator decides)."""
@@ -242,11 +243,11 @@ def write_model_folder(root: Path, *, dims: int = 3, residual: bool = False, fol
     patch = patch or ([32, 32] if dims == 2 else [16, 24, 24])
     spacing = spacing or ([1.0, 1.0] if dims == 2 else [2.0, 1.0, 1.0])
     mirror_axes = tuple(range(dims)) if mirror_axes is None else mirror_axes
-    kwargs = arch_kwargs(dims, residual)
+    kwargs = arch_kwargs(dims, residual, features, n_stages, decoder_convs)
     plans = make_plans(configuration, kwargs, patch, spacing, residual, normalization)
     root.mkdir(parents=True, exist_ok=True)
     (root / "plans.json").write_text(json.dumps(plans, indent=2))
-    (root / "dataset.json").write_text(json.dumps(DATASET, indent=2))
+    (root / "dataset.json").write_text(json.dumps(dataset or DATASET, indent=2))
     weights = {}
     for fold in folds:
         sd = nnunet_state_dict(kwargs, residual, 1, 3, seed=100 + fold)

@@ -1,0 +1,123 @@
+"""nnU-Net's `postprocessing.pkl` (from `nnUNetv2_find_best_configuration`), read without running it.
+
+The file is a pickle of `(functions, keyword arguments)`. Unpickling it with `pickle.load` would run
+whatever it names, so it is read with an allow-listed unpickler (`read_steps`): nnU-Net's own
+post-processing function is mapped by its module and name to nnslim's implementation, numbers to
+numbers, and any other name in the file is refused before anything is built. What it may hold:
+
+    nnunetv2.postprocessing.remove_connected_components.remove_all_but_largest_component_from_segmentation
+        labels_or_regions: a label, a region (a tuple of labels) or a list of them; background_label
+
+`apply_steps` then does what nnU-Net's `apply_postprocessing` does: for each step, the voxels of
+those labels or regions keep only their largest connected component (26-connectivity, as
+scikit-image's `label` with its default; components tied for largest are all kept) and the rest
+become background.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nnslim.errors import InputError
+
+LARGEST_COMPONENT = "remove_all_but_largest_component"
+_FUNCTIONS = {
+    ("nnunetv2.postprocessing.remove_connected_components", "remove_all_but_largest_component_from_segmentation"):
+        LARGEST_COMPONENT,
+}
+# numbers numpy pickles (a numpy integer among the labels): constructors of plain values, nothing else
+_NUMBERS = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
+MAX_BYTES = 1 << 20  # a post-processing file is a few hundred bytes
+
+
+class _Function(str):
+    """An allow-listed function, as the name of nnslim's implementation (never called)."""
+
+
+class _AllowList(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _FUNCTIONS:
+            return _Function(_FUNCTIONS[(module, name)])
+        if (module, name) in _NUMBERS:
+            return np.dtype if name == "dtype" else _numpy_scalar()
+        raise InputError(f"postprocessing.pkl names {module}.{name}, which nnslim does not run; it reads nnU-Net's "
+                         "remove_all_but_largest_component_from_segmentation steps only (the file is not unpickled "
+                         "freely)")
+
+
+def _numpy_scalar() -> Any:
+    """numpy's scalar constructor (where numpy 2 keeps it, else numpy 1's place)."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    return scalar
+
+
+def _labels(value: Any, where: str) -> Any:
+    """A label, a region or a list of them, as plain ints (tuples for regions)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) <= 65535:
+        return int(value)
+    if isinstance(value, tuple) and value and all(isinstance(v, (int, np.integer)) for v in value):
+        return tuple(int(v) for v in value)
+    if isinstance(value, list) and value:
+        return [_labels(v, where) for v in value]
+    raise InputError(f"postprocessing.pkl: {where} is {value!r:.80}; expected a label, a region (a tuple of labels) "
+                     "or a list of them")
+
+
+def read_steps(path: str | Path) -> list[dict[str, Any]]:
+    """The steps of an nnU-Net `postprocessing.pkl` (module docstring): `[{"function", "labels_or_regions",
+    "background_label"}, ...]`; anything else in the file is an `InputError`."""
+    path = Path(path)
+    data = path.read_bytes()
+    if len(data) > MAX_BYTES:
+        raise InputError(f"{path.name} is {len(data)} bytes; an nnU-Net postprocessing.pkl is a few hundred")
+    try:
+        loaded = _AllowList(io.BytesIO(data)).load()
+    except InputError:
+        raise
+    except Exception as exc:  # a damaged or foreign pickle: any error the unpickler raises
+        raise InputError(f"{path.name} is not an nnU-Net postprocessing.pkl: {type(exc).__name__}: {exc}") from None
+    if not (isinstance(loaded, tuple) and len(loaded) == 2 and all(isinstance(x, list) for x in loaded)
+            and len(loaded[0]) == len(loaded[1])):
+        raise InputError(f"{path.name} holds {type(loaded).__name__}; nnU-Net's is (functions, keyword arguments)")
+    steps = []
+    for i, (function, kwargs) in enumerate(zip(*loaded)):
+        if not isinstance(function, _Function) or not isinstance(kwargs, dict) or \
+                not set(kwargs) <= {"labels_or_regions", "background_label"} or "labels_or_regions" not in kwargs:
+            raise InputError(f"{path.name}: step {i} is {function!r:.60} with {kwargs!r:.80}; expected nnU-Net's "
+                             "remove_all_but_largest_component_from_segmentation with labels_or_regions")
+        steps.append({"function": str(function), "labels_or_regions": _labels(kwargs["labels_or_regions"], f"step {i}"),
+                      "background_label": _labels(kwargs.get("background_label", 0), f"step {i} background")})
+    return steps
+
+
+def _mask(labels: np.ndarray, labels_or_regions: Any) -> np.ndarray:
+    items = labels_or_regions if isinstance(labels_or_regions, list) else [labels_or_regions]
+    mask = np.zeros(labels.shape, dtype=bool)
+    for item in items:
+        mask |= np.isin(labels, item if isinstance(item, tuple) else (item,))
+    return mask
+
+
+def apply_steps(labels: np.ndarray, steps: list[dict[str, Any]]) -> np.ndarray:
+    """`labels` after the steps (module docstring); a new array, the input is left as it is."""
+    from scipy.ndimage import label
+
+    out = labels
+    for step in steps:
+        mask = _mask(out, step["labels_or_regions"])
+        components, count = label(mask, structure=np.ones((3,) * out.ndim, dtype=bool))
+        if count <= 1:
+            continue
+        sizes = np.bincount(components.ravel())[1:]
+        keep = np.isin(components, np.flatnonzero(sizes == sizes.max()) + 1)
+        out = out.copy() if out is labels else out
+        out[mask & ~keep] = step["background_label"]
+    return out

@@ -1,0 +1,86 @@
+"""nnU-Net's postprocessing.pkl, read with an allow-list (never unpickled freely) and applied as
+nnU-Net's `apply_postprocessing` applies it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from nnslim.compiler.runtime.nnunet_postprocessing import apply_steps, read_steps
+from nnslim.errors import InputError
+
+MODULE = "nnunetv2.postprocessing.remove_connected_components"
+NAME = "remove_all_but_largest_component_from_segmentation"
+
+
+def nnunet_pickle(path, kwargs_list) -> None:
+    """A postprocessing.pkl as nnU-Net writes it: (functions, keyword arguments), the function pickled
+    by reference to nnU-Net's module (stood in for here: nnunetv2 need not be installed)."""
+    fake = types.ModuleType(MODULE)
+
+    def function(segmentation, labels_or_regions, background_label=0):  # pragma: no cover (never called)
+        return segmentation
+
+    function.__module__, function.__qualname__, function.__name__ = MODULE, NAME, NAME
+    setattr(fake, NAME, function)
+    saved = {k: sys.modules.get(k) for k in ("nnunetv2", "nnunetv2.postprocessing", MODULE)}
+    sys.modules.update({"nnunetv2": types.ModuleType("nnunetv2"),
+                        "nnunetv2.postprocessing": types.ModuleType("nnunetv2.postprocessing"), MODULE: fake})
+    try:
+        path.write_bytes(pickle.dumps(([function] * len(kwargs_list), kwargs_list)))
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                sys.modules.pop(key, None)
+            else:
+                sys.modules[key] = value
+
+
+def test_reads_nnunets_steps_and_keeps_the_largest_component(tmp_path):
+    nnunet_pickle(tmp_path / "postprocessing.pkl", [{"labels_or_regions": [1, 2]},
+                                                    {"labels_or_regions": np.int64(2)}])
+    steps = read_steps(tmp_path / "postprocessing.pkl")
+    assert steps == [{"function": "remove_all_but_largest_component", "labels_or_regions": [1, 2], "background_label": 0},
+                     {"function": "remove_all_but_largest_component", "labels_or_regions": 2, "background_label": 0}]
+    labels = np.zeros((20, 20, 20), np.uint8)
+    labels[1:6, 1:6, 1:6] = 1          # 125 voxels of 1, touching ...
+    labels[6:8, 1:6, 1:6] = 2          # ... 50 of 2: one foreground component of 175
+    labels[12:15, 12:15, 12:15] = 2    # 27 of 2, apart: removed by step 1 (union), not by step 2
+    labels[17:19, 17:19, 17:19] = 1    # 8 of 1, apart: removed by step 1
+    out = apply_steps(labels, steps)
+    expected = labels.copy()
+    expected[12:15, 12:15, 12:15] = 0
+    expected[17:19, 17:19, 17:19] = 0
+    np.testing.assert_array_equal(out, expected)
+    assert labels[12, 12, 12] == 2  # the input is left as it was
+    diagonal = np.zeros((5, 5, 5), np.uint8)
+    diagonal[1, 1, 1] = diagonal[2, 2, 2] = 1  # corner neighbours: one component (26-connectivity)
+    diagonal[4, 4, 0] = 1
+    assert apply_steps(diagonal, steps[:1]).sum() == 2
+
+
+def test_anything_else_in_the_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps(([Payload()], [{"labels_or_regions": 1}])))
+    with pytest.raises(InputError, match="system, which nnslim does not run"):
+        read_steps(tmp_path / "evil.pkl")
+    assert not marker.exists()
+    (tmp_path / "odd.pkl").write_bytes(pickle.dumps({"not": "steps"}))
+    with pytest.raises(InputError, match="nnU-Net's is \\(functions, keyword arguments\\)"):
+        read_steps(tmp_path / "odd.pkl")
+    nnunet_pickle(tmp_path / "args.pkl", [{"labels_or_regions": "everything"}])
+    with pytest.raises(InputError, match="expected a label, a region"):
+        read_steps(tmp_path / "args.pkl")
+    (tmp_path / "junk.pkl").write_bytes(b"\x80\x05not a pickle")
+    with pytest.raises(InputError, match="not an nnU-Net postprocessing.pkl"):
+        read_steps(tmp_path / "junk.pkl")
