@@ -66,8 +66,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--save_probabilities", action="store_true", help="also write nnU-Net's CASE.npz and CASE.pkl")
     p.add_argument("--continue_prediction", "--c", action="store_true", help="skip cases whose output exists")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
-    p.add_argument("-npp", type=int, default=int(os.environ.get("nnUNet_npp", 3)), help="preprocessing workers")
-    p.add_argument("-nps", type=int, default=int(os.environ.get("nnUNet_nps", 3)), help="export workers")
+    p.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp"), help="preprocessing workers")
+    p.add_argument("-nps", type=int, default=_environment_int("nnUNet_nps"), help="export workers")
     p.add_argument("-prev_stage_predictions", default=None, help="cascades: not supported (refused)")
     p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("-part_id", type=int, default=0, help="which part this run segments (0 .. num_parts - 1)")
@@ -83,6 +83,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _environment_int(name: str, default: int = 3) -> int:
+    """nnU-Net's $nnUNet_npp / $nnUNet_nps defaults; one that is not a positive integer is ignored, said."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if value.strip().isdigit() and int(value) > 0:
+        return int(value)
+    logger.warning("$%s is %r, not a positive integer; using %d", name, value, default)
+    return default
+
+
 def precision_choices() -> tuple[str, ...]:
     from nnslim.compiler.runtime.precision import PRECISIONS
 
@@ -90,13 +101,15 @@ def precision_choices() -> tuple[str, ...]:
 
 
 def dataset_folder(results: Path, dataset: str) -> Path:
-    """nnU-Net's rule: `-d` is a dataset name (`Dataset003_Liver`) or its id (3, 003)."""
+    """nnU-Net's rule: `-d` is a dataset name (`Dataset003_Liver`) or its id (3, 003); never a path."""
     if re.fullmatch(r"\d+", dataset):
-        matches = sorted(results.glob(f"Dataset{int(dataset):03d}_*"))
+        matches = sorted(p for p in results.glob(f"Dataset{int(dataset):03d}_*") if p.is_dir())
         if len(matches) != 1:
             found = "no folder" if not matches else f"{len(matches)} folders ({', '.join(m.name for m in matches)})"
             raise InputError(f"-d {dataset}: $nnUNet_results ({results}) has {found} named Dataset{int(dataset):03d}_*")
         return matches[0]
+    if not re.fullmatch(r"Dataset\d+_[\w.-]+", dataset) or ".." in dataset:
+        raise InputError(f"-d {dataset}: a dataset is an id (3, 003) or a name like Dataset003_Liver, not a path")
     if not (results / dataset).is_dir():
         raise InputError(f"-d {dataset}: no such dataset folder in $nnUNet_results ({results})")
     return results / dataset

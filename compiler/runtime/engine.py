@@ -150,10 +150,27 @@ class Engine:
         return self.segment(input_image, tuple(image_properties["spacing"]), axis_order="sitk",
                             return_probabilities=save_or_return_probabilities)
 
+    def _training_spacing(self) -> tuple[float, ...]:
+        """The engine's training spacing along nibabel's axes: the manifest records it in the network's
+        axis order (an nnU-Net model's: reversed and transposed), so it is mapped back."""
+        from nnslim.compiler.runtime.preprocessing import model_axes
+
+        recorded = tuple(float(v) for v in (self.spec.spacing or ()))
+        if not recorded:
+            return (1.0, 1.0, 1.0)
+        if len(recorded) != 3:
+            raise InputError(f"this engine's training spacing {recorded} names two axes (a 2D model); pass the "
+                             "scan's voxel size as spacing")
+        order = model_axes(self.spec.preprocessing or {})  # network axis i is nibabel axis order[i]
+        spacing = [0.0, 0.0, 0.0]
+        for network_axis, image_axis in enumerate(order):
+            spacing[image_axis] = recorded[network_axis]
+        return tuple(spacing)
+
     def _spacing(self, spacing: Any, reverse: bool) -> tuple[float, ...]:
         """The voxel size in nibabel's axis order (`segment`)."""
         if isinstance(spacing, str) and spacing == "engine":
-            return tuple(self.spec.spacing or (1.0, 1.0, 1.0))
+            return self._training_spacing()
         if spacing is None or isinstance(spacing, str):
             raise InputError(f"spacing is {spacing!r}: pass the voxel size in mm along the image's axes (nibabel: "
                              "header.get_zooms()[:3]; axis_order='sitk': GetSpacing()[::-1]), or spacing='engine' for "

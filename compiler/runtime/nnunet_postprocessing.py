@@ -2,8 +2,9 @@
 
 The file is a pickle of `(functions, keyword arguments)`. Unpickling it with `pickle.load` would run
 whatever it names, so it is read with an allow-listed unpickler (`read_steps`): nnU-Net's own
-post-processing function is mapped by its module and name to nnslim's implementation, numbers to
-numbers, and any other name in the file is refused before anything is built. What it may hold:
+post-processing function is mapped by its module and name to nnslim's implementation, numpy integers
+to Python integers decoded from their bytes (no numpy object is built from the file), and any other
+name is refused before anything is built. Sizes and nesting are bounded. What it may hold:
 
     nnunetv2.postprocessing.remove_connected_components.remove_all_but_largest_component_from_segmentation
         labels_or_regions: a label, a region (a tuple of labels) or a list of them; background_label
@@ -39,36 +40,61 @@ class _Function(str):
     """An allow-listed function, as the name of nnslim's implementation (never called)."""
 
 
+class _IntegerType:
+    """What a pickled numpy integer dtype becomes: its type code and byte order, nothing numpy builds."""
+
+    CODES = {"i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"}
+
+    def __init__(self, code: Any, align: Any = False, copy: Any = False) -> None:
+        if code not in self.CODES:
+            raise InputError(f"postprocessing.pkl holds a numpy value of type {code!r:.20}; nnslim reads integers only")
+        self.code, self.order = code, "<"
+
+    def __setstate__(self, state: Any) -> None:  # pickle's BUILD: numpy's (version, byte order, ...)
+        if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "=")):
+            raise InputError("postprocessing.pkl: a numpy integer type with an unexpected state")
+        self.order = ">" if state[1] == ">" else "<"
+
+
+def _integer(kind: Any, data: Any = None) -> int:
+    """A pickled numpy integer scalar, decoded from its bytes (numpy's `scalar(dtype, bytes)`)."""
+    size = int(kind.code[1]) if isinstance(kind, _IntegerType) else 0
+    if not (size and isinstance(data, bytes) and len(data) == size):
+        raise InputError("postprocessing.pkl: a numpy scalar that is not an integer of its declared size")
+    return int.from_bytes(data, "big" if kind.order == ">" else "little", signed=kind.code[0] == "i")
+
+
 class _AllowList(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _FUNCTIONS:
             return _Function(_FUNCTIONS[(module, name)])
         if (module, name) in _NUMBERS:
-            return np.dtype if name == "dtype" else _numpy_scalar()
+            return _IntegerType if name == "dtype" else _integer
         raise InputError(f"postprocessing.pkl names {module}.{name}, which nnslim does not run; it reads nnU-Net's "
                          "remove_all_but_largest_component_from_segmentation steps only (the file is not unpickled "
                          "freely)")
 
 
-def _numpy_scalar() -> Any:
-    """numpy's scalar constructor (where numpy 2 keeps it, else numpy 1's place)."""
-    try:
-        from numpy._core.multiarray import scalar
-    except ImportError:
-        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
-    return scalar
+MAX_LABEL = 65535
 
 
-def _labels(value: Any, where: str) -> Any:
-    """A label, a region or a list of them, as plain ints (tuples for regions)."""
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and 0 <= int(value) <= 65535:
-        return int(value)
-    if isinstance(value, tuple) and value and all(isinstance(v, (int, np.integer)) for v in value):
-        return tuple(int(v) for v in value)
+def _label(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LABEL:
+        return value
+    raise InputError(f"postprocessing.pkl: {where} holds {value!r:.40}; a label is an integer in 0..{MAX_LABEL}")
+
+
+def _labels(value: Any, where: str, budget: list[int], depth: int = 0) -> Any:
+    """A label, a region (a tuple of labels) or a list of them, as plain ints (tuples for regions);
+    bounded in depth and size (a pickle's shared references must not multiply the work)."""
+    budget[0] -= 1
+    if budget[0] < 0 or depth > 3:
+        raise InputError(f"postprocessing.pkl: {where} is nested or repeated beyond a list of regions")
+    if isinstance(value, tuple) and value:
+        return tuple(_label(v, where) for v in value)
     if isinstance(value, list) and value:
-        return [_labels(v, where) for v in value]
-    raise InputError(f"postprocessing.pkl: {where} is {value!r:.80}; expected a label, a region (a tuple of labels) "
-                     "or a list of them")
+        return [_labels(v, where, budget, depth + 1) for v in value]
+    return _label(value, where)
 
 
 def read_steps(path: str | Path) -> list[dict[str, Any]]:
@@ -82,19 +108,22 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
         loaded = _AllowList(io.BytesIO(data)).load()
     except InputError:
         raise
-    except Exception as exc:  # a damaged or foreign pickle: any error the unpickler raises
+    except (Exception, RecursionError) as exc:  # a damaged or foreign pickle: any error the unpickler raises
         raise InputError(f"{path.name} is not an nnU-Net postprocessing.pkl: {type(exc).__name__}: {exc}") from None
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and all(isinstance(x, list) for x in loaded)
             and len(loaded[0]) == len(loaded[1])):
         raise InputError(f"{path.name} holds {type(loaded).__name__}; nnU-Net's is (functions, keyword arguments)")
     steps = []
+    if len(loaded[0]) > 100:
+        raise InputError(f"{path.name} lists {len(loaded[0])} steps; nnU-Net writes a handful")
     for i, (function, kwargs) in enumerate(zip(*loaded)):
         if not isinstance(function, _Function) or not isinstance(kwargs, dict) or \
                 not set(kwargs) <= {"labels_or_regions", "background_label"} or "labels_or_regions" not in kwargs:
             raise InputError(f"{path.name}: step {i} is {function!r:.60} with {kwargs!r:.80}; expected nnU-Net's "
                              "remove_all_but_largest_component_from_segmentation with labels_or_regions")
-        steps.append({"function": str(function), "labels_or_regions": _labels(kwargs["labels_or_regions"], f"step {i}"),
-                      "background_label": _labels(kwargs.get("background_label", 0), f"step {i} background")})
+        steps.append({"function": str(function),
+                      "labels_or_regions": _labels(kwargs["labels_or_regions"], f"step {i}", [10_000]),
+                      "background_label": _label(kwargs.get("background_label", 0), f"step {i} background_label")})
     return steps
 
 

@@ -235,6 +235,11 @@ def _permutation(pre: dict, oriented: tuple[int, ...] = (0, 1, 2)) -> tuple[int,
     return tuple(oriented[order[t]] for t in transpose)
 
 
+def model_axes(pre: dict) -> tuple[int, ...]:
+    """The network's axes as input array axes (axis order and `transpose_forward`; no orientation)."""
+    return _permutation(pre)
+
+
 def reorientation(axcodes: str | None, ras_axes: np.ndarray | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """MONAI's `Orientation(axcodes)` as `(order, flips)`: oriented axis j is input axis `order[j]`,
     and the input axes in `flips` are reversed first (nibabel's `io_orientation` of the scan's

@@ -155,7 +155,9 @@ def prepare_volume(volume: Volume, spec: ModelSpec) -> Prepared:
             "%s has spacing %s but the model was trained at %s; results may degrade (resampling is not applied)",
             volume.name, volume.spacing, spec.spacing,
         )
-    prepared = prepare(volume.data, volume.spacing, pre, volume.geometry.ras_axes() if pre.get("orientation") else None)
+    # an in-memory array (no files) has no affine: it is taken as already oriented
+    oriented = pre.get("orientation") and volume.files
+    prepared = prepare(volume.data, volume.spacing, pre, volume.geometry.ras_axes() if oriented else None)
     if prepared.target_spacing is not None and tuple(prepared.image.shape[1:]) != prepared.cropped_shape:
         logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
     return prepared

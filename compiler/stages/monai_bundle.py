@@ -1,7 +1,7 @@
 """MONAI bundles in: `nnslim build-engine BUNDLE_DIR` (`read_bundle`).
 
 A bundle is a folder with `configs/metadata.json`, `configs/inference.json` (or `.yaml`) and
-`models/model.pt` (or `models/model.ts`). What is read, and how it maps to an engine:
+`models/model.pt`. What is read, and how it maps to an engine:
 
 - The network: the config's `network_def`, built through MONAI's own config parser once nnslim has
   checked it (`checked_network`): its `_target_` must be a network class of `monai.networks.nets`,
@@ -9,8 +9,8 @@ A bundle is a folder with `configs/metadata.json`, `configs/inference.json` (or 
   when it is a Python literal (`ast.literal_eval`: `$True`, `$[96, 96, 96]`). Nothing of the bundle
   runs as code: an expression, an import, a nested `_target_` or another class is refused.
 - The weights: `models/model.pt` read with `torch.load(weights_only=True)` (a state dict, or one
-  under "model" / "state_dict"); or the parameters of `models/model.ts` (TorchScript; its code is
-  never run), loaded into that network.
+  under "model" / "state_dict"), loaded into that network. A bundle with only `models/model.ts` is
+  refused: `torch.jit.load` runs the TorchScript it holds (its `__setstate__` methods).
 - Pre-processing (`preprocessing.transforms` on the image key; see `transforms`): loading and
   channel-first need nothing, `Orientation(d)` orients the voxel axes from the scan's affine,
   `Spacing(d)` resamples to `pixdim` (nnslim's trilinear rule, not MONAI's affine resampler),
@@ -39,7 +39,7 @@ from nnslim.compiler.stages.monai_transforms import intensity_entry, read_postpr
 from nnslim.errors import NnslimError
 
 CONFIG_NAMES = ("inference.json", "inference.yaml", "inference.yml")
-MODEL_NAMES = ("model.pt", "model.ts")
+MODEL_NAMES = ("model.pt",)
 _REFUSED_KEYS = ("_requires_", "_mode_", "_disabled_")
 
 
@@ -71,31 +71,69 @@ def read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def resolve(value: Any, config: dict[str, Any], where: str, depth: int = 0) -> Any:
+MAX_NODES = 100_000  # values one resolution may produce (a config whose references double at each level stops here)
+SPECIAL = ("$", "@", "%")  # what MONAI's parser would evaluate, look up or read: never left in a resolved value
+
+
+def resolve(value: Any, config: dict[str, Any], where: str, depth: int = 0, budget: list[int] | None = None) -> Any:
     """`value` with `@` references replaced by the config's values and `$` literals evaluated; an
-    expression that is not a literal, or a reference loop, is refused (`BundleError`)."""
+    expression that is not a literal, a reference loop or a result over `MAX_NODES` values is
+    refused (`BundleError`)."""
+    budget = [MAX_NODES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise BundleError(f"{where}: the config expands to more than {MAX_NODES} values (references that multiply)")
     if depth > 32:
         raise BundleError(f"{where}: references nest more than 32 deep (a loop?)")
     if isinstance(value, dict):
         for key in _REFUSED_KEYS:
             if key in value:
                 raise BundleError(f"{where}: {key} is not supported (it runs or skips parts of the config)")
-        return {k: resolve(v, config, f"{where}.{k}", depth) for k, v in value.items() if k != "_desc_"}
+        if not all(isinstance(k, str) for k in value):
+            raise BundleError(f"{where} has a key that is not a string")
+        return {k: resolve(v, config, f"{where}.{k}", depth + 1, budget) for k, v in value.items() if k != "_desc_"}
     if isinstance(value, list):
-        return [resolve(v, config, f"{where}[{i}]", depth) for i, v in enumerate(value)]
+        return [resolve(v, config, f"{where}[{i}]", depth + 1, budget) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
     if value.startswith("@"):
-        return resolve(_lookup(config, value[1:], where), config, value, depth + 1)
+        return resolve(_lookup(config, value[1:], where), config, value, depth + 1, budget)
     if value.startswith("%"):
         raise BundleError(f"{where}: the macro {value!r} reads another file; nnslim reads only this bundle's config")
     if value.startswith("$"):
+        if len(value) > 10_000:
+            raise BundleError(f"{where}: a $ value of {len(value)} characters; nnslim reads short literals only")
         try:
-            return ast.literal_eval(value[1:].strip())
-        except (ValueError, SyntaxError):
-            raise BundleError(f"{where} is the expression {value!r}; nnslim runs no code from a bundle and accepts "
+            literal = ast.literal_eval(value[1:].strip())
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            raise BundleError(f"{where} is the expression {value[:80]!r}; nnslim runs no code from a bundle and accepts "
                               "only literal values there (write the value itself)") from None
+        _check_plain(literal, where)
+        return literal
     return value
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """A resolved value holds nothing MONAI's parser would act on: no string (or key) starting with
+    `$`, `@` or `%`, only JSON-like types (numbers, strings, lists, tuples, string-keyed dicts)."""
+    stack: list[Any] = [value]
+    seen = 0
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_NODES:
+            raise BundleError(f"{where}: more than {MAX_NODES} values")
+        if isinstance(item, str):
+            if item.startswith(SPECIAL):
+                raise BundleError(f"{where} resolves to {item[:60]!r}, which MONAI's parser would evaluate; refused")
+        elif isinstance(item, dict):
+            if not all(isinstance(k, str) and not k.startswith(SPECIAL) for k in item):
+                raise BundleError(f"{where} has a key that is not a plain string")
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif not (item is None or isinstance(item, (bool, int, float))):
+            raise BundleError(f"{where} holds a {type(item).__name__}; nnslim reads JSON-like values only")
 
 
 def follow(value: Any, config: dict[str, Any], where: str) -> Any:
@@ -145,6 +183,7 @@ def checked_network(config: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     if not isinstance(definition, dict) or "_target_" not in definition:
         raise BundleError("network_def must be a mapping with a _target_ (the network class)")
     cls = network_class(definition["_target_"], "network_def")
+    _check_plain({k: v for k, v in definition.items() if k != "_target_"}, "network_def")
     for key, value in definition.items():
         if key != "_target_" and "_target_" in json.dumps(value, default=str):
             raise BundleError(f"network_def.{key} builds another object (a nested _target_); nnslim builds the network "
@@ -162,10 +201,7 @@ def load_weights(network: Any, model_file: Path) -> None:
     import torch
 
     try:
-        if model_file.suffix == ".ts":
-            state = torch.jit.load(str(model_file), map_location="cpu").state_dict()
-        else:
-            state = torch.load(model_file, map_location="cpu", weights_only=True)
+        state = torch.load(model_file, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch's unpickler refusing a payload, or a damaged file
         raise BundleError(f"cannot read the weights {model_file.name} (weights only): {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:300]}") from None
@@ -248,7 +284,16 @@ def _first_entry(metadata: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 def read_bundle(path: Path) -> Any:
-    """A bundle folder as a `source.Source` (module docstring)."""
+    """A bundle folder as a `source.Source` (module docstring); a config of unexpected shape is a
+    `BundleError` naming what went wrong, never a traceback."""
+    try:
+        return _read_bundle(path)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, RecursionError, MemoryError) as exc:
+        raise BundleError(f"{Path(path).name}: the bundle's config or metadata is not what MONAI writes "
+                          f"({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _read_bundle(path: Path) -> Any:
     from nnslim.compiler.stages.source import module_source
     from nnslim.extras import installed, missing_extra
 
@@ -259,7 +304,11 @@ def read_bundle(path: Path) -> Any:
     config_file = next(path / "configs" / n for n in CONFIG_NAMES if (path / "configs" / n).is_file())
     model_file = next((path / "models" / n for n in MODEL_NAMES if (path / "models" / n).is_file()), None)
     if model_file is None:
-        raise BundleError(f"{path.name} has no models/model.pt or models/model.ts (the bundle's weights)")
+        if (path / "models" / "model.ts").is_file():
+            raise BundleError(f"{path.name} has only models/model.ts: loading TorchScript runs the code it holds, which "
+                              "nnslim does not do for a model it did not write. Where you trust it, save its weights: "
+                              "torch.save(torch.jit.load('model.ts').state_dict(), 'models/model.pt')")
+        raise BundleError(f"{path.name} has no models/model.pt (the bundle's weights)")
     config, metadata = read_config(config_file), read_config(path / "configs" / "metadata.json")
     network, definition = checked_network(config)
     load_weights(network, model_file)

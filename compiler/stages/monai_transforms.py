@@ -33,11 +33,22 @@ def _name(transform: Any) -> str:
     return array_form
 
 
-def _touches(transform: dict[str, Any], key: str) -> bool:
-    keys = transform.get("keys")
+def _touches(transform: dict[str, Any], key: str, config: dict[str, Any]) -> bool:
+    """Whether the transform applies to `key` (its `keys`, references and literals resolved)."""
+    from nnslim.compiler.stages.monai_bundle import BundleError, resolve
+
+    for flag in ("_disabled_", "_requires_", "_mode_"):
+        if flag in transform:
+            raise BundleError(f"a transform with {flag} ({transform.get('_target_')}): nnslim does not evaluate it; "
+                              "remove the transform or the flag")
+    keys = resolve(transform.get("keys"), config, f"{transform.get('_target_')}.keys")
     if keys is None:
         return True
-    return key in ([keys] if isinstance(keys, str) else list(keys))
+    if isinstance(keys, str):
+        return keys == key
+    if isinstance(keys, (list, tuple)) and all(isinstance(k, str) for k in keys):
+        return key in keys
+    raise BundleError(f"{transform.get('_target_')}.keys is {keys!r:.60}; MONAI's keys are a name or a list of names")
 
 
 def _transforms(config: dict[str, Any], section: str) -> list[dict[str, Any]]:
@@ -75,7 +86,7 @@ def read_preprocessing(config: dict[str, Any], key: str = "image") -> dict[str, 
     refused = []
     for transform in _transforms(config, "preprocessing"):
         name = _name(transform)
-        if not _touches(transform, key):
+        if not _touches(transform, key, config):
             continue
         found["names"].append(name)
         if name in _NEUTRAL:
@@ -138,7 +149,7 @@ def read_postprocessing(config: dict[str, Any], num_classes: int, key: str = "pr
     activation, threshold, refused = None, None, []
     for transform in _transforms(config, "postprocessing"):
         name = _name(transform)
-        if not _touches(transform, key) or name in _NEUTRAL:
+        if not _touches(transform, key, config) or name in _NEUTRAL:
             continue
         transform = _arguments(transform, name, config, f"postprocessing.{name}")
         if name == "Activations" and not transform.get("other"):
@@ -152,7 +163,11 @@ def read_postprocessing(config: dict[str, Any], num_classes: int, key: str = "pr
     if refused:
         raise TransformError(f"the bundle's postprocessing has transform(s) nnslim cannot reproduce: {'; '.join(refused)}. "
                              "It reproduces Activations (softmax, sigmoid) and AsDiscrete (argmax, threshold)")
-    if activation != "sigmoid" or threshold is None:
+    if threshold is not None and activation != "sigmoid":
+        raise TransformError(f"AsDiscrete(threshold={threshold}) after {activation or 'no activation'}: thresholding "
+                             "softmax outputs (a multi-label mask) is not reproduced; nnslim maps sigmoid + threshold "
+                             "and argmax")
+    if threshold is None:
         return {"kind": "argmax"}
     if not 0 < threshold < 1:
         raise TransformError(f"AsDiscrete threshold {threshold} after a sigmoid must be in (0, 1)")

@@ -16,7 +16,9 @@ export with the reason. `patch_size` and `in_channels` default to the program's 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,18 +39,59 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
+_PAYLOAD = re.compile(r"(weight|tensor_constant)_\d+")
+_EXPR_TOKEN = re.compile(r"[A-Za-z_]\w*")
+_EXPR_CHARS = re.compile(r"[\w\s+\-*/(),'=]*")
+_EXPR_NAMES = {"Symbol", "Integer", "positive", "integer", "True", "False", "FloorDiv", "Mod", "PythonMod", "Max",
+               "Min", "CeilToInt", "FloorToInt", "CleanDiv", "IntTrueDiv", "TruncToInt", "Abs"}
+
+
+def _expressions(node: Any) -> Iterator[str]:
+    """Every `expr_str` in a program's JSON."""
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                if key == "expr_str":
+                    yield value if isinstance(value, str) else repr(value)
+                else:
+                    stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _safe_expression(expression: str) -> bool:
+    return bool(_EXPR_CHARS.fullmatch(expression)) and "__" not in expression and all(
+        name in _EXPR_NAMES or re.fullmatch(r"[su]\d+", name) for name in _EXPR_TOKEN.findall(expression))
+
+
 def _check_archive(path: Path) -> None:
+    """Refuse an archive that would make `torch.export.load` run what it holds (module docstring)."""
     from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
 
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise SourceError(f"{path.name} is not a torch.export archive (.pt2, a zip file): {exc}") from None
-    pickled = [n for n in names if Path(n).name.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))]
+            documents = {n: json.loads(archive.read(n)) for n in names if n.endswith(".json")}
+    except (OSError, zipfile.BadZipFile, ValueError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path.name} is not a torch.export archive (.pt2, a zip file with JSON): {exc}") from None
+    pickled = [n for n in names if any(part.startswith((CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX))
+                                       for part in Path(n).parts)]
+    for name, document in documents.items():
+        config = document.get("config") if isinstance(document, dict) and name.endswith("_config.json") else None
+        for key, entry in (config or {}).items() if isinstance(config, dict) else ():
+            if not (isinstance(entry, dict) and isinstance(entry.get("path_name"), str)
+                    and _PAYLOAD.fullmatch(entry["path_name"]) and entry.get("use_pickle") is False):
+                pickled.append(f"{name}: {key}")
     if pickled:
-        raise SourceError(f"{path.name} holds pickled Python objects ({pickled[0]}, ...), which loading would run; "
-                          "nnslim reads programs whose constants are tensors (export the segmentation network alone)")
+        raise SourceError(f"{path.name} holds pickled Python objects or payloads loaded by pickle ({pickled[0]}, ...), "
+                          "which loading would run; nnslim reads programs whose weights and constants are plain tensors "
+                          "(export the segmentation network alone)")
+    unsafe = [e for d in documents.values() for e in _expressions(d) if not _safe_expression(e)]
+    if unsafe:
+        raise SourceError(f"{path.name} has a shape expression torch would evaluate that is not plain arithmetic "
+                          f"({unsafe[0][:80]!r}); nnslim refuses it")
 
 
 def _example_shape(program: Any) -> tuple[int, ...] | None:

@@ -114,6 +114,7 @@ def test_labels_agree_with_nnunets_predictor(env, tmp_path):
 
 @pytest.mark.parametrize("args, says", [
     (["-d", "5"], "no folder named Dataset005_"),
+    (["-d", "../results/Dataset999_Synthetic"], "not a path"),
     (["-d", "999", "-tr", "OtherTrainer"], "no trained model at"),
     (["-d", "999", "-chk", "../fold_0/checkpoint_final.pth"], "must be a file name"),
     (["-d", "999", "-prev_stage_predictions", "lowres"], "cascades"),
@@ -206,3 +207,17 @@ def test_postprocessing_pkl_is_applied_to_the_segmentations(env, tmp_path):
         labels = np.asarray(nib.load(out / f"{name}.nii.gz").dataobj)
         _, components = label(labels > 0, structure=np.ones((3, 3, 3)))
         assert components == 1 and labels.any()
+
+
+def test_the_engines_spacing_by_name_is_in_the_images_axis_order(env):
+    """An nnU-Net engine records its spacing in the network's axes ([2, 1, 1]: SimpleITK's order);
+    spacing="engine" is nibabel's (1, 1, 2) for a nibabel array, and (2, 1, 1) for axis_order="sitk"."""
+    from nnslim.compiler.runtime.engine import load_engine
+    from nnslim.compiler.stages.engine_cache import cached_engine
+
+    engine = load_engine(cached_engine(env["model"], ("0", "1"), "checkpoint_final.pth", env["root"] / "imagesTs"))
+    image = env["images"]["a"]
+    assert engine._spacing("engine", reverse=False) == (1.0, 1.0, 2.0)
+    assert np.array_equal(engine.segment(image, "engine"), engine.segment(image, (1.0, 1.0, 2.0)))
+    assert np.array_equal(engine.segment(image.transpose(2, 1, 0), "engine", axis_order="sitk"),
+                          engine.segment(image, (1.0, 1.0, 2.0)).transpose(2, 1, 0))

@@ -79,8 +79,32 @@ def test_anything_else_in_the_pickle_is_refused_and_nothing_runs(tmp_path):
     with pytest.raises(InputError, match="nnU-Net's is \\(functions, keyword arguments\\)"):
         read_steps(tmp_path / "odd.pkl")
     nnunet_pickle(tmp_path / "args.pkl", [{"labels_or_regions": "everything"}])
-    with pytest.raises(InputError, match="expected a label, a region"):
+    with pytest.raises(InputError, match="a label is an integer"):
         read_steps(tmp_path / "args.pkl")
     (tmp_path / "junk.pkl").write_bytes(b"\x80\x05not a pickle")
     with pytest.raises(InputError, match="not an nnU-Net postprocessing.pkl"):
         read_steps(tmp_path / "junk.pkl")
+
+
+def test_numpy_values_become_integers_and_nothing_numpy_is_built(tmp_path):
+    """A numpy dtype's pickled state cannot make a value out of raw bytes (a crafted one crashed numpy)."""
+    import io
+
+    nnunet_pickle(tmp_path / "ok.pkl", [{"labels_or_regions": [np.int64(1), np.uint8(2)], "background_label": np.int16(0)}])
+    assert read_steps(tmp_path / "ok.pkl")[0]["labels_or_regions"] == [1, 2]
+    crafted = io.BytesIO()
+    pickle.dump(([], []), crafted)
+    payload = (b"\x80\x04cnumpy\ndtype\n(X\x02\x00\x00\x00V8K\x00K\x01tR(K\x03X\x01\x00\x00\x00|NNNK\x08K\x01K\x00tb"
+               b"cnumpy.core.multiarray\nscalar\n(\x00\x00\x00\x00\x00\x00\x00\x00\x00C\x08AAAAAAAAtR.")
+    (tmp_path / "v8.pkl").write_bytes(payload)
+    with pytest.raises(InputError):
+        read_steps(tmp_path / "v8.pkl")
+    shared = [1]
+    for _ in range(60):  # 60 levels of a list holding the one below twice: tiny as a pickle, 2**60 as a walk
+        shared = [shared, shared]
+    nnunet_pickle(tmp_path / "deep.pkl", [{"labels_or_regions": shared}])
+    with pytest.raises(InputError, match="nested or repeated"):
+        read_steps(tmp_path / "deep.pkl")
+    nnunet_pickle(tmp_path / "bg.pkl", [{"labels_or_regions": 1, "background_label": (2, 3)}])
+    with pytest.raises(InputError, match="background_label"):
+        read_steps(tmp_path / "bg.pkl")

@@ -114,6 +114,9 @@ def test_bundle_reads_weights_only_and_runs_no_config_code(tmp_path):
         ({"_target_": "torch.nn.Conv3d", "in_channels": 1}, "MONAI's own networks"),
         ({"_target_": "UNet", "act": {"_target_": "os.system", "command": "true"}}, "nested _target_"),
         ({"_target_": "UNet", "_requires_": "$print(1)"}, "_requires_"),
+        # a literal that is itself an expression: MONAI's parser would evaluate it
+        ({"_target_": "UNet", "num_res_units": f"$'$open(\"{marker}\", \"w\").write(\"x\") and 0'"}, "would evaluate"),
+        ({"_target_": "UNet", "channels": "$['@network', 16]"}, "would evaluate"),
     ]:
         write_bundle(tmp_path / "bad", network_def=definition, hostile=True)
         with pytest.raises(BundleError, match=says):
@@ -126,6 +129,31 @@ def test_bundle_reads_weights_only_and_runs_no_config_code(tmp_path):
 
     torch.save({"weights": Payload()}, bundle / "models" / "model.pt")
     with pytest.raises(BundleError, match="weights only"):
+        load_source(bundle)
+    (bundle / "models" / "model.pt").rename(bundle / "models" / "model.ts")  # TorchScript runs code when loaded
+    with pytest.raises(BundleError, match="only models/model.ts"):
+        load_source(bundle)
+
+
+def test_configs_that_expand_or_loop_are_refused(tmp_path):
+    bundle = write_bundle(tmp_path / "b")
+    config = json.loads((bundle / "configs" / "inference.json").read_text())
+    config["level0"] = [1]
+    for i in range(1, 40):  # each level holds the one below twice: 2**40 values if expanded
+        config[f"level{i}"] = [f"@level{i - 1}", f"@level{i - 1}"]
+    config["network_def"]["channels"] = "@level39"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="more than|nest more than"):
+        load_source(bundle)
+    config["network_def"]["channels"] = "@loop"
+    config["loop"] = "@loop"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="nest more than"):
+        load_source(bundle)
+    config["network_def"]["channels"] = [8, 16, 32]
+    config["network_def"]["strides"] = "abc"  # MONAI's constructor fails: one BundleError, not a traceback
+    (bundle / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError):
         load_source(bundle)
 
 

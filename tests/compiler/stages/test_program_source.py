@@ -91,3 +91,26 @@ def test_program_archive_that_would_unpickle_is_refused(tmp_path):
     with pytest.raises(SourceError, match="not a torch.export archive"):
         (tmp_path / "text.pt2").write_text("hello")
         program_source(tmp_path / "text.pt2", {"label_names": ["a", "b", "c"]})
+
+
+def test_program_archive_whose_json_would_run_code_is_refused(tmp_path):
+    """torch.export.load evaluates shape expressions with sympify and picks loaders by path_name."""
+    save_program(tmp_path / "net.pt2", dynamic=True)
+    with zipfile.ZipFile(tmp_path / "net.pt2") as source:
+        members = {n: source.read(n) for n in source.namelist()}
+    model = next(n for n in members if n.endswith("models/model.json"))
+    weights = next(n for n in members if n.endswith("model_weights_config.json"))
+    marker = tmp_path / "ran"
+    evil = f"+0*__import__('builtins').open('{marker}','w').write('x')"
+    expression = members[model].decode().replace("integer=True)", "integer=True)" + evil, 1)
+    config = json.loads(members[weights])
+    first = next(iter(config["config"]))
+    config["config"][first]["path_name"] = "opaque_obj_0/p"
+    for name, replaced in [("sympy.pt2", {model: expression.encode()}),
+                           ("path.pt2", {weights: json.dumps(config).encode()})]:
+        with zipfile.ZipFile(tmp_path / name, "w") as out:
+            for member, data in {**members, **replaced}.items():
+                out.writestr(member, data)
+        with pytest.raises(SourceError, match="shape expression|payloads loaded by pickle"):
+            program_source(tmp_path / name, {"label_names": ["a", "b", "c"]})
+    assert not marker.exists()
