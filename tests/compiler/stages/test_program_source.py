@@ -38,6 +38,13 @@ def save_program(path, dynamic: bool) -> Net:
     return net
 
 
+def rewrite(path, members: dict, replaced: dict) -> None:
+    """An archive of `members` with some replaced (or added)."""
+    with zipfile.ZipFile(path, "w") as out:
+        for member, data in {**members, **replaced}.items():
+            out.writestr(member, data)
+
+
 @pytest.mark.parametrize("dynamic", [True, False])
 def test_program_builds_an_engine_that_segments_like_the_module(tmp_path, dynamic):
     net = save_program(tmp_path / "net.pt2", dynamic)
@@ -82,9 +89,7 @@ def test_program_archive_that_would_unpickle_is_refused(tmp_path):
     torch.save(((Payload(),), {}), buffer)
     for name, replaced in [("evil.pt2", {sample: buffer.getvalue()}),
                            ("custom.pt2", {sample.replace("sample_inputs/model.pt", "constants/custom_obj_0"): b"x"})]:
-        with zipfile.ZipFile(tmp_path / name, "w") as out:
-            for member, data in {**members, **replaced}.items():
-                out.writestr(member, data)
+        rewrite(tmp_path / name, members, replaced)
         with pytest.raises(SourceError, match="weights-only|pickled Python objects"):
             program_source(tmp_path / name, {"label_names": ["a", "b", "c"]})
     assert not marker.exists()
@@ -108,9 +113,7 @@ def test_program_archive_whose_json_would_run_code_is_refused(tmp_path):
     config["config"][first]["path_name"] = "opaque_obj_0/p"
     for name, replaced in [("sympy.pt2", {model: expression.encode()}),
                            ("path.pt2", {weights: json.dumps(config).encode()})]:
-        with zipfile.ZipFile(tmp_path / name, "w") as out:
-            for member, data in {**members, **replaced}.items():
-                out.writestr(member, data)
+        rewrite(tmp_path / name, members, replaced)
         with pytest.raises(SourceError, match="shape expression|payloads loaded by pickle"):
             program_source(tmp_path / name, {"label_names": ["a", "b", "c"]})
     assert not marker.exists()
