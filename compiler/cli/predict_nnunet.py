@@ -37,7 +37,7 @@ from typing import Any
 
 import click
 
-from nnslim.errors import InputError, SettingsError
+from nnslim.errors import EngineError, InputError, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     from nnslim.compiler.runtime.cases.nnunet_files import write_provenance
     from nnslim.compiler.runtime.engine import load_engine
     from nnslim.compiler.runtime.segmentation import InferenceOptions
-    from nnslim.compiler.stages.engine_cache import cached_engine
+    from nnslim.compiler.stages.engine_cache import cached_engine, discard
 
     if args.prev_stage_predictions is not None:
         raise SettingsError("-prev_stage_predictions: cascades (3d_cascade_fullres) are not supported by nnslim yet; "
@@ -163,7 +163,13 @@ def run(args: argparse.Namespace) -> int:
         steps = tuple(read_steps(args.pp_pkl_file))
     device = "cpu" if args.device == "cpu" else "auto"  # auto: the GPU when the engine can use one here
     engine_dir = cached_engine(folder, args.f, args.chk, inputs, args.precision)
-    engine = load_engine(engine_dir, device=device)
+    try:
+        engine = load_engine(engine_dir, device=device)
+    except EngineError as exc:  # a damaged cache entry (a file changed, a build cut short): build it again, once
+        logger.warning("the cached engine failed its check (%s); building it again", exc)
+        discard(engine_dir)
+        engine_dir = cached_engine(folder, args.f, args.chk, inputs, args.precision)
+        engine = load_engine(engine_dir, device=device)
     if args.device != "cpu" and getattr(engine.predictor, "device", "cpu") == "cpu":
         logger.warning("-device %s: no GPU this engine can use here; running on the CPU", args.device)
     click.echo(f"nnslim-predict-nnunet: {folder.name}, folds {' '.join(engine.manifest.source.get('folds') or [])}, "

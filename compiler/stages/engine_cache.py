@@ -89,6 +89,19 @@ def _backend(precision: str) -> str:
     return "auto"
 
 
+def discard(engine_dir: Path) -> None:
+    """Remove a cached engine that failed its check, so that the next `cached_engine` builds it again;
+    only a folder directly under this user's engine cache (nothing nnslim did not write)."""
+    import shutil
+
+    root = private_folder("engines")
+    engine_dir = Path(engine_dir)
+    if root is None or engine_dir.parent.resolve() != root.resolve() or engine_dir.is_symlink():
+        return
+    with _locked(root / f"{engine_dir.name}.lock"):
+        shutil.rmtree(engine_dir, ignore_errors=True)
+
+
 def cached_engine(folder: Path, folds: list[str] | tuple[str, ...] | None, checkpoint: str,
                   inputs: Path | None = None, precision: str = "auto") -> Path:
     """The engine directory for `folder` with `folds` (None: every fold it has), `checkpoint` and

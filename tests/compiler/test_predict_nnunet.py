@@ -221,3 +221,15 @@ def test_the_engines_spacing_by_name_is_in_the_images_axis_order(env):
     assert np.array_equal(engine.segment(image, "engine"), engine.segment(image, (1.0, 1.0, 2.0)))
     assert np.array_equal(engine.segment(image.transpose(2, 1, 0), "engine", axis_order="sitk"),
                           engine.segment(image, (1.0, 1.0, 2.0)).transpose(2, 1, 0))
+
+
+def test_a_damaged_cached_engine_is_built_again(env, tmp_path, caplog):
+    from nnslim.compiler.stages.engine_cache import cached_engine
+
+    engine = cached_engine(env["model"], ("0",), "checkpoint_final.pth", env["root"] / "imagesTs")
+    with open(engine / "model.opt.onnx", "ab") as f:
+        f.write(b"tampered")
+    assert predict("-i", str(env["root"] / "imagesTs"), "-o", str(tmp_path / "o"), "-d", "999", "-c", "3d_fullres",
+                   "-f", "0") == 0
+    assert "failed its check" in caplog.text and (tmp_path / "o" / "a.nii.gz").is_file()
+    assert b"tampered" not in (engine / "model.opt.onnx").read_bytes()[-8:]
