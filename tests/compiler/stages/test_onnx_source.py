@@ -48,8 +48,7 @@ def test_an_onnx_graph_builds_and_agrees_with_onnx_runtime_on_it(graph, small_vo
     assert manifest["source"]["kind"] == "onnx" and manifest["source"]["checkpoint"] == "theirs.onnx"
     assert manifest["source"]["checkpoint_sha256"] == hashlib.sha256(graph.read_bytes()).hexdigest()
     assert manifest["io"]["input"]["shape"][2:] == [16, 16, 16] and manifest["labels"] == LABELS
-    scan = nib.load(small_volume)
-    image, spacing = np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+    image, spacing = crop(small_volume)
     with load_engine(out) as engine:
         labels = engine.segment(image, spacing)
         original = onnx_source(graph, {"label_names": LABELS}).model  # ONNX Runtime on the original graph
@@ -97,6 +96,12 @@ class Softmaxed(nn.Module):
         return torch.sigmoid(y) if self.sigmoid else torch.softmax(y, dim=1)
 
 
+def crop(path):
+    """The MNI crop as an array and its voxel size, as nibabel reads it."""
+    scan = nib.load(path)
+    return np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+
+
 def built(tmp_path, net, example, metadata, name):
     export(net, example, tmp_path / f"{name}.onnx")
     (tmp_path / f"{name}.json").write_text(json.dumps(metadata))
@@ -110,8 +115,7 @@ def built(tmp_path, net, example, metadata, name):
 def test_probability_sigmoid_and_2d_graphs(small_volume, tmp_path):
     torch.manual_seed(1)
     net = ThreeLayers().eval()
-    scan = nib.load(small_volume)
-    image, spacing = np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+    image, spacing = crop(small_volume)
     plain = built(tmp_path, net, torch.zeros(1, 1, 16, 16, 16), {"label_names": LABELS}, "logits")
     expected = plain.segment(image, spacing)
     # probabilities: log(p) is blended instead of logits, so labels may differ where windows overlap
@@ -123,8 +127,7 @@ def test_probability_sigmoid_and_2d_graphs(small_volume, tmp_path):
                     {"label_names": ["a", "b", "c"], "output": "sigmoid", "regions_class_order": [3, 1, 2]}, "sig")
     assert regions.manifest.postprocessing["class_order"] == [3, 1, 2]
     assert np.isin(np.unique(regions.segment(image, spacing)), [0, 1, 2, 3]).all()
-    logits = plain.manifest  # the same network's logits, thresholded by hand, give the same regions
-    with torch.no_grad():
+    with torch.no_grad():  # the same network's logits, thresholded by hand, give the same regions
         tile = torch.from_numpy(np.random.default_rng(0).normal(size=(1, 1, 16, 16, 16)).astype(np.float32))
         want = np.zeros((16, 16, 16), np.uint8)
         for head, label in enumerate([3, 1, 2]):
@@ -133,7 +136,7 @@ def test_probability_sigmoid_and_2d_graphs(small_volume, tmp_path):
     painted = np.zeros((16, 16, 16), np.uint8)
     for head, label in enumerate([3, 1, 2]):
         painted[got[head] > 0] = label
-    assert logits is not None and np.mean(painted == want) >= 0.999
+    assert np.mean(painted == want) >= 0.999
     # a 2D graph sliced along Z: each slice of the volume is one 2D tile, so labels equal slice-by-slice argmax
     torch.manual_seed(2)
     flat = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 3, 1)).eval()
@@ -153,8 +156,7 @@ def test_probability_sigmoid_and_2d_graphs(small_volume, tmp_path):
 def test_sitk_axis_order_reverses_the_axes(small_volume, tmp_path):
     torch.manual_seed(3)
     net = ThreeLayers().eval()
-    scan = nib.load(small_volume)
-    image, spacing = np.asarray(scan.dataobj, np.float32), scan.header.get_zooms()[:3]
+    image, spacing = crop(small_volume)
     nib_engine = built(tmp_path, net, torch.zeros(1, 1, 16, 16, 16), {"label_names": LABELS}, "nib")
     sitk_engine = built(tmp_path, net, torch.zeros(1, 1, 16, 16, 16), {"label_names": LABELS, "axis_order": "reversed"},
                         "sitk")
