@@ -40,8 +40,11 @@ def test_segment_in_simpleitks_axis_order_is_nnunets_predict_single_npy_array(en
     assert labels.shape == array.shape and np.array_equal(labels, expected.transpose(2, 1, 0))
     assert probabilities.shape == (engine.spec.num_classes, *array.shape)
     assert np.array_equal(engine.predict_single_npy_array(array[None], {"spacing": list(spacing)}), labels)
-    with pytest.raises(InputError, match="cascades"):
+    with pytest.raises(InputError, match="writing files"):
         engine.predict_single_npy_array(array[None], {"spacing": list(spacing)}, output_file_truncated="x")
+    with pytest.raises(InputError, match="not a cascade stage"):
+        engine.predict_single_npy_array(array[None], {"spacing": list(spacing)},
+                                        segmentation_previous_stage=np.zeros_like(array[None]))
 
 
 def test_a_missing_spacing_is_an_error_unless_asked_for_by_name(engine_dir):

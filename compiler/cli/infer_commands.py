@@ -112,6 +112,9 @@ asks for (.npz, preview) is missing.
 @click.option("--probabilities-format", type=TableChoice(probabilities_formats), default="nnslim", show_default=True,
               help="With --save-probabilities: nnslim (float16 [K, X, Y, Z]) or nnunet (nnU-Net's float32 CASE.npz in "
                    "its axis order plus CASE.pkl, which nnUNetv2_ensemble and nnUNetv2_apply_postprocessing read).")
+@click.option("--previous-stage", type=path_type(file_okay=False), default=None,
+              help="A cascade engine's other input (nnU-Net's 3d_cascade_fullres): the folder of its previous stage's "
+                   "segmentations, one per case under the case's output name (as nnU-Net's -prev_stage_predictions).")
 @click.option("--preview", is_flag=True,
               help="Also draw a PNG per case (labels over the image): OUTPUT/previews/CASE.png and "
                    "OUTPUT/previews/index.html for a folder, OUTPUT_STEM.png beside a single output.")
@@ -143,7 +146,6 @@ def infer(**o: Any) -> None:
       started        when its read began (UTC, ISO 8601), finished: when it was reported
       engine_sha256  the engine's manifest sha256; nnslim_version, backend, device, part ([K, N])
     """
-    from nnslim.compiler.runtime.cases.batch import BatchOptions
     from nnslim.compiler.runtime.cases.parts import resolve_part
     from nnslim.compiler.runtime.cases.plan import OptionConflict
     from nnslim.compiler.runtime.engine import load_engine
@@ -173,10 +175,8 @@ def infer(**o: Any) -> None:
     existing = "overwrite" if o["overwrite"] else "continue" if o["resume"] else "refuse"
     try:
         results = segment_files(engine, list(o["inputs"]), o["output"], inference_options(o), predictor=predictor,
-                                existing=existing, on_case=report, part=part, batch=BatchOptions(
-                                    io_workers=o["io_workers"], save_probabilities=o["save_probabilities"],
-                                    probabilities_format=o["probabilities_format"], preview=o["preview"],
-                                    log_jsonl=o["log_jsonl"]), runner=_ray_runner(o, engine))
+                                existing=existing, on_case=report, part=part, batch=batch_options(o),
+                                runner=_ray_runner(o, engine))
     except OptionConflict as exc:  # options that cannot do anything for these inputs: the command line must change
         raise click.UsageError(str(exc), ctx=click.get_current_context()) from exc
     failed = [r.name for r in results if r.error]
@@ -262,6 +262,15 @@ def refuse_idle_options(ctx: click.Context, o: dict[str, Any]) -> None:
     if given("io_workers") and not is_folder_input(list(o["inputs"])):
         raise click.UsageError(f"{shown('io_workers')} overlaps the cases of a folder, but the input is one case; "
                                "drop --io-workers, or give the folder of cases", ctx=ctx)
+
+
+def batch_options(o: dict[str, Any]):
+    """What infer's parsed options write beside the label maps (`BatchOptions`)."""
+    from nnslim.compiler.runtime.cases.batch import BatchOptions
+
+    return BatchOptions(io_workers=o["io_workers"], save_probabilities=o["save_probabilities"],
+                        probabilities_format=o["probabilities_format"], preview=o["preview"],
+                        log_jsonl=o["log_jsonl"], previous_stage=o["previous_stage"])
 
 
 def inference_options(o: dict[str, Any]):

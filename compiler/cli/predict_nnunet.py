@@ -21,19 +21,26 @@ Differences, stated: `-f` defaults to every `fold_N` the model folder has (nnU-N
 an error when one is missing), printed; the window accumulates in fp32 where nnU-Net's predictor
 accumulates in fp16 (at a volume's edges and corners, where every window's Gaussian weight is
 below fp16's normal range, nnU-Net's logits are rounding noise; nnslim's are not); `-npp` / `-nps` size nnslim's I/O threads (at most 8);
-`-device cuda` on a machine without a usable GPU runs on the CPU with a warning; cascades
-(`-prev_stage_predictions`) are refused.
+`-device cuda` on a machine without a usable GPU runs on the CPU with a warning.
+
+Cascades: `-c 3d_cascade_fullres` with `-prev_stage_predictions FOLDER` reads the previous stage's
+segmentations there, as nnU-Net does. Without it (nnU-Net refuses), nnslim chains the two stages
+itself: the previous stage (`3d_lowres`, same trainer, plans, folds and checkpoint) segments the
+cases into a temporary folder inside the output folder, which is removed afterwards.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -68,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint file name in each fold folder")
     p.add_argument("-npp", type=int, default=_environment_int("nnUNet_npp"), help="preprocessing workers")
     p.add_argument("-nps", type=int, default=_environment_int("nnUNet_nps"), help="export workers")
-    p.add_argument("-prev_stage_predictions", default=None, help="cascades: not supported (refused)")
+    p.add_argument("-prev_stage_predictions", default=None,
+                   help="cascades: the previous stage's segmentations (default: nnslim runs that stage first)")
     p.add_argument("-num_parts", type=int, default=1, help="split the cases into this many parts")
     p.add_argument("-part_id", type=int, default=0, help="which part this run segments (0 .. num_parts - 1)")
     p.add_argument("-device", default="cuda", choices=("cuda", "cpu", "mps"), help="cuda (default) or cpu")
@@ -115,15 +123,17 @@ def dataset_folder(results: Path, dataset: str) -> Path:
     return results / dataset
 
 
-def model_folder(args: argparse.Namespace) -> Path:
-    """The trained model's folder from `$nnUNet_results` and -d, -tr, -p, -c."""
+def model_folder(args: argparse.Namespace, configuration: str | None = None) -> Path:
+    """The trained model's folder from `$nnUNet_results` and -d, -tr, -p, -c (or `configuration`)."""
     results = os.environ.get("nnUNet_results")
     if not results:
         raise SettingsError("$nnUNet_results is not set; set it to the folder nnU-Net trained into, as for "
                             "nnUNetv2_predict")
-    folder = dataset_folder(Path(results), args.d) / f"{args.tr}__{args.p}__{args.c}"
+    configuration = configuration or args.c
+    folder = dataset_folder(Path(results), args.d) / f"{args.tr}__{args.p}__{configuration}"
     if not folder.is_dir():
-        raise InputError(f"no trained model at {folder} (trainer {args.tr}, plans {args.p}, configuration {args.c})")
+        raise InputError(f"no trained model at {folder} (trainer {args.tr}, plans {args.p}, configuration "
+                         f"{configuration})")
     return folder
 
 
@@ -132,20 +142,15 @@ def _arguments_record(args: argparse.Namespace, output: Path) -> dict[str, Any]:
     return {"list_of_lists_or_source_folder": args.i, "output_folder_or_list_of_truncated_output_files": str(output),
             "save_probabilities": args.save_probabilities, "overwrite": not args.continue_prediction,
             "num_processes_preprocessing": args.npp, "num_processes_segmentation_export": args.nps,
-            "folder_with_segs_from_prev_stage": None, "num_parts": args.num_parts, "part_id": args.part_id}
+            "folder_with_segs_from_prev_stage": args.prev_stage_predictions, "num_parts": args.num_parts,
+            "part_id": args.part_id}
 
 
 def run(args: argparse.Namespace) -> int:
-    """Resolve, build or reuse the engine, segment the folder; the exit code."""
-    from nnslim.compiler.runtime.cases.batch import BatchOptions
+    """Resolve, build or reuse the engine, segment the folder (after the previous stage, for a
+    cascade without -prev_stage_predictions); the exit code."""
     from nnslim.compiler.runtime.cases.nnunet_files import write_provenance
-    from nnslim.compiler.runtime.engine import load_engine
-    from nnslim.compiler.runtime.segmentation import InferenceOptions
-    from nnslim.compiler.stages.engine_cache import cached_engine, discard
 
-    if args.prev_stage_predictions is not None:
-        raise SettingsError("-prev_stage_predictions: cascades (3d_cascade_fullres) are not supported by nnslim yet; "
-                            "run nnUNetv2_predict for them")
     if not 0 <= args.part_id < args.num_parts:
         raise SettingsError(f"-part_id {args.part_id} must be in 0 .. -num_parts - 1 ({args.num_parts - 1})")
     if not 0 < args.step_size <= 1:
@@ -153,39 +158,92 @@ def run(args: argparse.Namespace) -> int:
     folder, inputs, output = model_folder(args), Path(args.i), Path(args.o)
     if not inputs.is_dir():
         raise InputError(f"-i {inputs} is not a folder of cases")
-    steps: tuple[dict, ...] = ()
-    if args.pp_pkl_file:
-        from nnslim.compiler.runtime.nnunet_postprocessing import read_steps
+    steps = _postprocessing_steps(args.pp_pkl_file)
+    engine = _engine(folder, args)
+    stage = engine.spec.previous_stage
+    given = Path(args.prev_stage_predictions) if args.prev_stage_predictions else None
+    if stage is None and given is not None:
+        raise SettingsError(f"-prev_stage_predictions: configuration {args.c} is not a cascade stage; leave it out")
+    if given is not None and not given.is_dir():
+        raise InputError(f"-prev_stage_predictions {given} is not a folder of the previous stage's segmentations")
+    write_provenance(output, folder, _arguments_record(args, output))
+    with contextlib.ExitStack() as stack:
+        previous = given
+        if stage is not None and previous is None:
+            previous = stack.enter_context(_previous_stage(args, stage["configuration"], inputs, output))
+        failed = _segment(engine, args, inputs, output, steps, previous)
+    for result in failed:
+        click.echo(f"{result.name}: FAILED ({result.error})", err=True)
+    return 4 if failed else 0
 
-        if not Path(args.pp_pkl_file).is_file():
-            raise InputError(f"-pp_pkl_file {args.pp_pkl_file} is not a file (nnU-Net writes postprocessing.pkl into "
-                             "the crossval_results_folds_* folder of nnUNetv2_find_best_configuration)")
-        steps = tuple(read_steps(args.pp_pkl_file))
+
+def _postprocessing_steps(pp_pkl_file: str | None) -> tuple[dict, ...]:
+    """-pp_pkl_file's steps (`nnunet_postprocessing.read_steps`: allow-listed, never unpickled)."""
+    if not pp_pkl_file:
+        return ()
+    from nnslim.compiler.runtime.nnunet_postprocessing import read_steps
+
+    if not Path(pp_pkl_file).is_file():
+        raise InputError(f"-pp_pkl_file {pp_pkl_file} is not a file (nnU-Net writes postprocessing.pkl into "
+                         "the crossval_results_folds_* folder of nnUNetv2_find_best_configuration)")
+    return tuple(read_steps(pp_pkl_file))
+
+
+def _engine(folder: Path, args: argparse.Namespace) -> Any:
+    """The opened engine of `folder` for -f, -chk and --precision, built into the cache or reused."""
+    from nnslim.compiler.runtime.engine import load_engine
+    from nnslim.compiler.stages.engine_cache import cached_engine, discard
+
     device = "cpu" if args.device == "cpu" else "auto"  # auto: the GPU when the engine can use one here
-    engine_dir = cached_engine(folder, args.f, args.chk, inputs, args.precision)
+    engine_dir = cached_engine(folder, args.f, args.chk, Path(args.i), args.precision)
     try:
         engine = load_engine(engine_dir, device=device)
     except EngineError as exc:  # a damaged cache entry (a file changed, a build cut short): build it again, once
         logger.warning("the cached engine failed its check (%s); building it again", exc)
         discard(engine_dir)
-        engine_dir = cached_engine(folder, args.f, args.chk, inputs, args.precision)
+        engine_dir = cached_engine(folder, args.f, args.chk, Path(args.i), args.precision)
         engine = load_engine(engine_dir, device=device)
     if args.device != "cpu" and getattr(engine.predictor, "device", "cpu") == "cpu":
         logger.warning("-device %s: no GPU this engine can use here; running on the CPU", args.device)
     click.echo(f"nnslim-predict-nnunet: {folder.name}, folds {' '.join(engine.manifest.source.get('folds') or [])}, "
                f"{engine.runtime.label} engine ({engine_dir})", err=True)
-    write_provenance(output, folder, _arguments_record(args, output))
+    return engine
+
+
+def _segment(engine: Any, args: argparse.Namespace, inputs: Path, output: Path, steps: tuple[dict, ...],
+             previous: Path | None) -> list:
+    """Segment the part of `inputs` this run has into `output` as nnU-Net writes it; the failed cases."""
+    from nnslim.compiler.runtime.cases.batch import BatchOptions
+    from nnslim.compiler.runtime.segmentation import InferenceOptions
+
     options = InferenceOptions(step_fraction=args.step_size, mirror=not args.disable_tta,
                                progress=not args.disable_progress_bar)
     batch = BatchOptions(io_workers=max(1, min(8, args.nps)), save_probabilities=args.save_probabilities,
-                         probabilities_format="nnunet", label_steps=steps)
+                         probabilities_format="nnunet", label_steps=steps, previous_stage=previous)
     with engine:
         results = engine.segment_files([inputs], output, options=options, part=(args.part_id, args.num_parts),
                                        existing="continue" if args.continue_prediction else "overwrite", batch=batch)
-    failed = [r for r in results if r.status == "failed"]
-    for result in failed:
-        click.echo(f"{result.name}: FAILED ({result.error})", err=True)
-    return 4 if failed else 0
+    return [r for r in results if r.status == "failed"]
+
+
+@contextlib.contextmanager
+def _previous_stage(args: argparse.Namespace, configuration: str, inputs: Path, output: Path) -> Iterator[Path]:
+    """A cascade's previous stage, run first: its segmentations of this run's cases in a temporary
+    folder inside `output` (removed afterwards), as nnU-Net's documented two commands would write them."""
+    folder = model_folder(args, configuration)
+    click.echo(f"nnslim-predict-nnunet: {args.c} is a cascade stage; segmenting with {configuration} first "
+               "(pass -prev_stage_predictions to use segmentations you have)", err=True)
+    engine = _engine(folder, args)
+    output.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(prefix=f".nnslim-{configuration}-", dir=output))
+    try:
+        lowres = argparse.Namespace(**{**vars(args), "save_probabilities": False, "continue_prediction": False})
+        failed = _segment(engine, lowres, inputs, temporary, (), None)
+        for result in failed:
+            click.echo(f"{result.name}: the {configuration} stage FAILED ({result.error})", err=True)
+        yield temporary
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

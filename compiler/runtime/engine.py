@@ -95,7 +95,7 @@ class Engine:
 
     def segment(self, image: Any, spacing: tuple[float, float, float] | str | None = None,
                 options: InferenceOptions | None = None, return_probabilities: bool = False,
-                axis_order: str = "nibabel") -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                axis_order: str = "nibabel", previous_stage: Any = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Labels for an in-memory image, with the same numerics as `nnslim infer` and no file I/O.
 
         Args:
@@ -109,6 +109,9 @@ class Engine:
                 spacing (no resampling) by name; None is an error, never silently a guess.
             options: window settings (default: no progress bar).
             return_probabilities: also return the class probabilities (`probabilities` module).
+            previous_stage: a cascade engine's other input, the previous stage's label map in the
+                image's axis order and shape (`[X, Y, Z]`, or `[Z, Y, X]` for "sitk"); required for
+                a cascade (`spec.previous_stage`), refused otherwise.
 
         Returns:
             uint8 labels in the image's axis order (`[X, Y, Z]`, or `[Z, Y, X]` for "sitk"); with
@@ -124,7 +127,8 @@ class Engine:
         spacing = self._spacing(spacing, reverse)
         if reverse:  # to nibabel's order, which the engine's preprocessing starts from
             image = _reverse_spatial(image)
-        volume = volume_from_array(image, spacing, self.spec.in_channels)
+        volume = volume_from_array(image, spacing, self.spec.image_channels)
+        volume.previous_stage = self._previous_stage(previous_stage, tuple(volume.data.shape[1:]), reverse)
         result = segment_prepared(prepare_volume(volume, self.spec), volume.name, self.predictor, self.spec,
                                   options or InferenceOptions(progress=False), return_probabilities)
         labels, probabilities = result.labels, result.probabilities
@@ -139,16 +143,37 @@ class Engine:
         """nnU-Net's `nnUNetPredictor.predict_single_npy_array`: `input_image` `[C, Z, Y, X]` as
         SimpleITK reads it, `image_properties["spacing"]` `[sz, sy, sx]`; returns the labels `[Z, Y, X]`
         (and float16 probabilities `[K, Z, Y, X]` with `save_or_return_probabilities`). Writing files
-        and cascades are nnU-Net's alone: `output_file_truncated` and `segmentation_previous_stage`
-        are refused."""
-        if segmentation_previous_stage is not None or output_file_truncated is not None:
-            raise InputError("predict_single_npy_array: cascades (segmentation_previous_stage) and writing files "
-                             "(output_file_truncated) are not supported; segment, then write the result yourself")
+        is nnU-Net's alone (`output_file_truncated` is refused). A cascade engine takes
+        `segmentation_previous_stage`, `[Z, Y, X]` or `[1, Z, Y, X]` as nnU-Net's `read_seg` gives it."""
+        if output_file_truncated is not None:
+            raise InputError("predict_single_npy_array: writing files (output_file_truncated) is not supported; "
+                             "segment, then write the result yourself")
         if not isinstance(image_properties, dict) or "spacing" not in image_properties:
             raise InputError("predict_single_npy_array needs image_properties['spacing'] ([sz, sy, sx] in mm), as "
                              "nnU-Net's SimpleITKIO.read_images returns it")
+        previous = segmentation_previous_stage
+        if previous is not None and np.ndim(previous) == 4:
+            previous = np.asarray(previous)[0]
         return self.segment(input_image, tuple(image_properties["spacing"]), axis_order="sitk",
-                            return_probabilities=save_or_return_probabilities)
+                            return_probabilities=save_or_return_probabilities, previous_stage=previous)
+
+    def _previous_stage(self, labels: Any, shape: tuple[int, ...], reverse: bool) -> np.ndarray | None:
+        """`segment`'s `previous_stage` as int16 `[X, Y, Z]`, checked against the engine and the image."""
+        stage = self.spec.previous_stage
+        if stage is None:
+            if labels is not None:
+                raise InputError("previous_stage is given, but this engine is not a cascade stage; leave it out")
+            return None
+        if labels is None:
+            raise InputError(f"this engine is a cascade stage: pass previous_stage, the label map its previous stage "
+                             f"({stage.get('configuration', 'another configuration')}) gave for this image")
+        labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
+        if reverse and labels.ndim == 3:
+            labels = labels.transpose(2, 1, 0)
+        if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
+            raise InputError(f"previous_stage has shape {labels.shape} ({labels.dtype}); expected a label map of "
+                             f"whole numbers shaped like the image, {shape if not reverse else shape[::-1]}")
+        return labels.astype(np.int16)
 
     def _training_spacing(self) -> tuple[float, ...]:
         """The engine's training spacing along nibabel's axes: the manifest records it in the network's

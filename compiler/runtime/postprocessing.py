@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nnslim.compiler.runtime.preprocessing import Prepared, linear_weights, resample, resample_axis
+from nnslim.compiler.runtime.preprocessing import Prepared, axis_weights, resample, resample_axis
 from nnslim.compiler.runtime.window.arrays import TORCH_CPU, NumpyArrays, arrays_for, to_numpy
 from nnslim.errors import EngineError
 
@@ -38,7 +38,8 @@ def logits_to_labels(logits: Any, post: dict | None) -> np.ndarray:
 
 def to_labels(logits: np.ndarray, prepared: Prepared, post: dict | None = None) -> np.ndarray:
     """Model-space logits `[K, ...]` (numpy) -> label volume in the input array's axes and shape."""
-    return restore_geometry(logits_to_labels(resample(logits, prepared.cropped_shape), post), prepared)
+    labels = logits_to_labels(resample(logits, prepared.cropped_shape, prepared.back_orders), post)
+    return restore_geometry(labels, prepared)
 
 
 def restore_geometry(labels: np.ndarray, prepared: Prepared) -> np.ndarray:
@@ -55,13 +56,16 @@ class StreamingLabeler:
 
     In the chunks' plane, each chunk is resampled linearly along each in-plane axis; along their
     axis, output slice `o` blends the two source slices `linear_weights` names: together the same
-    trilinear interpolation `resample` does (torch's rule, align_corners=False), in stages. Source
+    trilinear interpolation `resample` does (torch's rule, align_corners=False), in stages; `orders`
+    makes an axis nearest instead (0: nnU-Net's anisotropic axis, `resampling`). Source
     slices are kept only until no later output slice needs them. Labels are in the model's axis
     order, whichever axis the window walked; logits may be numpy or tensors on a GPU.
     """
 
-    def __init__(self, model_shape: tuple[int, ...], cropped_shape: tuple[int, ...], post: dict | None) -> None:
+    def __init__(self, model_shape: tuple[int, ...], cropped_shape: tuple[int, ...], post: dict | None,
+                 orders: tuple[int, ...] = (1, 1, 1)) -> None:
         self.model_shape, self.cropped_shape, self.post = tuple(model_shape), tuple(cropped_shape), post
+        self.orders = tuple(orders)
         self.labels = np.zeros(cropped_shape, dtype=np.uint8)
         self.pending: dict[int, Any] = {}  # source slice -> in-plane resampled logits [K, *plane]
         self.next_output = 0
@@ -75,7 +79,7 @@ class StreamingLabeler:
         self.n_in, self.n_out = self.model_shape[axis], self.cropped_shape[axis]
         self.plane = tuple(s for a, s in enumerate(self.cropped_shape) if a != axis)
         self.out = np.moveaxis(self.labels, axis, 0)
-        self.sources = linear_weights(self.n_in, self.n_out)
+        self.sources = axis_weights(self.n_in, self.n_out, self.orders[axis])
 
     def __call__(self, chunk: LogitChunk) -> None:
         if self.axis is None:
@@ -91,7 +95,8 @@ class StreamingLabeler:
             self.next_output = chunk.start + n
             return
         for axis in reversed(range(2, logits.ndim)):  # in-plane, the last axis first (as `resample`)
-            logits = resample_axis(logits, axis, self.plane[axis - 2], arrays)
+            model_axis = [a for a in range(len(self.orders)) if a != self.axis][axis - 2]
+            logits = resample_axis(logits, axis, self.plane[axis - 2], arrays, self.orders[model_axis])
         for i in range(logits.shape[1]):
             self.pending[chunk.start + i] = logits[:, i]
         self._label_ready(chunk.start + logits.shape[1])

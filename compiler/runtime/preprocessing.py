@@ -14,9 +14,11 @@
    a 2D model's spacing has two entries and the first axis keeps its spacing.
 The `Prepared` record keeps what undoes the geometry after the window (`postprocessing`).
 
-Deviation from nnU-Net, stated: nnU-Net resamples images with third-order splines and logits
-linearly; here both are trilinear. Without a spacing change (the usual case when a scan
-matches the training data) the two agree exactly.
+An entry with `resampling` (nnU-Net engines: `{"rule": "nnunet", ...}`) resamples as nnU-Net does
+instead (`resampling`: third-order splines, anisotropic axes on their own, logits back with that
+per-axis order); an entry with `previous_stage` (a cascade) appends the previous stage's label map
+as one-hot channels (`cascade_channels`). Without `resampling` (nnslim's and ONNX models), both
+ways are trilinear.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nnslim.errors import EngineError
+from nnslim.errors import EngineError, InputError
 
 # nnslim's own schemes: (scheme, mask, outside). "outside": "zero" is nnU-Net's `use_mask_for_norm`:
 # voxels outside the nonzero mask stay 0, so air, the runtime's padding and a volume a user zeroed
@@ -185,13 +187,23 @@ def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return i0, i1, (np.float32(1) - w1).astype(np.float32), w1
 
 
-def resample_axis(data, axis: int, n_out: int, arrays=None):
-    """`data` linearly resampled to `n_out` samples along `axis` (`linear_weights`): numpy, or a torch
-    tensor on its device with `arrays` its namespace (`window.arrays`)."""
+def axis_weights(n_in: int, n_out: int, order: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`linear_weights` (order 1), or nnU-Net's nearest sample along an anisotropic axis (order 0,
+    `resampling.nearest_indices`), in the same `(i0, i1, w0, w1)` form."""
+    if order == 0:
+        from nnslim.compiler.runtime.resampling import nearest_indices
+
+        return nearest_indices(n_in, n_out)
+    return linear_weights(n_in, n_out)
+
+
+def resample_axis(data, axis: int, n_out: int, arrays=None, order: int = 1):
+    """`data` resampled to `n_out` samples along `axis` (`axis_weights`: linear, or nearest for
+    order 0): numpy, or a torch tensor on its device with `arrays` its namespace (`window.arrays`)."""
     n_in = data.shape[axis]
     if n_in == n_out:
         return data
-    i0, i1, w0, w1 = linear_weights(n_in, n_out)
+    i0, i1, w0, w1 = axis_weights(n_in, n_out, order)
     shape = [1] * data.ndim
     shape[axis] = n_out
     if arrays is not None:
@@ -201,15 +213,15 @@ def resample_axis(data, axis: int, n_out: int, arrays=None):
     return lower * w0.reshape(shape) + upper * w1.reshape(shape)
 
 
-def resample(data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def resample(data: np.ndarray, shape: tuple[int, ...], orders: tuple[int, ...] | None = None) -> np.ndarray:
     """`[C, *spatial]` to `shape` by (tri)linear interpolation, as torch's `interpolate` with
-    `align_corners=False`: one axis at a time, the last first (torch's order); unchanged when the
-    shape is equal."""
+    `align_corners=False` (or nearest along the axes whose entry of `orders` is 0): one axis at a
+    time, the last first (torch's order); unchanged when the shape is equal."""
     if tuple(data.shape[1:]) == tuple(shape):
         return data
     out = np.asarray(data, dtype=np.float32)
     for axis in reversed(range(1, out.ndim)):
-        out = resample_axis(out, axis, int(shape[axis - 1]))
+        out = resample_axis(out, axis, int(shape[axis - 1]), order=orders[axis - 1] if orders else 1)
     return out.astype(data.dtype, copy=False)
 
 
@@ -225,6 +237,7 @@ class Prepared:
     cropped_shape: tuple[int, ...]  # before resampling
     spacing: tuple[float, ...]     # permuted input spacing
     target_spacing: tuple[float, ...] | None
+    back_orders: tuple[int, ...] = (1, 1, 1)  # per model axis, how logits go back: 1 linear, 0 nearest
 
 
 def _permutation(pre: dict, oriented: tuple[int, ...] = (0, 1, 2)) -> tuple[int, ...]:
@@ -264,9 +277,11 @@ def target_spacing(pre: dict, spacing: tuple[float, ...]) -> tuple[float, ...] |
     return (spacing[0], *target) if len(target) == len(spacing) - 1 else target
 
 
-def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: np.ndarray | None = None) -> Prepared:
+def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: np.ndarray | None = None,
+            previous: np.ndarray | None = None) -> Prepared:
     """Input array `[C, X, Y, Z]` with its voxel spacing (and its RAS axes, for `orientation`) ->
-    normalized model-space image (module docstring)."""
+    normalized model-space image (module docstring). `previous`: a cascade's previous-stage label
+    map `[X, Y, Z]`, required when the entry has `previous_stage` (`cascade_channels`)."""
     oriented, flips = reorientation(pre.get("orientation"), ras_axes)
     permutation = _permutation(pre, oriented)
     if flips:
@@ -280,9 +295,51 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: n
         mask = nonzero_mask(data)
         box = bounding_box(mask)
         data, mask = data[(slice(None), *box)], mask[box]
-    normalized = normalize(data, pre["normalization"], mask)
-    image = normalized
+    image = normalize(data, pre["normalization"], mask)
     target = target_spacing(pre, spacing) if pre.get("resample") else None
+    rule, orders = pre.get("resampling"), (1, 1, 1)
     if target is not None:
-        image = resample(image, resampled_shape(image.shape[1:], spacing, target))
-    return Prepared(image, permutation, flips, full_shape, box, tuple(data.shape[1:]), spacing, target)
+        shape = resampled_shape(image.shape[1:], spacing, target)
+        if rule is None:
+            image = resample(image, shape)
+        else:
+            from nnslim.compiler.runtime import resampling
+
+            image = resampling.resample_image(image, shape, spacing, target, resampling.settings(rule, "data"))
+            orders = resampling.axis_orders(resampling.settings(rule, "probabilities"), target, spacing)
+    prepared = Prepared(image, permutation, flips, full_shape, box, tuple(data.shape[1:]), spacing, target, orders)
+    if pre.get("previous_stage") is not None:
+        prepared.image = np.concatenate([image, cascade_channels(previous, prepared, pre, mask)])
+    return prepared
+
+
+def cascade_channels(previous: np.ndarray | None, prepared: Prepared, pre: dict,
+                     mask: np.ndarray | None = None) -> np.ndarray:
+    """A cascade's extra input (nnU-Net's `3d_cascade_fullres`): the previous stage's label map
+    `[X, Y, Z]` put in model space as the image was (orientation, axes, crop), resampled as nnU-Net
+    resamples segmentations (`resampling.resample_labels`), one float32 channel per foreground label.
+    As nnU-Net's cropping does, background outside the nonzero `mask` becomes its own label (-1)
+    before resampling: it changes which label wins where labels are voted."""
+    stage = pre["previous_stage"]
+    labels = stage.get("labels") if isinstance(stage, dict) else None
+    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+        raise EngineError(f"manifest preprocessing.previous_stage is {stage!r:.80}, expected its foreground labels; "
+                          "rebuild the engine")
+    if previous is None:
+        raise InputError(f"this engine is a cascade stage: it needs the segmentation of its previous stage "
+                         f"({stage.get('configuration', 'the previous configuration')}) beside the image")
+    expected = tuple(prepared.full_shape[prepared.permutation.index(a)] for a in range(3))
+    if tuple(previous.shape) != expected:
+        raise InputError(f"the previous stage's segmentation has shape {tuple(previous.shape)}, the image {expected}; "
+                         "use the segmentation the previous stage wrote for this case")
+    seg = np.flip(previous, prepared.flips) if prepared.flips else previous
+    seg = np.ascontiguousarray(seg.transpose(prepared.permutation))[prepared.box].astype(np.int16)
+    if mask is not None:
+        seg[(seg == 0) & ~mask] = -1
+    shape = tuple(prepared.image.shape[1:])
+    if seg.shape != shape:
+        from nnslim.compiler.runtime import resampling
+
+        rule = resampling.settings(pre.get("resampling") or {}, "seg")
+        seg = resampling.resample_labels(seg, shape, prepared.spacing, prepared.target_spacing, rule)
+    return np.stack([seg == v for v in labels]).astype(np.float32)

@@ -68,8 +68,8 @@ class ProbabilityLabeler(StreamingLabeler):
     """
 
     def __init__(self, model_shape: tuple[int, ...], cropped_shape: tuple[int, ...], post: dict | None,
-                 target: np.ndarray) -> None:
-        super().__init__(model_shape, cropped_shape, post)
+                 target: np.ndarray, orders: tuple[int, ...] = (1, 1, 1)) -> None:
+        super().__init__(model_shape, cropped_shape, post, orders)
         if tuple(target.shape[1:]) != tuple(cropped_shape):
             raise ValueError(f"probability target {target.shape} does not match the cropped shape {cropped_shape}")
         self.target = target

@@ -157,7 +157,8 @@ def prepare_volume(volume: Volume, spec: ModelSpec) -> Prepared:
         )
     # an in-memory array (no files) has no affine: it is taken as already oriented
     oriented = pre.get("orientation") and volume.files
-    prepared = prepare(volume.data, volume.spacing, pre, volume.geometry.ras_axes() if oriented else None)
+    prepared = prepare(volume.data, volume.spacing, pre, volume.geometry.ras_axes() if oriented else None,
+                       volume.previous_stage)
     if prepared.target_spacing is not None and tuple(prepared.image.shape[1:]) != prepared.cropped_shape:
         logger.info("%s resampled from spacing %s to %s", volume.name, prepared.spacing, prepared.target_spacing)
     return prepared
@@ -193,9 +194,11 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Predictor,
         check_probabilities_supported(spec.postprocessing)
         check_probabilities_fit(spec.num_classes, prepared.full_shape, name)
         canvas, crop = probability_canvas(spec.num_classes, prepared)
-        labeler = ProbabilityLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing, crop)
+        labeler = ProbabilityLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing, crop,
+                                     prepared.back_orders)
     else:
-        labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing)
+        labeler = StreamingLabeler(tuple(image.shape[1:]), prepared.cropped_shape, spec.postprocessing,
+                                   prepared.back_orders)
     with tqdm(total=plan.tiles, desc=name, unit="window", disable=None if options.progress else True, leave=False) as bar:
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
                                selection=selection, plan=plan)

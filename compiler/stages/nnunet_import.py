@@ -29,7 +29,12 @@ from torch import nn
 
 from nnslim.compiler.runtime.manifest.schema import MAX_CHANNELS, MAX_CLASSES, parse_json
 from nnslim.compiler.stages.nnunet_checkpoint import NnUNetImportError, load_checkpoint, map_state_dict
-from nnslim.compiler.stages.nnunet_plans import check_configuration, resolve_configuration, unet_config
+from nnslim.compiler.stages.nnunet_plans import (
+    check_configuration,
+    resampling_rule,
+    resolve_configuration,
+    unet_config,
+)
 from nnslim.training.config import UNetConfig
 from nnslim.training.unet import UNet
 
@@ -111,6 +116,11 @@ class LabelScheme:
                                     f"dataset's regions ({known}), one per region; fix dataset.json")
         return cls(head_names=heads, regions_class_order=order, label_values=known)
 
+    @property
+    def foreground(self) -> list[int]:
+        """nnU-Net's `foreground_labels`: every label value but background (a cascade's input channels)."""
+        return list(self.label_values) if self.label_values else list(range(1, len(self.head_names)))
+
     def to_manifest(self) -> dict[str, Any]:
         if self.regions_class_order is None:
             return {"kind": "argmax"}
@@ -146,6 +156,16 @@ class NnUNetModel:
     @property
     def spatial_dims(self) -> int:
         return self.architecture.spatial_dims
+
+    @property
+    def previous_stage(self) -> str | None:
+        """A cascade stage's previous configuration (`3d_lowres` for `3d_cascade_fullres`), else None."""
+        return self.configuration.get("previous_stage") or None
+
+    @property
+    def image_channels(self) -> int:
+        """The dataset's image channels (a cascade's network also takes the previous stage's labels)."""
+        return self.architecture.in_channels - (len(self.labels.foreground) if self.previous_stage else 0)
 
     def network(self) -> nn.Module:
         """The deployable network: `[B, C, *patch3d] -> [B, K, *patch3d]`, folds averaged."""
@@ -189,10 +209,10 @@ class NnUNetModel:
             if scheme == "ZScoreNormalization":
                 entry["mask"] = "nonzero-region" if use_mask[c] else "none"
             channels.append(entry)
-        if len(channels) != self.architecture.in_channels:
+        if len(channels) != self.image_channels:
             raise NnUNetImportError(
                 f"plans.json gives {len(channels)} normalization schemes but the dataset has "
-                f"{self.architecture.in_channels} channels"
+                f"{self.image_channels} channels"
             )
         return {"scheme": "per-channel", "channels": channels}
 
@@ -209,6 +229,9 @@ class NnUNetModel:
             "resample": True,
             "tta_default": bool(self.mirror_axes),
             "image_reader_writer": self.plans.get("image_reader_writer", "SimpleITKIO"),  # nnU-Net's .pkl form
+            **({"resampling": rule} if (rule := resampling_rule(self.configuration)) else {}),
+            **({"previous_stage": {"configuration": self.previous_stage, "labels": self.labels.foreground}}
+               if self.previous_stage else {}),
         }
 
     def metadata(self) -> dict[str, Any]:
@@ -348,12 +371,12 @@ def read_model_folder(
                 f"fold {folds[0]} as {configuration_name!r}; an ensemble needs one configuration"
             )
     configuration = resolve_configuration(plans, configuration_name)
-    if configuration.get("previous_stage"):
-        raise NnUNetImportError(
-            f"configuration {configuration_name!r} is a cascade stage (it needs {configuration['previous_stage']!r}'s "
-            "segmentation as input); cascades are not supported, deploy 3d_fullres or 3d_lowres instead"
-        )
-    architecture = unet_config(configuration, len(channels), len(labels.head_names))
+    previous = configuration.get("previous_stage")
+    if previous and previous not in (plans.get("configurations") or {}):
+        raise NnUNetImportError(f"configuration {configuration_name!r} is a cascade stage after {previous!r}, which "
+                                "plans.json does not define; the plans are damaged")
+    extra = len(labels.foreground) if previous else 0  # a cascade also takes the previous stage's labels
+    architecture = unet_config(configuration, len(channels) + extra, len(labels.head_names))
     check_configuration(configuration, configuration_name, architecture.spatial_dims, len(channels))
     reference = UNet(architecture)
     mapped = {fold: map_state_dict(c["network_weights"], reference, str(files[fold])) for fold, c in checkpoints.items()}

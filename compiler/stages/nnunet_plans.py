@@ -3,10 +3,12 @@
 Reads both plans formats: nnU-Net >= 2.3 (`architecture` with `network_class_name` and
 `arch_kwargs`) and the older flat keys (`UNet_class_name`, `conv_kernel_sizes`, ...). Anything
 nnslim cannot rebuild exactly (other blocks, norms, activations, options) is refused by name.
+`resampling_rule` reads the configuration's resampling functions for the manifest.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -16,6 +18,8 @@ from nnslim.compiler.stages.nnunet_checkpoint import NnUNetImportError
 from nnslim.training.config import MAX_FEATURES, MAX_STAGES, ConfigError, UNetConfig, as_int
 
 ARCHITECTURES = ("PlainConvUNet", "ResidualEncoderUNet")
+
+logger = logging.getLogger(__name__)
 
 
 def _refuse(key: str, value: Any, expected: str) -> NnUNetImportError:
@@ -213,3 +217,26 @@ def check_configuration(configuration: dict[str, Any], name: str, dims: int, cha
     if masks is not None and (not isinstance(masks, list) or len(masks) != channels
                               or not all(isinstance(m, bool) for m in masks)):
         raise _refuse(f"{where}.use_mask_for_norm", masks, f"a list of {channels} true/false")
+
+
+def resampling_rule(configuration: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's `preprocessing.resampling` (`runtime.resampling`): nnU-Net's rule with the
+    configuration's orders, when its functions are nnU-Net's default; None (nnslim's trilinear
+    rule, warned) for another function, which nnslim does not reproduce."""
+    record: dict[str, Any] = {"rule": "nnunet"}
+    for kind in ("data", "seg", "probabilities"):
+        function = configuration.get(f"resampling_fn_{kind}", "resample_data_or_seg_to_shape")
+        kwargs = configuration.get(f"resampling_fn_{kind}_kwargs") or {}
+        if function != "resample_data_or_seg_to_shape" or not isinstance(kwargs, dict):
+            logger.warning("plans.json: resampling_fn_%s is %r; nnslim reproduces nnU-Net's "
+                           "resample_data_or_seg_to_shape only and resamples this model trilinearly", kind, function)
+            return None
+        record[kind] = {k: kwargs[k] for k in ("order", "order_z", "force_separate_z") if k in kwargs}
+    from nnslim.compiler.runtime.resampling import settings
+
+    try:
+        for kind in ("data", "seg", "probabilities"):
+            settings(record, kind)
+    except Exception as exc:  # an order nnslim does not reproduce: said at build time, not at the first case
+        raise NnUNetImportError(f"plans.json: {exc}") from exc
+    return record

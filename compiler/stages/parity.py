@@ -77,10 +77,13 @@ def parity_crops(
     if volume is None:
         tiles = rng.standard_normal((count, in_channels, *patch_size), dtype=np.float32)
         return torch.from_numpy(tiles), f"synthetic (standard normal, seed {seed})", None
-    loaded = load_volume(Path(volume), in_channels)
-    prepared = prepare(loaded.data, loaded.spacing, preprocessing)
-    unnormalized = {**preprocessing, "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * in_channels}}
-    raw = prepare(loaded.data, loaded.spacing, unnormalized).image  # same geometry, raw intensities
+    stage = preprocessing.get("previous_stage")
+    channels = in_channels - len(stage["labels"]) if stage else in_channels
+    loaded = load_volume(Path(volume), channels)
+    previous = stand_in_labels(loaded.data.shape[1:], stage["labels"]) if stage else None
+    prepared = prepare(loaded.data, loaded.spacing, preprocessing, previous=previous)
+    unnormalized = {**preprocessing, "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * channels}}
+    raw = prepare(loaded.data, loaded.spacing, unnormalized, previous=previous).image[:channels]  # raw intensities
     padded, region = pad_to_patch(prepared.image, patch_size)
     # centre each crop on a random nonzero voxel, so tiles show anatomy rather than air
     nonzero = np.argwhere(raw.any(axis=0)) if raw.any() else np.argwhere(np.ones(raw.shape[1:], dtype=bool))
@@ -98,6 +101,14 @@ def parity_crops(
     tiles = torch.from_numpy(tiles)
     # the description goes into the manifest and report: the volume's name, never its folders
     return tiles, f"{count} crops of {shipped_name(volume)} centred on random nonzero voxels (seed {seed})", layout
+
+
+def stand_in_labels(shape: tuple[int, ...], labels: list[int], block: int = 12) -> np.ndarray:
+    """A cascade's previous-stage input for the parity volume, which has none: blocks of `block`
+    voxels cycling through background and every foreground label, so each label channel is used."""
+    values = np.array([0, *labels], dtype=np.int16)
+    index = sum(np.indices(shape) // block)
+    return values[index % len(values)]
 
 
 def disagreement_view(layout: TileLayout | None, tiles: torch.Tensor,

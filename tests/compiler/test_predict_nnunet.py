@@ -117,7 +117,7 @@ def test_labels_agree_with_nnunets_predictor(env, tmp_path):
     (["-d", "../results/Dataset999_Synthetic"], "not a path"),
     (["-d", "999", "-tr", "OtherTrainer"], "no trained model at"),
     (["-d", "999", "-chk", "../fold_0/checkpoint_final.pth"], "must be a file name"),
-    (["-d", "999", "-prev_stage_predictions", "lowres"], "cascades"),
+    (["-d", "999", "-prev_stage_predictions", "lowres"], "not a cascade stage"),
     (["-d", "999", "-num_parts", "2", "-part_id", "2"], "-part_id 2"),
 ])
 def test_bad_arguments_are_one_clear_error(env, tmp_path, capsys, args, says):

@@ -53,6 +53,8 @@ class BatchOptions:
             (`nnunet_postprocessing.read_steps`; the probabilities are left as they are, as nnU-Net does).
         preview: also write a PNG per case (folder: `OUTPUT/previews/CASE.png` and `index.html`).
         log_jsonl: append one JSON line per case here (`log.CaseLog`).
+        previous_stage: a cascade stage's input: the folder of its previous stage's segmentations,
+            one per case under the case's output name (`stages.read_previous_stage`).
     """
 
     io_workers: int = 1
@@ -61,6 +63,7 @@ class BatchOptions:
     label_steps: tuple[dict, ...] = ()
     preview: bool = False
     log_jsonl: Path | None = None
+    previous_stage: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from nnslim.compiler.runtime.cases.nnunet_files import crop_record
 from nnslim.compiler.runtime.volumes.header import Geometry
 from nnslim.compiler.runtime.safety import printable
 from nnslim.compiler.runtime.volumes.layout import beside
-from nnslim.compiler.runtime.volumes.volume import load_volume, save_segmentation
+from nnslim.compiler.runtime.volumes.volume import Volume, load_volume, previous_stage_labels, save_segmentation
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,15 @@ class _Computed:
     image: np.ndarray | None
     segmentation: Segmentation
     crop: dict[str, Any] = field(default_factory=dict)  # nnU-Net's crop keys (`nnunet_files.crop_record`)
+
+
+def read_previous_stage(folder: Path | None, plan: CasePlan, volume: Volume) -> np.ndarray:
+    """A cascade's previous-stage segmentation of this case: the file of the case's output name in
+    `folder` (nnU-Net's rule: CASE + the dataset's file ending, as the previous stage wrote it)."""
+    if folder is None:
+        raise InputError("this engine is a cascade stage: pass the folder of its previous stage's segmentations "
+                         "(nnslim infer --previous-stage FOLDER; nnslim-predict-nnunet -prev_stage_predictions FOLDER)")
+    return previous_stage_labels(Path(folder) / plan.target.name, tuple(volume.data.shape[1:]))
 
 
 def previews_folder(output: Path, folder: bool, batch: BatchOptions) -> Path | None:
@@ -167,7 +176,9 @@ class CaseStages:
         if plan.problem:
             raise InputError(plan.problem)
         check_case_fits(plan, self.spec)  # headers only, before allocating
-        volume = load_volume(plan.files, self.spec.in_channels)
+        volume = load_volume(plan.files, self.spec.image_channels)
+        if self.spec.previous_stage is not None:
+            volume.previous_stage = read_previous_stage(self.batch.previous_stage, plan, volume)
         image = np.array(volume.data[0]) if self.previews is not None else None
         return _Read(started, volume.name, volume.geometry, volume.spacing, image, prepare_volume(volume, self.spec))
 

@@ -205,6 +205,19 @@ class ModelSpec:
     postprocessing: dict = field(default_factory=lambda: {"kind": "argmax"})
     tta_default: bool = False  # mirror TTA unless the user says otherwise (nnU-Net models: on)
 
+    @property
+    def previous_stage(self) -> dict | None:
+        """A cascade stage's record (`{"configuration", "labels"}`): its input ends with one channel per
+        foreground label of the previous stage's segmentation (`preprocessing.cascade_channels`)."""
+        stage = (self.preprocessing or {}).get("previous_stage")
+        return stage if isinstance(stage, dict) else None
+
+    @property
+    def image_channels(self) -> int:
+        """The channels a case's image files give: the network's, less a cascade's label channels."""
+        stage = self.previous_stage
+        return self.in_channels - len(stage.get("labels") or []) if stage else self.in_channels
+
 
 @dataclass(frozen=True)
 class EngineManifest:

@@ -37,6 +37,7 @@ class Volume:
     data: np.ndarray
     geometry: Geometry
     files: list[Path]
+    previous_stage: np.ndarray | None = None  # a cascade's previous-stage labels [X, Y, Z], or None
 
     @property
     def spacing(self) -> tuple[float, ...]:
@@ -97,6 +98,23 @@ def load_labels(path: Path, reader: str = AUTO) -> np.ndarray:
     if not np.all(np.equal(np.mod(data, 1), 0)):
         raise InputError(f"{path} holds non-integer values; expected a label volume")
     return data.astype(np.int64)
+
+
+def previous_stage_labels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+    """A cascade's previous-stage segmentation as int16 `[X, Y, Z]` (`load_labels`), checked: the
+    case's shape, values in [0, 255] (nnslim's and nnU-Net's label maps)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path.name}: the previous stage's segmentation of this case is missing (looked for "
+                         f"{path}); segment the case with the previous stage first, or point at the folder it wrote")
+    data = load_labels(path)
+    if tuple(data.shape) != tuple(shape):
+        raise InputError(f"{path.name}: the previous stage's segmentation has shape {tuple(data.shape)}, the image "
+                         f"{tuple(shape)}; use the segmentation written for this case")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise InputError(f"{path.name}: the previous stage's segmentation holds values outside [0, 255] (seen "
+                         f"{int(data.min())} .. {int(data.max())}); it is not a label map")
+    return data.astype(np.int16)
 
 
 def volume_from_array(image: np.ndarray, spacing: tuple[float, ...], expected_channels: int,

@@ -261,6 +261,34 @@ def write_model_folder(root: Path, *, dims: int = 3, residual: bool = False, fol
             "mirror_axes": mirror_axes, "configuration": configuration}
 
 
+def write_cascade(dataset_dir: Path, *, folds=(0,), lowres_spacing=(4.0, 2.0, 2.0), decisive: float = 8.0) -> dict:
+    """Two model folders of one plans.json, as nnU-Net writes a cascade: `3d_lowres` (its own
+    spacing, `next_stage`) and `3d_cascade_fullres` (inherits 3d_fullres, `previous_stage`, one more
+    input channel per foreground label), random weights; returns the folders."""
+    kwargs = arch_kwargs(3, False)
+    plans = make_plans("3d_fullres", kwargs, [16, 24, 24], [2.0, 1.0, 1.0], False)
+    configurations = plans["configurations"]
+    del configurations["3d_cascade_fullres_dummy"]
+    configurations["3d_lowres"] = {**configurations["3d_fullres"], "data_identifier": "nnUNetPlans_3d_lowres",
+                                   "spacing": list(lowres_spacing), "next_stage": "3d_cascade_fullres"}
+    configurations["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    folders = {}
+    for configuration, channels in (("3d_lowres", 1), ("3d_cascade_fullres", 1 + 2)):
+        root = dataset_dir / f"nnUNetTrainer__nnUNetPlans__{configuration}"
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "plans.json").write_text(json.dumps(plans, indent=2))
+        (root / "dataset.json").write_text(json.dumps(DATASET, indent=2))
+        for fold in folds:
+            sd = nnunet_state_dict(kwargs, False, channels, 3, seed=200 + fold + 10 * channels)
+            for key in [k for k in sd if k.startswith("decoder.seg_layers.")]:
+                sd[key] = sd[key] * decisive
+            (root / f"fold_{fold}").mkdir(exist_ok=True)
+            torch.save(checkpoint_dict(sd, plans, configuration, fold, (0, 1, 2)),
+                       root / f"fold_{fold}" / "checkpoint_final.pth")
+        folders[configuration] = root
+    return folders
+
+
 # ---- nnU-Net's predictor, for one 3D NIfTI array, written from nnU-Net v2's description ----
 
 def _steps(image_size, patch, step=0.5):
