@@ -65,7 +65,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-d", required=True, help="dataset id or name (3, 003 or Dataset003_Liver)")
     p.add_argument("-p", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     p.add_argument("-tr", default="nnUNetTrainer", help="trainer class (default: nnUNetTrainer)")
-    p.add_argument("-c", required=True, help="configuration (2d, 3d_fullres, 3d_lowres, ...)")
+    p.add_argument("-c", required=True, nargs="+",
+                   help="configuration (2d, 3d_fullres, 3d_lowres, 3d_cascade_fullres); nnslim's own: several "
+                        "configurations are ensembled as nnUNetv2_ensemble would")
     p.add_argument("-f", nargs="+", default=None, help="folds (default: every fold_N of the model folder)")
     p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch")
     p.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation")
@@ -151,6 +153,10 @@ def run(args: argparse.Namespace) -> int:
     cascade without -prev_stage_predictions); the exit code."""
     from nnslim.compiler.runtime.cases.nnunet_files import write_provenance
 
+    configurations = args.c if isinstance(args.c, list) else [args.c]
+    if len(configurations) > 1:
+        return _ensemble_of_configurations(args, configurations)
+    args = argparse.Namespace(**{**vars(args), "c": configurations[0]})
     if not 0 <= args.part_id < args.num_parts:
         raise SettingsError(f"-part_id {args.part_id} must be in 0 .. -num_parts - 1 ({args.num_parts - 1})")
     if not 0 < args.step_size <= 1:
@@ -158,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     folder, inputs, output = model_folder(args), Path(args.i), Path(args.o)
     if not inputs.is_dir():
         raise InputError(f"-i {inputs} is not a folder of cases")
-    steps = _postprocessing_steps(args.pp_pkl_file)
+    steps = postprocessing_steps(args.pp_pkl_file)
     engine = _engine(folder, args)
     stage = engine.spec.previous_stage
     given = Path(args.prev_stage_predictions) if args.prev_stage_predictions else None
@@ -177,7 +183,34 @@ def run(args: argparse.Namespace) -> int:
     return 4 if failed else 0
 
 
-def _postprocessing_steps(pp_pkl_file: str | None) -> tuple[dict, ...]:
+def _ensemble_of_configurations(args: argparse.Namespace, configurations: list[str]) -> int:
+    """`-c A B ...`: each configuration segments the cases with probabilities into a temporary folder
+    inside the output folder, then `nnunet_ensemble` averages them into it (nnU-Net's documented
+    nnUNetv2_predict ... --save_probabilities, twice, then nnUNetv2_ensemble); the exit code."""
+    from nnslim.compiler.runtime.nnunet_ensemble import ensemble_folders
+
+    if len(set(configurations)) != len(configurations):
+        raise SettingsError(f"-c {' '.join(configurations)} names a configuration twice")
+    output = Path(args.o)
+    output.mkdir(parents=True, exist_ok=True)
+    steps = postprocessing_steps(args.pp_pkl_file)  # a bad file fails before any engine is built
+    with tempfile.TemporaryDirectory(prefix=".nnslim-ensemble-", dir=output) as temporary:
+        folders, codes = [], []
+        for configuration in configurations:
+            folders.append(Path(temporary) / configuration)
+            codes.append(run(argparse.Namespace(**{**vars(args), "c": [configuration], "o": str(folders[-1]),
+                                                    "save_probabilities": True, "pp_pkl_file": None,
+                                                    "continue_prediction": False})))
+        if any(codes):
+            click.echo("some cases failed in a configuration; the ensemble is not written", err=True)
+            return max(codes)
+        ensemble_folders(folders, output, args.save_probabilities, max(1, min(8, args.nps)), steps,
+                         progress=not args.disable_progress_bar)
+    click.echo(f"nnslim-predict-nnunet: ensembled {' + '.join(configurations)} into {output}", err=True)
+    return 0
+
+
+def postprocessing_steps(pp_pkl_file: str | None) -> tuple[dict, ...]:
     """-pp_pkl_file's steps (`nnunet_postprocessing.read_steps`: allow-listed, never unpickled)."""
     if not pp_pkl_file:
         return ()

@@ -17,13 +17,12 @@ become background.
 
 from __future__ import annotations
 
-import io
-import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from nnslim.compiler.runtime import safe_pickle
 from nnslim.errors import InputError
 
 LARGEST_COMPONENT = "remove_all_but_largest_component"
@@ -31,48 +30,11 @@ _FUNCTIONS = {
     ("nnunetv2.postprocessing.remove_connected_components", "remove_all_but_largest_component_from_segmentation"):
         LARGEST_COMPONENT,
 }
-# numbers numpy pickles (a numpy integer among the labels): constructors of plain values, nothing else
-_NUMBERS = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
 MAX_BYTES = 1 << 20  # a post-processing file is a few hundred bytes
 
 
 class _Function(str):
     """An allow-listed function, as the name of nnslim's implementation (never called)."""
-
-
-class _IntegerType:
-    """What a pickled numpy integer dtype becomes: its type code and byte order, nothing numpy builds."""
-
-    CODES = {"i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"}
-
-    def __init__(self, code: Any, align: Any = False, copy: Any = False) -> None:
-        if code not in self.CODES:
-            raise InputError(f"postprocessing.pkl holds a numpy value of type {code!r:.20}; nnslim reads integers only")
-        self.code, self.order = code, "<"
-
-    def __setstate__(self, state: Any) -> None:  # pickle's BUILD: numpy's (version, byte order, ...)
-        if not (isinstance(state, tuple) and len(state) >= 2 and state[1] in ("<", ">", "|", "=")):
-            raise InputError("postprocessing.pkl: a numpy integer type with an unexpected state")
-        self.order = ">" if state[1] == ">" else "<"
-
-
-def _integer(kind: Any, data: Any = None) -> int:
-    """A pickled numpy integer scalar, decoded from its bytes (numpy's `scalar(dtype, bytes)`)."""
-    size = int(kind.code[1]) if isinstance(kind, _IntegerType) else 0
-    if not (size and isinstance(data, bytes) and len(data) == size):
-        raise InputError("postprocessing.pkl: a numpy scalar that is not an integer of its declared size")
-    return int.from_bytes(data, "big" if kind.order == ">" else "little", signed=kind.code[0] == "i")
-
-
-class _AllowList(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _FUNCTIONS:
-            return _Function(_FUNCTIONS[(module, name)])
-        if (module, name) in _NUMBERS:
-            return _IntegerType if name == "dtype" else _integer
-        raise InputError(f"postprocessing.pkl names {module}.{name}, which nnslim does not run; it reads nnU-Net's "
-                         "remove_all_but_largest_component_from_segmentation steps only (the file is not unpickled "
-                         "freely)")
 
 
 MAX_LABEL = 65535
@@ -101,15 +63,8 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
     """The steps of an nnU-Net `postprocessing.pkl` (module docstring): `[{"function", "labels_or_regions",
     "background_label"}, ...]`; anything else in the file is an `InputError`."""
     path = Path(path)
-    data = path.read_bytes()
-    if len(data) > MAX_BYTES:
-        raise InputError(f"{path.name} is {len(data)} bytes; an nnU-Net postprocessing.pkl is a few hundred")
-    try:
-        loaded = _AllowList(io.BytesIO(data)).load()
-    except InputError:
-        raise
-    except (Exception, RecursionError) as exc:  # a damaged or foreign pickle: any error the unpickler raises
-        raise InputError(f"{path.name} is not an nnU-Net postprocessing.pkl: {type(exc).__name__}: {exc}") from None
+    names = {key: _Function(name) for key, name in _FUNCTIONS.items()}  # numbers: integers only
+    loaded = safe_pickle.read(path, "an nnU-Net postprocessing.pkl", names, safe_pickle.INTEGERS, MAX_BYTES)
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and all(isinstance(x, list) for x in loaded)
             and len(loaded[0]) == len(loaded[1])):
         raise InputError(f"{path.name} holds {type(loaded).__name__}; nnU-Net's is (functions, keyword arguments)")

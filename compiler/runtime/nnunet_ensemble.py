@@ -1,0 +1,161 @@
+"""nnU-Net's ensemble of configurations (`nnUNetv2_ensemble`), on nnU-Net's prediction files.
+
+Each input folder holds `CASE.npz` (key `probabilities`, `[K, Z, Y, X]`) and `CASE.pkl` (the case's
+properties) for the same cases, as `nnUNetv2_predict --save_probabilities` and
+`nnslim-predict-nnunet --save_probabilities` write them, plus `dataset.json`. For each case the
+probabilities are averaged in float32 (nnU-Net's `average_probabilities`), turned into labels as
+nnU-Net's `LabelManager` does (argmax; region-based datasets: `p > 0.5` in `regions_class_order`,
+later regions on top), and written in the dataset's `file_ending` with the geometry the first
+folder's `.pkl` records (`sitk_stuff` or `nibabel_stuff`). `dataset.json` goes beside them; with
+`save_npz`, the averaged `CASE.npz` and the `.pkl` too.
+
+The `.pkl` files are read with an allow-list (`safe_pickle`), never unpickled freely.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from nnslim.compiler.runtime import safe_pickle
+from nnslim.compiler.runtime.cases import nnunet_files
+from nnslim.compiler.runtime.manifest.schema import parse_json
+from nnslim.compiler.runtime.volumes.header import Geometry, SitkReference
+from nnslim.compiler.runtime.volumes.volume import save_segmentation
+from nnslim.errors import InputError
+from nnslim.files import atomic_path
+
+
+def read_properties(path: Path) -> dict[str, Any]:
+    """A case's `.pkl` (`safe_pickle`: numbers and small numeric arrays only)."""
+    props = safe_pickle.read(path, "an nnU-Net properties .pkl")
+    if not isinstance(props, dict):
+        raise InputError(f"{path.name} holds {type(props).__name__}; nnU-Net's properties are a dict")
+    return props
+
+
+def _numbers(value: Any, count: int, where: str) -> tuple[float, ...]:
+    values = np.asarray(value, dtype=np.float64).ravel() if value is not None else np.zeros(0)
+    if values.size != count or not np.all(np.isfinite(values)):
+        raise InputError(f"{where} is {value!r:.80}; expected {count} finite numbers")
+    return tuple(float(v) for v in values)
+
+
+def geometry(props: dict[str, Any], name: str) -> Geometry:
+    """Where the case's voxels sit, from its properties (SimpleITKIO's or NibabelIO's record)."""
+    import nibabel as nib
+
+    if isinstance(props.get("sitk_stuff"), dict):
+        stuff = props["sitk_stuff"]
+        spacing = _numbers(stuff.get("spacing"), 3, f"{name}: sitk_stuff.spacing")
+        if not all(0 < s <= 1e4 for s in spacing):
+            raise InputError(f"{name}: sitk_stuff.spacing is {spacing}; each voxel size must be in (0, 1e4] mm")
+        return Geometry(itk=SitkReference(_numbers(stuff.get("origin"), 3, f"{name}: sitk_stuff.origin"), spacing,
+                                          _numbers(stuff.get("direction"), 9, f"{name}: sitk_stuff.direction")))
+    if isinstance(props.get("nibabel_stuff"), dict):
+        affine = np.asarray(_numbers(props["nibabel_stuff"].get("original_affine"), 16,
+                                     f"{name}: nibabel_stuff.original_affine")).reshape(4, 4)
+        return Geometry(nifti=nib.Nifti1Image(np.zeros((1, 1, 1), dtype=np.uint8), affine))
+    raise InputError(f"{name} has neither sitk_stuff nor nibabel_stuff; nnslim writes segmentations with "
+                     "nnU-Net's SimpleITKIO or NibabelIO geometry only")
+
+
+def label_rule(dataset: dict[str, Any]) -> tuple[int, list[int] | None]:
+    """(heads, regions_class_order or None) of a dataset.json, as nnU-Net's LabelManager reads it."""
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise InputError("dataset.json has no 'labels' mapping")
+    values = [v for k, v in labels.items() if k != "ignore"]
+    if not any(isinstance(v, (list, tuple)) and len(v) > 1 for v in values):
+        return len(values), None
+    order = dataset.get("regions_class_order")
+    if not isinstance(order, list) or not all(type(c) is int and 0 < c <= 255 for c in order):
+        raise InputError(f"dataset.json: region-based labels need regions_class_order (label values), got {order!r:.60}")
+    return len(order), order
+
+
+def to_labels(probabilities: np.ndarray, regions: list[int] | None) -> np.ndarray:
+    """nnU-Net's `convert_probabilities_to_segmentation`: uint8 labels of `[K, ...]` probabilities."""
+    if regions is None:
+        return probabilities.argmax(0).astype(np.uint8)
+    labels = np.zeros(probabilities.shape[1:], dtype=np.uint8)
+    for head, value in enumerate(regions):
+        labels[probabilities[head] > 0.5] = value
+    return labels
+
+
+def _load(path: Path, heads: int) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            probabilities = npz["probabilities"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{path.name} is not nnU-Net's probabilities file (key 'probabilities'): {exc}") from None
+    if probabilities.ndim != 4 or probabilities.shape[0] != heads or not np.issubdtype(probabilities.dtype, np.floating):
+        raise InputError(f"{path.name}: probabilities of shape {probabilities.shape} ({probabilities.dtype}); the "
+                         f"dataset has {heads} output(s): expected float [{heads}, Z, Y, X]")
+    return probabilities
+
+
+def merge_case(files: list[Path], target: Path, dataset: dict[str, Any], save_npz: bool = False,
+               steps: tuple[dict, ...] = ()) -> Path:
+    """One case: average `files`' probabilities, label, write `target` (module docstring)."""
+    heads, regions = label_rule(dataset)
+    total = None
+    for path in files:
+        probabilities = _load(path, heads)
+        if total is not None and probabilities.shape != total.shape:
+            raise InputError(f"{path.name}: probabilities of shape {probabilities.shape} in {path.parent.name}, "
+                             f"{total.shape} in {files[0].parent.name}; ensemble predictions of the same cases")
+        total = probabilities.astype(np.float32) if total is None else total + probabilities
+    average = total / np.float32(len(files))
+    props = read_properties(files[0].with_suffix(".pkl"))
+    labels = to_labels(average, regions)
+    if steps:
+        from nnslim.compiler.runtime.nnunet_postprocessing import apply_steps
+
+        labels = apply_steps(labels, list(steps))
+    if save_npz:  # nnunet_files.save takes nnslim's [K, X, Y, Z]
+        nnunet_files.save(average.transpose(0, 3, 2, 1), props, target.parent / f"{files[0].stem}.npz")
+    return save_segmentation(np.ascontiguousarray(labels.transpose(2, 1, 0)), geometry(props, files[0].name), target)
+
+
+def ensemble_folders(folders: list[Path], output: Path, save_npz: bool = False, workers: int = 1,
+                     steps: tuple[dict, ...] = (), progress: bool = True) -> list[Path]:
+    """nnUNetv2_ensemble (module docstring): the segmentations written, one per case."""
+    folders, output = [Path(f) for f in folders], Path(output)
+    if len(folders) < 1 or not all(f.is_dir() for f in folders):
+        raise InputError(f"-i: {', '.join(str(f) for f in folders if not f.is_dir()) or 'nothing'} is not a folder "
+                         "of predictions (nnUNetv2_predict --save_probabilities output)")
+    if any(output.resolve() == f.resolve() for f in folders):
+        raise InputError(f"-o {output} is one of the input folders; write the ensemble to another folder")
+    dataset_file = folders[0] / "dataset.json"
+    if not dataset_file.is_file():
+        raise InputError(f"{folders[0]} has no dataset.json (nnUNetv2_predict leaves one beside its predictions)")
+    dataset = parse_json(dataset_file.read_bytes(), dataset_file, InputError, "use the dataset.json nnU-Net wrote")
+    ending = dataset.get("file_ending") if isinstance(dataset, dict) else None
+    if not isinstance(ending, str) or not ending.startswith(".") or "/" in ending:
+        raise InputError(f"dataset.json: file_ending is {ending!r:.40}; expected a suffix like .nii.gz")
+    label_rule(dataset)
+    cases = [sorted(p.stem for p in f.glob("*.npz")) for f in folders]
+    if not cases[0] or any(c != cases[0] for c in cases):
+        differ = sorted(set().union(*map(set, cases)) - set.intersection(*map(set, cases)))
+        raise InputError("the folders do not hold the same cases' probabilities" +
+                         (f" (in some, not all: {', '.join(differ[:5])})" if differ else " (none found: .npz files)"))
+    output.mkdir(parents=True, exist_ok=True)
+    with atomic_path(output / "dataset.json") as tmp:
+        tmp.write_text(json.dumps(dataset, indent=4), encoding="utf-8")
+    jobs = [([f / f"{case}.npz" for f in folders], output / f"{case}{ending}") for case in cases[0]]
+    with ThreadPoolExecutor(max(1, min(workers, 8))) as pool, \
+            tqdm(total=len(jobs), desc="ensemble", unit="case", disable=None if progress else True) as bar:
+        futures = [pool.submit(merge_case, files, target, dataset, save_npz, steps) for files, target in jobs]
+        written = []
+        for future in futures:
+            written.append(future.result())
+            bar.update()
+    return written
+
