@@ -5,7 +5,7 @@
 
 Each input folder is the output of `nnUNetv2_predict --save_probabilities` or
 `nnslim-predict-nnunet --save_probabilities`. The probabilities are averaged and labelled as nnU-Net
-does (`runtime.nnunet_ensemble`); the `.pkl` files are read with an allow-list, never unpickled.
+does (`runtime.nnunet.ensemble`); the `.pkl` files are read with an allow-list, never unpickled.
 nnslim's own option: `-pp_pkl_file`, nnU-Net's postprocessing.pkl applied to the ensembled
 segmentations (what `nnUNetv2_apply_postprocessing` would do next).
 """
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     """The console script; errors as nnslim's CLI reports them (`boundary.translate`)."""
     from nnslim.compiler.cli.boundary import translate
     from nnslim.compiler.cli.predict_nnunet import postprocessing_steps
-    from nnslim.compiler.runtime.nnunet_ensemble import ensemble_folders
+    from nnslim.compiler.runtime.nnunet.ensemble import ensemble_folders
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")

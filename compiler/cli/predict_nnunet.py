@@ -11,11 +11,11 @@ The first run builds an engine for this machine (the fastest candidate inside it
 folds, checkpoint, machine and nnslim version (`stages.engine_cache`); later runs reuse it. Then the
 folder is segmented and written as nnU-Net writes it: segmentations in the dataset's file ending with
 the input's geometry, `dataset.json`, `plans.json`, `predict_from_raw_data_args.json`, and with
-`--save_probabilities` nnU-Net's `.npz` and `.pkl` (`runtime.cases.nnunet_files`).
+`--save_probabilities` nnU-Net's `.npz` and `.pkl` (`runtime.nnunet.files`).
 
 nnslim's own options: `--precision` (default auto; fp32 for the closest agreement with nnU-Net)
 and `-pp_pkl_file` (nnU-Net's postprocessing.pkl, applied to the segmentations as
-`nnUNetv2_apply_postprocessing` applies it: `runtime.nnunet_postprocessing`).
+`nnUNetv2_apply_postprocessing` applies it: `runtime.nnunet.postprocessing`).
 
 Differences, stated: `-f` defaults to every `fold_N` the model folder has (nnU-Net: 0 1 2 3 4,
 an error when one is missing), printed; the window accumulates in fp32 where nnU-Net's predictor
@@ -151,7 +151,7 @@ def _arguments_record(args: argparse.Namespace, output: Path) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     """Resolve, build or reuse the engine, segment the folder (after the previous stage, for a
     cascade without -prev_stage_predictions); the exit code."""
-    from nnslim.compiler.runtime.cases.nnunet_files import write_provenance
+    from nnslim.compiler.runtime.nnunet.files import write_provenance
 
     configurations = args.c if isinstance(args.c, list) else [args.c]
     if len(configurations) > 1:
@@ -185,9 +185,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _ensemble_of_configurations(args: argparse.Namespace, configurations: list[str]) -> int:
     """`-c A B ...`: each configuration segments the cases with probabilities into a temporary folder
-    inside the output folder, then `nnunet_ensemble` averages them into it (nnU-Net's documented
+    inside the output folder, then `nnunet.ensemble` averages them into it (nnU-Net's documented
     nnUNetv2_predict ... --save_probabilities, twice, then nnUNetv2_ensemble); the exit code."""
-    from nnslim.compiler.runtime.nnunet_ensemble import ensemble_folders
+    from nnslim.compiler.runtime.nnunet.ensemble import ensemble_folders
 
     if len(set(configurations)) != len(configurations):
         raise SettingsError(f"-c {' '.join(configurations)} names a configuration twice")
@@ -211,10 +211,10 @@ def _ensemble_of_configurations(args: argparse.Namespace, configurations: list[s
 
 
 def postprocessing_steps(pp_pkl_file: str | None) -> tuple[dict, ...]:
-    """-pp_pkl_file's steps (`nnunet_postprocessing.read_steps`: allow-listed, never unpickled)."""
+    """-pp_pkl_file's steps (`nnunet.postprocessing.read_steps`: allow-listed, never unpickled)."""
     if not pp_pkl_file:
         return ()
-    from nnslim.compiler.runtime.nnunet_postprocessing import read_steps
+    from nnslim.compiler.runtime.nnunet.postprocessing import read_steps
 
     if not Path(pp_pkl_file).is_file():
         raise InputError(f"-pp_pkl_file {pp_pkl_file} is not a file (nnU-Net writes postprocessing.pkl into "

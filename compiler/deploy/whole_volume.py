@@ -82,6 +82,10 @@ def model_config(name: str, manifest: EngineManifest, instances: int = 1, kind: 
     kind = checked_kind(manifest, kind, instances)
     if int(threads) < 0:
         raise TritonExportError(f"threads must be 0 (the backend's default) or more, got {threads}")
+    if manifest.spec.previous_stage is not None:
+        raise TritonExportError("this engine is a cascade stage: it also needs its previous stage's segmentation, "
+                                "which the whole-volume model does not take yet; export the tile model instead "
+                                "(it takes every input channel, the label channels included)")
     fp32, fp16, uint8 = (pb.DataType.Value(t) for t in ("TYPE_FP32", "TYPE_FP16", "TYPE_UINT8"))
     config = pb.ModelConfig(name=name, backend="python", max_batch_size=0)
     if version_policy is not None:

@@ -57,7 +57,7 @@ class StreamingLabeler:
     In the chunks' plane, each chunk is resampled linearly along each in-plane axis; along their
     axis, output slice `o` blends the two source slices `linear_weights` names: together the same
     trilinear interpolation `resample` does (torch's rule, align_corners=False), in stages; `orders`
-    makes an axis nearest instead (0: nnU-Net's anisotropic axis, `resampling`). Source
+    makes an axis nearest instead (0: nnU-Net's anisotropic axis, `nnunet.resampling`). Source
     slices are kept only until no later output slice needs them. Labels are in the model's axis
     order, whichever axis the window walked; logits may be numpy or tensors on a GPU.
     """

@@ -15,7 +15,7 @@
 The `Prepared` record keeps what undoes the geometry after the window (`postprocessing`).
 
 An entry with `resampling` (nnU-Net engines: `{"rule": "nnunet", ...}`) resamples as nnU-Net does
-instead (`resampling`: third-order splines, anisotropic axes on their own, logits back with that
+instead (`nnunet.resampling`: third-order splines, anisotropic axes on their own, logits back with that
 per-axis order); an entry with `previous_stage` (a cascade) appends the previous stage's label map
 as one-hot channels (`cascade_channels`). Without `resampling` (nnslim's and ONNX models), both
 ways are trilinear.
@@ -191,7 +191,7 @@ def axis_weights(n_in: int, n_out: int, order: int = 1) -> tuple[np.ndarray, np.
     """`linear_weights` (order 1), or nnU-Net's nearest sample along an anisotropic axis (order 0,
     `resampling.nearest_indices`), in the same `(i0, i1, w0, w1)` form."""
     if order == 0:
-        from nnslim.compiler.runtime.resampling import nearest_indices
+        from nnslim.compiler.runtime.nnunet.resampling import nearest_indices
 
         return nearest_indices(n_in, n_out)
     return linear_weights(n_in, n_out)
@@ -303,7 +303,7 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: n
         if rule is None:
             image = resample(image, shape)
         else:
-            from nnslim.compiler.runtime import resampling
+            from nnslim.compiler.runtime.nnunet import resampling
 
             image = resampling.resample_image(image, shape, spacing, target, resampling.settings(rule, "data"))
             orders = resampling.axis_orders(resampling.settings(rule, "probabilities"), target, spacing)
@@ -338,7 +338,7 @@ def cascade_channels(previous: np.ndarray | None, prepared: Prepared, pre: dict,
         seg[(seg == 0) & ~mask] = -1
     shape = tuple(prepared.image.shape[1:])
     if seg.shape != shape:
-        from nnslim.compiler.runtime import resampling
+        from nnslim.compiler.runtime.nnunet import resampling
 
         rule = resampling.settings(pre.get("resampling") or {}, "seg")
         seg = resampling.resample_labels(seg, shape, prepared.spacing, prepared.target_spacing, rule)

@@ -220,7 +220,7 @@ def check_configuration(configuration: dict[str, Any], name: str, dims: int, cha
 
 
 def resampling_rule(configuration: dict[str, Any]) -> dict[str, Any] | None:
-    """The manifest's `preprocessing.resampling` (`runtime.resampling`): nnU-Net's rule with the
+    """The manifest's `preprocessing.resampling` (`runtime.nnunet.resampling`): nnU-Net's rule with the
     configuration's orders, when its functions are nnU-Net's default; None (nnslim's trilinear
     rule, warned) for another function, which nnslim does not reproduce."""
     record: dict[str, Any] = {"rule": "nnunet"}
@@ -232,7 +232,7 @@ def resampling_rule(configuration: dict[str, Any]) -> dict[str, Any] | None:
                            "resample_data_or_seg_to_shape only and resamples this model trilinearly", kind, function)
             return None
         record[kind] = {k: kwargs[k] for k in ("order", "order_z", "force_separate_z") if k in kwargs}
-    from nnslim.compiler.runtime.resampling import settings
+    from nnslim.compiler.runtime.nnunet.resampling import settings
 
     try:
         for kind in ("data", "seg", "probabilities"):

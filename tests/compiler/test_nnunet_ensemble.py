@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from nnslim.compiler.cli.ensemble_nnunet import main as ensemble_main
-from nnslim.compiler.runtime.nnunet_ensemble import geometry, read_properties
+from nnslim.compiler.runtime.nnunet.ensemble import geometry, read_properties
 from nnslim.errors import InputError
 from tests.compiler.stages.nnunet_folder import write_model_folder
 from tests.compiler.test_predict_nnunet import NNUNET_PYTHON, nnunet, predict, scan

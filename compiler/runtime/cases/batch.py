@@ -48,9 +48,9 @@ class BatchOptions:
             ahead in a thread and writes with N threads (module docstring).
         save_probabilities: also write `CASE.npz` (`nnslim.compiler.runtime.probabilities`).
         probabilities_format: "nnslim" (float16 `[K, X, Y, Z]`) or "nnunet" (nnU-Net's float32 `.npz`
-            and `.pkl`, which its ensembling and post-processing read: `nnunet_files`).
+            and `.pkl`, which its ensembling and post-processing read: `nnunet.files`).
         label_steps: nnU-Net post-processing applied to each label map before it is written
-            (`nnunet_postprocessing.read_steps`; the probabilities are left as they are, as nnU-Net does).
+            (`nnunet.postprocessing.read_steps`; the probabilities are left as they are, as nnU-Net does).
         preview: also write a PNG per case (folder: `OUTPUT/previews/CASE.png` and `index.html`).
         log_jsonl: append one JSON line per case here (`log.CaseLog`).
         previous_stage: a cascade stage's input: the folder of its previous stage's segmentations,

@@ -43,8 +43,8 @@ from nnslim.compiler.runtime.segmentation import (
     segment_prepared,
     window_config,
 )
-from nnslim.compiler.runtime.cases import nnunet_files
-from nnslim.compiler.runtime.cases.nnunet_files import crop_record
+from nnslim.compiler.runtime.nnunet import files as nnunet_files
+from nnslim.compiler.runtime.nnunet.files import crop_record
 from nnslim.compiler.runtime.volumes.header import Geometry
 from nnslim.compiler.runtime.safety import printable
 from nnslim.compiler.runtime.volumes.layout import beside
@@ -192,7 +192,7 @@ class CaseStages:
     def write(self, plan: CasePlan, computed: _Computed) -> CaseResult:
         labels, report = computed.segmentation.labels, computed.segmentation.report
         if self.batch.label_steps:
-            from nnslim.compiler.runtime.nnunet_postprocessing import apply_steps
+            from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps
 
             labels = apply_steps(labels, list(self.batch.label_steps))
         result = CaseResult(name=computed.name, output=plan.target, shape=labels.shape, seconds=0.0,

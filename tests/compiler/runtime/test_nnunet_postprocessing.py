@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 
-from nnslim.compiler.runtime.nnunet_postprocessing import apply_steps, read_steps
+from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps, read_steps
 from nnslim.errors import InputError
 
 MODULE = "nnunetv2.postprocessing.remove_connected_components"

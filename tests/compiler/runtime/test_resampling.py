@@ -1,4 +1,4 @@
-"""nnU-Net's resampling rule (`runtime.resampling`), as nnU-Net engines record it.
+"""nnU-Net's resampling rule (`runtime.nnunet.resampling`), as nnU-Net engines record it.
 
 In CI: the properties nnU-Net's rule has (shapes, the anisotropic axis taken by nearest sample, the
 spline output clipped to the input's range, labels voted with nearest-neighbour tie-breaks, the
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from nnslim.compiler.runtime import resampling
+from nnslim.compiler.runtime.nnunet import resampling
 from nnslim.compiler.runtime.preprocessing import prepare, resample
 from nnslim.errors import EngineError, InputError
 from tests.compiler.test_predict_nnunet import NNUNET_PYTHON

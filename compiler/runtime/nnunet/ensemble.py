@@ -9,7 +9,7 @@ later regions on top), and written in the dataset's `file_ending` with the geome
 folder's `.pkl` records (`sitk_stuff` or `nibabel_stuff`). `dataset.json` goes beside them; with
 `save_npz`, the averaged `CASE.npz` and the `.pkl` too.
 
-The `.pkl` files are read with an allow-list (`safe_pickle`), never unpickled freely.
+The `.pkl` files are read with an allow-list (`pickles`), never unpickled freely.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from nnslim.compiler.runtime import safe_pickle
-from nnslim.compiler.runtime.cases import nnunet_files
+from nnslim.compiler.runtime.nnunet import pickles
+from nnslim.compiler.runtime.nnunet import files
 from nnslim.compiler.runtime.manifest.schema import parse_json
 from nnslim.compiler.runtime.volumes.header import Geometry, SitkReference
 from nnslim.compiler.runtime.volumes.volume import save_segmentation
@@ -32,8 +32,8 @@ from nnslim.files import atomic_path
 
 
 def read_properties(path: Path) -> dict[str, Any]:
-    """A case's `.pkl` (`safe_pickle`: numbers and small numeric arrays only)."""
-    props = safe_pickle.read(path, "an nnU-Net properties .pkl")
+    """A case's `.pkl` (`pickles`: numbers and small numeric arrays only)."""
+    props = pickles.read(path, "an nnU-Net properties .pkl")
     if not isinstance(props, dict):
         raise InputError(f"{path.name} holds {type(props).__name__}; nnU-Net's properties are a dict")
     return props
@@ -101,27 +101,27 @@ def _load(path: Path, heads: int) -> np.ndarray:
     return probabilities
 
 
-def merge_case(files: list[Path], target: Path, dataset: dict[str, Any], save_npz: bool = False,
+def merge_case(inputs: list[Path], target: Path, dataset: dict[str, Any], save_npz: bool = False,
                steps: tuple[dict, ...] = ()) -> Path:
-    """One case: average `files`' probabilities, label, write `target` (module docstring)."""
+    """One case: average `inputs`' probabilities, label, write `target` (module docstring)."""
     heads, regions = label_rule(dataset)
     total = None
-    for path in files:
+    for path in inputs:
         probabilities = _load(path, heads)
         if total is not None and probabilities.shape != total.shape:
             raise InputError(f"{path.name}: probabilities of shape {probabilities.shape} in {path.parent.name}, "
-                             f"{total.shape} in {files[0].parent.name}; ensemble predictions of the same cases")
+                             f"{total.shape} in {inputs[0].parent.name}; ensemble predictions of the same cases")
         total = probabilities.astype(np.float32) if total is None else total + probabilities
-    average = total / np.float32(len(files))
-    props = read_properties(files[0].with_suffix(".pkl"))
+    average = total / np.float32(len(inputs))
+    props = read_properties(inputs[0].with_suffix(".pkl"))
     labels = to_labels(average, regions)
     if steps:
-        from nnslim.compiler.runtime.nnunet_postprocessing import apply_steps
+        from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps
 
         labels = apply_steps(labels, list(steps))
-    if save_npz:  # nnunet_files.save takes nnslim's [K, X, Y, Z]
-        nnunet_files.save(average.transpose(0, 3, 2, 1), props, target.parent / f"{files[0].stem}.npz")
-    return save_segmentation(np.ascontiguousarray(labels.transpose(2, 1, 0)), geometry(props, files[0].name), target)
+    if save_npz:  # files.save takes nnslim's [K, X, Y, Z]
+        files.save(average.transpose(0, 3, 2, 1), props, target.parent / f"{inputs[0].stem}.npz")
+    return save_segmentation(np.ascontiguousarray(labels.transpose(2, 1, 0)), geometry(props, inputs[0].name), target)
 
 
 def ensemble_folders(folders: list[Path], output: Path, save_npz: bool = False, workers: int = 1,

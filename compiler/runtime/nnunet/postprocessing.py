@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from nnslim.compiler.runtime import safe_pickle
+from nnslim.compiler.runtime.nnunet import pickles
 from nnslim.errors import InputError
 
 LARGEST_COMPONENT = "remove_all_but_largest_component"
@@ -64,7 +64,7 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
     "background_label"}, ...]`; anything else in the file is an `InputError`."""
     path = Path(path)
     names = {key: _Function(name) for key, name in _FUNCTIONS.items()}  # numbers: integers only
-    loaded = safe_pickle.read(path, "an nnU-Net postprocessing.pkl", names, safe_pickle.INTEGERS, MAX_BYTES)
+    loaded = pickles.read(path, "an nnU-Net postprocessing.pkl", names, pickles.INTEGERS, MAX_BYTES)
     if not (isinstance(loaded, tuple) and len(loaded) == 2 and all(isinstance(x, list) for x in loaded)
             and len(loaded[0]) == len(loaded[1])):
         raise InputError(f"{path.name} holds {type(loaded).__name__}; nnU-Net's is (functions, keyword arguments)")
