@@ -174,12 +174,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"-prev_stage_predictions {given} is not a folder of the previous stage's segmentations")
     write_provenance(output, folder, _arguments_record(args, output))
     with contextlib.ExitStack() as stack:
-        previous = given
+        previous, first_failed = given, set()
         if stage is not None and previous is None:
-            previous = stack.enter_context(_previous_stage(args, stage["configuration"], inputs, output))
+            previous, first_failed = stack.enter_context(_previous_stage(args, stage["configuration"], inputs, output))
         failed = _segment(engine, args, inputs, output, steps, previous)
     for result in failed:
-        click.echo(f"{result.name}: FAILED ({result.error})", err=True)
+        why = f"its {stage['configuration']} stage failed, above" if result.name in first_failed else result.error
+        click.echo(f"{result.name}: FAILED ({why})", err=True)
     return 4 if failed else 0
 
 
@@ -191,6 +192,9 @@ def _ensemble_of_configurations(args: argparse.Namespace, configurations: list[s
 
     if len(set(configurations)) != len(configurations):
         raise SettingsError(f"-c {' '.join(configurations)} names a configuration twice")
+    cascades = {c for c in configurations if _is_cascade(model_folder(args, c), c)}  # every folder checked first
+    if args.prev_stage_predictions and not cascades:
+        raise SettingsError(f"-prev_stage_predictions: none of {' '.join(configurations)} is a cascade stage")
     output = Path(args.o)
     output.mkdir(parents=True, exist_ok=True)
     steps = postprocessing_steps(args.pp_pkl_file)  # a bad file fails before any engine is built
@@ -198,9 +202,10 @@ def _ensemble_of_configurations(args: argparse.Namespace, configurations: list[s
         folders, codes = [], []
         for configuration in configurations:
             folders.append(Path(temporary) / configuration)
+            given = args.prev_stage_predictions if configuration in cascades else None
             codes.append(run(argparse.Namespace(**{**vars(args), "c": [configuration], "o": str(folders[-1]),
                                                     "save_probabilities": True, "pp_pkl_file": None,
-                                                    "continue_prediction": False})))
+                                                    "continue_prediction": False, "prev_stage_predictions": given})))
         if any(codes):
             click.echo("some cases failed in a configuration; the ensemble is not written", err=True)
             return max(codes)
@@ -208,6 +213,19 @@ def _ensemble_of_configurations(args: argparse.Namespace, configurations: list[s
                          progress=not args.disable_progress_bar)
     click.echo(f"nnslim-predict-nnunet: ensembled {' + '.join(configurations)} into {output}", err=True)
     return 0
+
+
+def _is_cascade(folder: Path, configuration: str) -> bool:
+    """Whether `configuration` of the model folder's plans.json is a cascade stage (`previous_stage`)."""
+    import json
+
+    from nnslim.compiler.stages.nnunet_plans import resolve_configuration
+
+    try:
+        plans = json.loads((folder / "plans.json").read_text(encoding="utf-8"))
+        return bool(resolve_configuration(plans, configuration).get("previous_stage"))
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(f"{folder / 'plans.json'} cannot be read as nnU-Net's plans ({exc})") from None
 
 
 def postprocessing_steps(pp_pkl_file: str | None) -> tuple[dict, ...]:
@@ -260,9 +278,11 @@ def _segment(engine: Any, args: argparse.Namespace, inputs: Path, output: Path, 
 
 
 @contextlib.contextmanager
-def _previous_stage(args: argparse.Namespace, configuration: str, inputs: Path, output: Path) -> Iterator[Path]:
+def _previous_stage(args: argparse.Namespace, configuration: str, inputs: Path,
+                    output: Path) -> Iterator[tuple[Path, set[str]]]:
     """A cascade's previous stage, run first: its segmentations of this run's cases in a temporary
-    folder inside `output` (removed afterwards), as nnU-Net's documented two commands would write them."""
+    folder inside `output` (removed afterwards), as nnU-Net's documented two commands would write
+    them; with the names of the cases it failed."""
     folder = model_folder(args, configuration)
     click.echo(f"nnslim-predict-nnunet: {args.c} is a cascade stage; segmenting with {configuration} first "
                "(pass -prev_stage_predictions to use segmentations you have)", err=True)
@@ -274,7 +294,7 @@ def _previous_stage(args: argparse.Namespace, configuration: str, inputs: Path, 
         failed = _segment(engine, lowres, inputs, temporary, (), None)
         for result in failed:
             click.echo(f"{result.name}: the {configuration} stage FAILED ({result.error})", err=True)
-        yield temporary
+        yield temporary, {result.name for result in failed}
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

@@ -170,9 +170,13 @@ class Engine:
         labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
         if reverse and labels.ndim == 3:
             labels = labels.transpose(2, 1, 0)
-        if labels.shape != shape or not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
-            raise InputError(f"previous_stage has shape {labels.shape} ({labels.dtype}); expected a label map of "
-                             f"whole numbers shaped like the image, {shape if not reverse else shape[::-1]}")
+        if labels.shape != shape or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
+            raise InputError(f"previous_stage has shape {labels.shape} ({labels.dtype}); expected a label map shaped "
+                             f"like the image, {shape if not reverse else shape[::-1]}")
+        if labels.size and not (np.all(np.isfinite(labels)) and labels.min() >= 0 and labels.max() <= 255
+                                and np.array_equal(labels, np.round(labels))):
+            raise InputError(f"previous_stage holds values other than whole numbers in [0, 255] (seen "
+                             f"{float(np.nanmin(labels)):g} .. {float(np.nanmax(labels)):g}); pass the label map itself")
         return labels.astype(np.int16)
 
     def _training_spacing(self) -> tuple[float, ...]:

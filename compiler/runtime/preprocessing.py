@@ -17,7 +17,7 @@ The `Prepared` record keeps what undoes the geometry after the window (`postproc
 An entry with `resampling` (nnU-Net engines: `{"rule": "nnunet", ...}`) resamples as nnU-Net does
 instead (`nnunet.resampling`: third-order splines, anisotropic axes on their own, logits back with that
 per-axis order); an entry with `previous_stage` (a cascade) appends the previous stage's label map
-as one-hot channels (`cascade_channels`). Without `resampling` (nnslim's and ONNX models), both
+as one-hot channels (`previous_labels`). Without `resampling` (nnslim's and ONNX models), both
 ways are trilinear.
 """
 
@@ -281,11 +281,15 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: n
             previous: np.ndarray | None = None) -> Prepared:
     """Input array `[C, X, Y, Z]` with its voxel spacing (and its RAS axes, for `orientation`) ->
     normalized model-space image (module docstring). `previous`: a cascade's previous-stage label
-    map `[X, Y, Z]`, required when the entry has `previous_stage` (`cascade_channels`)."""
+    map `[X, Y, Z]`, required when the entry has `previous_stage` (`previous_labels`)."""
     oriented, flips = reorientation(pre.get("orientation"), ras_axes)
     permutation = _permutation(pre, oriented)
+    stage = cascade_labels(pre)
+    if stage is not None:
+        check_previous(previous, tuple(data.shape[1:]), pre)
     if flips:
         data = np.flip(data, tuple(a + 1 for a in flips))
+        previous = None if previous is None else np.flip(previous, flips)
     data = np.ascontiguousarray(data.transpose(0, *(p + 1 for p in permutation)))
     spacing = tuple(float(spacing[p]) for p in permutation)
     full_shape = data.shape[1:]
@@ -295,6 +299,12 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: n
         mask = nonzero_mask(data)
         box = bounding_box(mask)
         data, mask = data[(slice(None), *box)], mask[box]
+    seg = None
+    if stage is not None:  # nnU-Net: labelled voxels join the normalization mask, unlabelled ones outside it are -1
+        seg = np.ascontiguousarray(previous.transpose(permutation))[box].astype(np.int16)
+        if mask is not None:
+            seg[(seg == 0) & ~mask] = -1
+            mask = seg >= 0
     image = normalize(data, pre["normalization"], mask)
     target = target_spacing(pre, spacing) if pre.get("resample") else None
     rule, orders = pre.get("resampling"), (1, 1, 1)
@@ -308,34 +318,38 @@ def prepare(data: np.ndarray, spacing: tuple[float, ...], pre: dict, ras_axes: n
             image = resampling.resample_image(image, shape, spacing, target, resampling.settings(rule, "data"))
             orders = resampling.axis_orders(resampling.settings(rule, "probabilities"), target, spacing)
     prepared = Prepared(image, permutation, flips, full_shape, box, tuple(data.shape[1:]), spacing, target, orders)
-    if pre.get("previous_stage") is not None:
-        prepared.image = np.concatenate([image, cascade_channels(previous, prepared, pre, mask)])
+    if seg is not None:
+        prepared.image = np.concatenate([image, previous_labels(seg, prepared, pre, stage)])
     return prepared
 
 
-def cascade_channels(previous: np.ndarray | None, prepared: Prepared, pre: dict,
-                     mask: np.ndarray | None = None) -> np.ndarray:
-    """A cascade's extra input (nnU-Net's `3d_cascade_fullres`): the previous stage's label map
-    `[X, Y, Z]` put in model space as the image was (orientation, axes, crop), resampled as nnU-Net
-    resamples segmentations (`resampling.resample_labels`), one float32 channel per foreground label.
-    As nnU-Net's cropping does, background outside the nonzero `mask` becomes its own label (-1)
-    before resampling: it changes which label wins where labels are voted."""
-    stage = pre["previous_stage"]
+def cascade_labels(pre: dict) -> list[int] | None:
+    """A cascade entry's foreground labels (`previous_stage.labels`), checked; None for other engines."""
+    stage = pre.get("previous_stage")
+    if stage is None:
+        return None
     labels = stage.get("labels") if isinstance(stage, dict) else None
     if not isinstance(labels, list) or not all(type(v) is int for v in labels):
         raise EngineError(f"manifest preprocessing.previous_stage is {stage!r:.80}, expected its foreground labels; "
                           "rebuild the engine")
+    return labels
+
+
+def check_previous(previous: np.ndarray | None, shape: tuple[int, ...], pre: dict) -> None:
+    """A cascade's previous-stage label map is there and has the image's shape `[X, Y, Z]`."""
     if previous is None:
         raise InputError(f"this engine is a cascade stage: it needs the segmentation of its previous stage "
-                         f"({stage.get('configuration', 'the previous configuration')}) beside the image")
-    expected = tuple(prepared.full_shape[prepared.permutation.index(a)] for a in range(3))
-    if tuple(previous.shape) != expected:
-        raise InputError(f"the previous stage's segmentation has shape {tuple(previous.shape)}, the image {expected}; "
-                         "use the segmentation the previous stage wrote for this case")
-    seg = np.flip(previous, prepared.flips) if prepared.flips else previous
-    seg = np.ascontiguousarray(seg.transpose(prepared.permutation))[prepared.box].astype(np.int16)
-    if mask is not None:
-        seg[(seg == 0) & ~mask] = -1
+                         f"({pre['previous_stage'].get('configuration', 'another configuration')}) beside the image")
+    if tuple(previous.shape) != tuple(shape):
+        raise InputError(f"the previous stage's segmentation has shape {tuple(previous.shape)}, the image "
+                         f"{tuple(shape)}; use the segmentation the previous stage wrote for this case")
+
+
+def previous_labels(seg: np.ndarray, prepared: Prepared, pre: dict, labels: list[int]) -> np.ndarray:
+    """A cascade's extra input (nnU-Net's `3d_cascade_fullres`): the previous stage's labels, already
+    in model space and cropped as the image (background outside the nonzero mask -1, as nnU-Net's
+    cropping makes it: it changes which label wins a vote), resampled as nnU-Net resamples
+    segmentations (`nnunet.resampling.resample_labels`), one float32 channel per foreground label."""
     shape = tuple(prepared.image.shape[1:])
     if seg.shape != shape:
         from nnslim.compiler.runtime.nnunet import resampling

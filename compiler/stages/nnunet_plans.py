@@ -219,10 +219,14 @@ def check_configuration(configuration: dict[str, Any], name: str, dims: int, cha
         raise _refuse(f"{where}.use_mask_for_norm", masks, f"a list of {channels} true/false")
 
 
+SIGNATURE_DEFAULTS = {"is_seg": False, "order": 3, "order_z": 0, "force_separate_z": False}  # the function's own
+
+
 def resampling_rule(configuration: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest's `preprocessing.resampling` (`runtime.nnunet.resampling`): nnU-Net's rule with the
-    configuration's orders, when its functions are nnU-Net's default; None (nnslim's trilinear
-    rule, warned) for another function, which nnslim does not reproduce."""
+    configuration's orders (a missing keyword takes `resample_data_or_seg_to_shape`'s own default,
+    as nnU-Net's call does), when its functions are nnU-Net's default; None (nnslim's trilinear rule,
+    warned) for another function or a label map resampled as an image, which nnslim does not reproduce."""
     record: dict[str, Any] = {"rule": "nnunet"}
     for kind in ("data", "seg", "probabilities"):
         function = configuration.get(f"resampling_fn_{kind}", "resample_data_or_seg_to_shape")
@@ -231,7 +235,13 @@ def resampling_rule(configuration: dict[str, Any]) -> dict[str, Any] | None:
             logger.warning("plans.json: resampling_fn_%s is %r; nnslim reproduces nnU-Net's "
                            "resample_data_or_seg_to_shape only and resamples this model trilinearly", kind, function)
             return None
-        record[kind] = {k: kwargs[k] for k in ("order", "order_z", "force_separate_z") if k in kwargs}
+        kwargs = {**SIGNATURE_DEFAULTS, **kwargs}
+        if kwargs["is_seg"] is not (kind == "seg"):
+            logger.warning("plans.json: resampling_fn_%s_kwargs has is_seg %r; nnslim reproduces label maps resampled "
+                           "as labels and images as images only, and resamples this model trilinearly", kind,
+                           kwargs["is_seg"])
+            return None
+        record[kind] = {k: kwargs[k] for k in ("order", "order_z", "force_separate_z")}
     from nnslim.compiler.runtime.nnunet.resampling import settings
 
     try:

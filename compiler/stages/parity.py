@@ -107,7 +107,10 @@ def stand_in_labels(shape: tuple[int, ...], labels: list[int], block: int = 12) 
     """A cascade's previous-stage input for the parity volume, which has none: blocks of `block`
     voxels cycling through background and every foreground label, so each label channel is used."""
     values = np.array([0, *labels], dtype=np.int16)
-    index = sum(np.indices(shape) // block)
+    index = np.zeros(shape, dtype=np.int16)  # built axis by axis: no full-size int64 index arrays
+    for axis, size in enumerate(shape):
+        index += ((np.arange(size) // block) % len(values)).astype(np.int16).reshape(
+            [-1 if a == axis else 1 for a in range(len(shape))])
     return values[index % len(values)]
 
 

@@ -79,6 +79,19 @@ def test_previous_predictions_for_a_model_that_is_not_a_cascade_are_refused(env,
     assert "not a cascade stage" in capsys.readouterr().err
 
 
+def test_a_case_the_first_stage_fails_is_reported_as_such(env, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(env["root"] / "imagesTs" / "a_0000.nii.gz", tmp_path / "in")
+    (tmp_path / "in" / "c_0000.nii.gz").write_bytes(b"not a scan")
+    code = predict("-i", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-d", "999", "-c", "3d_cascade_fullres",
+                   "--precision", "fp32")
+    err = capsys.readouterr().err
+    assert code == 4 and (tmp_path / "out" / "a.nii.gz").is_file()
+    assert "c: the 3d_lowres stage FAILED" in err and "c: FAILED (its 3d_lowres stage failed, above)" in err
+
+
 def test_engine_segment_takes_the_previous_stage_in_the_images_axis_order(env, tmp_path):
     from nnslim.compiler.runtime.engine import load_engine
     from nnslim.errors import InputError
@@ -97,6 +110,9 @@ def test_engine_segment_takes_the_previous_stage_in_the_images_axis_order(env, t
             engine.segment(data, spacing)
         with pytest.raises(InputError, match="shaped like the image"):
             engine.segment(data, spacing, previous_stage=previous[:-1])
+        for wrong in (previous.astype(np.int64) + 65536, np.where(previous > 0, np.inf, 0.0)):
+            with pytest.raises(InputError, match=r"whole numbers in \[0, 255\]"):
+                engine.segment(data, spacing, previous_stage=wrong)
     assert np.array_equal(nibabel_order, sitk_order.transpose(2, 1, 0))
     assert run(env, tmp_path / "given", "3d_cascade_fullres", "-prev_stage_predictions", str(tmp_path / "lowres")) == 0
     assert np.mean(nibabel_order == labels(tmp_path / "given")) >= 0.999
@@ -126,3 +142,26 @@ def test_nnunets_cascade_agrees(env, tmp_path):
         # each stage agrees as a single-stage model does; chained, the first stage's few differing voxels
         # (near-ties) are inputs of the second and spread through its receptive field
         assert lowres >= 0.999 and stage >= 0.999 and chained >= 0.995
+
+
+def test_nnslim_infer_takes_the_previous_stage_folder(env, tmp_path):
+    from click.testing import CliRunner
+
+    from nnslim.compiler.cli import cli
+    from nnslim.compiler.stages.engine_cache import cached_engine
+
+    assert run(env, tmp_path / "lowres", "3d_lowres") == 0
+    assert run(env, tmp_path / "given", "3d_cascade_fullres", "-prev_stage_predictions", str(tmp_path / "lowres")) == 0
+    folders = env["folders"]
+    cascade = cached_engine(folders["3d_cascade_fullres"], None, "checkpoint_final.pth", precision="fp32")
+    lowres = cached_engine(folders["3d_lowres"], None, "checkpoint_final.pth", precision="fp32")
+    images, runner = str(env["root"] / "imagesTs"), CliRunner()
+    ran = runner.invoke(cli, ["infer", str(cascade), images, "-o", str(tmp_path / "out"), "--previous-stage",
+                              str(tmp_path / "lowres")])
+    assert ran.exit_code == 0, ran.output
+    assert np.array_equal(labels(tmp_path / "out"), labels(tmp_path / "given"))
+    missing = runner.invoke(cli, ["infer", str(cascade), images, "-o", str(tmp_path / "out2")])
+    assert missing.exit_code == 4 and "pass the folder of its previous stage's segmentations" in missing.output
+    idle = runner.invoke(cli, ["infer", str(lowres), images, "-o", str(tmp_path / "out3"), "--previous-stage",
+                               str(tmp_path / "lowres")])
+    assert idle.exit_code == 1 and "not a cascade stage" in idle.output

@@ -10,6 +10,7 @@ own folders included.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 
@@ -107,6 +108,37 @@ def test_properties_are_read_without_running_anything(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="type"):
         read_properties(tmp_path / "objects.pkl")
     assert not (tmp_path / "pwned").exists()
+    (tmp_path / "protocol5.pkl").write_bytes(pickle.dumps(props, protocol=5))  # numpy's out-of-band form
+    assert np.array_equal(read_properties(tmp_path / "protocol5.pkl")["nibabel_stuff"]["original_affine"],
+                          props["nibabel_stuff"]["original_affine"])
+    (tmp_path / "zero.pkl").symlink_to("/dev/zero")  # never read to the end
+    with pytest.raises(InputError, match="not a regular file"):
+        read_properties(tmp_path / "zero.pkl")
+    (tmp_path / "set.pkl").write_bytes(pickle.dumps({"spacing": {1.0, 2.0}}))
+    with pytest.raises(InputError, match="set"):
+        read_properties(tmp_path / "set.pkl")
+
+
+def npy(array: np.ndarray) -> bytes:
+    """An .npy file's bytes (what a user might save under the .npz name)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("damage, says", [
+    (lambda d: d.joinpath("a.pkl").write_bytes(pickle.dumps({"sitk_stuff": {"spacing": "abc"}})), "finite numbers"),
+    (lambda d: d.joinpath("a.npz").write_bytes(npy(np.zeros((3, 4, 4, 4), np.float32))), "not nnU-Net's probabilities"),
+    (lambda d: np.savez(d / "a.npz", probabilities=np.zeros((5, 4, 4, 4), np.float32)), "expected float [3"),
+])
+def test_damaged_prediction_files_are_one_clear_error(env, tmp_path, capsys, damage, says):
+    import shutil
+
+    assert run(env, tmp_path / "3d", "3d_fullres", extra=("--save_probabilities",)) == 0
+    shutil.copytree(tmp_path / "3d", tmp_path / "damaged")
+    damage(tmp_path / "damaged")
+    assert ensemble("-i", str(tmp_path / "damaged"), str(tmp_path / "3d"), "-o", str(tmp_path / "out")) == 1
+    assert says in capsys.readouterr().err.replace("\n", " ")
 
 
 @pytest.mark.nnunet

@@ -128,6 +128,9 @@ class CaseStages:
         self._drawing = threading.Lock()  # pyplot keeps global state: one figure at a time across writers
         if batch.save_probabilities:
             check_probabilities_supported(spec.postprocessing)  # before the first case, not in each
+        if batch.previous_stage is not None and spec.previous_stage is None:
+            raise InputError("a previous stage's segmentations were given, but this engine is not a cascade stage; "
+                             "leave out --previous-stage")
         if previews is not None:
             from nnslim.compiler.runtime.volumes.preview import import_pyplot
 

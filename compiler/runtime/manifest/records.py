@@ -208,7 +208,7 @@ class ModelSpec:
     @property
     def previous_stage(self) -> dict | None:
         """A cascade stage's record (`{"configuration", "labels"}`): its input ends with one channel per
-        foreground label of the previous stage's segmentation (`preprocessing.cascade_channels`)."""
+        foreground label of the previous stage's segmentation (`preprocessing.previous_labels`)."""
         stage = (self.preprocessing or {}).get("previous_stage")
         return stage if isinstance(stage, dict) else None
 

@@ -15,6 +15,8 @@ The `.pkl` files are read with an allow-list (`pickles`), never unpickled freely
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from nnslim.compiler.runtime.volumes.volume import save_segmentation
 from nnslim.errors import InputError
 from nnslim.files import atomic_path
 
+MAX_VALUES = 1 << 32  # probabilities in one case file (16 GiB as float32): beyond any scan's
+
 
 def read_properties(path: Path) -> dict[str, Any]:
     """A case's `.pkl` (`pickles`: numbers and small numeric arrays only)."""
@@ -40,9 +44,13 @@ def read_properties(path: Path) -> dict[str, Any]:
 
 
 def _numbers(value: Any, count: int, where: str) -> tuple[float, ...]:
-    values = np.asarray(value, dtype=np.float64).ravel() if value is not None else np.zeros(0)
+    """`count` finite numbers (a tuple, list or small array), or an error naming what is there."""
+    try:
+        values = np.asarray(value, dtype=np.float64).ravel()
+    except (TypeError, ValueError, OverflowError):
+        values = np.zeros(0)
     if values.size != count or not np.all(np.isfinite(values)):
-        raise InputError(f"{where} is {value!r:.80}; expected {count} finite numbers")
+        raise InputError(f"{where} is {pickles.shown(value, 80)}; expected {count} finite numbers")
     return tuple(float(v) for v in values)
 
 
@@ -89,31 +97,49 @@ def to_labels(probabilities: np.ndarray, regions: list[int] | None) -> np.ndarra
     return labels
 
 
-def _load(path: Path, heads: int) -> np.ndarray:
+def _load(path: Path, heads: int, limit: int) -> np.ndarray:
+    """`CASE.npz`'s probabilities, float `[heads, Z, Y, X]`: its header is read and checked (shape,
+    type, at most `limit` values) before anything is decompressed."""
+    import zipfile
+
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            probabilities = npz["probabilities"]
-    except (OSError, ValueError, KeyError) as exc:
-        raise InputError(f"{path.name} is not nnU-Net's probabilities file (key 'probabilities'): {exc}") from None
-    if probabilities.ndim != 4 or probabilities.shape[0] != heads or not np.issubdtype(probabilities.dtype, np.floating):
-        raise InputError(f"{path.name}: probabilities of shape {probabilities.shape} ({probabilities.dtype}); the "
-                         f"dataset has {heads} output(s): expected float [{heads}, Z, Y, X]")
-    return probabilities
+        with zipfile.ZipFile(path) as archive, archive.open("probabilities.npy") as member:
+            version = np.lib.format.read_magic(member)
+            headers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in headers:
+                raise InputError(f"{path.name}: an .npy of format version {version}; numpy writes 1.0 or 2.0")
+            shape, fortran, dtype = headers[version](member, max_header_size=10000)
+            if (len(shape) != 4 or shape[0] != heads or dtype.kind != "f" or dtype.hasobject
+                    or math.prod(shape) > limit):
+                raise InputError(f"{path.name}: probabilities of shape {shape} ({dtype}); the dataset has {heads} "
+                                 f"output(s): expected float [{heads}, Z, Y, X] of at most {limit} values")
+            data = member.read(math.prod(shape) * dtype.itemsize + 1)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputError(f"{path.name} is not nnU-Net's probabilities file (an .npz with key 'probabilities'): "
+                         f"{type(exc).__name__}: {exc}") from None
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise InputError(f"{path.name}: the probabilities' bytes do not fit their shape {shape}")
+    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def merge_case(inputs: list[Path], target: Path, dataset: dict[str, Any], save_npz: bool = False,
                steps: tuple[dict, ...] = ()) -> Path:
     """One case: average `inputs`' probabilities, label, write `target` (module docstring)."""
     heads, regions = label_rule(dataset)
+    props = read_properties(inputs[0].with_suffix(".pkl"))
+    shape = props.get("shape_before_cropping")
+    limit = heads * math.prod(int(s) for s in shape) if isinstance(shape, tuple) and len(shape) == 3 and all(
+        isinstance(s, int) and 0 < s <= 1 << 16 for s in shape) else MAX_VALUES
     total = None
     for path in inputs:
-        probabilities = _load(path, heads)
+        probabilities = _load(path, heads, min(limit, MAX_VALUES))
         if total is not None and probabilities.shape != total.shape:
             raise InputError(f"{path.name}: probabilities of shape {probabilities.shape} in {path.parent.name}, "
                              f"{total.shape} in {inputs[0].parent.name}; ensemble predictions of the same cases")
         total = probabilities.astype(np.float32) if total is None else total + probabilities
     average = total / np.float32(len(inputs))
-    props = read_properties(inputs[0].with_suffix(".pkl"))
     labels = to_labels(average, regions)
     if steps:
         from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps

@@ -60,7 +60,7 @@ def save(probabilities: np.ndarray, props: dict[str, Any], npz: Path) -> tuple[P
             np.savez_compressed(f, probabilities=array)
     with atomic_path(pkl) as tmp:
         with open(tmp, "wb") as f:
-            pickle.dump(props, f)
+            pickle.dump(props, f, protocol=4)  # readable by every Python nnU-Net runs on
     return npz, pkl
 
 

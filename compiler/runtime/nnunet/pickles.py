@@ -3,8 +3,8 @@ unpickled freely.
 
 `pickle.load` builds whatever a file names, so these files go through `read`: an unpickler whose
 `find_class` knows a few names and nothing else. Numbers numpy pickled (`numpy.dtype`,
-`multiarray.scalar`, `multiarray._reconstruct` of an `ndarray`) become placeholders that decode the
-file's bytes themselves (`np.frombuffer` on a numeric type: booleans, integers, floats), so numpy
+`multiarray.scalar`, `multiarray._reconstruct` of an `ndarray`, protocol 5's `numeric._frombuffer`)
+become placeholders that decode the file's bytes themselves (`np.frombuffer` on a numeric type: booleans, integers, floats), so numpy
 never runs anything a file says; any other name is an `InputError` before anything is built. The
 caller adds the names it maps (nnU-Net's post-processing function, as a string) and checks the
 shape of what comes back.
@@ -13,7 +13,10 @@ shape of what comes back.
 from __future__ import annotations
 
 import io
+import math
+import os
 import pickle
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +28,7 @@ NUMERIC = {"b1", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f2", "f4", "f8
 INTEGERS = {"i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8"}
 _SCALAR = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")}
 _RECONSTRUCT = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+_FROMBUFFER = {("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 MAX_ARRAY = 1 << 16  # values in one array: a properties file holds 4x4 affines
 MAX_VALUES = 100_000  # values in one file, shared references counted each time they are reached
 
@@ -57,13 +61,28 @@ class _Array:
         if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple)
                 and isinstance(state[2], _Type) and isinstance(state[4], bytes)):
             raise InputError(f"{self.what}: a numpy array with an unexpected state")
-        shape, kind, fortran, data = state[1], state[2], bool(state[3]), state[4]
-        if not all(type(s) is int and s >= 0 for s in shape) or int(np.prod(shape)) > MAX_ARRAY:
-            raise InputError(f"{self.what}: a numpy array of shape {shape!r:.40}; nnslim reads small arrays only")
-        dtype = kind.dtype()
-        if len(data) != int(np.prod(shape)) * dtype.itemsize:
-            raise InputError(f"{self.what}: a numpy array whose bytes do not fit its shape")
-        self.value = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C").copy()
+        self.value = _decode(self.what, state[4], state[2], state[1], "F" if state[3] else "C")
+
+
+def _decode(what: str, data: Any, kind: Any, shape: Any, order: Any) -> np.ndarray:
+    """A small numeric array from its bytes, type, shape and order, each checked first."""
+    if not (isinstance(data, (bytes, bytearray)) and isinstance(kind, _Type) and isinstance(shape, tuple)
+            and order in ("C", "F")):
+        raise InputError(f"{what}: a numpy array with an unexpected state")
+    if not all(type(s) is int and 0 <= s <= MAX_ARRAY for s in shape) or math.prod(shape) > MAX_ARRAY:
+        raise InputError(f"{what}: a numpy array of shape {shown(shape)}; nnslim reads small arrays only")
+    dtype = kind.dtype()
+    if len(data) != math.prod(shape) * dtype.itemsize:
+        raise InputError(f"{what}: a numpy array whose bytes do not fit its shape")
+    return np.frombuffer(bytes(data), dtype).reshape(shape, order=order).copy()
+
+
+def shown(value: Any, width: int = 40) -> str:
+    """`repr(value)` cut to `width` characters, also for integers too long to print."""
+    try:
+        return f"{value!r:.{width}}"
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return f"an integer of {value.bit_length()} bits"
 
 
 def _plain(value: Any, budget: list[int], depth: int = 0) -> Any:
@@ -78,6 +97,8 @@ def _plain(value: Any, budget: list[int], depth: int = 0) -> Any:
         return {_plain(k, budget, depth + 1): _plain(v, budget, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v, budget, depth + 1) for v in value)
+    if isinstance(value, (set, frozenset, _Type)):
+        raise InputError(f"a pickle holding a {type(value).__name__.strip('_')}, which nnU-Net's files do not hold")
     return value
 
 
@@ -87,9 +108,12 @@ def read(path: Path, what: str, names: dict[tuple[str, str], Any] | None = None,
     what stands for them; `codes` are the numpy types its numbers may have; `what` names the file
     in errors. A damaged or foreign pickle is an `InputError` naming what failed."""
     path = Path(path)
-    data = path.read_bytes()
+    with open(path, "rb") as f:  # a regular file, read no further than the bound (not a device or a FIFO)
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise InputError(f"{path.name} is not a regular file; {what} is a file nnU-Net wrote")
+        data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
-        raise InputError(f"{path.name} is {len(data)} bytes; {what} is at most {max_bytes}")
+        raise InputError(f"{path.name} is more than {max_bytes} bytes; {what} is at most {max_bytes}")
 
     def scalar(kind: Any, raw: Any = None) -> Any:
         if not (isinstance(kind, _Type) and isinstance(raw, bytes) and len(raw) == kind.dtype().itemsize):
@@ -98,7 +122,8 @@ def read(path: Path, what: str, names: dict[tuple[str, str], Any] | None = None,
 
     known: dict[tuple[str, str], Callable[..., Any] | Any] = {
         **{k: scalar for k in _SCALAR}, ("numpy", "dtype"): lambda *a: _Type(codes, what, *a),
-        **{k: (lambda cls, *a: _Array(what)) for k in _RECONSTRUCT}, ("numpy", "ndarray"): _Array,
+        **{k: (lambda cls, *a: _Array(what)) for k in _RECONSTRUCT}, ("numpy", "ndarray"): "numpy.ndarray",  # only an argument of _reconstruct
+        **{k: (lambda data, kind, shape, order: _decode(what, data, kind, shape, order)) for k in _FROMBUFFER},
         **(names or {})}
 
     class Reader(pickle.Unpickler):

@@ -43,7 +43,7 @@ MAX_LABEL = 65535
 def _label(value: Any, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LABEL:
         return value
-    raise InputError(f"postprocessing.pkl: {where} holds {value!r:.40}; a label is an integer in 0..{MAX_LABEL}")
+    raise InputError(f"postprocessing.pkl: {where} holds {pickles.shown(value)}; a label is an integer in 0..{MAX_LABEL}")
 
 
 def _labels(value: Any, where: str, budget: list[int], depth: int = 0) -> Any:
@@ -74,7 +74,7 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
     for i, (function, kwargs) in enumerate(zip(*loaded)):
         if not isinstance(function, _Function) or not isinstance(kwargs, dict) or \
                 not set(kwargs) <= {"labels_or_regions", "background_label"} or "labels_or_regions" not in kwargs:
-            raise InputError(f"{path.name}: step {i} is {function!r:.60} with {kwargs!r:.80}; expected nnU-Net's "
+            raise InputError(f"{path.name}: step {i} is {pickles.shown(function, 60)} with {pickles.shown(kwargs, 80)}; expected nnU-Net's "
                              "remove_all_but_largest_component_from_segmentation with labels_or_regions")
         steps.append({"function": str(function),
                       "labels_or_regions": _labels(kwargs["labels_or_regions"], f"step {i}", [10_000]),

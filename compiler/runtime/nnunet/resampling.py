@@ -40,11 +40,14 @@ def settings(record: Any, kind: str) -> dict[str, Any]:
         raise EngineError(f"manifest preprocessing.resampling.{kind} is {entry!r:.60}, expected an object with "
                           "order, order_z and force_separate_z; rebuild the engine")
     out = {**DEFAULTS[kind], **{k: v for k, v in entry.items() if k in DEFAULTS[kind]}}
-    limit = 1 if kind == "probabilities" else 5
+    limit = 5
     for key in ("order", "order_z"):
         if type(out[key]) is not int or not 0 <= out[key] <= limit:
             raise EngineError(f"manifest preprocessing.resampling.{kind}.{key} is {out[key]!r}, expected an integer "
                               f"in 0..{limit}; rebuild the engine")
+    if kind == "probabilities" and out["order"] != 1:
+        raise EngineError(f"preprocessing.resampling.probabilities.order {out['order']}: nnslim resamples logits back "
+                          "linearly (order 1, nnU-Net's default) only")
     if out["order_z"] > 1:
         raise EngineError(f"preprocessing.resampling.{kind}.order_z {out['order_z']}: nnslim reproduces orders 0 and "
                           "1 along the anisotropic axis (nnU-Net's default is 0)")

@@ -108,3 +108,9 @@ def test_numpy_values_become_integers_and_nothing_numpy_is_built(tmp_path):
     nnunet_pickle(tmp_path / "bg.pkl", [{"labels_or_regions": 1, "background_label": (2, 3)}])
     with pytest.raises(InputError, match="background_label"):
         read_steps(tmp_path / "bg.pkl")
+
+
+def test_an_integer_too_long_to_print_is_a_clear_error(tmp_path):
+    nnunet_pickle(tmp_path / "long.pkl", [{"labels_or_regions": 10**5000}])
+    with pytest.raises(InputError, match="an integer of 16610 bits"):
+        read_steps(tmp_path / "long.pkl")

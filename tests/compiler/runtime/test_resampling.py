@@ -135,3 +135,66 @@ def test_nnunets_own_resampling_gives_the_same_arrays(tmp_path):
         assert ours.shape == reference[name].shape, name
         tolerance = 1e-5 if name.startswith("logits") else 0.0  # float32 here, float64 in nnU-Net
         assert np.abs(ours.astype(np.float64) - reference[name]).max() <= tolerance, name
+
+
+PREPROCESSOR = """
+import json, sys, numpy as np
+from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from nnunetv2.utilities.label_handling.label_handling import convert_labelmap_to_one_hot
+cfg = json.load(open(sys.argv[1]))
+kwargs = {k: {"is_seg": k == "seg", "order": 3 if k == "data" else 1, "order_z": 0, "force_separate_z": None}
+          for k in ("data", "seg", "probabilities")}
+configuration = {"data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+                 "patch_size": [8, 8, 8], "median_image_size_in_voxels": [8, 8, 8], "spacing": cfg["target"],
+                 "normalization_schemes": ["ZScoreNormalization"], "use_mask_for_norm": [cfg["mask"]],
+                 **{f"resampling_fn_{k}": "resample_data_or_seg_to_shape" for k in kwargs},
+                 **{f"resampling_fn_{k}_kwargs": v for k, v in kwargs.items()}, "architecture": {}, "batch_dice": False}
+plans = {"dataset_name": "D", "plans_name": "p", "original_median_spacing_after_transp": [1, 1, 1],
+         "original_median_shape_after_transp": [1, 1, 1], "image_reader_writer": "SimpleITKIO",
+         "transpose_forward": cfg["tf"], "transpose_backward": np.argsort(cfg["tf"]).tolist(),
+         "configurations": {"c": configuration}, "experiment_planner_used": "x", "label_manager": "LabelManager",
+         "foreground_intensity_properties_per_channel": {"0": {}}}
+manager = PlansManager(plans)
+dataset = {"labels": {"background": 0, "a": 1, "b": 2}, "channel_names": {"0": "MR"}, "file_ending": ".nii.gz"}
+case = np.load(sys.argv[2])
+data, seg, props = DefaultPreprocessor(verbose=False).run_case_npy(
+    case["data"], case["seg"].astype(np.float32), {"spacing": list(case["spacing"])}, manager,
+    manager.get_configuration("c"), dataset)
+one_hot = convert_labelmap_to_one_hot(seg[0], manager.get_label_manager(dataset).foreground_labels, data.dtype)
+np.save(sys.argv[3], np.vstack((data, one_hot)))
+"""
+
+
+@pytest.mark.nnunet
+@pytest.mark.skipif(not NNUNET_PYTHON, reason="set NNSLIM_NNUNET_PYTHON to a Python with nnunetv2")
+@pytest.mark.parametrize("mask, tf, spacing, target", [
+    (True, [0, 1, 2], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]),
+    (False, [2, 0, 1], [1.0, 0.7, 0.9], [1.1, 1.4, 0.6]),
+    (True, [1, 2, 0], [5.0, 0.8, 0.8], [1.3, 1.1, 4.0]),
+])
+def test_a_cascade_case_is_prepared_as_nnunets_preprocessor_prepares_it(tmp_path, mask, tf, spacing, target):
+    """Image and one-hot channels from nnU-Net's DefaultPreprocessor: a zero corner inside the crop
+    box that the previous stage labelled (so the normalization mask includes it, as nnU-Net's does),
+    transposed axes, anisotropic spacing with separate-z resampling."""
+    import json
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(100, 20, (1, 10, 24, 22)).astype(np.float32)  # nnU-Net's [C, Z, Y, X]
+    data[:, :, :8, :8] = 0
+    seg = np.zeros((1, 10, 24, 22), np.int16)
+    seg[0, 2:8, 1:12, 5:15], seg[0, 3:6, 10:20, 8:20] = 1, 2
+    (tmp_path / "cfg.json").write_text(json.dumps({"tf": tf, "target": target, "mask": mask}))
+    np.savez(tmp_path / "case.npz", data=data, seg=seg, spacing=np.array(spacing))
+    (tmp_path / "preprocessor.py").write_text(PREPROCESSOR)
+    subprocess.run([NNUNET_PYTHON, str(tmp_path / "preprocessor.py"), str(tmp_path / "cfg.json"),
+                    str(tmp_path / "case.npz"), str(tmp_path / "ref.npy")], check=True, timeout=300)
+    reference = np.load(tmp_path / "ref.npy")
+    pre = {"normalization": {"scheme": "per-channel",
+                             "channels": [{"scheme": "zscore", "mask": "nonzero-region" if mask else "none"}]},
+           "spacing": target, "axis_order": "reversed", "transpose_forward": tf, "crop_to_nonzero": True,
+           "resample": True, "resampling": {"rule": "nnunet"},
+           "previous_stage": {"configuration": "3d_lowres", "labels": [1, 2]}}
+    ours = prepare(data.transpose(0, 3, 2, 1), tuple(spacing[::-1]), pre, previous=seg[0].transpose(2, 1, 0)).image
+    assert ours.shape == reference.shape
+    assert np.abs(ours - reference).max() <= 1e-4  # float32 rounding of the statistics
