@@ -24,7 +24,7 @@ from nnslim.compiler.cli.options import fold_names
 COMMANDS = ["prepare-dataset", "train", "build-engine", "infer", "evaluate", "inspect", "prune-sweep", "export-triton",
             "pseudo-label", "bench"]
 NNSLIM = Path(sys.executable).with_name("nnslim")
-FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".nii", ".nii.gz", ".onnx", ".json")
+FILE_SUFFIXES = (".pt", ".pt2", ".pth", ".nii", ".nii.gz", ".onnx", ".json", ".pkl")
 
 
 def run(*args):

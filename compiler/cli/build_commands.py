@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -37,6 +38,8 @@ Examples:
       --out engines/liver --folds 0 1 2 3 4
   nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
       --out engines/liver-012 --folds 0,1,2 --checkpoint-name checkpoint_best.pth
+  nnslim build-engine nnUNet_results/Dataset003_Liver/nnUNetTrainer__nnUNetPlans__3d_fullres \\
+      --out engines/liver-pp --postprocessing crossval_results_folds_0_1_2_3_4/postprocessing.pkl
   nnslim build-engine exported.onnx --out engines/theirs --metadata exported.json --precision fp32
   nnslim build-engine spleen_ct_segmentation/ --out engines/spleen --precision fp32
   nnslim build-engine exported.pt2 --out engines/program --metadata exported.json
@@ -99,6 +102,9 @@ Examples:
 @click.option("--checkpoint-name", default="checkpoint_final.pth", show_default=True, metavar="FILE",
               help="nnU-Net model folder: the checkpoint file in each fold folder (any name, like nnUNetv2_predict -chk; "
                    "e.g. checkpoint_best.pth).")
+@click.option("--postprocessing", "postprocessing_pkl", type=path_type(dir_okay=False), default=None, metavar="PKL",
+              help="nnU-Net's postprocessing.pkl (from nnUNetv2_find_best_configuration): the engine records its "
+                   "steps and applies them to every label map (read with an allow-list, never unpickled).")
 @click.option("--workspace-mb", default=4096, show_default=True, type=click.IntRange(16),
               help="TensorRT: workspace memory pool limit.")
 @click.option("--trt-opt-level", default=3, show_default=True, type=click.IntRange(0, 5),
@@ -168,7 +174,17 @@ def build_config(o: dict[str, Any]):
         trt_optimization_level=o["trt_opt_level"], trt_fp16_mode=o["trt_fp16_mode"],
         engine_cache=o["engine_cache"], timing_cache=o["timing_cache"], calibration=tuple(o["calibration"]),
         calibration_tiles=o["calibration_tiles"], threads=o["threads"], overwrite=o["overwrite"],
+        postprocessing_steps=_postprocessing_steps(o["postprocessing_pkl"]),
     )
+
+
+def _postprocessing_steps(path: Path | None) -> tuple[dict, ...]:
+    """--postprocessing's steps (`runtime.nnunet.postprocessing.read_steps`), before anything is built."""
+    if path is None:
+        return ()
+    from nnslim.compiler.runtime.nnunet.postprocessing import read_steps
+
+    return tuple(read_steps(path))
 
 
 def _onnx(o: dict[str, Any]):

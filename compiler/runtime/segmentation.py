@@ -184,7 +184,8 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Predictor,
 
     Logits are never held for the whole volume: each finished slab is resampled back and turned
     into labels (`StreamingLabeler`), so memory grows with the slab, not the volume. Probabilities
-    are the softmax of those same logits, written into one `[K, *input shape]` float16 array.
+    are the softmax of those same logits, written into one `[K, *input shape]` float16 array. The
+    post-processing steps the engine records (`postprocessing.steps`) then apply to the labels.
     """
     image = prepared.image
     config = window_config(spec, options)
@@ -205,5 +206,9 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Predictor,
     with tqdm(total=plan.tiles, desc=name, unit="window", disable=None if options.progress else True, leave=False) as bar:
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
                                selection=selection, plan=plan)
-    return Segmentation(restore_geometry(labeler.result(), prepared), report,
-                        None if canvas is None else restore_probabilities(canvas, prepared))
+    labels = restore_geometry(labeler.result(), prepared)
+    if (spec.postprocessing or {}).get("steps"):  # nnU-Net's post-processing the engine carries; labels only
+        from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps
+
+        labels = apply_steps(labels, spec.postprocessing["steps"])
+    return Segmentation(labels, report, None if canvas is None else restore_probabilities(canvas, prepared))

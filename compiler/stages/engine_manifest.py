@@ -115,7 +115,8 @@ def engine_manifest(
                     (1, config.batch_size, config.batch_size)),
         preprocessing=source.preprocessing,
         labels=tuple(metadata["label_names"]),
-        postprocessing=source.postprocessing,
+        postprocessing={**source.postprocessing, **({"steps": list(config.postprocessing_steps)}
+                                                     if config.postprocessing_steps else {})},
         model={"architecture": source.architecture, **model_stats},
         source={
             "kind": source.kind,

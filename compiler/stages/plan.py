@@ -38,6 +38,7 @@ class BuildConfig:
     parity_volume: Path | None = None
     parity_tiles: int = 4
     precision: str = "auto"  # auto: the fastest candidate inside its gate; fp32 alone keeps ONNX Runtime fp32
+    postprocessing_steps: tuple[dict, ...] = ()  # nnU-Net's post-processing steps the engine applies to its labels
     tolerance: Tolerance | None = None  # None: each precision's own gate
     pass_parity: bool = True  # check ONNX Runtime parity after every graph pass
     prune: PruneSettings = PruneSettings()

@@ -209,6 +209,38 @@ def test_postprocessing_pkl_is_applied_to_the_segmentations(env, tmp_path):
         assert components == 1 and labels.any()
 
 
+def test_an_engine_built_with_postprocessing_applies_it(env, tmp_path):
+    """`build-engine --postprocessing postprocessing.pkl`: the manifest records the steps, and every
+    label map the engine makes (`infer`, `Engine.segment`) has them applied; a garbled record is refused."""
+    from click.testing import CliRunner
+    from scipy.ndimage import label
+
+    import nnslim
+    from nnslim.compiler.cli import cli
+    from nnslim.errors import EngineError
+    from tests.compiler.runtime.test_nnunet_postprocessing import nnunet_pickle
+
+    nnunet_pickle(tmp_path / "postprocessing.pkl", [{"labels_or_regions": [1, 2]}])
+    runner, engine = CliRunner(), tmp_path / "engine"
+    built = runner.invoke(cli, ["build-engine", str(env["model"]), "--out", str(engine), "--precision", "fp32",
+                                "--postprocessing", str(tmp_path / "postprocessing.pkl")])
+    assert built.exit_code == 0, built.output
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["postprocessing"]["steps"] == [
+        {"function": "remove_all_but_largest_component", "regions": [[1], [2]], "background_label": 0}]
+    ran = runner.invoke(cli, ["infer", str(engine), str(env["root"] / "imagesTs"), "-o", str(tmp_path / "out")])
+    assert ran.exit_code == 0, ran.output
+    scan = nib.load(env["root"] / "imagesTs" / "a_0000.nii.gz")
+    in_memory = nnslim.load_engine(engine).segment(np.asarray(scan.dataobj), scan.header.get_zooms()[:3])
+    for labels in (np.asarray(nib.load(tmp_path / "out" / "a.nii.gz").dataobj), in_memory):
+        _, components = label(labels > 0, structure=np.ones((3, 3, 3)))
+        assert components == 1 and labels.any()
+    manifest["postprocessing"]["steps"][0]["regions"] = "everything"
+    (engine / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineError, match="postprocessing.steps"):
+        nnslim.load_engine(engine)
+
+
 def test_the_engines_spacing_by_name_is_in_the_images_axis_order(env):
     """An nnU-Net engine records its spacing in the network's axes ([2, 1, 1]: SimpleITK's order);
     spacing="engine" is nibabel's (1, 1, 2) for a nibabel array, and (2, 1, 1) for axis_order="sitk"."""

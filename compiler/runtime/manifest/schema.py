@@ -33,7 +33,7 @@ from nnslim.compiler.runtime.manifest.records import (
     rebuild_hint,
 )
 from nnslim.compiler.runtime.safety import MAX_SPACING_MM, unprintable
-from nnslim.errors import EngineError
+from nnslim.errors import EngineError, InputError
 
 MAX_PATCH = 1024  # voxels per axis of a network patch
 MAX_BATCH = 4096
@@ -164,6 +164,13 @@ def _io(r: _Reader) -> IORecord:
 
 def _postprocessing(r: _Reader, num_classes: int) -> dict[str, Any]:
     post = r.get("postprocessing", dict, optional=True) or {"kind": "argmax"}
+    if "steps" in post:  # nnU-Net's post-processing steps, applied to the labels (`build-engine --postprocessing`)
+        from nnslim.compiler.runtime.nnunet.postprocessing import check_steps
+
+        try:
+            check_steps(post["steps"])
+        except InputError as exc:
+            raise r.fail("postprocessing.steps", post["steps"], f"nnU-Net's post-processing steps ({exc})") from None
     if post.get("kind", "argmax") == "argmax":
         return post
     if post.get("kind") != "regions":

@@ -9,6 +9,9 @@ name is refused before anything is built. Sizes and nesting are bounded. What it
     nnunetv2.postprocessing.remove_connected_components.remove_all_but_largest_component_from_segmentation
         labels_or_regions: a label, a region (a tuple of labels) or a list of them; background_label
 
+`read_steps` returns them as JSON-ready steps, `{"function": "remove_all_but_largest_component",
+"regions": [[label, ...], ...], "background_label": label}` (a label is a region of one), the form an
+engine's manifest stores (`build-engine --postprocessing`, checked by `check_steps`).
 `apply_steps` then does what nnU-Net's `apply_postprocessing` does: for each step, the voxels of
 those labels or regions keep only their largest connected component (26-connectivity, as
 scikit-image's `label` with its default; components tied for largest are all kept) and the rest
@@ -76,18 +79,37 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
                 not set(kwargs) <= {"labels_or_regions", "background_label"} or "labels_or_regions" not in kwargs:
             raise InputError(f"{path.name}: step {i} is {pickles.shown(function, 60)} with {pickles.shown(kwargs, 80)}; expected nnU-Net's "
                              "remove_all_but_largest_component_from_segmentation with labels_or_regions")
+        items = _labels(kwargs["labels_or_regions"], f"step {i}", [10_000])
         steps.append({"function": str(function),
-                      "labels_or_regions": _labels(kwargs["labels_or_regions"], f"step {i}", [10_000]),
+                      "regions": [list(item) if isinstance(item, tuple) else [item]
+                                  for item in (items if isinstance(items, list) else [items])],
                       "background_label": _label(kwargs.get("background_label", 0), f"step {i} background_label")})
     return steps
 
 
-def _mask(labels: np.ndarray, labels_or_regions: Any) -> np.ndarray:
-    items = labels_or_regions if isinstance(labels_or_regions, list) else [labels_or_regions]
-    mask = np.zeros(labels.shape, dtype=bool)
-    for item in items:
-        mask |= np.isin(labels, item if isinstance(item, tuple) else (item,))
-    return mask
+def check_steps(steps: Any, where: str = "postprocessing.steps") -> list[dict[str, Any]]:
+    """Steps as `read_steps` returns them and a manifest stores them (JSON): each
+    `{"function": "remove_all_but_largest_component", "regions": [[label, ...], ...],
+    "background_label": label}`; the union of the regions keeps its largest component."""
+    if not isinstance(steps, list) or len(steps) > 100:
+        raise InputError(f"{where} is {pickles.shown(steps, 60)}; expected a list of at most 100 steps")
+    for i, step in enumerate(steps):
+        regions = step.get("regions") if isinstance(step, dict) else None
+        if not (isinstance(step, dict) and set(step) == {"function", "regions", "background_label"}
+                and step["function"] == LARGEST_COMPONENT and isinstance(regions, list) and 0 < len(regions) <= 1000
+                and all(isinstance(r, list) and 0 < len(r) <= 1000 for r in regions)):
+            raise InputError(f"{where}[{i}] is {pickles.shown(step, 80)}; expected {{\"function\": "
+                             f"\"{LARGEST_COMPONENT}\", \"regions\": [[label, ...], ...], \"background_label\": label}}")
+        for region in regions:
+            for label in region:
+                _label(label, f"{where}[{i}].regions")
+        _label(step["background_label"], f"{where}[{i}].background_label")
+    return steps
+
+
+def _mask(labels: np.ndarray, regions: list[list[int]]) -> np.ndarray:
+    """The voxels of any of the regions (a region: the voxels of any of its labels)."""
+    return np.isin(labels, sorted({label for region in regions for label in region}))
 
 
 def apply_steps(labels: np.ndarray, steps: list[dict[str, Any]]) -> np.ndarray:
@@ -96,7 +118,7 @@ def apply_steps(labels: np.ndarray, steps: list[dict[str, Any]]) -> np.ndarray:
 
     out = labels
     for step in steps:
-        mask = _mask(out, step["labels_or_regions"])
+        mask = _mask(out, step["regions"])
         components, count = label(mask, structure=np.ones((3,) * out.ndim, dtype=bool))
         if count <= 1:
             continue

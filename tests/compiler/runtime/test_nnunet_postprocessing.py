@@ -45,8 +45,8 @@ def test_reads_nnunets_steps_and_keeps_the_largest_component(tmp_path):
     nnunet_pickle(tmp_path / "postprocessing.pkl", [{"labels_or_regions": [1, 2]},
                                                     {"labels_or_regions": np.int64(2)}])
     steps = read_steps(tmp_path / "postprocessing.pkl")
-    assert steps == [{"function": "remove_all_but_largest_component", "labels_or_regions": [1, 2], "background_label": 0},
-                     {"function": "remove_all_but_largest_component", "labels_or_regions": 2, "background_label": 0}]
+    assert steps == [{"function": "remove_all_but_largest_component", "regions": [[1], [2]], "background_label": 0},
+                     {"function": "remove_all_but_largest_component", "regions": [[2]], "background_label": 0}]
     labels = np.zeros((20, 20, 20), np.uint8)
     labels[1:6, 1:6, 1:6] = 1          # 125 voxels of 1, touching ...
     labels[6:8, 1:6, 1:6] = 2          # ... 50 of 2: one foreground component of 175
@@ -91,7 +91,7 @@ def test_numpy_values_become_integers_and_nothing_numpy_is_built(tmp_path):
     import io
 
     nnunet_pickle(tmp_path / "ok.pkl", [{"labels_or_regions": [np.int64(1), np.uint8(2)], "background_label": np.int16(0)}])
-    assert read_steps(tmp_path / "ok.pkl")[0]["labels_or_regions"] == [1, 2]
+    assert read_steps(tmp_path / "ok.pkl")[0]["regions"] == [[1], [2]]
     crafted = io.BytesIO()
     pickle.dump(([], []), crafted)
     payload = (b"\x80\x04cnumpy\ndtype\n(X\x02\x00\x00\x00V8K\x00K\x01tR(K\x03X\x01\x00\x00\x00|NNNK\x08K\x01K\x00tb"
