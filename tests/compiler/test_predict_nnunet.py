@@ -265,3 +265,25 @@ def test_a_damaged_cached_engine_is_built_again(env, tmp_path, caplog):
                    "-f", "0") == 0
     assert "failed its check" in caplog.text and (tmp_path / "o" / "a.nii.gz").is_file()
     assert b"tampered" not in (engine / "model.opt.onnx").read_bytes()[-8:]
+
+
+@pytest.mark.nnunet
+@pytest.mark.skipif(not NNUNET_PYTHON, reason="set NNSLIM_NNUNET_PYTHON to a Python with nnunetv2 (a separate "
+                                                "environment: torch==2.13.0 first, then nnunetv2)")
+def test_a_postprocessing_pkl_nnunet_wrote_does_what_nnunets_own_tool_does(env, tmp_path):
+    """nnunetv2 pickles its own function; -pp_pkl_file applies it as nnUNetv2_apply_postprocessing does."""
+    write = ("import pickle, sys; from nnunetv2.postprocessing.remove_connected_components import "
+             "remove_all_but_largest_component_from_segmentation as f; "
+             "pickle.dump(([f, f], [{'labels_or_regions': [1, 2]}, {'labels_or_regions': 2}]), open(sys.argv[1], 'wb'))")
+    subprocess.run([NNUNET_PYTHON, "-c", write, str(tmp_path / "postprocessing.pkl")], check=True, timeout=300)
+    args = ("-i", str(env["root"] / "imagesTs"), "-d", "999", "-c", "3d_fullres", "--precision", "fp32")
+    assert predict(*args, "-o", str(tmp_path / "plain")) == 0
+    assert predict(*args, "-o", str(tmp_path / "ours"), "-pp_pkl_file", str(tmp_path / "postprocessing.pkl")) == 0
+    environment = {**os.environ, "nnUNet_raw": str(tmp_path), "nnUNet_preprocessed": str(tmp_path)}
+    nnunet("nnunetv2.postprocessing.remove_connected_components", "entry_point_apply_postprocessing", "-i",
+           str(tmp_path / "plain"), "-o", str(tmp_path / "theirs"), "-pp_pkl_file", str(tmp_path / "postprocessing.pkl"),
+           "-np", "1", env=environment)
+    for name in env["images"]:
+        ours, theirs, plain = (np.asarray(nib.load(tmp_path / d / f"{name}.nii.gz").dataobj)
+                               for d in ("ours", "theirs", "plain"))
+        assert np.array_equal(ours, theirs) and not np.array_equal(ours, plain)
