@@ -116,7 +116,8 @@ class Engine:
         Returns:
             uint8 labels in the image's axis order (`[X, Y, Z]`, or `[Z, Y, X]` for "sitk"); with
             `return_probabilities`, `(labels, probabilities)`, float16 `[K, *labels.shape]`
-            whose argmax over K is the labels (ties aside).
+            whose argmax over K is the labels (ties aside; before the post-processing steps an
+            engine built with `--postprocessing` applies to the labels).
 
         Raises:
             InputError: what `nnslim infer` refuses too (wrong channels, NaN voxels, a voxel size
@@ -167,16 +168,21 @@ class Engine:
         if labels is None:
             raise InputError(f"this engine is a cascade stage: pass previous_stage, the label map its previous stage "
                              f"({stage.get('configuration', 'another configuration')}) gave for this image")
-        labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
+        try:
+            labels = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
+        except (TypeError, ValueError) as exc:  # ragged nested lists, odd objects
+            raise InputError(f"previous_stage is not an array ({exc}); pass the label map as a numpy array") from None
         if reverse and labels.ndim == 3:
             labels = labels.transpose(2, 1, 0)
-        if labels.shape != shape or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)):
-            raise InputError(f"previous_stage has shape {labels.shape} ({labels.dtype}); expected a label map shaped "
-                             f"like the image, {shape if not reverse else shape[::-1]}")
+        numeric = np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.floating)
+        if labels.shape != shape or not numeric:
+            raise InputError(f"previous_stage has shape {labels.shape} and type {labels.dtype}; expected a label map of "
+                             f"integers shaped like the image, {shape if not reverse else shape[::-1]}")
         if labels.size and not (np.all(np.isfinite(labels)) and labels.min() >= 0 and labels.max() <= 255
                                 and np.array_equal(labels, np.round(labels))):
-            raise InputError(f"previous_stage holds values other than whole numbers in [0, 255] (seen "
-                             f"{float(np.nanmin(labels)):g} .. {float(np.nanmax(labels)):g}); pass the label map itself")
+            seen = f"{float(np.nanmin(labels)):g} .. {float(np.nanmax(labels)):g}"
+            raise InputError(f"previous_stage holds values other than whole numbers in [0, 255] (seen {seen}); "
+                             "pass the label map itself")
         return labels.astype(np.int16)
 
     def _training_spacing(self) -> tuple[float, ...]:

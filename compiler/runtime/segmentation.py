@@ -122,7 +122,8 @@ def check_fits(shape: tuple[int, ...], channels: int, spacing: tuple[float, ...]
     Memory: input and normalized copy `2 * 4 * C * N` bytes, the resampled image `4 * C * M`, the
     slab accumulators `4 * (K + 1) * slab` and the uint8 labels `N + M`, for N input voxels, M
     voxels at the model's spacing and K output heads; a cascade adds its previous stage's labels
-    (`4 * N`), their L one-hot channels (`4 * L * M`) and the label vote's buffers (`44 * M`)."""
+    (`4 * N`), their L one-hot channels and the joined input (`4 * (2L + C) * M`) and the label
+    vote's buffers (`44 * M`)."""
     spacing = tuple(float(z) for z in spacing)
     shown = f"({', '.join(f'{z:g}' for z in spacing)}) mm"
     if not all(math.isfinite(z) and 0 < z <= MAX_SPACING_MM for z in spacing):
@@ -143,7 +144,8 @@ def check_fits(shape: tuple[int, ...], channels: int, spacing: tuple[float, ...]
     slab = resampled * max(spec.patch_size) / max(1.0, resampled ** (1 / 3))
     need = 8 * channels * voxels + 4 * channels * resampled + 4 * (spec.num_classes + 1) * slab + voxels + resampled
     if spec.previous_stage is not None:  # the label map, its one-hot channels, nnU-Net's label vote (float64 buffers)
-        need += 4 * voxels + 4 * len(spec.previous_stage.get("labels") or []) * resampled + 44 * resampled
+        need += 4 * voxels + 4 * (2 * len(spec.previous_stage.get("labels") or []) + channels) * resampled \
+            + 44 * resampled
     require_fits(need, f"segmenting {name} (shape {tuple(shape)}, voxel size {shown}, about {resampled:.3g} voxels "
                  "at the model's spacing)", "check the dimensions and voxel size, or crop the scan")
 

@@ -236,12 +236,18 @@ def resampling_rule(configuration: dict[str, Any]) -> dict[str, Any] | None:
                            "resample_data_or_seg_to_shape only and resamples this model trilinearly", kind, function)
             return None
         kwargs = {**SIGNATURE_DEFAULTS, **kwargs}
+        unknown = sorted(set(kwargs) - {*SIGNATURE_DEFAULTS, "separate_z_anisotropy_threshold"})
+        if unknown:
+            logger.warning("plans.json: resampling_fn_%s_kwargs has %s, which nnslim does not reproduce; it "
+                           "resamples this model trilinearly", kind, ", ".join(map(str, unknown)))
+            return None
         if kwargs["is_seg"] is not (kind == "seg"):
             logger.warning("plans.json: resampling_fn_%s_kwargs has is_seg %r; nnslim reproduces label maps resampled "
                            "as labels and images as images only, and resamples this model trilinearly", kind,
                            kwargs["is_seg"])
             return None
-        record[kind] = {k: kwargs[k] for k in ("order", "order_z", "force_separate_z")}
+        record[kind] = {k: kwargs[k] for k in ("order", "order_z", "force_separate_z",
+                                               "separate_z_anisotropy_threshold") if k in kwargs}
     from nnslim.compiler.runtime.nnunet.resampling import settings
 
     try:

@@ -119,6 +119,12 @@ def test_properties_are_read_without_running_anything(tmp_path, monkeypatch):
         read_properties(tmp_path / "set.pkl")
 
 
+def with_properties(folder, **changes) -> None:
+    """Case a's .pkl in `folder` with some properties changed."""
+    props = read_properties(folder / "a.pkl")
+    (folder / "a.pkl").write_bytes(pickle.dumps({**props, **changes}))
+
+
 def npy(array: np.ndarray) -> bytes:
     """An .npy file's bytes (what a user might save under the .npz name)."""
     buffer = io.BytesIO()
@@ -127,7 +133,8 @@ def npy(array: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("damage, says", [
-    (lambda d: d.joinpath("a.pkl").write_bytes(pickle.dumps({"sitk_stuff": {"spacing": "abc"}})), "finite numbers"),
+    (lambda d: with_properties(d, sitk_stuff={"spacing": "abc"}), "finite numbers"),
+    (lambda d: with_properties(d, shape_before_cropping=None), "shape_before_cropping is None"),
     (lambda d: d.joinpath("a.npz").write_bytes(npy(np.zeros((3, 4, 4, 4), np.float32))), "not nnU-Net's probabilities"),
     (lambda d: np.savez(d / "a.npz", probabilities=np.zeros((5, 4, 4, 4), np.float32)), "expected float [3"),
 ])

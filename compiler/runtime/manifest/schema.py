@@ -102,6 +102,8 @@ def parse_json(data: bytes, source: Path | str, error: Callable[[str], Exception
                     f"{hint}") from exc
     except json.JSONDecodeError as exc:
         raise error(f"{source} is not valid JSON ({exc}); {hint}") from exc
+    except ValueError as exc:  # an integer beyond Python's digit limit
+        raise error(f"{source} holds a value nnslim cannot read ({exc}); {hint}") from None
     except RecursionError:
         raise error(f"{source} nests JSON more than about {sys.getrecursionlimit()} levels deep, which no file "
                     f"nnslim reads does; {hint}") from None

@@ -27,12 +27,13 @@ from tqdm import tqdm
 from nnslim.compiler.runtime.nnunet import pickles
 from nnslim.compiler.runtime.nnunet import files
 from nnslim.compiler.runtime.manifest.schema import parse_json
+from nnslim.compiler.runtime.safety import require_fits
 from nnslim.compiler.runtime.volumes.header import Geometry, SitkReference
 from nnslim.compiler.runtime.volumes.volume import save_segmentation
 from nnslim.errors import InputError
 from nnslim.files import atomic_path
 
-MAX_VALUES = 1 << 32  # probabilities in one case file (16 GiB as float32): beyond any scan's
+MAX_AXIS = 1 << 16  # voxels along one axis of a case
 
 
 def read_properties(path: Path) -> dict[str, Any]:
@@ -83,7 +84,8 @@ def label_rule(dataset: dict[str, Any]) -> tuple[int, list[int] | None]:
         return len(values), None
     order = dataset.get("regions_class_order")
     if not isinstance(order, list) or not all(type(c) is int and 0 < c <= 255 for c in order):
-        raise InputError(f"dataset.json: region-based labels need regions_class_order (label values), got {order!r:.60}")
+        raise InputError(f"dataset.json: region-based labels need regions_class_order (label values), got "
+                         f"{pickles.shown(order, 60)}")
     return len(order), order
 
 
@@ -97,9 +99,10 @@ def to_labels(probabilities: np.ndarray, regions: list[int] | None) -> np.ndarra
     return labels
 
 
-def _load(path: Path, heads: int, limit: int) -> np.ndarray:
-    """`CASE.npz`'s probabilities, float `[heads, Z, Y, X]`: its header is read and checked (shape,
-    type, at most `limit` values) before anything is decompressed."""
+def _load(path: Path, heads: int, voxels: int) -> np.ndarray:
+    """`CASE.npz`'s probabilities, float `[heads, Z, Y, X]` with `voxels` voxels (the case's `.pkl`
+    says how many): its header is read and checked (shape, float16/32/64) before anything is
+    decompressed, and nothing past those bytes is read."""
     import zipfile
 
     try:
@@ -109,14 +112,16 @@ def _load(path: Path, heads: int, limit: int) -> np.ndarray:
             if version not in headers:
                 raise InputError(f"{path.name}: an .npy of format version {version}; numpy writes 1.0 or 2.0")
             shape, fortran, dtype = headers[version](member, max_header_size=10000)
-            if (len(shape) != 4 or shape[0] != heads or dtype.kind != "f" or dtype.hasobject
-                    or math.prod(shape) > limit):
+            if (len(shape) != 4 or shape[0] != heads or not all(type(n) is int and n > 0 for n in shape)
+                    or math.prod(shape[1:]) != voxels or dtype.str[1:] not in ("f2", "f4", "f8")):
                 raise InputError(f"{path.name}: probabilities of shape {shape} ({dtype}); the dataset has {heads} "
-                                 f"output(s): expected float [{heads}, Z, Y, X] of at most {limit} values")
+                                 f"output(s) and the case {voxels} voxels (its .pkl): expected float "
+                                 f"[{heads}, Z, Y, X]")
             data = member.read(math.prod(shape) * dtype.itemsize + 1)
     except InputError:
         raise
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError, NotImplementedError, zipfile.BadZipFile,
+            zlib.error) as exc:  # zipfile: encrypted members (RuntimeError), unknown compression
         raise InputError(f"{path.name} is not nnU-Net's probabilities file (an .npz with key 'probabilities'): "
                          f"{type(exc).__name__}: {exc}") from None
     if len(data) != math.prod(shape) * dtype.itemsize:
@@ -130,11 +135,16 @@ def merge_case(inputs: list[Path], target: Path, dataset: dict[str, Any], save_n
     heads, regions = label_rule(dataset)
     props = read_properties(inputs[0].with_suffix(".pkl"))
     shape = props.get("shape_before_cropping")
-    limit = heads * math.prod(int(s) for s in shape) if isinstance(shape, tuple) and len(shape) == 3 and all(
-        isinstance(s, int) and 0 < s <= 1 << 16 for s in shape) else MAX_VALUES
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(type(n) is int and 0 < n <= MAX_AXIS
+                                                                           for n in shape)):
+        raise InputError(f"{inputs[0].with_suffix('.pkl').name}: shape_before_cropping is {pickles.shown(shape)}; "
+                         f"expected the case's 3 axis lengths (nnU-Net's properties record them)")
+    voxels = math.prod(shape)
+    require_fits(4 * voxels * (3 * heads + 1), f"ensembling {inputs[0].stem} ({heads} x {voxels} probabilities)",
+                 "ensemble on a machine with more memory")
     total = None
     for path in inputs:
-        probabilities = _load(path, heads, min(limit, MAX_VALUES))
+        probabilities = _load(path, heads, voxels)
         if total is not None and probabilities.shape != total.shape:
             raise InputError(f"{path.name}: probabilities of shape {probabilities.shape} in {path.parent.name}, "
                              f"{total.shape} in {inputs[0].parent.name}; ensemble predictions of the same cases")

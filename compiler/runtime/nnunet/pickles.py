@@ -4,7 +4,8 @@ unpickled freely.
 `pickle.load` builds whatever a file names, so these files go through `read`: an unpickler whose
 `find_class` knows a few names and nothing else. Numbers numpy pickled (`numpy.dtype`,
 `multiarray.scalar`, `multiarray._reconstruct` of an `ndarray`, protocol 5's `numeric._frombuffer`)
-become placeholders that decode the file's bytes themselves (`np.frombuffer` on a numeric type: booleans, integers, floats), so numpy
+become placeholders that decode the file's bytes themselves (`np.frombuffer` on a numeric type:
+booleans, integers, floats), so numpy
 never runs anything a file says; any other name is an `InputError` before anything is built. The
 caller adds the names it maps (nnU-Net's post-processing function, as a string) and checks the
 shape of what comes back.
@@ -16,6 +17,7 @@ import io
 import math
 import os
 import pickle
+import reprlib
 import stat
 from pathlib import Path
 from typing import Any, Callable
@@ -77,12 +79,26 @@ def _decode(what: str, data: Any, kind: Any, shape: Any, order: Any) -> np.ndarr
     return np.frombuffer(bytes(data), dtype).reshape(shape, order=order).copy()
 
 
+class _Short(reprlib.Repr):
+    """`reprlib` with small limits: a value from a file is shown without building its whole repr."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother = 3, width, width
+        self.maxlist = self.maxtuple = self.maxdict = self.maxset = self.maxfrozenset = 6
+
+    def repr_int(self, x: int, level: int) -> str:
+        return f"<an integer of {x.bit_length()} bits>" if x.bit_length() > 256 else repr(x)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return repr(x[:self.maxstring]) + ("..." if len(x) > self.maxstring else "")
+
+    repr_bytearray = repr_bytes
+
+
 def shown(value: Any, width: int = 40) -> str:
-    """`repr(value)` cut to `width` characters, also for integers too long to print."""
-    try:
-        return f"{value!r:.{width}}"
-    except ValueError:  # an int beyond Python's digit limit for str()
-        return f"an integer of {value.bit_length()} bits"
+    """A short repr of `value` (at most about `width` characters per part), whatever a file held."""
+    return _Short(width).repr(value)[:2 * width]
 
 
 def _plain(value: Any, budget: list[int], depth: int = 0) -> Any:
@@ -102,16 +118,27 @@ def _plain(value: Any, budget: list[int], depth: int = 0) -> Any:
     return value
 
 
+def read_regular(path: Path, what: str, max_bytes: int) -> bytes:
+    """At most `max_bytes` + 1 bytes of a regular file: opened without blocking (a FIFO would wait
+    forever), refused when it is a device, a FIFO or a folder, and never read past the bound."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise InputError(f"cannot open {path.name} ({exc.strerror}); {what} is a file nnU-Net wrote") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(f"{path.name} is not a regular file; {what} is a file nnU-Net wrote")
+        os.set_blocking(fd, True)
+        return f.read(max_bytes + 1)
+
+
 def read(path: Path, what: str, names: dict[tuple[str, str], Any] | None = None, codes: set[str] = NUMERIC,
          max_bytes: int = 1 << 20) -> Any:
     """The content of the pickle at `path` (module docstring): `names` maps (module, name) pairs to
     what stands for them; `codes` are the numpy types its numbers may have; `what` names the file
     in errors. A damaged or foreign pickle is an `InputError` naming what failed."""
     path = Path(path)
-    with open(path, "rb") as f:  # a regular file, read no further than the bound (not a device or a FIFO)
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise InputError(f"{path.name} is not a regular file; {what} is a file nnU-Net wrote")
-        data = f.read(max_bytes + 1)
+    data = read_regular(path, what, max_bytes)
     if len(data) > max_bytes:
         raise InputError(f"{path.name} is more than {max_bytes} bytes; {what} is at most {max_bytes}")
 
@@ -122,11 +149,12 @@ def read(path: Path, what: str, names: dict[tuple[str, str], Any] | None = None,
 
     known: dict[tuple[str, str], Callable[..., Any] | Any] = {
         **{k: scalar for k in _SCALAR}, ("numpy", "dtype"): lambda *a: _Type(codes, what, *a),
-        **{k: (lambda cls, *a: _Array(what)) for k in _RECONSTRUCT}, ("numpy", "ndarray"): "numpy.ndarray",  # only an argument of _reconstruct
+        **{k: (lambda cls, *a: _Array(what)) for k in _RECONSTRUCT},
+        ("numpy", "ndarray"): "numpy.ndarray",  # only ever an argument of _reconstruct
         **{k: (lambda data, kind, shape, order: _decode(what, data, kind, shape, order)) for k in _FROMBUFFER},
         **(names or {})}
 
-    class Reader(pickle.Unpickler):
+    class Reader(pickle._Unpickler):  # Python's own: its memo is a dict (the C one preallocates to any index)
         def find_class(self, module: str, name: str) -> Any:
             if (module, name) in known:
                 return known[(module, name)]

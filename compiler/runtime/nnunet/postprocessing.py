@@ -40,26 +40,29 @@ class _Function(str):
     """An allow-listed function, as the name of nnslim's implementation (never called)."""
 
 
-MAX_LABEL = 65535
+MAX_LABEL = 255  # nnslim's label maps are uint8
+MAX_LABELS = 10_000  # labels named by all steps together (a dataset has at most 255)
 
 
 def _label(value: Any, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_LABEL:
         return value
-    raise InputError(f"postprocessing.pkl: {where} holds {pickles.shown(value)}; a label is an integer in 0..{MAX_LABEL}")
+    raise InputError(f"{where} holds {pickles.shown(value)}; a label is an integer in 0..{MAX_LABEL}")
 
 
-def _labels(value: Any, where: str, budget: list[int], depth: int = 0) -> Any:
-    """A label, a region (a tuple of labels) or a list of them, as plain ints (tuples for regions);
-    bounded in depth and size (a pickle's shared references must not multiply the work)."""
-    budget[0] -= 1
-    if budget[0] < 0 or depth > 3:
-        raise InputError(f"postprocessing.pkl: {where} is nested or repeated beyond a list of regions")
-    if isinstance(value, tuple) and value:
-        return tuple(_label(v, where) for v in value)
-    if isinstance(value, list) and value:
-        return [_labels(v, where, budget, depth + 1) for v in value]
-    return _label(value, where)
+def _labels(value: Any, where: str) -> list[list[int]]:
+    """nnU-Net's `labels_or_regions` (a label, a region: a tuple of labels, or a list of labels and
+    regions) as a list of regions; anything else (a list inside a list, say) is refused."""
+    items = value if isinstance(value, list) and value else [value]
+    if len(items) > MAX_LABEL + 1:
+        raise InputError(f"{where} lists {len(items)} labels or regions; a dataset has at most {MAX_LABEL}")
+    regions = []
+    for item in items:
+        if isinstance(item, tuple) and 0 < len(item) <= MAX_LABEL + 1:
+            regions.append([_label(v, where) for v in item])
+        else:
+            regions.append([_label(item, where)])
+    return regions
 
 
 def read_steps(path: str | Path) -> list[dict[str, Any]]:
@@ -77,14 +80,13 @@ def read_steps(path: str | Path) -> list[dict[str, Any]]:
     for i, (function, kwargs) in enumerate(zip(*loaded)):
         if not isinstance(function, _Function) or not isinstance(kwargs, dict) or \
                 not set(kwargs) <= {"labels_or_regions", "background_label"} or "labels_or_regions" not in kwargs:
-            raise InputError(f"{path.name}: step {i} is {pickles.shown(function, 60)} with {pickles.shown(kwargs, 80)}; expected nnU-Net's "
+            raise InputError(f"{path.name}: step {i} is {pickles.shown(function, 60)} with {pickles.shown(kwargs, 80)}; "
+                             "expected nnU-Net's "
                              "remove_all_but_largest_component_from_segmentation with labels_or_regions")
-        items = _labels(kwargs["labels_or_regions"], f"step {i}", [10_000])
-        steps.append({"function": str(function),
-                      "regions": [list(item) if isinstance(item, tuple) else [item]
-                                  for item in (items if isinstance(items, list) else [items])],
-                      "background_label": _label(kwargs.get("background_label", 0), f"step {i} background_label")})
-    return steps
+        where = f"{path.name}: step {i}"
+        steps.append({"function": str(function), "regions": _labels(kwargs["labels_or_regions"], where),
+                      "background_label": _label(kwargs.get("background_label", 0), f"{where} background_label")})
+    return check_steps(steps, path.name)
 
 
 def check_steps(steps: Any, where: str = "postprocessing.steps") -> list[dict[str, Any]]:
@@ -93,11 +95,16 @@ def check_steps(steps: Any, where: str = "postprocessing.steps") -> list[dict[st
     "background_label": label}`; the union of the regions keeps its largest component."""
     if not isinstance(steps, list) or len(steps) > 100:
         raise InputError(f"{where} is {pickles.shown(steps, 60)}; expected a list of at most 100 steps")
+    named = 0
     for i, step in enumerate(steps):
         regions = step.get("regions") if isinstance(step, dict) else None
+        if isinstance(regions, list):
+            named += sum(len(r) if isinstance(r, list) else 1 for r in regions)
+        if named > MAX_LABELS:
+            raise InputError(f"{where} names more than {MAX_LABELS} labels; nnU-Net's steps name a dataset's few")
         if not (isinstance(step, dict) and set(step) == {"function", "regions", "background_label"}
-                and step["function"] == LARGEST_COMPONENT and isinstance(regions, list) and 0 < len(regions) <= 1000
-                and all(isinstance(r, list) and 0 < len(r) <= 1000 for r in regions)):
+                and step["function"] == LARGEST_COMPONENT and isinstance(regions, list) and regions
+                and all(isinstance(r, list) and r for r in regions)):
             raise InputError(f"{where}[{i}] is {pickles.shown(step, 80)}; expected {{\"function\": "
                              f"\"{LARGEST_COMPONENT}\", \"regions\": [[label, ...], ...], \"background_label\": label}}")
         for region in regions:

@@ -39,7 +39,12 @@ def settings(record: Any, kind: str) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise EngineError(f"manifest preprocessing.resampling.{kind} is {entry!r:.60}, expected an object with "
                           "order, order_z and force_separate_z; rebuild the engine")
-    out = {**DEFAULTS[kind], **{k: v for k, v in entry.items() if k in DEFAULTS[kind]}}
+    out = {**DEFAULTS[kind], "separate_z_anisotropy_threshold": ANISOTROPY,
+           **{k: v for k, v in entry.items() if k in (*DEFAULTS[kind], "separate_z_anisotropy_threshold")}}
+    threshold = out["separate_z_anisotropy_threshold"]
+    if type(threshold) not in (int, float) or not 1 <= threshold <= 1e6:
+        raise EngineError(f"manifest preprocessing.resampling.{kind}.separate_z_anisotropy_threshold is "
+                          f"{threshold!r:.40}, expected a number in [1, 1e6]; rebuild the engine")
     limit = 5
     for key in ("order", "order_z"):
         if type(out[key]) is not int or not 0 <= out[key] <= limit:
@@ -62,17 +67,24 @@ def _lowres_axes(spacing: tuple[float, ...]) -> np.ndarray:
     return np.where(max(s) / s == 1)[0]
 
 
-def separate_axis(current: tuple[float, ...], new: tuple[float, ...], force: bool | None) -> int | None:
+def separate_axis(current: tuple[float, ...], new: tuple[float, ...], force: bool | None,
+                  threshold: float = ANISOTROPY) -> int | None:
     """The axis nnU-Net resamples on its own (`determine_do_sep_z_and_axis`), or None."""
     if force is not None:
         axes = _lowres_axes(current) if force else None
-    elif max(current) / min(current) > ANISOTROPY:
+    elif max(current) / min(current) > threshold:
         axes = _lowres_axes(current)
-    elif max(new) / min(new) > ANISOTROPY:
+    elif max(new) / min(new) > threshold:
         axes = _lowres_axes(new)
     else:
         axes = None
     return int(axes[0]) if axes is not None and len(axes) == 1 else None
+
+
+def _separate(rule: dict[str, Any], current: tuple[float, ...], new: tuple[float, ...]) -> int | None:
+    """`separate_axis` with a rule's `force_separate_z` and threshold."""
+    return separate_axis(current, new, rule["force_separate_z"],
+                         rule.get("separate_z_anisotropy_threshold", ANISOTROPY))
 
 
 def zoom(image: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
@@ -121,7 +133,7 @@ def resample_image(data: np.ndarray, shape: tuple[int, ...], current: tuple[floa
     shape = tuple(int(s) for s in shape)
     if tuple(data.shape[1:]) == shape:
         return data
-    axis = separate_axis(current, new, rule["force_separate_z"])
+    axis = _separate(rule, current, new)
     out = np.zeros((data.shape[0], *shape), dtype=data.dtype)
     for c in range(data.shape[0]):
         channel = data[c].astype(np.float64)
@@ -162,7 +174,7 @@ def resample_labels(seg: np.ndarray, shape: tuple[int, ...], current: tuple[floa
     shape = tuple(int(s) for s in shape)
     if tuple(seg.shape) == shape:
         return seg
-    axis = separate_axis(current, new, rule["force_separate_z"])
+    axis = _separate(rule, current, new)
     if axis is None:
         return resize_labels(seg, shape, rule["order"])
     if rule["order_z"] == 0:  # nnU-Net: nearest label values along the axis
@@ -179,5 +191,5 @@ def resample_labels(seg: np.ndarray, shape: tuple[int, ...], current: tuple[floa
 def axis_orders(rule: dict[str, Any], model_spacing: tuple[float, ...], spacing: tuple[float, ...]) -> tuple[int, ...]:
     """Per model axis, the order logits are resampled back with (1 linear, 0 nearest): nnU-Net's
     `probabilities` entry from the model's spacing to the input's."""
-    axis = separate_axis(model_spacing, spacing, rule["force_separate_z"])
+    axis = _separate(rule, model_spacing, spacing)
     return tuple(rule["order_z"] if a == axis else 1 for a in range(len(spacing)))

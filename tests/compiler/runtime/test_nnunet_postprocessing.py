@@ -114,3 +114,32 @@ def test_an_integer_too_long_to_print_is_a_clear_error(tmp_path):
     nnunet_pickle(tmp_path / "long.pkl", [{"labels_or_regions": 10**5000}])
     with pytest.raises(InputError, match="an integer of 16610 bits"):
         read_steps(tmp_path / "long.pkl")
+
+
+def test_what_the_steps_cannot_be_is_refused_before_any_label_map(tmp_path):
+    from nnslim.compiler.runtime.nnunet.postprocessing import check_steps
+
+    for kwargs, says in (({"labels_or_regions": [[1, 2]]}, "a label is an integer"),
+                         ({"labels_or_regions": 1, "background_label": 300}, "0..255"),
+                         ({"labels_or_regions": [1] * 300}, "lists 300 labels")):
+        nnunet_pickle(tmp_path / "pp.pkl", [kwargs])
+        with pytest.raises(InputError, match=says):
+            read_steps(tmp_path / "pp.pkl")
+    many = [{"function": "remove_all_but_largest_component", "regions": [[1]] * 200, "background_label": 0}] * 60
+    with pytest.raises(InputError, match="more than 10000 labels"):
+        check_steps(many)
+
+
+def test_a_fifo_or_a_memo_bomb_is_read_without_waiting_or_allocating(tmp_path):
+    import resource
+    import struct
+
+    os.mkfifo(tmp_path / "fifo.pkl")
+    with pytest.raises(InputError, match="not a regular file"):
+        read_steps(tmp_path / "fifo.pkl")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # PROTO 4, EMPTY_TUPLE, LONG_BINPUT 2**24, STOP: the C unpickler sizes its memo to 2**25 slots (256 MiB)
+    (tmp_path / "memo.pkl").write_bytes(b"\x80\x04)r" + struct.pack("<I", 1 << 24) + b".")
+    with pytest.raises(InputError):
+        read_steps(tmp_path / "memo.pkl")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
