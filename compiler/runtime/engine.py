@@ -35,7 +35,7 @@ from nnslim.compiler.runtime.manifest import (
 )
 from nnslim.compiler.runtime.safety import check_sha256, check_threads
 from nnslim.compiler.runtime.segmentation import InferenceOptions, prepare_volume, segment_prepared
-from nnslim.compiler.runtime.volumes.volume import volume_from_array
+from nnslim.compiler.runtime.volumes.volume import label_map, volume_from_array
 from nnslim.errors import EngineError, InputError
 
 __all__ = ["Engine", "InferenceOptions", "ModelSpec", "load_engine"]
@@ -178,12 +178,7 @@ class Engine:
         if labels.shape != shape or not numeric:
             raise InputError(f"previous_stage has shape {labels.shape} and type {labels.dtype}; expected a label map of "
                              f"integers shaped like the image, {shape if not reverse else shape[::-1]}")
-        if labels.size and not (np.all(np.isfinite(labels)) and labels.min() >= 0 and labels.max() <= 255
-                                and np.array_equal(labels, np.round(labels))):
-            seen = f"{float(np.nanmin(labels)):g} .. {float(np.nanmax(labels)):g}"
-            raise InputError(f"previous_stage holds values other than whole numbers in [0, 255] (seen {seen}); "
-                             "pass the label map itself")
-        return labels.astype(np.int16)
+        return label_map(labels, "previous_stage")
 
     def _training_spacing(self) -> tuple[float, ...]:
         """The engine's training spacing along nibabel's axes: the manifest records it in the network's

@@ -181,13 +181,14 @@ class Segmentation:
 
 def segment_prepared(prepared: Prepared, name: str, predictor: Predictor,
                      spec: ModelSpec, options: InferenceOptions = InferenceOptions(),
-                     probabilities: bool = False) -> Segmentation:
+                     probabilities: bool = False, steps: tuple[dict, ...] = ()) -> Segmentation:
     """Walk the windows over a prepared image and restore labels (and probabilities) to its geometry.
 
     Logits are never held for the whole volume: each finished slab is resampled back and turned
     into labels (`StreamingLabeler`), so memory grows with the slab, not the volume. Probabilities
     are the softmax of those same logits, written into one `[K, *input shape]` float16 array. The
-    post-processing steps the engine records (`postprocessing.steps`) then apply to the labels.
+    post-processing steps the engine records (`postprocessing.steps`), then `steps` (a run's own:
+    `nnslim-predict-nnunet -pp_pkl_file`), apply to the labels.
     """
     image = prepared.image
     config = window_config(spec, options)
@@ -209,8 +210,9 @@ def segment_prepared(prepared: Prepared, name: str, predictor: Predictor,
         report = stream_logits(image, predictor, spec.num_classes, config, labeler, progress=bar.update,
                                selection=selection, plan=plan)
     labels = restore_geometry(labeler.result(), prepared)
-    if (spec.postprocessing or {}).get("steps"):  # nnU-Net's post-processing the engine carries; labels only
+    steps = [*(spec.postprocessing or {}).get("steps", []), *steps]  # nnU-Net's post-processing; labels only
+    if steps:
         from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps
 
-        labels = apply_steps(labels, spec.postprocessing["steps"])
+        labels = apply_steps(labels, steps)
     return Segmentation(labels, report, None if canvas is None else restore_probabilities(canvas, prepared))

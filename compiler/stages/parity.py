@@ -17,7 +17,7 @@ from torch import nn
 
 from nnslim.errors import NnslimError
 from nnslim.compiler.runtime.manifest import ParityRecord, Tolerance
-from nnslim.compiler.runtime.preprocessing import prepare
+from nnslim.compiler.runtime.preprocessing import cascade_labels, prepare
 from nnslim.compiler.runtime.window.grid import pad_to_patch
 from nnslim.compiler.runtime.volumes.volume import load_volume
 from nnslim.compiler.runtime.window.arrays import to_numpy
@@ -77,13 +77,14 @@ def parity_crops(
     if volume is None:
         tiles = rng.standard_normal((count, in_channels, *patch_size), dtype=np.float32)
         return torch.from_numpy(tiles), f"synthetic (standard normal, seed {seed})", None
-    stage = preprocessing.get("previous_stage")
-    channels = in_channels - len(stage["labels"]) if stage else in_channels
+    labels = cascade_labels(preprocessing)  # a cascade's previous-stage labels, or None
+    channels = in_channels - len(labels or [])
     loaded = load_volume(Path(volume), channels)
-    previous = stand_in_labels(loaded.data.shape[1:], stage["labels"]) if stage else None
+    previous = None if labels is None else stand_in_labels(loaded.data.shape[1:], labels)
     prepared = prepare(loaded.data, loaded.spacing, preprocessing, previous=previous)
-    unnormalized = {**preprocessing, "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * channels}}
-    raw = prepare(loaded.data, loaded.spacing, unnormalized, previous=previous).image[:channels]  # raw intensities
+    unnormalized = {**preprocessing, "previous_stage": None,
+                    "normalization": {"scheme": "per-channel", "channels": [{"scheme": "none"}] * channels}}
+    raw = prepare(loaded.data, loaded.spacing, unnormalized).image  # same geometry, raw intensities
     padded, region = pad_to_patch(prepared.image, patch_size)
     # centre each crop on a random nonzero voxel, so tiles show anatomy rather than air
     nonzero = np.argwhere(raw.any(axis=0)) if raw.any() else np.argwhere(np.ones(raw.shape[1:], dtype=bool))

@@ -187,17 +187,13 @@ class CaseStages:
 
     def compute(self, plan: CasePlan, read: _Read) -> _Computed:
         segmentation = segment_prepared(read.prepared, read.name, self.predictor, self.spec, self.options,
-                                        self.batch.save_probabilities)
+                                        self.batch.save_probabilities, self.batch.label_steps)
         prepared = read.prepared
         return _Computed(read.started, read.name, read.geometry, read.spacing, read.image, segmentation,
                          crop_record(prepared.full_shape, prepared.box, prepared.cropped_shape))
 
     def write(self, plan: CasePlan, computed: _Computed) -> CaseResult:
         labels, report = computed.segmentation.labels, computed.segmentation.report
-        if self.batch.label_steps:
-            from nnslim.compiler.runtime.nnunet.postprocessing import apply_steps
-
-            labels = apply_steps(labels, list(self.batch.label_steps))
         result = CaseResult(name=computed.name, output=plan.target, shape=labels.shape, seconds=0.0,
                             tiles=report.evaluated * self.passes, windows=report.to_dict(),
                             label_voxels=self._label_voxels(labels), started=computed.started)

@@ -96,11 +96,16 @@ def zoom(image: np.ndarray, shape: tuple[int, ...], order: int) -> np.ndarray:
     return np.clip(out, image.min(), image.max(), out=out)
 
 
+def _coordinates(n_in: int, n_out: int) -> np.ndarray:
+    """nnU-Net's sample positions `s * (o + 0.5) - 0.5` (`s = n_in / n_out`), clamped as mode "nearest" does."""
+    return np.clip(float(n_in) / n_out * (np.arange(n_out) + 0.5) - 0.5, 0, n_in - 1)
+
+
 def along_axis(data: np.ndarray, axis: int, n_out: int, order: int) -> np.ndarray:
-    """`map_coordinates(..., order, mode="nearest")` at nnU-Net's coordinates `s * (o + 0.5) - 0.5`
+    """`map_coordinates(..., order, mode="nearest")` at nnU-Net's coordinates (`_coordinates`)
     along `axis` only (the plane's coordinates are the identity there): nearest or linear."""
     n_in = data.shape[axis]
-    x = np.clip(float(n_in) / n_out * (np.arange(n_out) + 0.5) - 0.5, 0, n_in - 1)
+    x = _coordinates(n_in, n_out)
     moved = np.moveaxis(data, axis, 0)
     if order == 0:
         return np.moveaxis(moved[np.floor(x + 0.5).astype(np.int64)], 0, axis)
@@ -112,8 +117,7 @@ def along_axis(data: np.ndarray, axis: int, n_out: int, order: int) -> np.ndarra
 
 def nearest_indices(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`along_axis`'s order 0 as `(i0, i1, w0, w1)` for the streaming labeler (`linear_weights`' form)."""
-    x = np.clip(float(n_in) / n_out * (np.arange(n_out) + 0.5) - 0.5, 0, n_in - 1)
-    i0 = np.floor(x + 0.5).astype(np.int64)
+    i0 = np.floor(_coordinates(n_in, n_out) + 0.5).astype(np.int64)
     return i0, i0, np.ones(n_out, np.float32), np.zeros(n_out, np.float32)
 
 

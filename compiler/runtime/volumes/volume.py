@@ -102,7 +102,7 @@ def load_labels(path: Path, reader: str = AUTO) -> np.ndarray:
 
 def previous_stage_labels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A cascade's previous-stage segmentation as int16 `[X, Y, Z]` (`load_labels`), checked: the
-    case's shape, values in [0, 255] (nnslim's and nnU-Net's label maps)."""
+    case's shape, values in [0, 255] (`label_map`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path.name}: the previous stage's segmentation of this case is missing (looked for "
@@ -111,9 +111,17 @@ def previous_stage_labels(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(data.shape) != tuple(shape):
         raise InputError(f"{path.name}: the previous stage's segmentation has shape {tuple(data.shape)}, the image "
                          f"{tuple(shape)}; use the segmentation written for this case")
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise InputError(f"{path.name}: the previous stage's segmentation holds values outside [0, 255] (seen "
-                         f"{int(data.min())} .. {int(data.max())}); it is not a label map")
+    return label_map(data, f"{path.name}: the previous stage's segmentation")
+
+
+def label_map(data: np.ndarray, what: str) -> np.ndarray:
+    """`data` as an int16 label map, or an error: finite whole numbers in [0, 255] (nnslim's and
+    nnU-Net's label maps; a cascade's previous stage, from a file or the Python API)."""
+    if data.size and not (np.all(np.isfinite(data)) and data.min() >= 0 and data.max() <= 255
+                          and np.array_equal(data, np.round(data))):
+        seen = f"{float(np.nanmin(data)):g} .. {float(np.nanmax(data)):g}"
+        raise InputError(f"{what} holds values other than whole numbers in [0, 255] (seen {seen}); it is not a "
+                         "label map")
     return data.astype(np.int16)
 
 
